@@ -1,0 +1,165 @@
+"""Blockwise absmax (or min/max) quantization into real packed storage, with optional double quantization.
+
+W is flattened row-major into blocks of `blocksize` consecutive values (zero-padded at the end); each block
+keeps one scale (and, for asymmetric INT, one zero-point). Codes are chosen against the scale as it is actually
+stored (after dtype rounding or double quantization), so dequantize() is the exact inverse of what is held.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .codebooks import codebook, int_codebook, nearest_code
+from .config import QuantConfig
+from .packing import pack_codes, unpack_codes
+
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized matrix as it is stored: packed codes plus (possibly quantized) block scales.
+
+    Fields that a configuration does not use are None. All tensors live on one device."""
+
+    config: QuantConfig
+    shape: tuple[int, ...]
+    codes: torch.Tensor  # packed uint8
+    scales: torch.Tensor | None = None  # (nblocks,) in config.scale_dtype, no double quant
+    zeros: torch.Tensor | None = None  # (nblocks,) block minimum, asymmetric INT only
+    scale_codes: torch.Tensor | None = None  # packed uint8 codes of (scale - offset), double quant
+    scale_scales: torch.Tensor | None = None  # (nblocks2,) in config.dq_dtype
+    scale_offset: torch.Tensor | None = None  # () fp32 mean of the first-level scales
+
+    TENSOR_FIELDS = ("codes", "scales", "zeros", "scale_codes", "scale_scales", "scale_offset")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.TENSOR_FIELDS if getattr(self, k) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        """Real bytes held by this tensor's storage."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to(self, device) -> "QuantizedTensor":
+        moved = {k: v.to(device) for k, v in self.tensors().items()}
+        return QuantizedTensor(self.config, self.shape, **moved)
+
+    def block_scales(self) -> torch.Tensor:
+        """The first-level scales as fp32, exactly as dequantization uses them."""
+        cfg = self.config
+        if not cfg.double_quant:
+            return self.scales.float()
+        nblocks = cfg.num_blocks(self.numel)
+        nblocks2 = math.ceil(nblocks / cfg.dq_blocksize)
+        table2 = int_codebook(cfg.dq_bits, device=self.device)
+        codes2 = unpack_codes(self.scale_codes, cfg.dq_bits, nblocks2 * cfg.dq_blocksize)
+        s = table2[codes2.long()].view(nblocks2, cfg.dq_blocksize) * self.scale_scales.float()[:, None]
+        return s.reshape(-1)[:nblocks] + self.scale_offset.float()
+
+    def codes_unpacked(self) -> torch.Tensor:
+        """Codes as a (nblocks, blocksize) uint8 tensor."""
+        cfg = self.config
+        nblocks = cfg.num_blocks(self.numel)
+        return unpack_codes(self.codes, cfg.bits, nblocks * cfg.blocksize).view(nblocks, cfg.blocksize)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        cfg = self.config
+        table = codebook(cfg.kind, cfg.bits, cfg.asymmetric, device=self.device)
+        values = table[self.codes_unpacked().long()] * self.block_scales()[:, None]
+        if cfg.asymmetric:
+            values = values + self.zeros.float()[:, None]
+        return values.reshape(-1)[: self.numel].view(self.shape).to(dtype)
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {prefix + k: v for k, v in self.tensors().items()}
+
+    @classmethod
+    def from_state_dict(cls, config: QuantConfig, shape, tensors: dict[str, torch.Tensor], prefix: str = ""):
+        fields = {k: tensors[prefix + k] for k in cls.TENSOR_FIELDS if prefix + k in tensors}
+        return cls(config, tuple(shape), **fields)
+
+
+def _check_input(w: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor, got {type(w).__name__}")
+    if w.numel() == 0:
+        raise ValueError("cannot quantize an empty tensor")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight tensor contains NaN or Inf values; fix or drop the matrix before quantizing")
+
+
+def _store(x: torch.Tensor, dtype_name: str) -> torch.Tensor:
+    return x.to(_TORCH_DTYPES[dtype_name])
+
+
+def _double_quantize(absmax: torch.Tensor, cfg: QuantConfig):
+    """Quantize the first-level scales minus their mean to dq_bits in blocks of dq_blocksize (QLoRA)."""
+    nblocks = absmax.numel()
+    nblocks2 = math.ceil(nblocks / cfg.dq_blocksize)
+    offset = absmax.mean()
+    centered = torch.zeros(nblocks2 * cfg.dq_blocksize, device=absmax.device, dtype=torch.float32)
+    centered[:nblocks] = absmax - offset
+    centered = centered.view(nblocks2, cfg.dq_blocksize)
+    s2 = _store(centered.abs().amax(dim=1), cfg.dq_dtype)
+    s2f = s2.float()
+    table2 = int_codebook(cfg.dq_bits, device=absmax.device)
+    normalized = torch.where(s2f[:, None] > 0, centered / s2f[:, None].clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    codes2 = nearest_code(normalized, table2)
+    stored_scales = (table2[codes2.long()] * s2f[:, None]).reshape(-1)[:nblocks] + offset
+    return pack_codes(codes2, cfg.dq_bits), s2, offset.reshape(()), stored_scales
+
+
+def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+    """Blockwise-quantize `w` (any shape, any float dtype, CPU or CUDA) with `config` into packed storage."""
+    _check_input(w)
+    cfg = config
+    shape = tuple(w.shape)
+    numel = w.numel()
+    nblocks = cfg.num_blocks(numel)
+    flat = torch.zeros(nblocks * cfg.blocksize, device=w.device, dtype=torch.float32)
+    flat[:numel] = w.reshape(-1).float()
+    blocks = flat.view(nblocks, cfg.blocksize)
+
+    out = {}
+    if cfg.asymmetric:
+        lo, hi = blocks.amin(dim=1), blocks.amax(dim=1)
+        zeros = _store(lo, cfg.scale_dtype)
+        scales = _store(hi - lo, cfg.scale_dtype)
+        scale_f, zero_f = scales.float(), zeros.float()
+        out.update(scales=scales, zeros=zeros)
+        centered = blocks - zero_f[:, None]
+    else:
+        absmax = blocks.abs().amax(dim=1)
+        if cfg.double_quant:
+            scale_codes, s2, offset, scale_f = _double_quantize(absmax, cfg)
+            out.update(scale_codes=scale_codes, scale_scales=s2, scale_offset=offset)
+        else:
+            scales = _store(absmax, cfg.scale_dtype)
+            scale_f = scales.float()
+            out.update(scales=scales)
+        centered = blocks
+
+    # A zero (or, after double quantization, non-positive) scale gets code of 0.0 where possible.
+    safe = torch.where(scale_f == 0, torch.ones_like(scale_f), scale_f)
+    normalized = torch.where(scale_f[:, None] == 0, torch.zeros_like(centered), centered / safe[:, None])
+    table = codebook(cfg.kind, cfg.bits, cfg.asymmetric, device=w.device)
+    codes = nearest_code(normalized, table)
+    return QuantizedTensor(cfg, shape, codes=pack_codes(codes, cfg.bits), **out)
+
+
+def quantize_dequantize(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """q(w): the fp32 matrix that the quantized storage of w represents."""
+    return quantize(w, config).dequantize(torch.float32)
+

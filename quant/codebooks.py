@@ -1,0 +1,66 @@
+"""Codebooks: NormalFloat (NF-k, quantiles of N(0,1), QLoRA's construction) and uniform INT-k, in [-1, 1]."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from scipy.stats import norm
+
+NF_OFFSET = 0.9677083  # QLoRA / bitsandbytes: the outermost quantile used for the NF tables
+
+# bitsandbytes' NF4 table as its kernels hard-code it. The construction below reproduces it to one fp32 ulp
+# (scipy versions differ in the last bit of ppf), so NF4 uses the published values to be bit-compatible.
+NF4_PUBLISHED = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+
+
+@lru_cache(maxsize=None)
+def nf_construction(bits: int) -> tuple[float, ...]:
+    """The QLoRA construction of NF-k as a tuple of fp32 values."""
+    import numpy as np
+
+    half = 2 ** (bits - 1)
+    positive = norm.ppf(np.linspace(NF_OFFSET, 0.5, half + 1)[:-1])
+    negative = -norm.ppf(np.linspace(NF_OFFSET, 0.5, half)[:-1])
+    # Cast to fp32 before normalising, as bitsandbytes does: this is what makes NF4 match its table bit for bit.
+    values = np.sort(np.concatenate([positive, [0.0], negative]).astype(np.float32))
+    values = values / values.max()
+    return tuple(float(v) for v in values)
+
+
+def nf_codebook(bits: int, device=None) -> torch.Tensor:
+    """NF-k: 2^k sorted fp32 values in [-1, 1] with 0 exact; NF4 equals bitsandbytes' table."""
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"NF codebooks exist for bits in (2, 3, 4, 8), not {bits}")
+    values = NF4_PUBLISHED if bits == 4 else nf_construction(bits)
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def int_codebook(bits: int, asymmetric: bool = False, device=None) -> torch.Tensor:
+    """Uniform INT-k: 2^k evenly spaced values, in [-1, 1] (symmetric absmax) or [0, 1] (asymmetric min/max)."""
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"INT codebooks exist for bits in (2, 3, 4, 8), not {bits}")
+    lo = 0.0 if asymmetric else -1.0
+    return torch.linspace(lo, 1.0, 2**bits, dtype=torch.float32, device=device)
+
+
+def codebook(kind: str, bits: int, asymmetric: bool = False, device=None) -> torch.Tensor:
+    if kind == "nf":
+        return nf_codebook(bits, device)
+    if kind == "int":
+        return int_codebook(bits, asymmetric, device)
+    raise ValueError(f"unknown codebook kind {kind!r}; use 'nf' or 'int'")
+
+
+def nearest_code(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook value for every element of x (uint8).
+
+    bucketize against the midpoints equals argmin |x - t_j| up to exact ties, without the (numel x 2^k)
+    temporary an argmin needs. Ties go to the lower value, as argmin's first-index rule does."""
+    mids = (table[1:] + table[:-1]) / 2
+    return torch.bucketize(x, mids, right=False).to(torch.uint8)

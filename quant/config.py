@@ -1,0 +1,123 @@
+"""Quantization configurations: one frozen dataclass, validated in one place, with exact storage cost."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, asdict
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BLOCKS = (16, 32, 64, 128, 256)
+SCALE_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+KINDS = ("nf", "int")
+ADAPTER_BITS = 16  # LoRA factors are stored in 16-bit (bf16/fp16) as in QLoRA/LoftQ
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes that `count` codes of `bits` bits occupy once packed (8/k per byte; 3-bit: 8 codes in 3 bytes)."""
+    if bits == 3:
+        return 3 * math.ceil(count / 8)
+    per_byte = 8 // bits
+    return math.ceil(count / per_byte)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one weight matrix is quantized.
+
+    kind: "nf" (NormalFloat codebook, symmetric absmax) or "int" (uniform; `asymmetric` adds a zero-point per block).
+    bits: code width k. blocksize: weights per first-level scale.
+    double_quant: quantize the first-level scales (minus their mean) to `dq_bits` in blocks of `dq_blocksize`,
+    each block keeping one `dq_dtype` scale (QLoRA: 8 bits, 256, fp32). Without it, scales are stored as `scale_dtype`.
+    """
+
+    kind: str = "nf"
+    bits: int = 4
+    blocksize: int = 64
+    double_quant: bool = True
+    dq_bits: int = 8
+    dq_blocksize: int = 256
+    dq_dtype: str = "fp32"
+    scale_dtype: str = "fp32"
+    asymmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"quantization kind {self.kind!r} is not supported; use one of {KINDS}")
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}")
+        if self.blocksize not in SUPPORTED_BLOCKS:
+            raise ValueError(f"blocksize={self.blocksize} is not supported; use one of {SUPPORTED_BLOCKS}")
+        if self.scale_dtype not in SCALE_DTYPE_BYTES:
+            raise ValueError(f"scale_dtype={self.scale_dtype!r} is not supported; use one of {tuple(SCALE_DTYPE_BYTES)}")
+        if self.double_quant:
+            if self.dq_bits not in SUPPORTED_BITS:
+                raise ValueError(f"dq_bits={self.dq_bits} is not supported; use one of {SUPPORTED_BITS}")
+            if self.dq_blocksize not in SUPPORTED_BLOCKS:
+                raise ValueError(f"dq_blocksize={self.dq_blocksize} is not supported; use one of {SUPPORTED_BLOCKS}")
+            if self.dq_dtype not in SCALE_DTYPE_BYTES:
+                raise ValueError(f"dq_dtype={self.dq_dtype!r} is not supported; use one of {tuple(SCALE_DTYPE_BYTES)}")
+        if self.asymmetric and self.kind != "int":
+            raise ValueError("asymmetric (zero-point) quantization needs kind='int'; NF codebooks are symmetric")
+        if self.asymmetric and self.double_quant:
+            raise ValueError("asymmetric INT quantization stores scale and zero-point per block; set double_quant=False")
+
+    # ---- cost -------------------------------------------------------------------------------------------
+    @property
+    def bits_per_weight(self) -> float:
+        """Nominal bits per weight (METHODS.md): k + scale bits / B (+ second-level scale bits / (B*B2)).
+
+        Exact for tensors whose size is a multiple of B*B2; `storage_bytes` adds padding and the per-tensor offset."""
+        k, b = self.bits, self.blocksize
+        if not self.double_quant:
+            per_block = 8 * SCALE_DTYPE_BYTES[self.scale_dtype] * (2 if self.asymmetric else 1)
+            return k + per_block / b
+        return k + self.dq_bits / b + 8 * SCALE_DTYPE_BYTES[self.dq_dtype] / (b * self.dq_blocksize)
+
+    def num_blocks(self, numel: int) -> int:
+        return math.ceil(numel / self.blocksize)
+
+    def storage_bytes(self, numel: int) -> int:
+        """Exact bytes a QuantizedTensor of `numel` weights holds: packed codes of the padded tensor, scales
+        (and zero-points), and for double quantization the packed scale codes, second-level scales and the
+        fp32 mean that was subtracted from the scales."""
+        nblocks = self.num_blocks(numel)
+        codes = packed_nbytes(nblocks * self.blocksize, self.bits)
+        if not self.double_quant:
+            per_block = SCALE_DTYPE_BYTES[self.scale_dtype] * (2 if self.asymmetric else 1)
+            return codes + nblocks * per_block
+        nblocks2 = math.ceil(nblocks / self.dq_blocksize)
+        scale_codes = packed_nbytes(nblocks2 * self.dq_blocksize, self.dq_bits)
+        return codes + scale_codes + nblocks2 * SCALE_DTYPE_BYTES[self.dq_dtype] + 4
+
+    def matrix_bits(self, shape: tuple[int, int], rank: int = 0) -> int:
+        """A plan's cost of one (m, n) matrix in bits: exact quantized storage plus 16-bit rank-r adapters."""
+        m, n = shape
+        return 8 * self.storage_bytes(m * n) + ADAPTER_BITS * rank * (m + n)
+
+    # ---- naming -----------------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """Short stable name, e.g. nf4-b64-dq8/256 or int3-b32-asym."""
+        s = f"{self.kind}{self.bits}-b{self.blocksize}"
+        if self.double_quant:
+            s += f"-dq{self.dq_bits}/{self.dq_blocksize}"
+            if self.dq_dtype != "fp32":
+                s += f"-{self.dq_dtype}"
+        elif self.scale_dtype != "fp32":
+            s += f"-s{self.scale_dtype}"
+        if self.asymmetric:
+            s += "-asym"
+        return s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown quantization config fields {sorted(unknown)}")
+        return cls(**d)
+
+
+NF4_QLORA = QuantConfig(kind="nf", bits=4, blocksize=64, double_quant=True, dq_bits=8, dq_blocksize=256, dq_dtype="fp32")

@@ -1,0 +1,63 @@
+"""Rank-r factorisations R ≈ A·Bᵀ: exact truncated SVD, and a randomized subspace iteration that can be
+warm-started from the previous call's right singular vectors (the LoftQ loop changes R only a little per step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How the rank-r step is solved. "exact": torch.linalg.svd; "randomized": subspace iteration with
+    `oversample` extra columns and `power_iters` power iterations, warm-started across LoftQ steps, seeded."""
+
+    method: str = "randomized"
+    oversample: int = 32
+    power_iters: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("exact", "randomized"):
+            raise ValueError(f"solver method {self.method!r} is not supported; use 'exact' or 'randomized'")
+        if self.oversample < 0 or self.power_iters < 0:
+            raise ValueError("solver oversample and power_iters must be >= 0")
+
+    @property
+    def key(self) -> str:
+        if self.method == "exact":
+            return "exact"
+        return f"rand-o{self.oversample}-p{self.power_iters}-s{self.seed}"
+
+
+def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int):
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, vh[:rank].T * root
+
+
+def exact_lowrank(r: torch.Tensor, rank: int):
+    """A = U√Σ, B = V√Σ of the rank-`rank` truncated SVD of r."""
+    u, s, vh = torch.linalg.svd(r, full_matrices=False)
+    return _split(u, s, vh, rank)
+
+
+def randomized_lowrank(r: torch.Tensor, rank: int, settings: SolverSettings, start: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None):
+    """Randomized rank-`rank` SVD by subspace iteration (Halko et al.). `start` (n x l) replaces the Gaussian
+    test matrix: passing the previous step's right singular vectors makes each LoftQ step cheap and accurate.
+    Returns A, B and the right singular vectors to warm-start the next call."""
+    m, n = r.shape
+    width = min(rank + settings.oversample, m, n)
+    if start is not None and start.shape == (n, width):
+        omega = start
+    else:
+        omega = torch.randn(n, width, device=r.device, dtype=r.dtype, generator=generator)
+    y, _ = torch.linalg.qr(r @ omega)
+    for _ in range(settings.power_iters):
+        z, _ = torch.linalg.qr(r.T @ y)
+        y, _ = torch.linalg.qr(r @ z)
+    small = y.T @ r  # (width x n)
+    u_s, s, vh = torch.linalg.svd(small, full_matrices=False)
+    a, b = _split(y @ u_s, s, vh, rank)
+    return a, b, vh.T.contiguous()
