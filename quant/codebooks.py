@@ -9,8 +9,8 @@ from scipy.stats import norm
 
 NF_OFFSET = 0.9677083  # QLoRA / bitsandbytes: the outermost quantile used for the NF tables
 
-# bitsandbytes' NF4 table as its kernels hard-code it. The construction below reproduces it to one fp32 ulp
-# (scipy versions differ in the last bit of ppf), so NF4 uses the published values to be bit-compatible.
+# bitsandbytes' NF4 table as its kernels hard-code it. The construction below reproduces it bit for bit with
+# current scipy; NF4 still uses the published values so that a different scipy's ppf cannot shift a bit.
 NF4_PUBLISHED = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -22,15 +22,14 @@ NF4_PUBLISHED = (
 @lru_cache(maxsize=None)
 def nf_construction(bits: int) -> tuple[float, ...]:
     """The QLoRA construction of NF-k as a tuple of fp32 values."""
-    import numpy as np
-
     half = 2 ** (bits - 1)
-    positive = norm.ppf(np.linspace(NF_OFFSET, 0.5, half + 1)[:-1])
-    negative = -norm.ppf(np.linspace(NF_OFFSET, 0.5, half)[:-1])
-    # Cast to fp32 before normalising, as bitsandbytes does: this is what makes NF4 match its table bit for bit.
-    values = np.sort(np.concatenate([positive, [0.0], negative]).astype(np.float32))
+    # Probabilities from an fp32 torch.linspace and values cast to fp32 before normalising, as bitsandbytes
+    # does: a float64 linspace lands one ulp off on 8 of NF4's 16 values.
+    positive = norm.ppf(torch.linspace(NF_OFFSET, 0.5, half + 1)[:-1].numpy()).tolist()
+    negative = (-norm.ppf(torch.linspace(NF_OFFSET, 0.5, half)[:-1].numpy())).tolist()
+    values = torch.tensor(positive + [0.0] + negative, dtype=torch.float32).sort().values
     values = values / values.max()
-    return tuple(float(v) for v in values)
+    return tuple(values.tolist())
 
 
 def nf_codebook(bits: int, device=None) -> torch.Tensor:
@@ -60,7 +59,11 @@ def codebook(kind: str, bits: int, asymmetric: bool = False, device=None) -> tor
 def nearest_code(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook value for every element of x (uint8).
 
-    bucketize against the midpoints equals argmin |x - t_j| up to exact ties, without the (numel x 2^k)
-    temporary an argmin needs. Ties go to the lower value, as argmin's first-index rule does."""
-    mids = (table[1:] + table[:-1]) / 2
+    bucketize against the midpoints equals argmin |x - t_j|, without the (numel x 2^k) temporary an argmin
+    needs. Ties go to the lower value, as argmin's first-index rule does."""
+    # The exact midpoint of two fp32 values is a float64; an fp32 midpoint rounded up would send x equal to it
+    # to the farther value, so round each midpoint down to the largest fp32 not above it (x <= that iff x <= m).
+    exact = (table[1:].double() + table[:-1].double()) / 2
+    mids = exact.to(table.dtype)
+    mids = torch.where(mids.double() > exact, torch.nextafter(mids, torch.full_like(mids, -float("inf"))), mids)
     return torch.bucketize(x, mids, right=False).to(torch.uint8)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .blockwise import QuantizedTensor, quantize
+from .blockwise import QuantizedTensor, quantize, quantize_dequantize
 from .config import QuantConfig
 from .lowrank import SolverSettings, exact_lowrank, randomized_lowrank
 
@@ -46,12 +46,19 @@ def check_fisher(fisher, shape) -> tuple[torch.Tensor, torch.Tensor] | None:
         rows, cols = fisher
     except (TypeError, ValueError):
         raise ValueError("fisher must be a (row_weights, col_weights) pair of 1-D tensors") from None
+    if not (isinstance(rows, torch.Tensor) and isinstance(cols, torch.Tensor)):
+        raise ValueError("fisher must be a (row_weights, col_weights) pair of 1-D tensors, got "
+                         f"({type(rows).__name__}, {type(cols).__name__}); convert with torch.as_tensor")
     m, n = shape
     if rows.shape != (m,) or cols.shape != (n,):
         raise ValueError(f"fisher weights have shapes {tuple(rows.shape)}, {tuple(cols.shape)}; "
                          f"the matrix needs ({m},) and ({n},)")
     if not (torch.isfinite(rows).all() and torch.isfinite(cols).all()) or (rows < 0).any() or (cols < 0).any():
         raise ValueError("fisher weights must be finite and non-negative")
+    if not (rows.sum() > 0 and cols.sum() > 0):
+        # All-zero weights make every error 0 and blow A or B up by 1/√floor; no ranking can come from that.
+        raise ValueError("fisher weights are all zero on one side (no gradient reached this matrix); "
+                         "drop fisher for it or calibrate on more data")
     return rows, cols
 
 
@@ -103,8 +110,8 @@ def decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 5, f
     errors: list[float] = []
     regressed = False
     for t in range(1, iters + 1):
-        q = quantize(w - a @ b.T, config)
-        residual = w - q.dequantize()
+        target_q = w - a @ b.T
+        residual = w - quantize_dequantize(target_q, config)
         target = residual if dr is None else dr[:, None] * residual * dc[None, :]
         if solver.method == "exact":
             a, b = exact_lowrank(target, rank)
@@ -117,6 +124,7 @@ def decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 5, f
             regressed = True
         errors.append(err)
         if best is None or err < best[3]:
-            best = (q, a, b, err, t)
-    q, a, b, err, t = best
-    return Decomposition(q, a.contiguous(), b.contiguous(), err, errors, t, regressed)
+            best = (target_q, a, b, err, t)
+    target_q, a, b, err, t = best
+    # Pack only the iterate we return: quantization is deterministic, so this is the Q the error was measured on.
+    return Decomposition(quantize(target_q, config), a.contiguous(), b.contiguous(), err, errors, t, regressed)

@@ -15,7 +15,9 @@ class SolverSettings:
 
     method: str = "randomized"
     oversample: int = 32
-    power_iters: int = 2
+    # 3, not 2: over 6 MiniLM matrices x NF2/3/4 x ranks 16/32/64 x 4 seeds (T=5), 2 power iterations landed up to
+    # 1.6% above exact-SVD LoftQ (5 of 216 above 1%); 3 stayed within 0.9946-1.0094 at about the same cost.
+    power_iters: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -1,0 +1,58 @@
+"""Profiling engine: the decomposition error of one matrix for every grid point, sharing the matrix's device
+copy and the Fisher scaling across configurations. Returns numbers only (no packed storage is kept)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantConfig
+from .blockwise import quantize_dequantize
+from .decompose import _sqrt_weights, check_fisher, check_matrix, decompose, weighted_error
+from .lowrank import SolverSettings
+
+
+@dataclass(frozen=True)
+class PointResult:
+    error: float  # (Fisher-weighted if weights were given) squared Frobenius error of the best iterate
+    error_unweighted: float  # plain squared Frobenius error of the same iterate
+    quant_error: float  # weighted error of plain quantization q(W), no adapter (T = 0)
+    best_iter: int
+    regressed: bool
+    seconds: float
+
+
+def profile_matrix(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: int, fisher=None,
+                   solver: SolverSettings | None = None) -> list[PointResult]:
+    """Decompose `w` once per (config, rank) point; results in the order of `points`.
+
+    The same seed is used for every point, so a point's result does not depend on which other points are asked
+    for (a bigger grid reproduces the smaller grid's numbers exactly)."""
+    check_matrix(w)
+    check_fisher(fisher, tuple(w.shape))
+    w = w.float()
+    dr = dc = None
+    if fisher is not None:
+        dr, dc = _sqrt_weights(fisher[0]).to(w.device), _sqrt_weights(fisher[1]).to(w.device)
+    plain_cache: dict[QuantConfig, float] = {}
+    out = []
+    for config, rank in points:
+        t0 = time.perf_counter()
+        d = decompose(w, config, rank, iters, fisher, solver)
+        if config not in plain_cache:
+            plain_cache[config] = d.errors[0] if (rank == 0 or iters == 0) else _plain_error(w, config, dr, dc)
+        if dr is None:
+            unweighted = d.error
+        else:
+            unweighted = float((w - d.q.dequantize() - d.a @ d.b.T).double().pow(2).sum())
+        if w.is_cuda:
+            torch.cuda.synchronize(w.device)
+        out.append(PointResult(d.error, unweighted, plain_cache[config], d.best_iter, d.regressed,
+                               time.perf_counter() - t0))
+    return out
+
+
+def _plain_error(w, config, dr, dc) -> float:
+    return weighted_error(w - quantize_dequantize(w, config), dr, dc)

@@ -1,0 +1,212 @@
+"""QuantLoRALinear: a frozen blockwise-quantized weight plus trainable LoRA adapters (PEFT naming).
+
+The quantized storage lives in registered buffers holding raw bytes (uint8), so `.to(device)` and `state_dict()`
+carry it, while `.to(dtype)` / `.half()` cannot touch it (module casts only change floating tensors). The weight
+is dequantized on the fly in the compute dtype; a custom autograd function re-dequantizes it in backward instead
+of keeping a 16/32-bit copy per layer alive for the whole step, so training memory stays near the packed size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blockwise import QuantizedTensor
+from .codebooks import codebook
+from .config import ADAPTER_BITS, QuantConfig
+from .packing import unpack_codes
+
+# Which stored dtype each QuantizedTensor field has (None: depends on the config).
+_FIELD_DTYPES = {"codes": torch.uint8, "scale_codes": torch.uint8, "scale_offset": torch.float32}
+_NAMED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BUFFER_PREFIX = "q_"
+
+
+def _field_dtype(config: QuantConfig, field: str) -> torch.dtype:
+    if field in _FIELD_DTYPES:
+        return _FIELD_DTYPES[field]
+    if field == "scale_scales":
+        return _NAMED_DTYPES[config.dq_dtype]
+    return _NAMED_DTYPES[config.scale_dtype]  # scales, zeros
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def code_table(kind: str, bits: int, asymmetric: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Values of the codes in one packed byte: (256, 8/bits) for 2/4/8 bits, so a byte indexes its codes' values
+    directly without unpacking; (2^3, 1) for 3-bit codes, which straddle bytes and are unpacked first. Cached per
+    device and dtype: the forward pass runs once per layer and step."""
+    table = codebook(kind, bits, asymmetric, device=device).to(dtype)
+    if bits == 3:
+        return table[:, None]
+    shifts = torch.arange(8 // bits, device=device, dtype=torch.int32) * bits
+    byte_codes = (torch.arange(256, device=device, dtype=torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
+    return table[byte_codes]
+
+
+def lookup(packed: torch.Tensor, bits: int, count: int, table: torch.Tensor) -> torch.Tensor:
+    """The values (flat) of the first `count` codes in `packed`, with `table` from code_table. The gather is
+    F.embedding, several times faster on CPU than advanced indexing."""
+    if bits == 3:
+        packed = unpack_codes(packed, 3, count)
+    return F.embedding(packed.int(), table).reshape(-1)[:count]
+
+
+class QuantLoRALinear(nn.Module):
+    """y = x·dequant(Q)ᵀ + bias + scaling · lora_B(lora_A(dropout(x))).
+
+    Built from a QuantizedTensor and a decomposition W ≈ Q + A·Bᵀ (A: out x r, B: in x r): lora_B = A / scaling,
+    lora_A = Bᵀ, so scaling · lora_B · lora_A equals A·Bᵀ (exactly when scaling is a power of two, e.g. the
+    default alpha = rank). `a=None` gives QLoRA's initialisation: lora_A Kaiming-uniform as PEFT, lora_B zero.
+    Only lora_A / lora_B are parameters (trainable); Q and bias are frozen buffers. rank 0: no adapter."""
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, a: torch.Tensor | None = None,
+                 b: torch.Tensor | None = None, rank: int | None = None, alpha: float | None = None,
+                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(q, QuantizedTensor) or len(q.shape) != 2:
+            raise ValueError("QuantLoRALinear needs a 2-D QuantizedTensor (out, in); quantize the weight matrix first")
+        if (a is None) != (b is None):
+            raise ValueError("pass both LoRA factors a (out x r) and b (in x r), or neither for a zero-init adapter")
+        self.config = q.config
+        self.out_features, self.in_features = q.shape
+        if a is not None:
+            rank = a.shape[1]
+            if a.shape != (self.out_features, rank) or b.shape != (self.in_features, rank):
+                raise ValueError(f"LoRA factors have shapes {tuple(a.shape)}, {tuple(b.shape)}; a {q.shape} weight "
+                                 f"needs ({self.out_features}, r) and ({self.in_features}, r)")
+        rank = int(rank or 0)
+        if rank < 0 or rank > min(q.shape):
+            raise ValueError(f"rank={rank} is invalid for a {q.shape[0]}x{q.shape[1]} matrix")
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scaling = self.alpha / rank if rank else 0.0
+        self.dropout_p = float(dropout)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        for field in QuantizedTensor.TENSOR_FIELDS:
+            value = getattr(q, field)
+            self.register_buffer(BUFFER_PREFIX + field, None if value is None else _as_bytes(value))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+        if rank:
+            device = q.device
+            if a is None:
+                lora_a = torch.empty(rank, self.in_features, device=device, dtype=adapter_dtype)
+                nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # PEFT's default for lora_A
+                lora_b = torch.zeros(self.out_features, rank, device=device, dtype=adapter_dtype)
+            else:
+                lora_a = b.T.to(device=device, dtype=adapter_dtype)
+                lora_b = (a.float() / self.scaling).to(device=device, dtype=adapter_dtype)
+            self.lora_A = nn.Parameter(lora_a.contiguous())
+            self.lora_B = nn.Parameter(lora_b.contiguous())
+        else:
+            self.lora_A = None
+            self.lora_B = None
+
+    # ---- storage ---------------------------------------------------------------------------------------------
+    def _field(self, field: str) -> torch.Tensor | None:
+        raw = getattr(self, BUFFER_PREFIX + field)
+        if raw is None:
+            return None
+        value = raw.view(_field_dtype(self.config, field))
+        return value.reshape(()) if field == "scale_offset" else value
+
+    def quantized(self) -> QuantizedTensor:
+        """The frozen weight as a QuantizedTensor (views of this module's buffers, no copy)."""
+        fields = {f: self._field(f) for f in QuantizedTensor.TENSOR_FIELDS}
+        return QuantizedTensor(self.config, (self.out_features, self.in_features),
+                               **{k: v for k, v in fields.items() if v is not None})
+
+    @property
+    def quant_nbytes(self) -> int:
+        """Bytes of the packed quantized weight (codes, scales, zero-points, second-level scales)."""
+        return sum(getattr(self, BUFFER_PREFIX + f).numel() for f in QuantizedTensor.TENSOR_FIELDS
+                   if getattr(self, BUFFER_PREFIX + f) is not None)
+
+    @property
+    def adapter_nbytes16(self) -> int:
+        """Adapter bytes at the plan's 16-bit accounting, whatever dtype they are trained in."""
+        return ADAPTER_BITS // 8 * self.rank * (self.in_features + self.out_features)
+
+    @property
+    def adapter_nbytes(self) -> int:
+        """Adapter bytes as actually held (fp32 while training by default)."""
+        if not self.rank:
+            return 0
+        return sum(p.numel() * p.element_size() for p in (self.lora_A, self.lora_B))
+
+    # ---- math ------------------------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The frozen weight (out, in) in `dtype` (equal to QuantizedTensor.dequantize().to(dtype)), vectorised:
+        look up the codes, scale per block."""
+        cfg = self.config
+        numel = self.out_features * self.in_features
+        nblocks = cfg.num_blocks(numel)
+        device = self.q_codes.device
+        table = code_table(cfg.kind, cfg.bits, cfg.asymmetric, device, torch.float32)
+        if cfg.double_quant:
+            nblocks2 = math.ceil(nblocks / cfg.dq_blocksize)
+            table2 = code_table("int", cfg.dq_bits, False, device, torch.float32)
+            scales = lookup(self.q_scale_codes, cfg.dq_bits, nblocks2 * cfg.dq_blocksize, table2)
+            scales = scales.view(nblocks2, cfg.dq_blocksize) * self._field("scale_scales").float()[:, None]
+            scales = scales.reshape(-1)[:nblocks] + self._field("scale_offset")
+        else:
+            scales = self._field("scales").float()
+        # Computed in fp32 as QuantizedTensor.dequantize (bit for bit) and rounded once to `dtype`: a 16-bit
+        # lookup-times-scale would round three times, as much error as 8-bit quantization itself.
+        values = lookup(self.q_codes, cfg.bits, nblocks * cfg.blocksize, table).view(nblocks, cfg.blocksize)
+        values = values * scales[:, None]
+        if cfg.asymmetric:
+            values = values + self._field("zeros").float()[:, None]
+        return values.reshape(-1)[:numel].view(self.out_features, self.in_features).to(dtype)
+
+    def lora_delta(self) -> torch.Tensor:
+        """scaling · lora_B · lora_A in fp32 (zeros for rank 0)."""
+        if not self.rank:
+            return torch.zeros(self.out_features, self.in_features, device=self.q_codes.device)
+        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """dequant(Q) + scaling · lora_B · lora_A in fp32."""
+        return self.dequantize(torch.float32) + self.lora_delta()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        out = _FrozenDequantLinear.apply(x.to(dtype), self, dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(dtype)
+        if self.rank:
+            h = F.linear(self.lora_dropout(x).to(dtype), self.lora_A.to(dtype))
+            out = out + self.scaling * F.linear(h, self.lora_B.to(dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, quant={self.config.label}, "
+                f"rank={self.rank}, scaling={self.scaling:g}, bias={self.bias is not None}")
+
+
+class _FrozenDequantLinear(torch.autograd.Function):
+    """x·Wᵀ with W dequantized in forward and again in backward: nothing but x's shape is saved."""
+
+    @staticmethod
+    def forward(ctx, x, layer: QuantLoRALinear, dtype: torch.dtype):
+        ctx.layer, ctx.dtype = layer, dtype
+        return F.linear(x, layer.dequantize(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        w = ctx.layer.dequantize(ctx.dtype)
+        return grad_out.to(ctx.dtype) @ w, None, None
