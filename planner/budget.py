@@ -1,0 +1,110 @@
+"""Memory budgets from the command line: bits per parameter ("2.75bits") or bytes of the whole model ("6GB").
+
+Accepted units (case-insensitive, optional space between number and unit):
+  bits per planned parameter: bits, bit, bpw, bpp, bits/param, bits/weight
+  bytes of the whole model:   B, kB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of 1024);
+                              a lone lower-case "b" is refused as ambiguous (bit or byte?)
+The number may use a decimal point and an exponent ("6e9B", "2.5e-1GB"). A number without a unit is refused:
+"2.75" could mean bits or gigabytes. A bits budget covers the planned matrices only, adapters included (METHODS.md);
+a bytes budget covers the model as it sits in memory: planned matrices at their configurations plus every
+unplanned tensor (embeddings, norms, biases) at its own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from .errors import UserError
+
+BITS_UNITS = ("bits", "bit", "bpw", "bpp", "bits/param", "bits/weight")
+BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# Canonical spelling of each byte unit, for messages that quote the budget back in the user's unit.
+_BYTE_UNIT_NAMES = {"b": "B", "kb": "kB", "mb": "MB", "gb": "GB", "tb": "TB",
+                    "kib": "KiB", "mib": "MiB", "gib": "GiB", "tib": "TiB"}
+_EXAMPLE = "e.g. --budget 2.75bits (bits per parameter) or --budget 6GB (bytes of the whole model)"
+_SPEC = re.compile(r"^\s*(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:nan|inf|infinity))"
+                   r"\s*(?P<unit>[A-Za-z/]*)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed budget. kind "bits": value is bits per planned parameter; kind "bytes": value is bytes."""
+
+    kind: str
+    value: float
+    spec: str
+    unit: str = field(default="", compare=False)  # the user's unit, canonical spelling ("bits", "GB", "GiB", ...)
+    exact: Fraction | None = field(default=None, repr=False, compare=False)  # value without float rounding
+
+    @property
+    def _exact(self) -> Fraction:
+        return self.exact if self.exact is not None else Fraction(self.value)
+
+    def total_bits(self, planned_params: int, unplanned_bytes: int = 0) -> int:
+        """Bits available to the planned matrices (quantized weights, scales and 16-bit adapters)."""
+        if planned_params <= 0:
+            raise UserError("the model has no planned matrices; check the --include/--exclude patterns")
+        if self.kind == "bits":
+            return math.floor(self._exact * planned_params)
+        budget_bytes = math.floor(self._exact)
+        if unplanned_bytes >= budget_bytes:
+            need = self._in_unit(unplanned_bytes)
+            raise UserError(f"budget {self.spec!r} is used up by the unplanned tensors alone "
+                            f"({unplanned_bytes:,} bytes = {need}); raise the budget well above {need} "
+                            "or give it in bits per parameter, e.g. --budget 2.75bits")
+        return (budget_bytes - unplanned_bytes) * 8
+
+    def _in_unit(self, nbytes: float) -> str:
+        unit = self.unit if self.kind == "bytes" and self.unit else "GB"
+        scale = BYTE_UNITS[unit.lower()]
+        return f"{nbytes / scale:.4g} {unit}"
+
+    def format_bits(self, bits: int, planned_params: int, unplanned_bytes: int = 0) -> str:
+        """Describe a planned-matrix bit count in this budget's unit, rounded up so it can be pasted as a budget."""
+        per_param = bits / planned_params
+        if self.kind == "bits":
+            up = math.ceil(per_param * 10**4) / 10**4
+            return f"{up:.4f}bits ({per_param:.6f} bits/param, {bits:,} bits for {planned_params:,} parameters)"
+        total = math.ceil(bits / 8) + unplanned_bytes
+        scale = BYTE_UNITS[self.unit.lower()] if self.unit else 10**9
+        unit = self.unit or "GB"
+        up = math.ceil(total / scale * 10**3) / 10**3
+        return (f"{up:.3f}{unit} ({total:,} bytes: {math.ceil(bits / 8):,} for the planned matrices + "
+                f"{unplanned_bytes:,} unplanned; {per_param:.4f} bits/param)")
+
+
+def parse_budget(spec: str) -> Budget:
+    """Parse a --budget string; see the module docstring for the accepted forms."""
+    text = "" if spec is None else str(spec)
+    if not text.strip():
+        raise UserError(f"the budget is empty; {_EXAMPLE}")
+    match = _SPEC.match(text)
+    if not match:
+        raise UserError(f"budget {text!r} is not a number followed by a unit; {_EXAMPLE}")
+    num, unit = match.group("num"), match.group("unit")
+    number = float(num)
+    if not math.isfinite(number):
+        raise UserError(f"budget {text!r} is not a finite number; {_EXAMPLE}")
+    if number <= 0:
+        raise UserError(f"budget {text!r} must be greater than zero; {_EXAMPLE}")
+    if not unit:
+        raise UserError(f"budget {text!r} has no unit (bits per parameter or bytes?); write {num}bits or {num}GB; "
+                        f"{_EXAMPLE}")
+    if unit == "b":
+        raise UserError(f"budget {text!r}: lower-case 'b' is ambiguous; write {num}B for bytes or {num}bits for "
+                        "bits per parameter")
+    exact = Fraction(num)  # from the decimal text, so 2.85bits * params is not subject to float rounding
+    low = unit.lower()
+    if low in BITS_UNITS:
+        return Budget("bits", float(exact), text.strip(), "bits", exact)
+    if low in BYTE_UNITS:
+        exact_bytes = exact * BYTE_UNITS[low]
+        if exact_bytes < 1:
+            raise UserError(f"budget {text!r} is less than one byte; {_EXAMPLE}")
+        return Budget("bytes", float(exact_bytes), text.strip(), _BYTE_UNIT_NAMES[low], exact_bytes)
+    known = ", ".join(BITS_UNITS + tuple(_BYTE_UNIT_NAMES.values()))
+    raise UserError(f"budget {text!r} has unknown unit {unit!r}; use one of {known}; {_EXAMPLE}")
