@@ -1,0 +1,311 @@
+"""Apply a plan to a model: every planned nn.Linear becomes a QuantLoRALinear holding real packed low-bit storage.
+
+Quantization runs on the target device one matrix at a time (the fp weight is moved there, decomposed, and only
+the packed result and the adapters are kept), so peak device memory stays near the quantized model's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quant import SolverSettings, decompose, quantize
+from quant.layers import QuantLoRALinear
+
+from .errors import UserError
+from .models import fingerprint as folder_fingerprint
+from .plan import Plan
+
+log = logging.getLogger("lqplan")
+
+INITS = ("loftq", "qlora", "qalora")
+
+
+# ---- small helpers --------------------------------------------------------------------------------------------
+def resolve_device(device=None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:0' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} was asked for but CUDA is not available; use device='cpu'")
+    return dev
+
+
+def solver_from_key(key) -> SolverSettings:
+    """SolverSettings from a plan's method.solver: a SolverSettings.key string ("exact", "rand-o32-p2-s0") or dict."""
+    if key is None:
+        return SolverSettings()
+    if isinstance(key, SolverSettings):
+        return key
+    if isinstance(key, dict):
+        return SolverSettings(**key)
+    if key == "exact":
+        return SolverSettings(method="exact")
+    m = re.fullmatch(r"rand-o(\d+)-p(\d+)-s(\d+)", str(key))
+    if not m:
+        raise UserError(f"the plan's solver {key!r} is not understood; re-plan, or pass solver=SolverSettings(...)")
+    return SolverSettings("randomized", int(m[1]), int(m[2]), int(m[3]))
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name -> quantized layer (QuantLoRALinear, or QA-LoRA's layer when present) of the model."""
+    kinds = [QuantLoRALinear]
+    try:
+        from quant.qalora import QALoRALinear
+
+        kinds.append(QALoRALinear)
+    except ImportError:
+        pass
+    return {n: m for n, m in model.named_modules() if isinstance(m, tuple(kinds))}
+
+
+def resolve_names(model: nn.Module, plan: Plan) -> dict[str, str]:
+    """Plan entry name -> module name in `model`. Exact names win; otherwise one module whose name ends with the
+    entry's (plan made on the base model, applied to a wrapper) or whose name the entry ends with (the reverse)."""
+    modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    mapping = {}
+    for entry in plan.matrices:
+        name = entry.name
+        if name in modules and isinstance(modules[name], nn.Linear):
+            found = [name]
+        else:
+            found = [n for n in linears if n.endswith("." + name) or name.endswith("." + n)]
+        if not found:
+            if name in modules:
+                raise UserError(f"planned matrix {name!r} is a {type(modules[name]).__name__}, not torch.nn.Linear "
+                                "(already quantized?); apply the plan to a freshly loaded model")
+            example = ", ".join(linears[:3]) or "none"
+            raise UserError(f"planned matrix {name!r} is not a linear layer of this model (its linear layers look "
+                            f"like: {example}); apply the plan to the model it was made for")
+        if len(found) > 1:
+            raise UserError(f"planned matrix {name!r} matches several layers ({', '.join(found[:4])}); "
+                            "use full module names in the plan")
+        linear = modules[found[0]]
+        if tuple(linear.weight.shape) != tuple(entry.shape):
+            raise UserError(f"planned matrix {name!r} has shape {list(entry.shape)} in the plan but "
+                            f"{list(linear.weight.shape)} in the model; re-plan for this model")
+        mapping[name] = found[0]
+    targets = list(mapping.values())
+    if len(set(targets)) != len(targets):
+        raise UserError("two plan entries resolve to the same layer; use full module names in the plan")
+    return mapping
+
+
+def check_fingerprint(model: nn.Module, plan: Plan, model_path=None, fingerprint: str | None = None) -> None:
+    """The plan must be for this model: compare fingerprints (given, or of `model_path`, or of the folder the
+    model was loaded from)."""
+    if fingerprint is None:
+        folder = model_path
+        if folder is None:
+            guess = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+            folder = guess if guess and (Path(guess) / "config.json").is_file() else None
+        if folder is None:
+            raise UserError("cannot tell which model folder this model came from; pass model_path=<hf folder> or "
+                            "fingerprint=planner.models.fingerprint(folder) to apply_plan")
+        if not (Path(folder) / "config.json").is_file():
+            raise UserError(f"model_path {folder} is not a Hugging Face model folder (no config.json); "
+                            "pass the folder the plan was made from")
+        fingerprint = folder_fingerprint(folder)
+    plan.check_model(fingerprint)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Only LoRA adapters train: everything else (embeddings, norms, unplanned layers) is frozen."""
+    layers = quant_layers(model)
+    adapter_ids = set()
+    for layer in layers.values():
+        for p in layer.parameters():
+            if p is not getattr(layer, "bias", None):
+                adapter_ids.add(id(p))
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapter_ids)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def explicit_plan(model: nn.Module, choose, *, model_path=None, fingerprint: str | None = None, names=None,
+                  iters: int = 5, name: str | None = None) -> Plan:
+    """A plan with configurations chosen by hand instead of by the ILP: a uniform baseline (choose = one GridPoint,
+    e.g. QLoRA's NF4 b64 dq rank 64) or any rule (choose(index, name, shape) -> GridPoint). `names`: the module
+    names to plan (default: every nn.Linear except an output head named lm_head). Errors are not profiled (0)."""
+    from .grid import GridPoint
+    from .plan import PlanEntry
+
+    if fingerprint is None:
+        if model_path is None:
+            raise UserError("explicit_plan needs model_path=<hf folder> or fingerprint=... to tie the plan to "
+                            "the model")
+        fingerprint = folder_fingerprint(model_path)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if names is None:
+        names = [n for n in linears if n.rpartition(".")[2] != "lm_head"]
+    entries = []
+    for i, n in enumerate(names):
+        if n not in linears:
+            raise UserError(f"{n!r} is not a linear layer of this model; pass names of nn.Linear modules")
+        shape = tuple(linears[n].weight.shape)
+        point = choose if isinstance(choose, GridPoint) else choose(i, n, shape)
+        entries.append(PlanEntry(n, shape, point, 0.0, point.bits(shape) // 8))
+    params = sum(e.shape[0] * e.shape[1] for e in entries)
+    total = sum(e.bytes for e in entries)
+    labels = sorted({e.point.label for e in entries})
+    return Plan(model={"name": name or type(model).__name__, "source": str(model_path or ""),
+                       "fingerprint": fingerprint, "architecture": type(model).__name__},
+                budget={"spec": "explicit", "kind": "explicit", "value": None, "bits": total * 8},
+                matrices=entries, totals={"params": params, "bits": total * 8, "bits_per_param": total * 8 / params,
+                                          "bytes": total, "error": 0.0},
+                method={"iters": iters, "explicit": labels})
+
+
+# ---- the executor ---------------------------------------------------------------------------------------------
+def _build_qalora(linear: nn.Linear, entry, iters: int, alpha, dropout: float, solver: SolverSettings):
+    """QA-LoRA layer for one matrix (quant.qalora). Kept separate so the QA-LoRA path can evolve on its own."""
+    try:
+        from quant.qalora import QALoRALinear
+    except ImportError:
+        raise UserError("init='qalora' needs quant/qalora.py, which this installation lacks; "
+                        "use init='loftq'") from None
+    rank = entry.point.rank
+    init = "loftq" if iters > 0 and rank > 0 else "zero"
+    try:
+        return QALoRALinear.from_linear(linear, entry.point.config, rank, iters=iters if init == "loftq" else 0,
+                                        init=init, alpha=alpha, solver=solver, dropout=dropout)
+    except ValueError as e:
+        raise UserError(f"cannot build a QA-LoRA layer for {entry.name}: {e}") from None
+
+
+def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: str | None = None, device=None,
+               init: str = "loftq", iters: int | None = None, fisher: dict | None = None, alpha: float | None = None,
+               dropout: float = 0.0, solver: SolverSettings | None = None,
+               adapter_dtype: torch.dtype = torch.float32, progress: bool = True) -> nn.Module:
+    """Replace each planned nn.Linear of `model` (in place; the model is also returned) by a quantized-LoRA layer.
+
+    init="loftq": LoftQ / LQ-LoRA. quant.decompose(W, entry config, entry rank, iters) with `iters` from the
+        plan's method (default 5) and optional Fisher row/column weights `fisher[name] = (rows, cols)`;
+        the adapters start at the decomposition, so the layer's weight Q + A·Bᵀ approximates W.
+    init="qlora" (or "loftq" with iters=0): Q = q(W) and PEFT's zero-product adapter (lora_A Kaiming-uniform,
+        lora_B zero; two zero factors would never receive a gradient).
+    init="qalora": QA-LoRA layers from quant.qalora (group-pooled adapters; needs asymmetric INT configs).
+    alpha: LoRA alpha per layer (scaling = alpha / rank); None means alpha = rank (scaling 1, exact split).
+    Adapters are kept in `adapter_dtype` (fp32 for training); the plan counts them at 16 bits, see
+    quantized_bytes(). The plan's fingerprint must match the model (model_path / fingerprint / model.name_or_path).
+    Quantization runs on `device` (default: CUDA when available), one matrix at a time; the model ends there.
+    """
+    if init not in INITS:
+        raise UserError(f"init={init!r} is not supported; use one of {INITS}")
+    if not isinstance(plan, Plan):
+        raise UserError(f"apply_plan needs a planner.plan.Plan, got {type(plan).__name__}; load one with Plan.load")
+    check_fingerprint(model, plan, model_path, fingerprint)
+    dev = resolve_device(device)
+    mapping = resolve_names(model, plan)
+    iters = int(plan.method.get("iters", 5) if iters is None else iters)
+    solver = solver or solver_from_key(plan.method.get("solver"))
+    if fisher is None and plan.method.get("fisher") and init == "loftq":
+        log.warning("the plan was made with Fisher weights; pass fisher=... to apply_plan to decompose the same way")
+    if fisher is not None:
+        missing = [e.name for e in plan.matrices if e.name not in fisher]
+        if missing:
+            raise UserError(f"fisher weights lack {len(missing)} planned matrices (e.g. {missing[0]}); compute them "
+                            "for this plan's model or pass fisher=None")
+
+    entries = plan.matrices
+    if progress:
+        from tqdm.auto import tqdm
+
+        entries = tqdm(entries, desc=f"quantize ({init})", unit="matrix", dynamic_ncols=True)
+    model.requires_grad_(False)
+    for entry in entries:
+        name = mapping[entry.name]
+        linear = model.get_submodule(name)
+        with torch.no_grad():
+            if init == "qalora":
+                moved = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+                moved.weight = nn.Parameter(linear.weight.detach().to(dev, torch.float32), requires_grad=False)
+                if linear.bias is not None:
+                    moved.bias = nn.Parameter(linear.bias.detach().to(dev, torch.float32), requires_grad=False)
+                layer = _build_qalora(moved, entry, iters, alpha, dropout, solver)
+                del moved
+            else:
+                w = linear.weight.detach().to(dev, torch.float32)
+                bias = None if linear.bias is None else linear.bias.detach().to(dev)
+                rank = entry.point.rank
+                if init == "qlora" or rank == 0 or iters == 0:  # LoftQ with 0 steps is QLoRA's initialisation
+                    layer = QuantLoRALinear(quantize(w, entry.point.config), bias, rank=rank, alpha=alpha,
+                                            dropout=dropout, adapter_dtype=adapter_dtype)
+                else:
+                    weights = None
+                    if fisher is not None:
+                        weights = tuple(t.to(dev) for t in fisher[entry.name])
+                    try:
+                        d = decompose(w, entry.point.config, rank, iters, weights, solver)
+                    except ValueError as e:
+                        raise UserError(f"cannot decompose {entry.name}: {e}") from None
+                    layer = QuantLoRALinear(d.q, bias, d.a, d.b, alpha=alpha, dropout=dropout,
+                                            adapter_dtype=adapter_dtype)
+                    del d
+                del w
+        set_module(model, name, layer)
+        del linear
+    model.to(dev)
+    freeze_base(model)
+    log.info("applied plan: %d matrices quantized (%s) on %s", len(mapping), init, dev)
+    return model
+
+
+# ---- memory truth ---------------------------------------------------------------------------------------------
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of the planned matrices as the plan counts them: the quantized layers' packed buffers (codes, scales,
+    zero-points, second-level scales and offset) plus their adapters at 16 bits per value. Adapters trained in
+    fp32 actually hold twice that; memory_report() gives both."""
+    total = 0
+    for layer in quant_layers(model).values():
+        if isinstance(layer, QuantLoRALinear):
+            total += layer.quant_nbytes + layer.adapter_nbytes16
+        else:  # QA-LoRA layer: its packed storage plus 16-bit adapters
+            total += layer.quantized().nbytes + 2 * sum(p.numel() for n, p in layer.named_parameters()
+                                                        if n.startswith("lora_"))
+    return total
+
+
+def memory_report(model: nn.Module) -> dict:
+    """Bytes held by the model, split: packed quantized weights, adapters (16-bit accounting and as held),
+    everything else (unplanned weights, biases of quantized layers, buffers)."""
+    layers = quant_layers(model)
+    quant = adapters16 = adapters_held = 0
+    counted = set()
+    for layer in layers.values():
+        if isinstance(layer, QuantLoRALinear):
+            quant += layer.quant_nbytes
+            adapters16 += layer.adapter_nbytes16
+            adapters_held += layer.adapter_nbytes
+            counted.update(id(getattr(layer, "q_" + f)) for f in ("codes", "scales", "zeros", "scale_codes",
+                                                                   "scale_scales", "scale_offset"))
+        else:
+            qt = layer.quantized()
+            quant += qt.nbytes
+            counted.update(id(t) for t in qt.tensors().values())
+            held = [p for n, p in layer.named_parameters() if n.startswith("lora_")]
+            adapters16 += 2 * sum(p.numel() for p in held)
+            adapters_held += sum(p.numel() * p.element_size() for p in held)
+        counted.update(id(p) for n, p in layer.named_parameters() if n.startswith("lora_"))
+    other = sum(t.numel() * t.element_size() for t in {id(t): t for t in
+                                                       list(model.parameters()) + list(model.buffers())}.values()
+                if id(t) not in counted)
+    return {"quantized_bytes": quant, "adapter_bytes_16bit": adapters16, "adapter_bytes_held": adapters_held,
+            "plan_accounted_bytes": quant + adapters16, "other_bytes": other}

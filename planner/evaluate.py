@@ -1,0 +1,138 @@
+"""Evaluation on real text: perplexity for causal LMs, embedding cosine to the full-precision model for encoders.
+
+Text: `real_text_splits()` — the Python language reference topics shipped with CPython (pydoc_data.topics), split
+by sorted topic name exactly as planner.fisher.pydoc_splits does (every 5th topic held out, the next calibration,
+the rest train), so held-out text is never seen by calibration or fine-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+_SENTENCE_END = re.compile(r"(?<=[.!?:])\s+")
+
+
+def _chunk(paragraph: str, max_chars: int) -> list[str]:
+    """Cut a long paragraph at sentence ends into pieces of at most ~max_chars (a single long sentence stays)."""
+    if len(paragraph) <= max_chars:
+        return [paragraph]
+    pieces, current = [], ""
+    for sentence in _SENTENCE_END.split(paragraph):
+        if current and len(current) + 1 + len(sentence) > max_chars:
+            pieces.append(current)
+            current = sentence
+        else:
+            current = f"{current} {sentence}".strip()
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def real_text_splits(max_chars: int = 1000) -> dict[str, list[str]]:
+    """{"train", "heldout", "calib"}: lists of paragraphs (>= 200 characters where the source allows, at most
+    ~max_chars, cut at sentence ends) of real English prose; deterministic. Some topics repeat paragraphs of
+    others, so paragraphs that also occur in the held-out split are removed from train and calib."""
+    from .fisher import pydoc_splits
+
+    splits = pydoc_splits()
+    held = set(splits["heldout"])
+    splits = {k: v if k == "heldout" else [p for p in v if p not in held] for k, v in splits.items()}
+    return {split: [piece for p in paras for piece in _chunk(p, max_chars)] for split, paras in splits.items()}
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return next(model.buffers()).device
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token states over non-padding tokens (sentence-transformers' pooling for all-MiniLM-L6-v2)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise UserError("no evaluation text was given; pass a non-empty list of strings")
+    return texts
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, batch_size: int = 4,
+               device=None) -> float:
+    """exp(mean next-token NLL) over `texts` joined by blank lines, with a sliding window: windows of `max_len`
+    tokens every `stride` tokens, each scoring only the tokens not scored before (all context kept)."""
+    texts = _check_texts(texts)
+    if not 0 < stride <= max_len:
+        raise UserError(f"stride={stride} must be in 1..max_len ({max_len}); e.g. stride = max_len // 2")
+    device = device or model_device(model)
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if ids.numel() < 2:
+        raise UserError("evaluation text has fewer than 2 tokens; pass more text")
+    windows = []  # (start, end, number of new target tokens at the end)
+    prev_end = 0
+    for start in range(0, ids.numel() - 1, stride):
+        end = min(start + max_len, ids.numel())
+        windows.append((start, end, end - prev_end))
+        prev_end = end
+        if end == ids.numel():
+            break
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        for i in range(0, len(windows), batch_size):
+            group = windows[i:i + batch_size]
+            width = max(e - s for s, e, _ in group)
+            batch = torch.zeros(len(group), width, dtype=torch.long)
+            labels = torch.full((len(group), width), -100, dtype=torch.long)
+            mask = torch.zeros(len(group), width, dtype=torch.long)
+            for row, (s, e, new) in enumerate(group):
+                batch[row, :e - s] = ids[s:e]
+                mask[row, :e - s] = 1
+                labels[row, e - s - new:e - s] = ids[e - new:e]
+            logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
+                                   ignore_index=-100, reduction="sum")
+            nll += float(loss)
+            count += int((labels[:, 1:] != -100).sum())
+    finally:
+        model.train(was_training)
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def sentence_embeddings(model, tokenizer, texts, max_len: int = 128, batch_size: int = 32, device=None) -> torch.Tensor:
+    """Mean-pooled last hidden states (fp32), one row per text."""
+    texts = _check_texts(texts)
+    device = device or model_device(model)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_len,
+                            return_tensors="pt").to(device)
+            hidden = model(**enc).last_hidden_state.float()
+            out.append(mean_pool(hidden, enc["attention_mask"]).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def embedding_cosine(student, teacher, tokenizer, texts, max_len: int = 128, batch_size: int = 32) -> float:
+    """Mean cosine similarity between the student's and the teacher's mean-pooled sentence embeddings."""
+    s = sentence_embeddings(student, tokenizer, texts, max_len, batch_size)
+    t = sentence_embeddings(teacher, tokenizer, texts, max_len, batch_size)
+    return float(F.cosine_similarity(s, t, dim=-1).mean())

@@ -1,0 +1,259 @@
+"""Save / load a quantized model, and export it as plain Hugging Face weights or as a PEFT LoRA adapter.
+
+Quantized folder (save_quantized): model.safetensors with every tensor of the model as held — the quantized
+layers' packed buffers (uint8), adapters, unplanned weights and buffers — plus config.json, plan.json and
+lqplan_manifest.json (which modules are quantized, their configuration, rank and scaling). load_quantized()
+rebuilds the architecture from config.json with empty weights and fills it: outputs are bit-identical.
+
+Exports: export_merged() writes dequant(Q) + scaling·lora_B·lora_A as a standard folder for AutoModel;
+export_peft() writes the dequantized base folder plus a PEFT adapter (per-module ranks via rank_pattern /
+alpha_pattern) so that PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter) reproduces the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quant import QuantConfig
+from quant.blockwise import QuantizedTensor
+from quant.layers import BUFFER_PREFIX, QuantLoRALinear
+
+from . import __version__
+from .apply import freeze_base, quant_layers, set_module
+from .errors import UserError
+from .fsio import atomic_path, write_json, write_text
+from .plan import Plan
+
+MANIFEST = "lqplan_manifest.json"
+SCHEMA = "lqplan.quantized/1"
+WEIGHTS = "model.safetensors"
+
+
+def _check_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
+    layers = quant_layers(model)
+    other = [n for n, m in layers.items() if not isinstance(m, QuantLoRALinear)]
+    if other:
+        raise UserError(f"saving/exporting QA-LoRA layers ({other[0]}, ...) is not supported yet; "
+                        "merge them with QALoRALinear.merge() or use init='loftq'/'qlora'")
+    if not layers:
+        raise UserError("the model has no quantized layers; run planner.apply.apply_plan(model, plan) first")
+    return layers
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt", **(metadata or {})})
+
+
+def _all_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every parameter and buffer (non-persistent ones too, so the rebuild needs no recomputation), with tensors
+    shared under several names stored once: returns (tensors, alias -> stored name)."""
+    tensors, aliases, seen = {}, {}, {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if t is None:
+            continue
+        key = id(t)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t
+    return tensors, aliases
+
+
+def _config_json(model: nn.Module, dtype: torch.dtype | None = None) -> str:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        raise UserError("the model has no Hugging Face config; save/export works on transformers models")
+    config = config.__class__.from_dict(config.to_dict())
+    config.architectures = [type(model).__name__]
+    if dtype is not None:
+        config.dtype = str(dtype).removeprefix("torch.")
+    return config.to_json_string()
+
+
+# ---- quantized folder -----------------------------------------------------------------------------------------
+def save_quantized(model: nn.Module, plan: Plan, out_dir) -> Path:
+    """Write the quantized model (packed storage, adapters, everything else) to `out_dir`; returns the folder."""
+    layers = _check_layers(model)
+    out = Path(out_dir)
+    tensors, aliases = _all_tensors(model)
+    manifest = {
+        "schema": SCHEMA, "created_by": f"lqplan {__version__}", "architecture": type(model).__name__,
+        "weights": WEIGHTS, "aliases": aliases,
+        "layers": {name: {"config": layer.config.to_dict(), "shape": [layer.out_features, layer.in_features],
+                          "rank": layer.rank, "alpha": layer.alpha, "dropout": layer.dropout_p,
+                          "bias": layer.bias is not None,
+                          "adapter_dtype": None if not layer.rank else str(layer.lora_A.dtype).removeprefix("torch.")}
+                   for name, layer in layers.items()},
+    }
+    _save_tensors(out / WEIGHTS, tensors)
+    write_text(out / "config.json", _config_json(model))
+    plan.save(out / "plan.json")
+    write_json(out / MANIFEST, manifest)
+    return out
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{folder} is not an lqplan quantized folder (no {MANIFEST}); write one with save_quantized")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}; re-save the model with save_quantized") from None
+    if manifest.get("schema") != SCHEMA:
+        raise UserError(f"{path} has schema {manifest.get('schema')!r}, this lqplan reads {SCHEMA!r}; re-save it")
+    return manifest
+
+
+def _skeleton(folder: Path, architecture: str) -> nn.Module:
+    import transformers
+    from accelerate import init_empty_weights
+
+    cls = getattr(transformers, architecture, None)
+    if cls is None:
+        raise UserError(f"architecture {architecture!r} is not in this transformers version; upgrade transformers")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    # Parameters on the meta device (no memory, no init); buffers are real and overwritten from the file.
+    with init_empty_weights(include_buffers=False):
+        return cls._from_config(config)
+
+
+def load_quantized(folder, device=None) -> tuple[nn.Module, Plan]:
+    """Rebuild a model written by save_quantized: (model, plan). Adapters are trainable, the rest frozen."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    plan = Plan.load(folder / "plan.json")
+    try:
+        tensors = load_file(str(folder / manifest["weights"]), device=str(device or "cpu"))
+    except (OSError, FileNotFoundError) as e:
+        raise UserError(f"cannot read the weights of {folder}: {e}; re-save the model") from None
+    model = _skeleton(folder, manifest["architecture"])
+    for name, info in manifest["layers"].items():
+        prefix = name + "."
+        config = QuantConfig.from_dict(info["config"])
+        fields = {}
+        for field in QuantizedTensor.TENSOR_FIELDS:
+            raw = tensors.pop(prefix + BUFFER_PREFIX + field, None)
+            if raw is not None:
+                fields[field] = raw  # raw bytes; QuantLoRALinear stores bytes as they are
+        q = QuantizedTensor(config, tuple(info["shape"]), **fields)
+        layer = QuantLoRALinear(q, tensors.pop(prefix + "bias", None), rank=info["rank"], alpha=info["alpha"],
+                                dropout=info["dropout"])
+        # The raw fields went in as uint8 and QuantLoRALinear keeps uint8 views: identical bytes.
+        if info["rank"]:
+            layer.lora_A = nn.Parameter(tensors.pop(prefix + "lora_A"))
+            layer.lora_B = nn.Parameter(tensors.pop(prefix + "lora_B"))
+        set_module(model, name, layer)
+    for alias, target in manifest["aliases"].items():
+        if alias not in tensors and target in tensors:
+            tensors[alias] = tensors[target]
+    _fill(model, tensors, folder)
+    freeze_base(model)
+    model.eval()
+    return model, plan
+
+
+def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Assign every remaining parameter and buffer from `tensors` (shared names get the same tensor)."""
+    done = {}
+    slots = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    quant_prefixes = tuple(n + "." for n in quant_layers(model))
+    for name, current in slots:
+        if name.startswith(quant_prefixes):
+            continue
+        if name not in tensors:
+            if current is not None and current.device.type != "meta":
+                continue  # a buffer the skeleton computed and the file lacks (none when saved by save_quantized)
+            raise UserError(f"{folder} lacks tensor {name!r}; the folder is incomplete, re-save it")
+        value = tensors[name]
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if id(value) in done:
+            value = done[id(value)]
+        elif attr in module._parameters:
+            value = nn.Parameter(value, requires_grad=False)
+        done[id(tensors[name])] = value
+        if attr in module._parameters:
+            module._parameters[attr] = value
+        else:
+            module._buffers[attr] = value
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise UserError(f"{folder} does not fill {leftover[0]} (and {len(leftover) - 1} more); re-save the model")
+
+
+# ---- exports --------------------------------------------------------------------------------------------------
+def _plain_state(model: nn.Module, merge: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The persistent state dict of the equivalent plain model: quantized layers become `weight` (+ `bias`)."""
+    layers = _check_layers(model)
+    out = {}
+    for name, layer in layers.items():
+        w = layer.merged_weight() if merge else layer.dequantize(torch.float32)
+        out[f"{name}.weight"] = w.to(dtype)
+        if layer.bias is not None:
+            out[f"{name}.bias"] = layer.bias.detach().to(dtype)
+    quant_prefixes = tuple(n + "." for n in layers)
+    seen = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name.startswith(quant_prefixes) or t is None:
+            continue
+        if id(t) in seen:
+            continue  # tied weights: transformers re-ties them on load
+        seen.add(id(t))
+        out[name] = t.detach().to(dtype) if t.is_floating_point() else t.detach()
+    return out
+
+
+def _write_plain(model: nn.Module, folder: Path, state: dict, dtype: torch.dtype, tokenizer=None) -> Path:
+    _save_tensors(folder / WEIGHTS, state)
+    write_text(folder / "config.json", _config_json(model, dtype))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def export_merged(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32, tokenizer=None) -> Path:
+    """A standard Hugging Face folder whose planned weights are dequant(Q) + scaling·lora_B·lora_A."""
+    return _write_plain(model, Path(out_dir), _plain_state(model, True, dtype), dtype, tokenizer)
+
+
+def export_peft(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32, tokenizer=None) -> tuple[Path, Path]:
+    """(base_dir, adapter_dir) under out_dir: base = dequantized Q as a standard folder; adapter = PEFT LoRA with
+    target_modules = the quantized modules with rank > 0 and per-module r / lora_alpha (rank_pattern,
+    alpha_pattern). PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter) reproduces the model."""
+    from peft import LoraConfig
+
+    out = Path(out_dir)
+    base_dir, adapter_dir = out / "base", out / "adapter"
+    layers = _check_layers(model)
+    _write_plain(model, base_dir, _plain_state(model, False, dtype), dtype, tokenizer)
+    adapted = {n: l for n, l in layers.items() if l.rank}
+    if not adapted:
+        raise UserError("no quantized layer has an adapter (all ranks are 0); export_merged is all there is to write")
+    first = next(iter(adapted.values()))
+    # PEFT matches rank/alpha pattern keys as regular expressions: escape the dots of module paths.
+    config = LoraConfig(r=first.rank, lora_alpha=first.alpha, lora_dropout=0.0, bias="none",
+                        target_modules=sorted(adapted), base_model_name_or_path=str(base_dir.resolve()),
+                        rank_pattern={re.escape(n): l.rank for n, l in adapted.items()},
+                        alpha_pattern={re.escape(n): l.alpha for n, l in adapted.items()})
+    config_dict = config.to_dict()
+    for k, v in config_dict.items():
+        if isinstance(v, set):
+            config_dict[k] = sorted(v)
+    weights = {}
+    for name, layer in adapted.items():
+        weights[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().to(dtype)
+        weights[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().to(dtype)
+    _save_tensors(adapter_dir / "adapter_model.safetensors", weights)
+    write_json(adapter_dir / "adapter_config.json", config_dict)
+    return base_dir, adapter_dir

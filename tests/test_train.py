@@ -1,0 +1,218 @@
+"""Fine-tuning the adapters (own loop and Hugging Face Trainer), evaluation metrics and the real-text splits."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from planner.apply import apply_plan, explicit_plan
+from planner.errors import UserError
+from planner.evaluate import embedding_cosine, perplexity, real_text_splits
+from planner.grid import GridPoint
+from planner.train import DistillationTrainer, distill_loss, text_dataset, train
+from quant import QuantConfig
+
+CONFIGS = [(2, 16), (3, 32), (4, 64), (8, 128), (4, 128), (3, 64), (2, 64), (4, 16)]
+
+
+def mixed_point(i, name, shape):
+    bits, block = CONFIGS[i % len(CONFIGS)]
+    return GridPoint(QuantConfig(bits=bits, blocksize=block), (8, 16, 32)[i % 3])
+
+
+def quantized_minilm(path, iters=1):
+    model = AutoModel.from_pretrained(path)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
+    plan = explicit_plan(model, mixed_point, model_path=path, names=names, iters=iters)
+    return apply_plan(model, plan, progress=False), plan
+
+
+@pytest.fixture(scope="module")
+def tok(minilm_path):
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def teacher(minilm_path):
+    return AutoModel.from_pretrained(minilm_path).eval()
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return real_text_splits()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A seeded random 2-layer Llama with the MiniLM vocabulary, saved as a real safetensors folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+# ---- text splits --------------------------------------------------------------------------------------------
+def test_real_text_splits_are_deterministic_disjoint_and_bounded(splits):
+    assert splits == real_text_splits()
+    assert set(splits) == {"train", "heldout", "calib"}
+    assert all(len(v) > 50 for v in splits.values())
+    assert not set(splits["train"]) & set(splits["heldout"])
+    assert not set(splits["calib"]) & set(splits["heldout"])
+    pieces = real_text_splits(max_chars=300)["heldout"]
+    # Pieces are cut at sentence ends; only a single sentence longer than the limit may exceed it.
+    assert all(len(p) <= 300 or ". " not in p for p in pieces)
+    assert len(pieces) > len(splits["heldout"])
+
+
+# ---- distillation (the embedded encoder) ---------------------------------------------------------------------
+def test_distill_loss_is_zero_for_identical_states_and_masks_padding():
+    h = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert float(distill_loss(h, h, mask)) == pytest.approx(0.0, abs=1e-6)
+    other = h.clone()
+    other[0, 3:] += 100.0  # padding positions must not count
+    assert float(distill_loss(h, other, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_lowers_loss_and_raises_heldout_cosine(minilm_path, tok, teacher, splits):
+    model, _ = quantized_minilm(minilm_path)
+    held = splits["heldout"][:24]
+    before = embedding_cosine(model, teacher, tok, held, max_len=64)
+    history = train(model, tok, splits["train"], teacher=teacher, steps=16, batch_size=8, max_len=32, lr=2e-3,
+                    eval_fn=lambda m: embedding_cosine(m, teacher, tok, held[:8], max_len=64), eval_every=8,
+                    progress=False)
+    after = embedding_cosine(model, teacher, tok, held, max_len=64)
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4
+    assert 1 - after < 0.75 * (1 - before), (before, after)  # a quarter of the gap to the teacher closed
+    print(f"held-out cosine to the teacher: {before:.4f} -> {after:.4f}; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    assert [h["step"] for h in history if "eval" in h] == [0, 8, 16]
+    assert all(h["tokens_per_s"] > 0 and h["lr"] == 2e-3 for h in history if "loss" in h)
+
+
+def test_train_rejects_bad_input(minilm_path, tok, teacher):
+    plain = AutoModel.from_pretrained(minilm_path)
+    with pytest.raises(UserError, match="teacher"):
+        train(plain, tok, ["some text"], objective="distill", steps=1, progress=False)
+    plain.requires_grad_(False)
+    with pytest.raises(UserError, match="trainable"):
+        train(plain, tok, ["some text"], teacher=teacher, steps=1, progress=False)
+    with pytest.raises(UserError, match="objective"):
+        train(plain, tok, ["some text"], objective="mlm", steps=1, progress=False)
+
+
+def test_hf_trainer_trains_adapters_and_leaves_the_base_alone(minilm_path, tok, teacher, splits, tmp_path):
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    model, _ = quantized_minilm(minilm_path, iters=0)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    adapters = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                             report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False,
+                             disable_tqdm=True, logging_steps=1)
+    trainer = DistillationTrainer(model=model, teacher=teacher, args=args,
+                                  train_dataset=text_dataset(tok, splits["train"][:24], 48),
+                                  data_collator=DataCollatorWithPadding(tok))
+    result = trainer.train()
+    assert result.global_step == 3 and math.isfinite(result.training_loss)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    changed = [k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(v, adapters[k])]
+    # zero-init QLoRA-style adapters (iters=0): lora_B moves first; every lora_B must have moved
+    assert {k for k in adapters if k.endswith("lora_B")} <= set(changed)
+
+
+# ---- causal LM: next-token loss, perplexity, gradient checkpointing ------------------------------------------
+def quantized_llama(folder, iters=1):
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    plan = explicit_plan(model, GridPoint(QuantConfig(bits=4, blocksize=64), 8), model_path=folder, iters=iters)
+    return apply_plan(model, plan, progress=False), plan
+
+
+def test_perplexity_equals_the_models_own_loss_in_one_window(tiny_llama, tok, splits):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    text = splits["heldout"][0]
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] < 256
+    with torch.no_grad():
+        want = math.exp(float(model(input_ids=ids, labels=ids).loss))
+    assert perplexity(model, tok, [text], max_len=256, stride=128) == pytest.approx(want, rel=1e-5)
+
+
+def test_sliding_window_perplexity_does_not_depend_on_batching(tiny_llama, tok, splits):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    texts = splits["heldout"][:6]
+    one = perplexity(model, tok, texts, max_len=64, stride=32, batch_size=1)
+    many = perplexity(model, tok, texts, max_len=64, stride=32, batch_size=5)
+    assert one == pytest.approx(many, rel=1e-5)
+    assert 1.0 < one < 2 * 30522  # a random model is near-uniform over the vocabulary
+    with pytest.raises(UserError, match="stride"):
+        perplexity(model, tok, texts, max_len=64, stride=128)
+
+
+def test_causal_finetune_lowers_loss_and_perplexity(tiny_llama, tok, splits):
+    model, _ = quantized_llama(tiny_llama)
+    held = splits["heldout"][:4]
+    before = perplexity(model, tok, held, max_len=128, stride=64)
+    history = train(model, tok, splits["train"][:200], steps=15, batch_size=4, max_len=64, lr=1e-2, progress=False)
+    after = perplexity(model, tok, held, max_len=128, stride=64)
+    losses = [h["loss"] for h in history]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert after < before
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_llama, tok, splits):
+    model, _ = quantized_llama(tiny_llama)
+    twin = copy.deepcopy(model)
+    kwargs = dict(steps=1, batch_size=2, max_len=32, lr=1e-3, progress=False, seed=3)
+    h1 = train(model, tok, splits["train"][:50], **kwargs)
+    h2 = train(twin, tok, splits["train"][:50], gradient_checkpointing=True, grad_accum=1, **kwargs)
+    assert h1[0]["loss"] == pytest.approx(h2[0]["loss"], rel=1e-6)
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_gradient_accumulation_averages_micro_batches(tiny_llama, tok, splits):
+    model, _ = quantized_llama(tiny_llama)
+    twin = copy.deepcopy(model)
+    texts = splits["train"][:50]
+    # one step of 4 sequences == one step of 2 micro-batches of 2 (same stream of sequences, same seed)
+    h1 = train(model, tok, texts, steps=1, batch_size=4, max_len=32, lr=1e-3, progress=False, max_grad_norm=None)
+    h2 = train(twin, tok, texts, steps=1, batch_size=2, grad_accum=2, max_len=32, lr=1e-3, progress=False,
+               max_grad_norm=None)
+    assert h1[0]["loss"] == pytest.approx(h2[0]["loss"], rel=1e-5)
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_training_step_on_gpu(tiny_llama, tok, splits):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    plan = explicit_plan(model, GridPoint(QuantConfig(bits=4, blocksize=64), 8), model_path=tiny_llama, iters=1)
+    apply_plan(model, plan, device="cuda", progress=False)
+    history = train(model, tok, splits["train"][:50], steps=2, batch_size=2, max_len=32, progress=False)
+    assert all(math.isfinite(h["loss"]) for h in history)
+
+
+def test_finetune_command_helper_end_to_end(tiny_llama, tok, tmp_path):
+    from planner.export import load_quantized
+    from planner.train import finetune
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    plan = explicit_plan(model, GridPoint(QuantConfig(bits=4, blocksize=64), 8), model_path=tiny_llama, iters=1)
+    plan.save(tmp_path / "plan.json")
+    result = finetune(tmp_path / "plan.json", model=tiny_llama, out_dir=tmp_path / "run", steps=6, batch_size=2,
+                      max_len=32, lr=1e-2, eval_texts=4, tokenizer=tok, progress=False)
+    assert result["metric"] == "perplexity" and result["after"] < result["before"]
+    assert result["quantized_bytes"] == plan.totals["bytes"]
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    loaded, _ = load_quantized(tmp_path / "run" / "quantized")
+    assert sum(p.requires_grad for p in loaded.parameters()) == 2 * len(plan.matrices)
