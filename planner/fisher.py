@@ -1,0 +1,184 @@
+"""Fisher weights from calibration text: mean squared gradients of a self-supervised loss w.r.t. each planned
+matrix, reduced to LQ-LoRA's row/column form F_ij ≈ r_i·c_j.
+
+Losses: causal LMs use next-token cross-entropy. Encoders without a language-model head (the embedded
+all-MiniLM-L6-v2) use the unsupervised SimCSE objective their family is trained with: two dropout views of each
+sentence, InfoNCE over the batch (temperature 0.05) on mean-pooled embeddings. The squared gradient of each
+mini-batch loss is accumulated (an empirical Fisher at mini-batch granularity).
+
+Reduction: r = row means of F and c = column means of F divided by the overall mean, so r·cᵀ keeps F's row and
+column sums (the independence fit of a non-negative matrix); weights are floored in quant.decompose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .fsio import atomic_path
+
+BUILTIN_SOURCES = ("pydoc",)
+
+
+@dataclass
+class CalibText:
+    name: str
+    texts: list[str]
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for t in self.texts:
+            h.update(t.encode("utf-8") + b"\0")
+        return h.hexdigest()[:16]
+
+
+def pydoc_splits() -> dict[str, list[str]]:
+    """Real English prose shipped with every CPython (the language reference's topics), split by topic name:
+    every 5th topic (sorted) is held out for evaluation, every 5th starting at 1 is calibration, the rest train.
+    Each topic is cut into paragraphs of at least 200 characters."""
+    from pydoc_data.topics import topics
+
+    splits = {"train": [], "calib": [], "heldout": []}
+    for i, name in enumerate(sorted(topics)):
+        split = "heldout" if i % 5 == 0 else "calib" if i % 5 == 1 else "train"
+        para = ""
+        for line in topics[name].splitlines():
+            para = (para + " " + line.strip()).strip() if line.strip() else para
+            if not line.strip() and len(para) >= 200:
+                splits[split].append(para)
+                para = ""
+        if len(para) >= 40:
+            splits[split].append(para)
+    return splits
+
+
+def load_calib(spec: str) -> CalibText:
+    """`spec` is a built-in source name ("pydoc") or a path to a UTF-8 plain-text file (paragraphs split on
+    blank lines)."""
+    if spec in BUILTIN_SOURCES:
+        return CalibText("pydoc", pydoc_splits()["calib"])
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"calibration file {spec} does not exist; pass a UTF-8 text file or one of {BUILTIN_SOURCES}")
+    raw = path.read_bytes()
+    if b"\0" in raw[:4096]:
+        raise UserError(f"calibration file {spec} looks binary; pass plain UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"calibration file {spec} is not UTF-8 (byte {e.start}); convert it, e.g. with iconv") from None
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not paragraphs or sum(len(p) for p in paragraphs) < 20:
+        raise UserError(f"calibration file {spec} has no text; give it at least a few sentences")
+    return CalibText(str(path), paragraphs)
+
+
+def _find_params(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Parameter]:
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        mod = modules.get(name)
+        if mod is None:  # tolerate a base-model prefix difference ("bert.encoder…" vs "encoder…")
+            hits = [m for k, m in modules.items() if k and (k.endswith("." + name) or name.endswith("." + k))]
+            mod = hits[0] if len(hits) == 1 else None
+        if mod is None or not hasattr(mod, "weight"):
+            raise UserError(f"planned matrix {name} not found in the model for Fisher calibration; "
+                            "re-run discovery with this model")
+        out[name] = mod.weight
+    return out
+
+
+def _simcse_loss(model, batch):
+    def embed():
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+    a, b = embed(), embed()  # dropout makes the two views differ
+    logits = a @ b.T / 0.05
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(a), device=logits.device))
+
+
+def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens: int = 16384, seq_len: int = 128,
+                   batch_size: int = 16, device: str = "cpu", progress=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Row/column Fisher weights for each planned matrix (module path) of the model in `folder`."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers raises many types for a missing/broken tokenizer
+        raise UserError(f"cannot load the tokenizer from {folder} ({type(e).__name__}); Fisher calibration needs "
+                        "the model's tokenizer files in the folder, or run without --calib") from None
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    cls = AutoModelForCausalLM if causal else AutoModel
+    model = cls.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32).to(device)
+    params = _find_params(model, names)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batches, tokens = [], 0
+    for i in range(0, len(calib.texts), batch_size):
+        enc = tokenizer(calib.texts[i:i + batch_size], truncation=True, max_length=seq_len, padding=True,
+                        return_tensors="pt")
+        batches.append(enc)
+        tokens += int(enc["attention_mask"].sum())
+        if tokens >= max_tokens:
+            break
+    if not batches:
+        raise UserError("the calibration text produced no tokens; pass a longer --calib file")
+
+    model.train()  # dropout on: SimCSE needs it; for causal LMs it matches the fine-tuning regime
+    torch.manual_seed(0)
+    counted = 0
+    for enc in (progress(batches) if progress else batches):
+        enc = {k: v.to(device) for k, v in enc.items()}
+        model.zero_grad(set_to_none=True)
+        if causal:
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+            loss = model(**enc, labels=labels).loss
+        else:
+            loss = _simcse_loss(model, enc)
+        if not math.isfinite(float(loss)):
+            raise UserError("the calibration loss is not finite; check the model weights and the calibration text")
+        loss.backward()
+        for n, p in params.items():
+            sums[n] += p.grad.float().pow(2)
+        counted += 1
+
+    out = {}
+    for n, s in sums.items():
+        f = s / counted
+        mean = f.mean().clamp_min(torch.finfo(torch.float32).tiny)
+        out[n] = (f.mean(dim=1).cpu(), (f.mean(dim=0) / mean).cpu())
+    return out
+
+
+def save_fisher(path: Path, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for n, (r, c) in weights.items():
+        tensors[f"{n}.rows"] = r.contiguous()
+        tensors[f"{n}.cols"] = c.contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+
+
+def load_fisher(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    names = sorted({k.rsplit(".", 1)[0] for k in t})
+    return {n: (t[f"{n}.rows"], t[f"{n}.cols"]) for n in names}

@@ -1,0 +1,194 @@
+"""Profiling orchestration: every planned matrix x every grid point, cached per matrix so that reruns and bigger
+grids compute only what is missing, and a killed run loses at most the matrix in flight.
+
+Cache layout: <cache>/<model fingerprint>/<settings>/<matrix>.json, settings = iterations, solver, Fisher source.
+Each file holds every grid point computed so far for that matrix and is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from quant import SolverSettings
+from quant.engine import profile_matrix
+
+from .errors import UserError
+from .fsio import write_json
+from .grid import GridPoint
+
+log = logging.getLogger("lqplan.profile")
+
+TABLE_COLUMNS = ["matrix", "m", "n", "label", "kind", "bits", "blocksize", "double_quant", "dq_bits", "dq_blocksize",
+                 "dq_dtype", "scale_dtype", "asymmetric", "rank", "error", "error_unweighted", "quant_error",
+                 "storage_bits", "best_iter", "regressed"]
+
+
+@dataclass
+class ProfileStats:
+    matrices: int = 0
+    points: int = 0
+    computed_points: int = 0
+    computed_matrices: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    @property
+    def cached_points(self) -> int:
+        return self.points - self.computed_points
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for CUDA but no CUDA device is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device; use auto, cpu or cuda[:N]") from None
+
+
+def settings_key(iters: int, solver: SolverSettings, fisher_key: str | None) -> str:
+    return f"T{iters}-{solver.key}-f{fisher_key or 'none'}"
+
+
+def _safe_name(name: str) -> str:
+    # Matrix names are dotted module paths; keep them readable but filesystem-safe.
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def cache_folder(cache_dir: Path, fingerprint: str, key: str) -> Path:
+    fp = fingerprint.split(":")[-1][:24]
+    return Path(cache_dir) / fp / key
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())["points"]
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, KeyError, OSError):
+        log.warning("ignoring unreadable cache file %s (it will be recomputed)", path)
+        return {}
+
+
+def cached_points(folder: Path, name: str) -> dict:
+    return _read_cache(folder / f"{_safe_name(name)}.json")
+
+
+def profile_one(name: str, shape, w: torch.Tensor, missing: list[GridPoint], iters: int, solver: SolverSettings,
+                fisher) -> dict:
+    results = profile_matrix(w, [(p.config, p.rank) for p in missing], iters, fisher, solver)
+    out = {}
+    for p, r in zip(missing, results):
+        out[p.label] = {"config": p.to_dict(), "error": r.error, "error_unweighted": r.error_unweighted,
+                        "quant_error": r.quant_error, "best_iter": r.best_iter, "regressed": r.regressed,
+                        "seconds": round(r.seconds, 6)}
+    return out
+
+
+def run_profile(source, matrices, grid: list[GridPoint], iters: int = 5, solver: SolverSettings | None = None,
+                fisher: dict | None = None, fisher_key: str | None = None, cache_dir: Path = Path(".lqplan-cache"),
+                device: str = "auto", progress: bool = True, only: set[str] | None = None):
+    """Profile `matrices` of `source` over `grid`; returns (table, stats). `only` restricts the matrices this
+    process computes (distributed runs); the table still lists every matrix found in the cache."""
+    from .models import iter_matrices
+
+    solver = solver or SolverSettings()
+    dev = resolve_device(device)
+    folder = cache_folder(cache_dir, source.fingerprint, settings_key(iters, solver, fisher_key))
+    stats = ProfileStats(matrices=len(matrices), points=len(matrices) * len(grid))
+    t_start = time.perf_counter()
+
+    todo = []
+    for info in matrices:
+        if only is not None and info.name not in only:
+            continue
+        have = cached_points(folder, info.name)
+        missing = [p for p in grid if p.label not in have]
+        for p in missing:
+            if p.rank > min(info.shape):
+                raise UserError(f"grid rank {p.rank} is larger than matrix {info.name} {tuple(info.shape)} allows "
+                                f"({min(info.shape)}); lower --ranks")
+        if missing:
+            todo.append((info, missing))
+
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), unit="matrix", desc="profile", dynamic_ncols=True)
+    try:
+        for (info, w), (_, missing) in zip(iter_matrices(source, [t[0] for t in todo], device=dev), todo):
+            t0 = time.perf_counter()
+            weights = None
+            if fisher is not None:
+                weights = fisher.get(info.name)
+                if weights is None:
+                    raise UserError(f"the Fisher weights have no entry for {info.name}; recompute them (--calib)")
+            new = profile_one(info.name, info.shape, w, missing, iters, solver, weights)
+            stats.compute_seconds += time.perf_counter() - t0
+            path = folder / f"{_safe_name(info.name)}.json"
+            merged = {**cached_points(folder, info.name), **new}
+            write_json(path, {"matrix": info.name, "shape": list(info.shape), "points": merged})
+            stats.computed_points += len(new)
+            stats.computed_matrices.append(info.name)
+            del w
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    stats.seconds = time.perf_counter() - t_start
+    log.info("profile: %d of %d (matrix, config) points computed, %d from cache", stats.computed_points,
+             stats.points, stats.cached_points)
+    return build_table(folder, matrices, grid), stats
+
+
+def build_table(folder: Path, matrices, grid: list[GridPoint]) -> pd.DataFrame:
+    """The profile table (one row per matrix x grid point, in model order then grid order) from the cache."""
+    rows = []
+    for info in matrices:
+        have = cached_points(folder, info.name)
+        m, n = info.shape
+        for p in grid:
+            r = have.get(p.label)
+            if r is None:
+                continue
+            cfg = p.config
+            rows.append({"matrix": info.name, "m": m, "n": n, "label": p.label, "kind": cfg.kind, "bits": cfg.bits,
+                         "blocksize": cfg.blocksize, "double_quant": cfg.double_quant, "dq_bits": cfg.dq_bits,
+                         "dq_blocksize": cfg.dq_blocksize, "dq_dtype": cfg.dq_dtype, "scale_dtype": cfg.scale_dtype,
+                         "asymmetric": cfg.asymmetric, "rank": p.rank, "error": r["error"],
+                         "error_unweighted": r["error_unweighted"], "quant_error": r["quant_error"],
+                         "storage_bits": p.bits((m, n)), "best_iter": r["best_iter"], "regressed": r["regressed"]})
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def save_table(table: pd.DataFrame, out_dir: Path, manifest: dict) -> tuple[Path, Path]:
+    """profile.csv (deterministic text: same inputs give the same bytes) and profile.json beside it."""
+    from .fsio import write_text
+
+    out_dir = Path(out_dir)
+    csv_path, man_path = out_dir / "profile.csv", out_dir / "profile.json"
+    text = table.to_csv(index=False, float_format="%.10g", lineterminator="\n")
+    write_text(csv_path, text)
+    manifest = {**manifest, "rows": len(table), "columns": list(table.columns),
+                "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    write_json(man_path, manifest)
+    return csv_path, man_path
+
+
+def load_table(out_dir: Path) -> pd.DataFrame:
+    path = Path(out_dir) / "profile.csv"
+    if not path.exists():
+        raise UserError(f"no profile table at {path}; run `lqplan profile` (or `lqplan plan`) first")
+    return pd.read_csv(path)
