@@ -1,0 +1,259 @@
+"""The profiler's fast path: the LoftQ / LQ-LoRA error of one matrix for many (config, rank) points at once.
+
+Same contract as quant.engine.profile_matrix (PointResult per point, in the order asked), same algorithm as
+quant.decompose with the randomized solver, re-arranged for throughput on a GPU:
+
+- chains of equal rank (hence equal basis width) run as one batch: every matrix product, orthonormalisation and
+  small eigenproblem is one batched call over all configurations, so a 13B-sized matrix costs a few dozen
+  kernel launches per LoftQ step for the whole grid instead of per point;
+- orthonormalisation is Cholesky-QR with the Gram matrix in float64 (two passes), and the rank-r truncation is a
+  Rayleigh-Ritz step on the l x l Gram of Tᵀ·Y: matrix products only, no tall-skinny Householder QR and no
+  SVD of an l x n matrix (those dominate torch.svd_lowrank on a GPU);
+- a step after the first starts from the previous step's right singular vectors (warm start) and by default
+  spends one power iteration, not `power_iters`: the start basis is already close;
+- quantize-dequantize skips packing and integer widening (int32 codes, one gather);
+- errors stay on the device until the batch ends (one host sync per batch, not per step).
+
+A point's numbers depend only on (w, config, rank, iters, fisher, settings): the Gaussian start comes from the
+solver's seed for that rank's width, never from the batch, so a subset of the grid reproduces the full grid's
+numbers (bit for bit on CPU; on CUDA up to the float rounding cuBLAS picks for a different batch size).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+
+import torch
+
+from .blockwise import _double_quantize, _store, quantize_dequantize
+from .codebooks import codebook
+from .config import QuantConfig
+from .decompose import NOISE, _sqrt_weights, check_fisher, check_matrix
+from .lowrank import SolverSettings
+
+# Default cap on the batch's residual stack (chains x m x n fp32), the dominant memory of a batch.
+CPU_BATCH_BYTES = 256 << 20
+CUDA_BATCH_FRACTION = 0.25  # of the free device memory
+# A basis this wide a fraction of min(m, n) costs about what the full width costs, and subspace iteration converges
+# slowly there (on MiniLM NF8 rank 64 of 384, 1.02x exact LoftQ even with 6 power iterations): take the full width,
+# which makes the step an exact SVD.
+FULL_WIDTH_FRACTION = 0.25
+
+
+def _midpoints(table: torch.Tensor) -> torch.Tensor:
+    # The same rounding as codebooks.nearest_code (each midpoint rounded down to fp32), so codes match bit for bit.
+    exact = (table[1:].double() + table[:-1].double()) / 2
+    mids = exact.to(table.dtype)
+    return torch.where(mids.double() > exact, torch.nextafter(mids, torch.full_like(mids, -float("inf"))), mids)
+
+
+class _Quantizer:
+    """q(x) for one config, equal to blockwise.quantize_dequantize(x, config) bit for bit."""
+
+    def __init__(self, config: QuantConfig, device):
+        self.config = config
+        self.fallback = config.asymmetric  # min/max zero-point path: rare in grids, keep the reference code
+        table = codebook(config.kind, config.bits, config.asymmetric, device=device)
+        self.table, self.mids = table, _midpoints(table)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if self.fallback:
+            return quantize_dequantize(x, cfg)
+        numel, bs = x.numel(), cfg.blocksize
+        if numel % bs:
+            flat = torch.zeros(cfg.num_blocks(numel) * bs, device=x.device, dtype=torch.float32)
+            flat[:numel] = x.reshape(-1)
+            blocks = flat.view(-1, bs)
+        else:
+            blocks = x.reshape(-1, bs)
+        absmax = torch.linalg.vector_norm(blocks, ord=float("inf"), dim=1)
+        if cfg.double_quant:
+            scale = _double_quantize(absmax, cfg)[3]
+        else:
+            scale = _store(absmax, cfg.scale_dtype).float()
+        # A zero scale dequantizes every code to 0, so dividing by 1 there gives the reference's values.
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = torch.bucketize(blocks / safe[:, None], self.mids, out_int32=True)
+        values = self.table[codes] * scale[:, None]
+        return values.reshape(-1)[:numel].view(x.shape)
+
+
+def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning y (batch, rows, l): Cholesky-QR twice, Gram matrix in float64.
+
+    The tiny shift keeps Cholesky defined when y is rank-deficient (its null directions come out ~0, not junk)."""
+    y64 = y.double()
+    eye = torch.eye(y.shape[-1], dtype=torch.float64, device=y.device)
+    for _ in range(2):
+        gram = y64.transpose(-1, -2) @ y64
+        trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+        shift = (trace * 1e-13 + 1e-200)[..., None, None]
+        chol, _ = torch.linalg.cholesky_ex(gram + shift * eye)
+        inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+        y64 = y64 @ inv.transpose(-1, -2)
+    return y64.float()
+
+
+def _rayleigh_ritz(t: torch.Tensor, y: torch.Tensor, rank: int):
+    """Given orthonormal y (batch, m, l) ≈ the top left singular subspace of t (batch, m, n): A (m x r),
+    B (n x r) with A·Bᵀ = the rank-r truncation of y·yᵀ·t, and the next warm start (n x l, orthonormal)."""
+    z = t.transpose(-1, -2) @ y  # (batch, n, l) = (yᵀ t)ᵀ
+    z64 = z.double()
+    lam, vec = torch.linalg.eigh(z64.transpose(-1, -2) @ z64)  # ascending σ², left singular vectors of yᵀt
+    lam, vec = lam.flip(-1).clamp_min(0), vec.flip(-1)
+    tiny = lam[..., :1] * 1e-30 + 1e-300
+    sigma = lam.sqrt()
+    inv_sigma = torch.where(lam > tiny, 1 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
+    v = (z64 @ vec) * inv_sigma[..., None, :]  # right singular vectors (zero where σ = 0)
+    root = sigma[..., :rank].sqrt()[..., None, :]
+    a = ((y.double() @ vec[..., :rank]) * root).float()
+    b = (v[..., :rank] * root).float()
+    return a, b, v.float()
+
+
+def _subspace(t: torch.Tensor, start: torch.Tensor, power_iters: int) -> torch.Tensor:
+    y = _orthonormalize(t @ start)
+    for _ in range(power_iters):
+        z = _orthonormalize(t.transpose(-1, -2) @ y)
+        y = _orthonormalize(t @ z)
+    return y
+
+
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm per batch entry: fp32 norms of rows (short sums, ~1e-8 relative), added in float64
+    (a float64 upcast of the whole tensor costs ~15x more)."""
+    return torch.linalg.vector_norm(x, dim=-1).double().square().sum(-1)
+
+
+def _batch_cap(m: int, n: int, device: torch.device, batch_bytes: int | None) -> int:
+    if batch_bytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            batch_bytes = int(free * CUDA_BATCH_FRACTION)
+        else:
+            batch_bytes = CPU_BATCH_BYTES
+    # Per chain: its residual, the error temporary and a quantizer's temporaries, each m x n fp32.
+    return max(1, batch_bytes // (3 * 4 * m * n))
+
+
+def profile_grid(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: int, fisher=None,
+                 solver: SolverSettings | None = None, warm_power_iters: int | None = None,
+                 batch_bytes: int | None = None) -> list:
+    """PointResults (quant.engine's contract) for every (config, rank) point of `w`, in the order of `points`.
+
+    `solver` must be randomized: its seed, oversampling and power iterations (first step) are used.
+    warm_power_iters: power iterations in steps 2..iters (default min(1, solver.power_iters)).
+    batch_bytes: memory for one batch of chains (default: a quarter of free CUDA memory, 256 MiB on CPU)."""
+    from .engine import PointResult
+
+    check_matrix(w)
+    weights = check_fisher(fisher, tuple(w.shape))
+    solver = solver or SolverSettings()
+    if solver.method != "randomized":
+        raise ValueError(f"profile_grid runs the randomized solver, got method={solver.method!r}; "
+                         "use quant.engine.profile_matrix for the exact solver")
+    if not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters={iters} is invalid; use an integer >= 0")
+    warm_p = min(1, solver.power_iters) if warm_power_iters is None else int(warm_power_iters)
+    if warm_p < 0:
+        raise ValueError("warm_power_iters must be >= 0")
+    m, n = w.shape
+    for config, rank in points:
+        if not isinstance(config, QuantConfig):
+            raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
+        if not isinstance(rank, int) or rank < 0 or rank > min(m, n):
+            raise ValueError(f"rank={rank} is invalid for a {m}x{n} matrix; use 0 <= rank <= {min(m, n)}")
+
+    w = w.float()
+    device = w.device
+    dr = dc = None
+    if weights is not None:
+        dr, dc = _sqrt_weights(weights[0]).to(device), _sqrt_weights(weights[1]).to(device)
+
+    def weigh(r):
+        return r if dr is None else r * dr[:, None] * dc[None, :]
+
+    quantizers: dict[QuantConfig, _Quantizer] = {}
+    for config, _ in points:
+        if config not in quantizers:
+            quantizers[config] = _Quantizer(config, device)
+
+    results: dict[tuple[QuantConfig, int], object] = {}
+    plain: dict[QuantConfig, tuple[float, float]] = {}  # config -> (weighted, unweighted) error of q(W)
+
+    def plain_errors(config):
+        if config not in plain:
+            t0 = time.perf_counter()
+            r = w - quantizers[config](w)
+            err = _sq_norms(weigh(r)[None])
+            unw = err if dr is None else _sq_norms(r[None])
+            plain[config] = (float(err[0]), float(unw[0]), time.perf_counter() - t0)
+        return plain[config]
+
+    unique = list(OrderedDict.fromkeys((c, r) for c, r in points))
+    by_rank: dict[int, list[QuantConfig]] = OrderedDict()
+    for config, rank in unique:
+        if rank == 0 or iters == 0:
+            err, unw, secs = plain_errors(config)
+            results[(config, rank)] = PointResult(err, unw, err, 0, False, secs)
+        else:
+            by_rank.setdefault(rank, []).append(config)
+
+    cap = _batch_cap(m, n, device, batch_bytes)
+    for rank, configs in by_rank.items():
+        width = min(rank + solver.oversample, m, n)
+        cold_p, warm = solver.power_iters, warm_p
+        if width >= FULL_WIDTH_FRACTION * min(m, n):
+            width, cold_p, warm = min(m, n), 0, 0
+        # Seeded exactly as quant.decompose does, so step 1 starts from the same Gaussian matrix.
+        gen = torch.Generator(device=device).manual_seed(solver.seed)
+        omega = torch.randn(n, width, device=device, dtype=torch.float32, generator=gen)
+        for lo in range(0, len(configs), cap):
+            batch = configs[lo:lo + cap]
+            t0 = time.perf_counter()
+            errs, unws, quant_err = _run_chains(w, [quantizers[c] for c in batch], rank, iters, omega, cold_p,
+                                                warm, weigh, dr, dc)
+            errs, unws, quant_err = errs.cpu().tolist(), unws.cpu().tolist(), quant_err.cpu().tolist()
+            secs = (time.perf_counter() - t0) / len(batch)
+            for i, config in enumerate(batch):
+                e = errs[i]
+                best = min(range(iters), key=lambda t: (e[t], t))
+                regressed = any(e[t] > min(e[:t]) * (1 + NOISE) for t in range(1, iters))
+                results[(config, rank)] = PointResult(e[best], unws[i][best], quant_err[i], best + 1, regressed, secs)
+    return [results[(c, r)] for c, r in points]
+
+
+def _run_chains(w, quantizers, rank, iters, omega, cold_p, warm_p, weigh, dr, dc):
+    """LoftQ chains of one rank, one per quantizer, batched. Returns per-chain errors (k, iters) weighted and
+    unweighted (float64, on the device) and the weighted error of q(W) (k,)."""
+    k = len(quantizers)
+    m, n = w.shape
+    t = torch.empty(k, m, n, device=w.device, dtype=torch.float32)
+    errs, unws = [], []
+    a = b = start = None
+    quant_err = None
+    for step in range(iters):
+        for i, quant in enumerate(quantizers):
+            target = w if a is None else torch.addmm(w, a[i], b[i].T, alpha=-1)
+            t[i] = w - quant(target)
+            if dr is not None:
+                t[i] *= dr[:, None]
+                t[i] *= dc[None, :]
+        if quant_err is None:
+            quant_err = _sq_norms(t)  # step 1 quantizes W itself: this is q(W)'s error
+        y = _subspace(t, omega if start is None else start, cold_p if start is None else warm_p)
+        a_w, b_w, start = _rayleigh_ritz(t, y, rank)
+        errs.append(_sq_norms(torch.baddbmm(t, a_w, b_w.transpose(-1, -2), alpha=-1)))
+        if dr is None:
+            a, b = a_w, b_w
+            unws.append(errs[-1])
+        else:
+            a, b = a_w / dr[:, None], b_w / dc[:, None]
+            # Undo the weighting of t in place: t becomes the plain residual W − Q for the unweighted error.
+            t /= dr[:, None]
+            t /= dc[None, :]
+            unws.append(_sq_norms(torch.baddbmm(t, a, b.transpose(-1, -2), alpha=-1)))
+    return torch.stack(errs, 1), torch.stack(unws, 1), quant_err
