@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import types
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +59,48 @@ def lookup(packed: torch.Tensor, bits: int, count: int, table: torch.Tensor) -> 
     if bits == 3:
         packed = unpack_codes(packed, 3, count)
     return F.embedding(packed.int(), table).reshape(-1)[:count]
+
+
+def _dequant_codes_eager(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, bits: int, blocksize: int,
+                         out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """codes -> values · block scale -> (out, in) in `dtype`. Computed in fp32 as QuantizedTensor.dequantize
+    (bit for bit) and rounded once to `dtype`: a 16-bit lookup-times-scale would round three times, as much error
+    as 8-bit quantization itself. One multiply and one cast only, so a fused kernel gives the same bits."""
+    numel = out_features * in_features
+    nblocks = scales.shape[0]
+    values = lookup(codes, bits, nblocks * blocksize, table).view(nblocks, blocksize) * scales[:, None]
+    return values.reshape(-1)[:numel].view(out_features, in_features).to(dtype)
+
+
+_COMPILED = {}
+
+
+def _compiled_for(bits: int, blocksize: int, dtype: torch.dtype):
+    """One torch.compile'd copy of the eager function per (bits, blocksize, dtype), shapes dynamic. Dynamo keeps its
+    graphs per code object and stops recompiling one after 8 variants (then raises under fullgraph), which a mixed
+    plan (bits x blocks x dtypes) exceeds; a renamed copy of the code object gets a cache of its own."""
+    key = (bits, blocksize, dtype)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        code = _dequant_codes_eager.__code__
+        name = f"_dequant_nf{bits}_b{blocksize}_{str(dtype).split('.')[-1]}"
+        copy = types.FunctionType(code.replace(co_name=name, co_qualname=name), _dequant_codes_eager.__globals__, name)
+        fn = _COMPILED[key] = torch.compile(copy, dynamic=True, fullgraph=True)
+    return fn
+
+
+def _dequant_codes(codes, table, scales, bits, blocksize, out_features, in_features, dtype):
+    """On CUDA, the same function through torch.compile: one fused kernel reads the packed bytes and writes the
+    16-bit weight, instead of three full-size fp32 passes (gather, scale, cast) — the step-time gap to bitsandbytes.
+    LQPLAN_COMPILE=0 turns it off; a compile failure (no Triton, no compiler) falls back to eager for good."""
+    if codes.device.type != "cuda" or os.environ.get("LQPLAN_COMPILE", "1") == "0" or _COMPILED.get("failed"):
+        return _dequant_codes_eager(codes, table, scales, bits, blocksize, out_features, in_features, dtype)
+    try:
+        return _compiled_for(bits, blocksize, dtype)(codes, table, scales, bits, blocksize, out_features,
+                                                      in_features, dtype)
+    except Exception:  # noqa: BLE001 - any compiler problem: the eager path computes the same values
+        _COMPILED["failed"] = True
+        return _dequant_codes_eager(codes, table, scales, bits, blocksize, out_features, in_features, dtype)
 
 
 class QuantLoRALinear(nn.Module):
@@ -160,13 +204,12 @@ class QuantLoRALinear(nn.Module):
             scales = scales.reshape(-1)[:nblocks] + self._field("scale_offset")
         else:
             scales = self._field("scales").float()
-        # Computed in fp32 as QuantizedTensor.dequantize (bit for bit) and rounded once to `dtype`: a 16-bit
-        # lookup-times-scale would round three times, as much error as 8-bit quantization itself.
-        values = lookup(self.q_codes, cfg.bits, nblocks * cfg.blocksize, table).view(nblocks, cfg.blocksize)
-        values = values * scales[:, None]
         if cfg.asymmetric:
-            values = values + self._field("zeros").float()[:, None]
-        return values.reshape(-1)[:numel].view(self.out_features, self.in_features).to(dtype)
+            values = lookup(self.q_codes, cfg.bits, nblocks * cfg.blocksize, table).view(nblocks, cfg.blocksize)
+            values = values * scales[:, None] + self._field("zeros").float()[:, None]
+            return values.reshape(-1)[:numel].view(self.out_features, self.in_features).to(dtype)
+        return _dequant_codes(self.q_codes, table, scales, cfg.bits, cfg.blocksize, self.out_features,
+                              self.in_features, dtype)
 
     def lora_delta(self) -> torch.Tensor:
         """scaling · lora_B · lora_A in fp32 (zeros for rank 0)."""

@@ -20,6 +20,11 @@ and under rank(M) ≤ r the minimiser is the rank-r truncated SVD of √g·R̄ =
 orthonormal rows), divided by √g — with equal groups the √g is one scalar, so it is the truncated SVD of R̄, and
 the error is ‖R − R̄E‖² + g·Σ_{k>r} σ_k(R̄)². rank(M) ≤ min(out, in/g), which bounds the useful rank.
 
+Fisher weighting (LQ-LoRA's F_ij ≈ r_i·c_j). Minimising ‖D_r(R − M·E)D_c‖² over group-constant M: per row and
+group, Σ_{c∈j} c_c (R_ic − M_ij)² = Σ_{c∈j} c_c (R_ic − R̃_ij)² + C_j (R̃_ij − M_ij)² with C_j = Σ_{c∈j} c_c and R̃
+the c-weighted group means, so the error is a constant plus ‖D_r(R̃ − M)D_C‖², D_C = diag(√C_j): the rank-r step
+stays exact, the truncated SVD of D_r·R̃·D_C. With c ≡ 1 (C_j = g) it is the unweighted step above.
+
 Fact worth knowing: min/max asymmetric quantization is shift-equivariant per group (q(w − c) = q(w) − c up to
 rounding of the stored zero-point), so the alternating loop gains everything in its first step: step 1 adds to each
 zero-point the best rank-r group-mean correction of the quantization residual; every later step leaves Q + L and the
@@ -38,7 +43,7 @@ from torch import nn
 
 from .blockwise import QuantizedTensor, quantize, quantize_dequantize
 from .config import ADAPTER_BITS, QuantConfig
-from .decompose import check_matrix
+from .decompose import _sqrt_weights, check_fisher, check_matrix, weighted_error
 from .layers import QuantLoRALinear, _FrozenDequantLinear
 from .lowrank import SolverSettings, exact_lowrank, randomized_lowrank
 
@@ -104,21 +109,54 @@ def expand_groups(m_small: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def group_constant_lowrank(r: torch.Tensor, group_size: int, rank: int, solver: SolverSettings | None = None,
-                           start: torch.Tensor | None = None, generator: torch.Generator | None = None):
-    """Best rank-r L = lora_B·lora_A·E/g (columns constant per group) approximating R in Frobenius norm.
+                           start: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                           dr: torch.Tensor | None = None, dc: torch.Tensor | None = None):
+    """Best rank-r L = lora_B·lora_A·E/g (columns constant per group) approximating R in Frobenius norm, or in the
+    Fisher-weighted norm ‖D_r(R − L)D_c‖ when the square-rooted row/column weights dr (out,), dc (in,) are given.
 
-    Returns lora_B (out × r), lora_A (r × in/g) — balanced factors of g·M with M the rank-r truncation of R̄ — and
-    the right singular vectors for warm-starting the randomized solver."""
+    Returns lora_B (out × r), lora_A (r × in/g) — balanced factors of g·M with M the optimal rank-r (out × in/g)
+    matrix — and the right singular vectors for warm-starting the randomized solver."""
     solver = solver or SolverSettings(method="exact")
-    # SVD of √g·R̄ (R·Eᵀ(EEᵀ)^(-1/2), the general form); with equal groups √g is a scalar and only rescales Σ.
-    target = group_means(r, group_size) * math.sqrt(group_size)
+    m, n = r.shape
+    groups = n // group_size
+    if dr is None:
+        # SVD of √g·R̄ (R·Eᵀ(EEᵀ)^(-1/2), the general form); with equal groups √g is a scalar and only rescales Σ.
+        target = group_means(r, group_size) * math.sqrt(group_size)
+        root_c = None
+    else:
+        cw = (dc * dc).view(groups, group_size)
+        c_sum = cw.sum(dim=1)
+        weighted_means = (r.view(m, groups, group_size) * cw).sum(dim=2) / c_sum
+        root_c = c_sum.sqrt()
+        target = dr[:, None] * weighted_means * root_c[None, :]
     if solver.method == "exact":
         a, b = exact_lowrank(target, rank)
     else:
         a, b, start = randomized_lowrank(target, rank, solver, start, generator)
+    if dr is not None:
+        # Undo the weights: M = D_r⁻¹·a·bᵀ·D_C⁻¹; rescaled so that c ≡ 1 gives the unweighted factors exactly.
+        a = a / dr[:, None]
+        b = b * (math.sqrt(group_size) / root_c)[:, None]
+        a, b = balance_factors(a, b)
     # a·bᵀ = √g·M_r and lora_B·lora_A must be g·M_r: scale each factor by g^(1/4).
     root = group_size ** 0.25
     return (a * root).contiguous(), (b.T * root).contiguous(), start
+
+
+def balance_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each rank-one component of a·bᵀ (a: m × r, b: n × r) by a power of two so that its two factors have
+    about equal norms; the product is unchanged bit for bit (power-of-two scaling is exact in floating point).
+
+    Why: Fisher-weighted factors D_r⁻¹U√Σ and D_c⁻¹V√Σ inherit the weights' absolute scale (LQ-LoRA's row weights
+    are mean squared gradients, ~1e-8 on MiniLM), leaving one factor ~1e4 times the other; Adam then moves the tiny
+    factor by ~lr per step, a huge relative change amplified by the big one (measured: held-out teacher cosine
+    0.90 -> 0.55 in 3 steps at lr 5e-4)."""
+    na, nb = a.float().norm(dim=0), b.float().norm(dim=0)
+    ok = (na > 0) & (nb > 0)
+    exponent = torch.where(ok, torch.round(0.5 * torch.log2(torch.where(ok, nb / na, torch.ones_like(na)))),
+                           torch.zeros_like(na))
+    scale = torch.exp2(exponent).to(a.dtype)
+    return (a * scale).contiguous(), (b / scale.to(b.dtype)).contiguous()
 
 
 def adapter_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, group_size: int, scaling: float = 1.0) -> torch.Tensor:
@@ -132,7 +170,7 @@ class QALoRADecomposition:
     q: QuantizedTensor
     lora_a: torch.Tensor  # (r, in/g): acts on the pooled input
     lora_b: torch.Tensor  # (out, r)
-    error: float  # ‖W − Q − lora_B·lora_A·E/g‖²_F of the returned iterate
+    error: float  # ‖W − Q − lora_B·lora_A·E/g‖²_F of the returned iterate (Fisher-weighted when weights were given)
     errors: list[float] = field(default_factory=list)  # per iteration (index 0: plain quantization when iters=0)
     best_iter: int = 0  # 1-based iteration returned (0: plain quantization)
     regressed: bool = False  # a step increased the error beyond float noise; the best iterate is returned
@@ -148,11 +186,13 @@ class QALoRADecomposition:
 
 
 def qalora_decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 1,
-                     solver: SolverSettings | None = None) -> QALoRADecomposition:
+                     solver: SolverSettings | None = None, fisher=None) -> QALoRADecomposition:
     """LoftQ-style initialisation for QA-LoRA: Q ← q(W − L), L ← best rank-r group-constant fit of W − Q.
 
     iters=0 or rank=0: plain quantization with a zero adapter. The adapter is returned unscaled
-    (L = lora_B·lora_A·E/g); a layer with scaling s must divide it by s (from_linear does)."""
+    (L = lora_B·lora_A·E/g); a layer with scaling s must divide it by s (from_linear does).
+    fisher=(row_weights, col_weights): the low-rank step and the reported error are Fisher-weighted
+    (‖D_r(W − Q − L)D_c‖²), as quant.decompose does for LoRA."""
     check_matrix(w)
     check_qalora_config(config)
     g = config.blocksize
@@ -161,12 +201,16 @@ def qalora_decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
         raise ValueError(f"iters={iters!r} is invalid; use an integer >= 0")
     solver = solver or SolverSettings()
+    weights = check_fisher(fisher, (m, n))
     w = w.float()
+    dr = dc = None
+    if weights is not None:
+        dr, dc = _sqrt_weights(weights[0]).to(w.device), _sqrt_weights(weights[1]).to(w.device)
     lora_a = torch.zeros(rank, n // g, device=w.device)
     lora_b = torch.zeros(m, rank, device=w.device)
     if rank == 0 or iters == 0:
         q = quantize(w, config)
-        err = float((w - q.dequantize()).double().pow(2).sum())
+        err = weighted_error(w - q.dequantize(), dr, dc)
         return QALoRADecomposition(q, lora_a, lora_b, err, [err], 0, False)
 
     generator = torch.Generator(device=w.device).manual_seed(solver.seed)
@@ -178,9 +222,9 @@ def qalora_decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int
     for t in range(1, iters + 1):
         target_q = w - low
         residual = w - quantize_dequantize(target_q, config)
-        lora_b, lora_a, start = group_constant_lowrank(residual, g, rank, solver, start, generator)
+        lora_b, lora_a, start = group_constant_lowrank(residual, g, rank, solver, start, generator, dr, dc)
         low = adapter_weight(lora_a, lora_b, g)
-        err = float((residual - low).double().pow(2).sum())
+        err = weighted_error(residual - low, dr, dc)
         if errors and err > min(errors) * (1 + NOISE):
             regressed = True
         errors.append(err)
@@ -190,6 +234,31 @@ def qalora_decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int
     target_q, lora_a, lora_b, err, t = best
     # Packing once at the end: quantize() is deterministic, so this is the storage of the returned iterate.
     return QALoRADecomposition(quantize(target_q, config), lora_a, lora_b, err, errors, t, regressed)
+
+
+def qalora_point_errors(w: torch.Tensor, config: QuantConfig, rank: int, iters: int, fisher=None,
+                        solver: SolverSettings | None = None) -> dict:
+    """The profiler's numbers for one QA-LoRA grid point (quant.engine.profile_matrix dispatches here).
+
+    error: ‖W − Q − L‖² (Fisher-weighted when weights are given; the decomposition is then weighted too), with
+    L = lora_B·lora_A·E/g the dense equivalent of the pooled adapter; error_unweighted: the plain squared error
+    of the same iterate; quant_error: (weighted) error of q(W) with no adapter. At most one alternating step is
+    run: later ones cannot lower the error (shift-equivariance, module docstring), so a cache entry profiled with
+    iters=1 is the one apply_plan rebuilds with any iters >= 1."""
+    steps = min(int(iters), 1)
+    dec = qalora_decompose(w, config, rank, steps, solver, fisher)
+    w = w.float()
+    recon = dec.q.dequantize() + adapter_weight(dec.lora_a, dec.lora_b, config.blocksize)
+    unweighted = float((w - recon).double().pow(2).sum())
+    if dec.best_iter == 0:
+        plain = dec.error
+    else:
+        dr = dc = None
+        if fisher is not None:
+            dr, dc = _sqrt_weights(fisher[0]).to(w.device), _sqrt_weights(fisher[1]).to(w.device)
+        plain = weighted_error(w - quantize_dequantize(w, config), dr, dc)
+    return {"error": dec.error, "error_unweighted": unweighted, "quant_error": plain, "best_iter": dec.best_iter,
+            "regressed": dec.regressed}
 
 
 # ---- the layer ----------------------------------------------------------------------------------------------
@@ -240,9 +309,10 @@ class QALoRALinear(QuantLoRALinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig, rank: int, iters: int = 0, init: str = "zero",
                     alpha: float | None = None, solver: SolverSettings | None = None,
-                    dropout: float = 0.0) -> "QALoRALinear":
+                    dropout: float = 0.0, fisher=None, adapter_dtype: torch.dtype = torch.float32) -> "QALoRALinear":
         """Quantize `linear` for QA-LoRA. init="zero": Q = q(W) and PEFT's zero-product adapter (iters must be 0);
-        init="loftq": qalora_decompose(W, config, rank, iters >= 1), so that Q + adapter starts nearest to W."""
+        init="loftq": qalora_decompose(W, config, rank, iters >= 1, fisher=fisher), so that Q + adapter starts
+        nearest to W (in the Fisher-weighted norm when row/column weights are given)."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear needs a torch.nn.Linear, got {type(linear).__name__}")
         if init not in ("zero", "loftq"):
@@ -256,9 +326,10 @@ class QALoRALinear(QuantLoRALinear):
         if init == "zero" or rank == 0:
             check_qalora_config(config)
             check_rank(rank, check_group_shape(w.shape, config.blocksize), config.blocksize)
-            return cls(quantize(w.float(), config), bias, rank=rank, alpha=alpha, dropout=dropout)
-        dec = qalora_decompose(w, config, rank, iters, solver)
-        return cls(dec.q, bias, dec.a, dec.b, alpha=alpha, dropout=dropout)
+            return cls(quantize(w.float(), config), bias, rank=rank, alpha=alpha, dropout=dropout,
+                       adapter_dtype=adapter_dtype)
+        dec = qalora_decompose(w, config, rank, iters, solver, fisher)
+        return cls(dec.q, bias, dec.a, dec.b, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
 
     # ---- math ------------------------------------------------------------------------------------------------
     def pool(self, x: torch.Tensor) -> torch.Tensor:

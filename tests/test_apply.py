@@ -291,3 +291,281 @@ def test_apply_on_gpu_keeps_packed_storage_on_the_device(minilm_path, batch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(**{k: v.cuda() for k, v in batch.items()}).last_hidden_state
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_compiled_cuda_dequant_is_bit_identical_to_eager(bits, monkeypatch):
+    w = torch.randn(640, 1000, generator=torch.Generator().manual_seed(bits)).cuda()  # 640000: not a block multiple
+    layer = QuantLoRALinear(quantize(w, QuantConfig("nf", bits, 64)))
+    for dtype in (torch.bfloat16, torch.float32):
+        fused = layer.dequantize(dtype)
+        monkeypatch.setenv("LQPLAN_COMPILE", "0")
+        eager = layer.dequantize(dtype)
+        monkeypatch.delenv("LQPLAN_COMPILE")
+        assert torch.equal(fused, eager)
+        assert torch.equal(eager.float(), layer.quantized().dequantize().to(dtype).float())
+    from quant import layers
+    assert not layers._COMPILED.get("failed"), "torch.compile fell back to eager on this GPU"
+
+
+# ---- QA-LoRA points: grid, plan document, executor ---------------------------------------------------------------
+def qalora_config(bits=2, g=64, scale_dtype="fp16"):
+    return QuantConfig(kind="int", bits=bits, blocksize=g, double_quant=False, asymmetric=True,
+                       scale_dtype=scale_dtype)
+
+
+def test_grid_points_carry_a_method_and_labels_stay_stable():
+    from planner.grid import make_grid
+
+    lora = make_grid("2,4", "64", "8,16")
+    assert [p.label for p in lora] == ["nf2-b64-dq8/256-r8", "nf2-b64-dq8/256-r16", "nf4-b64-dq8/256-r8",
+                                       "nf4-b64-dq8/256-r16"]  # the profile cache's keys: unchanged
+    assert {p.method for p in lora} == {"lora"}
+    both = make_grid("2,3,4,8", "16,32,64,128", "4,8,16", method="both")
+    qa = [p for p in both if p.method == "qalora"]
+    assert len(both) == 4 * 4 * 3 + len(qa) and len(qa) == 4 * 3 * 3  # INT {2,3,4,8} x groups {32,64,128} x ranks
+    assert {(p.config.bits, p.config.blocksize) for p in qa} == {(b, g) for b in (2, 3, 4, 8) for g in (32, 64, 128)}
+    assert all(p.config.kind == "int" and p.config.asymmetric and not p.config.double_quant
+               and p.config.scale_dtype == "fp16" for p in qa)
+    assert qa[0].label == "qalora-int2-b32-sfp16-asym-r4"
+    assert len({p.label for p in both}) == len(both)
+    # A LoRA point with the same INT quantizer is a different point with a different label.
+    twin = GridPoint(qa[0].config, 4)
+    assert twin != qa[0] and twin.label == "int2-b32-sfp16-asym-r4"
+    for p in both:
+        assert GridPoint.from_dict(p.to_dict()) == p
+    old = {k: v for k, v in lora[0].to_dict().items() if k != "method"}  # documents from before QA-LoRA
+    assert GridPoint.from_dict(old) == lora[0]
+    with pytest.raises(UserError, match="asymmetric INT"):
+        GridPoint(QuantConfig(), 8, "qalora")
+    with pytest.raises(UserError, match="method"):
+        GridPoint(QuantConfig(), 8, "gptq")
+    with pytest.raises(UserError, match="--method"):
+        make_grid(method="all")
+
+
+def test_qalora_ranks_are_skipped_where_the_pooled_adapter_cannot_have_them():
+    from planner.grid import make_grid
+
+    grid = make_grid("2", ranks="4,8,16", method="qalora")
+    ok = {(p.config.blocksize, p.rank) for p in grid if p.applies_to((384, 384))}
+    assert ok == {(32, 4), (32, 8), (64, 4)}  # min(out, in/g): 12, 6, 3
+    wide = {(p.config.blocksize, p.rank) for p in grid if not p.applies_to((384, 1536))}
+    assert wide == {(128, 16)}  # in/g = 48, 24, 12
+    assert not GridPoint(qalora_config(g=64), 4, "qalora").applies_to((384, 200))  # 200 % 64 != 0
+    assert GridPoint(QuantConfig(), 10_000).applies_to((384, 384))  # LoRA: the profiler reports a bad rank
+
+
+@pytest.mark.parametrize("shape, bits, g, scale, rank, nbytes", [
+    # codes m·n·k/8 + (m·n/g groups) x (scale + zero) + 16-bit adapters r·(m + n/g)·2 bytes, counted by hand:
+    ((384, 384), 2, 64, "fp16", 4, 36_864 + 2_304 * 4 + 4 * (384 + 6) * 2),
+    ((384, 1536), 3, 32, "fp32", 8, 221_184 + 18_432 * 8 + 8 * (384 + 48) * 2),
+    ((1536, 384), 4, 128, "bf16", 3, 294_912 + 4_608 * 4 + 3 * (1536 + 3) * 2),
+])
+def test_qalora_point_cost_is_what_the_layer_stores_byte_for_byte(shape, bits, g, scale, rank, nbytes):
+    from quant import QALoRALinear
+
+    point = GridPoint(qalora_config(bits, g, scale), rank, "qalora")
+    assert point.bits(shape) == 8 * nbytes
+    layer = QALoRALinear(quantize(torch.randn(shape), point.config), torch.zeros(shape[0]), rank=rank)
+    held = sum(b.numel() for n, b in layer.named_buffers() if n.startswith("q_"))  # uint8 buffers: 1 byte each
+    pooled = layer.lora_A.numel() + layer.lora_B.numel()
+    assert layer.lora_A.shape == (rank, shape[1] // g)
+    assert held + 2 * pooled == nbytes == layer.quant_nbytes + layer.adapter_nbytes16
+    with pytest.raises(UserError, match="does not apply"):
+        GridPoint(point.config, shape[1] // g + 1, "qalora").bits(shape)
+
+
+def test_plan_entries_carry_the_method_and_old_plans_read_as_lora(minilm_path):
+    from planner.plan import Plan
+
+    model = AutoModel.from_pretrained(minilm_path)
+    names = encoder_names(model)[:2]
+    points = {names[0]: GridPoint(qalora_config(), 4, "qalora"), names[1]: GridPoint(QuantConfig(bits=3), 8)}
+    plan = explicit_plan(model, lambda i, n, s: points[n], model_path=minilm_path, names=names)
+    doc = plan.to_dict()
+    assert doc["schema"] == "lqplan.plan/1"
+    assert [m["method"] for m in doc["matrices"]] == ["qalora", "lora"]
+    assert doc["matrices"][0]["bytes"] == 49_200  # 36,864 codes + 9,216 scale/zero + 3,120 adapters
+    back = Plan.from_dict(doc)
+    assert [e.point for e in back.matrices] == [points[n] for n in names]
+    for m in doc["matrices"]:
+        del m["method"]
+    doc["matrices"] = doc["matrices"][1:]
+    doc["totals"]["bytes"] = doc["matrices"][0]["bytes"]
+    assert Plan.from_dict(doc).matrices[0].point == points[names[1]]
+
+
+@pytest.fixture(scope="module")
+def mixed_qalora(minilm_path):
+    model = AutoModel.from_pretrained(minilm_path)
+    names = encoder_names(model)
+
+    def choose(i, name, shape):
+        if i % 3 == 0:
+            return GridPoint(qalora_config(2 + i % 3, 64, "fp32"), 4, "qalora")
+        if i % 3 == 1:
+            return GridPoint(qalora_config(3, 32, "fp16"), 8, "qalora")
+        return GridPoint(QuantConfig(bits=3, blocksize=64), 8)
+
+    plan = explicit_plan(model, choose, model_path=minilm_path, names=names, iters=1)
+    originals = {e.name: model.get_submodule(e.name).weight.detach().clone() for e in plan.matrices}
+    apply_plan(model, plan, device="cpu", progress=False)
+    return model.eval(), plan, originals
+
+
+def test_mixed_plan_builds_each_entry_with_its_method(mixed_qalora):
+    from quant import QALoRALinear
+
+    model, plan, _ = mixed_qalora
+    for e in plan.matrices:
+        layer = model.get_submodule(e.name)
+        assert isinstance(layer, QALoRALinear) == (e.point.method == "qalora")
+        assert layer.config == e.point.config
+        if e.point.method == "qalora":
+            assert layer.lora_A.shape == (e.point.rank, e.shape[1] // e.point.config.blocksize)
+    assert {e.point.method for e in plan.matrices} == {"lora", "qalora"}
+
+
+def test_qalora_plan_forward_equals_the_dequantized_reference(mixed_qalora, minilm_path, batch):
+    from quant import qalora_decompose
+    from quant.qalora import adapter_weight
+
+    model, plan, originals = mixed_qalora
+    reference = AutoModel.from_pretrained(minilm_path).eval()
+    with torch.no_grad():
+        for e in plan.matrices:
+            w, cfg, r = originals[e.name], e.point.config, e.point.rank
+            if e.point.method == "qalora":
+                d = qalora_decompose(w, cfg, r, 1)
+                dense = d.q.dequantize() + adapter_weight(d.lora_a, d.lora_b, cfg.blocksize)
+            else:
+                d = decompose(w, cfg, r, iters=1)
+                dense = d.q.dequantize() + d.a @ d.b.T
+            assert torch.equal(model.get_submodule(e.name).dequantize(), d.q.dequantize())
+            reference.get_submodule(e.name).weight.copy_(dense)
+        got = model(**batch).last_hidden_state
+        want = reference(**batch).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_qalora_plan_bytes_held_equal_the_plan(mixed_qalora):
+    model, plan, _ = mixed_qalora
+    assert quantized_bytes(model) == plan.totals["bytes"] == sum(e.bytes for e in plan.matrices)
+    report = memory_report(model)
+    assert report["plan_accounted_bytes"] == plan.totals["bytes"]
+    assert report["adapter_bytes_16bit"] == sum(
+        2 * e.point.rank * (e.shape[0] + e.shape[1] // (e.point.config.blocksize if e.point.method == "qalora"
+                                                         else 1)) for e in plan.matrices)
+
+
+def test_qalora_entries_merge_back_to_pure_int_layers(mixed_qalora):
+    from quant import QALoRALinear
+
+    model, plan, _ = mixed_qalora
+    merged = copy.deepcopy(model)
+    checked = set()
+    for e in plan.matrices:
+        layer = merged.get_submodule(e.name)
+        if not isinstance(layer, QALoRALinear):
+            continue
+        with torch.no_grad():
+            layer.lora_B.normal_(std=0.01)  # as if trained
+        flat = layer.merge()
+        assert flat.rank == 0 and torch.equal(flat.q_codes, layer.q_codes)
+        assert torch.equal(flat.q_scales, layer.q_scales)
+        x = torch.randn(3, layer.in_features)
+        dtype = e.point.config.scale_dtype
+        if dtype == "fp32":  # fp32 zero-points: the merged INT layer computes what the adapter did
+            with torch.no_grad():
+                torch.testing.assert_close(flat(x), layer(x), atol=2e-5, rtol=1e-5)
+        else:  # fp16 zero-points keep 11 significant bits of β': the merge is exact up to that rounding
+            beta = flat._field("zeros").float().abs().repeat_interleave(layer.group_size).view(layer.out_features, -1)
+            assert ((flat.dequantize() - layer.merged_weight()).abs() <= beta * 2.0 ** -11 + 1e-6).all()
+        checked.add(dtype)
+    assert checked == {"fp32", "fp16"}
+
+
+def test_method_option_and_qlora_init_for_qalora_entries(minilm_path, minilm_weights):
+    from quant import QALoRALinear
+
+    model = AutoModel.from_pretrained(minilm_path)
+    names = encoder_names(model)[:2]
+    w0 = model.get_submodule(names[0]).weight.detach().clone()
+    cfg = qalora_config(4, 32, "fp32")
+    plan = explicit_plan(model, GridPoint(cfg, 4, "qalora"), model_path=minilm_path, names=names)
+    with pytest.raises(UserError, match="method=None"):
+        apply_plan(model, plan, method="lora", progress=False)
+    with pytest.raises(UserError, match="method"):
+        apply_plan(model, plan, method="gptq", progress=False)
+    apply_plan(model, plan, init="qlora", progress=False)  # zero-product adapter, Q = q(W)
+    layer = model.get_submodule(names[0])
+    assert isinstance(layer, QALoRALinear) and torch.count_nonzero(layer.lora_B) == 0
+    assert torch.equal(layer.merged_weight(), quantize(w0, cfg).dequantize())
+    # method="qalora" builds QA-LoRA layers from a LoRA plan with INT configs (the older init="qalora").
+    lora_plan = explicit_plan(AutoModel.from_pretrained(minilm_path), GridPoint(cfg, 4), model_path=minilm_path,
+                              names=names)
+    other = apply_plan(AutoModel.from_pretrained(minilm_path), lora_plan, method="qalora", iters=1, progress=False)
+    assert isinstance(other.get_submodule(names[0]), QALoRALinear)
+
+
+def test_profile_table_has_qalora_rows_with_exact_costs(minilm_path, tmp_path):
+    from planner.grid import make_grid
+    from planner.models import discover_matrices, resolve_model
+    from planner.profile import run_profile
+    from quant import SolverSettings, qalora_decompose
+
+    source = resolve_model(str(minilm_path))
+    infos = [m for m in discover_matrices(source) if m.name.startswith("encoder.layer.0.")][:1]  # query 384x384
+    grid = make_grid("2", "64", "4,8", method="both", groups="32,64")
+    table, stats = run_profile(source, infos, grid, iters=2, solver=SolverSettings(method="exact"),
+                               cache_dir=tmp_path, device="cpu", progress=False)
+    assert list(table["label"]) == ["nf2-b64-dq8/256-r4", "nf2-b64-dq8/256-r8", "qalora-int2-b32-sfp16-asym-r4",
+                                    "qalora-int2-b32-sfp16-asym-r8", "qalora-int2-b64-sfp16-asym-r4"]  # g64 r8 > 6
+    assert list(table["method"]) == ["lora", "lora", "qalora", "qalora", "qalora"]
+    for _, row in table.iterrows():
+        point = next(p for p in grid if p.label == row["label"])
+        assert row["storage_bits"] == point.bits((384, 384))
+    row = table.iloc[-1]
+    w = AutoModel.from_pretrained(minilm_path).get_submodule(infos[0].name).weight.detach()
+    d = qalora_decompose(w, qalora_config(2, 64), 4, 1, SolverSettings(method="exact"))
+    assert row["error"] == pytest.approx(d.error, rel=1e-6) and row["storage_bits"] == 8 * 49_200
+    again, stats2 = run_profile(source, infos, grid, iters=2, solver=SolverSettings(method="exact"),
+                                cache_dir=tmp_path, device="cpu", progress=False)
+    assert stats2.computed_points == 0 and again.equals(table)  # the skipped point is not "missing" forever
+
+
+def test_fisher_factors_are_balanced_for_training_and_the_product_is_kept(minilm_path):
+    model = AutoModel.from_pretrained(minilm_path)
+    names = encoder_names(model)[:1]
+    plan = explicit_plan(model, GridPoint(QuantConfig(bits=3, blocksize=64), 8), model_path=minilm_path, names=names,
+                         iters=1)
+    shape = plan.matrices[0].shape
+    g = torch.Generator().manual_seed(1)
+    # LQ-LoRA's row weights are raw mean squared gradients (~1e-8 on MiniLM), the column weights mean-normalised.
+    fisher = {names[0]: (torch.rand(shape[0], generator=g) * 1e-8 + 1e-10, torch.rand(shape[1], generator=g) + 0.1)}
+    w = model.get_submodule(names[0]).weight.detach().clone()
+    d = decompose(w, QuantConfig(bits=3, blocksize=64), 8, iters=1, fisher=fisher[names[0]])
+    assert d.a.norm() / d.b.norm() > 1e3  # the decomposition's own split is badly scaled
+    apply_plan(model, plan, fisher=fisher, progress=False)
+    layer = model.get_submodule(names[0])
+    ratio = layer.lora_B.norm(dim=0) / layer.lora_A.norm(dim=1)
+    assert ((ratio >= 0.5) & (ratio <= 2)).all()
+    assert torch.equal(layer.merged_weight(), d.q.dequantize() + d.a @ d.b.T)
+
+
+def test_cli_grid_lists_qalora_points_with_their_exact_cost(capsys):
+    from planner.cli import main
+
+    assert main(["grid", "--method", "both", "--bits", "2", "--blocks", "64", "--groups", "64,128", "--ranks", "4",
+                 "--shape", "384x384"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in out[1:-1]}
+    assert set(rows) == {"nf2-b64-dq8/256-r4", "qalora-int2-b64-sfp16-asym-r4", "qalora-int2-b128-sfp16-asym-r4"}
+    assert rows["qalora-int2-b64-sfp16-asym-r4"][:2] == ["2.5000", "49200"]
+    assert "n/a" in rows["qalora-int2-b128-sfp16-asym-r4"][1]  # rank 4 > in/g = 3
+    assert out[-1] == "3 configurations"
+    with pytest.raises(SystemExit) as exc:  # argparse rejects an unknown method with exit code 2
+        main(["grid", "--method", "gptq"])
+    assert exc.value.code == 2 and "--method" in capsys.readouterr().err

@@ -302,3 +302,118 @@ def test_matrix_bits_hand_counted():
     assert qalora_matrix_bits(cfg3, (48, 128), 2) == 24_576 + 1_664
     layer = QALoRALinear(quantize(torch.randn(48, 128), cfg3), rank=2)
     assert 8 * (layer.quant_nbytes + layer.adapter_nbytes16) == qalora_matrix_bits(cfg3, (48, 128), 2)
+
+
+# ---- Fisher weighting -------------------------------------------------------------------------------------------
+def test_weighted_group_constant_lowrank_is_optimal_against_brute_force():
+    torch.manual_seed(6)
+    m, g, groups, r = 6, 4, 3, 2
+    n = g * groups
+    res = torch.randn(m, n, dtype=torch.float64)
+    dr, dc = torch.rand(m, dtype=torch.float64) + 0.2, torch.rand(n, dtype=torch.float64) + 0.2
+    expand = torch.kron(torch.eye(groups, dtype=torch.float64), torch.ones(1, g, dtype=torch.float64))
+
+    def werr(low):
+        return float((dr[:, None] * (res - low) * dc[None, :]).pow(2).sum())
+
+    lora_b, lora_a, _ = group_constant_lowrank(res, g, r, EXACT, dr=dr, dc=dc)
+    ours = werr(adapter_weight(lora_a, lora_b, g))
+    # Weighted alternating least squares over M = X·Y (vec form: D_r X Y E D_c) from many starts never beats it.
+    wvec = (dr[:, None] * dc[None, :]).reshape(-1)
+    best = []
+    for _ in range(10):
+        x = torch.randn(m, r, dtype=torch.float64)
+        for _ in range(200):
+            # Y given X: least squares of ‖D_r(R − X·Y·E)D_c‖ in vec(Y).
+            design = torch.kron(x, expand.T.contiguous()) * wvec[:, None]  # vec(X Y E) = (X ⊗ Eᵀ) vec(Y), row-major
+            y = torch.linalg.lstsq(design, res.reshape(-1) * wvec).solution.view(r, groups)
+            design = torch.kron(torch.eye(m, dtype=torch.float64), (y @ expand).T.contiguous()) * wvec[:, None]
+            x = torch.linalg.lstsq(design, res.reshape(-1) * wvec).solution.view(m, r)
+        best.append(werr(x @ y @ expand))
+    assert min(best) >= ours * (1 - 1e-9)
+    assert min(best) == pytest.approx(ours, rel=1e-7)
+    # The unweighted step is worse in the weighted norm (the weights change the answer).
+    plain_b, plain_a, _ = group_constant_lowrank(res, g, r, EXACT)
+    assert werr(adapter_weight(plain_a, plain_b, g)) > ours * (1 + 1e-6)
+    # Unit weights reproduce the unweighted factors.
+    ones_b, ones_a, _ = group_constant_lowrank(res, g, r, EXACT, dr=torch.ones(m, dtype=torch.float64),
+                                               dc=torch.ones(n, dtype=torch.float64))
+    torch.testing.assert_close(adapter_weight(ones_a, ones_b, g), adapter_weight(plain_a, plain_b, g))
+
+
+def test_fisher_weighted_decomposition_lowers_the_weighted_error(minilm_weights):
+    w = minilm_weights[DOWN]
+    cfg = int_config(3, 64)
+    gen = torch.Generator().manual_seed(0)
+    fisher = (torch.rand(w.shape[0], generator=gen) ** 4, torch.rand(w.shape[1], generator=gen) ** 4)
+    weighted = qalora_decompose(w, cfg, 8, 1, EXACT, fisher)
+    plain = qalora_decompose(w, cfg, 8, 1, EXACT)
+    dr, dc = fisher[0].sqrt(), fisher[1].sqrt()
+
+    def werr(d):
+        res = w - d.q.dequantize() - adapter_weight(d.lora_a, d.lora_b, 64)
+        return float((dr[:, None] * res * dc[None, :]).double().pow(2).sum())
+
+    assert weighted.error == pytest.approx(werr(weighted), rel=1e-5)
+    assert werr(weighted) < werr(plain) * (1 - 1e-3)
+    same = qalora_decompose(w, cfg, 8, 1, EXACT, (torch.ones(w.shape[0]), torch.ones(w.shape[1])))
+    assert same.error == pytest.approx(plain.error, rel=1e-6)
+    with pytest.raises(ValueError, match="fisher weights have shapes"):
+        qalora_decompose(w, cfg, 8, 1, EXACT, (fisher[1], fisher[0]))
+
+
+# ---- the profiler's numbers ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weighted", [False, True])
+def test_profile_matrix_dispatches_qalora_points(minilm_weights, weighted):
+    from quant.engine import profile_matrix
+
+    w = minilm_weights[UP]  # 1536 x 384
+    cfg = int_config(2, 64, "fp16")
+    gen = torch.Generator().manual_seed(1)
+    fisher = (torch.rand(w.shape[0], generator=gen) + 0.1, torch.rand(w.shape[1], generator=gen) + 0.1) \
+        if weighted else None
+    dr, dc = (fisher[0].sqrt(), fisher[1].sqrt()) if weighted else (torch.ones(w.shape[0]), torch.ones(w.shape[1]))
+    got = profile_matrix(w, [(cfg, 4, "qalora"), (cfg, 0, "qalora"), (cfg, 4)], iters=5, fisher=fisher,
+                         solver=EXACT)
+    # Independent reference: Q and the pooled adapter, expanded to the dense weight A·(B pooled → n columns).
+    dec = qalora_decompose(w, cfg, 4, 1, EXACT, fisher)
+    dense = dec.lora_b @ expand_groups(dec.lora_a, 64) / 64
+    res = w - dec.q.dequantize() - dense
+    plain = w - quantize_dequantize(w, cfg)
+    assert got[0].error == pytest.approx(float((dr[:, None] * res * dc).double().pow(2).sum()), rel=1e-6)
+    assert got[0].error_unweighted == pytest.approx(float(res.double().pow(2).sum()), rel=1e-6)
+    assert got[0].quant_error == pytest.approx(float((dr[:, None] * plain * dc).double().pow(2).sum()), rel=1e-6)
+    assert got[0].best_iter == 1 and got[0].error < got[0].quant_error
+    assert got[1].error == pytest.approx(got[0].quant_error, rel=1e-9) and got[1].best_iter == 0
+    # The LoRA point with the same quantizer: a full-width adapter, the ordinary decomposition.
+    from quant import decompose
+
+    assert got[2].error == pytest.approx(decompose(w, cfg, 4, 5, fisher, EXACT).error, rel=1e-9)
+    with pytest.raises(ValueError, match="method"):
+        profile_matrix(w, [(cfg, 4, "gptq")], iters=1)
+
+
+def test_balance_factors_keeps_the_product_bit_for_bit():
+    from quant.qalora import balance_factors
+
+    torch.manual_seed(7)
+    a = torch.randn(40, 5) * 1e4  # Fisher-weighted factors: D_r⁻¹U√Σ with row weights ~1e-8 ...
+    b = torch.randn(30, 5) * 1e-4  # ... and D_c⁻¹V√Σ
+    a[:, 4] = 0  # a rank the residual did not need stays as it is
+    a2, b2 = balance_factors(a, b)
+    assert torch.equal(a2 @ b2.T, a @ b.T)
+    ratio = b2[:, :4].norm(dim=0) / a2[:, :4].norm(dim=0)
+    assert ((ratio >= 0.5) & (ratio <= 2)).all()
+    assert torch.equal(b2[:, 4], b[:, 4]) and not a2[:, 4].any()
+
+
+def test_fisher_weighted_qalora_factors_are_balanced(minilm_weights):
+    w = minilm_weights[QUERY]
+    fisher = (torch.rand(w.shape[0]) * 1e-8 + 1e-9, torch.rand(w.shape[1]) + 0.1)  # LQ-LoRA's raw row scale
+    dec = qalora_decompose(w, int_config(3, 32), 4, 1, EXACT, fisher)
+    ratio = dec.lora_a.norm(dim=1) / dec.lora_b.norm(dim=0)
+    assert ((ratio > 0.25) & (ratio < 4)).all()  # balanced up to the power of two and the g^(1/4) split
+    # Without balancing lora_B would be ~1e4 times lora_A; balanced, both are as large as the unweighted factors.
+    plain = qalora_decompose(w, int_config(3, 32), 4, 1, EXACT)
+    for got, ref in ((dec.lora_a, plain.lora_a), (dec.lora_b, plain.lora_b)):
+        assert 0.1 < float(got.norm() / ref.norm()) < 10
