@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -213,6 +214,66 @@ def test_finetune_command_helper_end_to_end(tiny_llama, tok, tmp_path):
                       max_len=32, lr=1e-2, eval_texts=4, tokenizer=tok, progress=False)
     assert result["metric"] == "perplexity" and result["after"] < result["before"]
     assert result["quantized_bytes"] == plan.totals["bytes"]
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    report = json.loads((tmp_path / "run" / "train_report.json").read_text())
+    assert report["after"] == result["after"] and report["bytes_match_plan"] and report["world_size"] == 1
+    fp = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    held = real_text_splits()["heldout"][:4]
+    assert report["full_precision"] == pytest.approx(perplexity(fp, tok, held, max_len=32, stride=16), rel=1e-6)
+    assert "| quantized, after fine-tuning |" in (tmp_path / "run" / "train_report.md").read_text()
     loaded, _ = load_quantized(tmp_path / "run" / "quantized")
     assert sum(p.requires_grad for p in loaded.parameters()) == 2 * len(plan.matrices)
+    # `lqplan evaluate`'s library call scores the reloaded model exactly as the run's final evaluation did
+    from planner.evaluate import evaluate_quantized
+
+    again = evaluate_quantized(tmp_path / "run" / "quantized", tiny_llama, eval_texts=4, max_len=32, tokenizer=tok)
+    assert again["quantized"] == pytest.approx(result["after"], rel=1e-6)
+    assert again["full_precision"] == pytest.approx(report["full_precision"], rel=1e-6)
+
+
+# ---- the `lqplan train` / `lqplan evaluate` commands ---------------------------------------------------------
+def test_train_and_evaluate_commands_on_the_embedded_model(minilm_path, tmp_path, capsys):
+    from planner.cli import main
+
+    model = AutoModel.from_pretrained(minilm_path)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
+    explicit_plan(model, mixed_point, model_path=minilm_path, names=names, iters=1).save(tmp_path / "plan.json")
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(real_text_splits()["train"][:40]), encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["train", "--plan", str(tmp_path / "plan.json"), "--text", str(text), "--steps", "4",
+                 "--batch-size", "4", "--max-len", "24", "--lr", "2e-3", "--eval-texts", "4", "--out", str(out),
+                 "--quiet", "--init", "qlora"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["metric"] == "embedding_cosine" and report["full_precision"] == 1.0
+    assert report["init"] == "qlora" and report["after"] > report["before"]
+    assert report["tokens_per_s"] > 0 and report["peak_memory_bytes"] > 0 and report["bytes_match_plan"]
+    assert f"after {report['after']:.4f}" in printed
+    assert main(["evaluate", "--quantized", str(out / "quantized"), "--eval-texts", "4", "--max-len", "24"]) == 0
+    assert f"quantized {report['after']:.4f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--plan", "{tmp}/missing.json"], "does not exist"),
+    (["--plan", "{plan}", "--model", "{llama}"], "the plan was made for model"),
+    (["--plan", "{plan}", "--steps", "0"], "--steps 0 must be >= 1"),
+    (["--plan", "{plan}", "--max-len", "1"], "--max-len 1 must be >= 2"),
+    (["--plan", "{plan}", "--text", "{tmp}/none.txt"], "training text file"),
+    (["--plan", "{plan}", "--text", "{binary}"], "looks binary"),
+    (["--plan", "{plan}", "--device", "cuda:7"] if not torch.cuda.is_available() else
+     ["--plan", "{plan}", "--device", "tpu"], "device"),
+])
+def test_train_command_bad_input_is_one_line_and_writes_nothing(args, message, minilm_path, tiny_llama, tmp_path,
+                                                                 capsys):
+    from planner.cli import main
+
+    model = AutoModel.from_pretrained(minilm_path)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")][:2]
+    explicit_plan(model, mixed_point, model_path=minilm_path, names=names, iters=0).save(tmp_path / "plan.json")
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01binary")
+    fill = dict(tmp=tmp_path, plan=tmp_path / "plan.json", llama=tiny_llama, binary=tmp_path / "bin.txt")
+    out = tmp_path / "out"
+    assert main(["train", *[a.format(**fill) for a in args], "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lqplan: error: ") and message in err, err
+    assert not out.exists()
