@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant import SolverSettings, decompose, quantize
+from quant import QALoRALinear, SolverSettings, decompose, qalora_decompose, quantize
 from quant.layers import QuantLoRALinear
+from quant.qalora import balance_factors
 
 from .errors import UserError
 from .models import fingerprint as folder_fingerprint
@@ -23,6 +24,7 @@ from .plan import Plan
 log = logging.getLogger("lqplan")
 
 INITS = ("loftq", "qlora", "qalora")
+METHODS = ("lora", "qalora")
 
 
 # ---- small helpers --------------------------------------------------------------------------------------------
@@ -60,16 +62,9 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module name -> quantized layer (QuantLoRALinear, or QA-LoRA's layer when present) of the model."""
-    kinds = [QuantLoRALinear]
-    try:
-        from quant.qalora import QALoRALinear
-
-        kinds.append(QALoRALinear)
-    except ImportError:
-        pass
-    return {n: m for n, m in model.named_modules() if isinstance(m, tuple(kinds))}
+def quant_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
+    """Module name -> quantized layer (QuantLoRALinear, QA-LoRA's QALoRALinear included) of the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
 
 
 def resolve_names(model: nn.Module, plan: Plan) -> dict[str, str]:
@@ -174,34 +169,67 @@ def explicit_plan(model: nn.Module, choose, *, model_path=None, fingerprint: str
 
 
 # ---- the executor ---------------------------------------------------------------------------------------------
-def _build_qalora(linear: nn.Linear, entry, iters: int, alpha, dropout: float, solver: SolverSettings):
-    """QA-LoRA layer for one matrix (quant.qalora). Kept separate so the QA-LoRA path can evolve on its own."""
-    try:
-        from quant.qalora import QALoRALinear
-    except ImportError:
-        raise UserError("init='qalora' needs quant/qalora.py, which this installation lacks; "
-                        "use init='loftq'") from None
+def _entry_methods(plan: Plan, method: str | None) -> dict[str, str]:
+    """Plan entry name -> the method its layer is built with: the entry's own, or `method` for every entry."""
+    if method is None:
+        return {e.name: e.point.method for e in plan.matrices}
+    if method not in METHODS:
+        raise UserError(f"method={method!r} is not supported; use one of {METHODS} or None (each entry's own)")
+    if method == "lora":
+        mixed = [e.name for e in plan.matrices if e.point.method != "lora"]
+        if mixed:
+            raise UserError(f"the plan has {len(mixed)} QA-LoRA entries (e.g. {mixed[0]}); method='lora' cannot "
+                            "build them: pass method=None to follow the plan, or re-plan with --method lora")
+    return {e.name: method for e in plan.matrices}
+
+
+def _build_layer(entry, method: str, w: torch.Tensor, bias, init: str, iters: int, weights, alpha, dropout: float,
+                 solver: SolverSettings, adapter_dtype: torch.dtype) -> QuantLoRALinear:
+    """The quantized layer of one plan entry from its fp32 weight `w` (on the target device)."""
     rank = entry.point.rank
-    init = "loftq" if iters > 0 and rank > 0 else "zero"
+    zero_init = init == "qlora" or rank == 0 or iters == 0  # LoftQ with 0 steps is QLoRA's initialisation
+    if method == "qalora":
+        try:
+            if zero_init:
+                return QALoRALinear(quantize(w, entry.point.config), bias, rank=rank, alpha=alpha, dropout=dropout,
+                                    adapter_dtype=adapter_dtype)
+            d = qalora_decompose(w, entry.point.config, rank, iters, solver, weights)
+            return QALoRALinear(d.q, bias, d.a, d.b, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
+        except ValueError as e:
+            raise UserError(f"cannot build a QA-LoRA layer for {entry.name}: {e}") from None
+    if zero_init:
+        return QuantLoRALinear(quantize(w, entry.point.config), bias, rank=rank, alpha=alpha, dropout=dropout,
+                               adapter_dtype=adapter_dtype)
     try:
-        return QALoRALinear.from_linear(linear, entry.point.config, rank, iters=iters if init == "loftq" else 0,
-                                        init=init, alpha=alpha, solver=solver, dropout=dropout)
+        d = decompose(w, entry.point.config, rank, iters, weights, solver)
     except ValueError as e:
-        raise UserError(f"cannot build a QA-LoRA layer for {entry.name}: {e}") from None
+        raise UserError(f"cannot decompose {entry.name}: {e}") from None
+    # Fisher-weighted factors are badly scaled for training (see balance_factors); the product is kept exactly.
+    a, b = balance_factors(d.a, d.b) if weights is not None else (d.a, d.b)
+    return QuantLoRALinear(d.q, bias, a, b, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: str | None = None, device=None,
                init: str = "loftq", iters: int | None = None, fisher: dict | None = None, alpha: float | None = None,
                dropout: float = 0.0, solver: SolverSettings | None = None,
-               adapter_dtype: torch.dtype = torch.float32, progress: bool = True) -> nn.Module:
+               adapter_dtype: torch.dtype = torch.float32, progress: bool = True,
+               method: str | None = None) -> nn.Module:
     """Replace each planned nn.Linear of `model` (in place; the model is also returned) by a quantized-LoRA layer.
 
-    init="loftq": LoftQ / LQ-LoRA. quant.decompose(W, entry config, entry rank, iters) with `iters` from the
-        plan's method (default 5) and optional Fisher row/column weights `fisher[name] = (rows, cols)`;
-        the adapters start at the decomposition, so the layer's weight Q + A·Bᵀ approximates W.
+    Each entry's layer follows the entry's method (plan.json "method"; a plan may mix both):
+      "lora"   -> QuantLoRALinear (full-width adapter);
+      "qalora" -> quant.qalora.QALoRALinear (asymmetric INT-k in groups of g, adapter on the group-pooled input,
+                  merge() folds it into the zero-points).
+    method="lora" | "qalora" forces one method for every entry instead (QA-LoRA needs asymmetric INT configs, and
+    forcing it on LoRA entries holds fewer adapter bytes than the plan counts); None (default) follows the plan.
+
+    init="loftq": LoftQ / LQ-LoRA. quant.decompose(W, entry config, entry rank, iters) (QA-LoRA entries:
+        quant.qalora.qalora_decompose) with `iters` from the plan's method (default 5) and optional Fisher
+        row/column weights `fisher[name] = (rows, cols)`; the adapters start at the decomposition, so the layer's
+        weight Q + adapter approximates W.
     init="qlora" (or "loftq" with iters=0): Q = q(W) and PEFT's zero-product adapter (lora_A Kaiming-uniform,
         lora_B zero; two zero factors would never receive a gradient).
-    init="qalora": QA-LoRA layers from quant.qalora (group-pooled adapters; needs asymmetric INT configs).
+    init="qalora": the older spelling of method="qalora" with init="loftq".
     alpha: LoRA alpha per layer (scaling = alpha / rank); None means alpha = rank (scaling 1, exact split).
     Adapters are kept in `adapter_dtype` (fp32 for training); the plan counts them at 16 bits, see
     quantized_bytes(). The plan's fingerprint must match the model (model_path / fingerprint / model.name_or_path).
@@ -211,6 +239,12 @@ def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: st
         raise UserError(f"init={init!r} is not supported; use one of {INITS}")
     if not isinstance(plan, Plan):
         raise UserError(f"apply_plan needs a planner.plan.Plan, got {type(plan).__name__}; load one with Plan.load")
+    if init == "qalora":
+        if method not in (None, "qalora"):
+            raise UserError(f"init='qalora' with method={method!r} contradict each other; pass method='qalora', "
+                            "init='loftq'")
+        method, init = "qalora", "loftq"
+    methods = _entry_methods(plan, method)
     check_fingerprint(model, plan, model_path, fingerprint)
     dev = resolve_device(device)
     mapping = resolve_names(model, plan)
@@ -228,38 +262,21 @@ def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: st
     if progress:
         from tqdm.auto import tqdm
 
-        entries = tqdm(entries, desc=f"quantize ({init})", unit="matrix", dynamic_ncols=True)
+        kinds = "+".join(sorted(set(methods.values())))
+        entries = tqdm(entries, desc=f"quantize ({kinds}, {init})", unit="matrix", dynamic_ncols=True)
     model.requires_grad_(False)
     for entry in entries:
         name = mapping[entry.name]
         linear = model.get_submodule(name)
         with torch.no_grad():
-            if init == "qalora":
-                moved = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-                moved.weight = nn.Parameter(linear.weight.detach().to(dev, torch.float32), requires_grad=False)
-                if linear.bias is not None:
-                    moved.bias = nn.Parameter(linear.bias.detach().to(dev, torch.float32), requires_grad=False)
-                layer = _build_qalora(moved, entry, iters, alpha, dropout, solver)
-                del moved
-            else:
-                w = linear.weight.detach().to(dev, torch.float32)
-                bias = None if linear.bias is None else linear.bias.detach().to(dev)
-                rank = entry.point.rank
-                if init == "qlora" or rank == 0 or iters == 0:  # LoftQ with 0 steps is QLoRA's initialisation
-                    layer = QuantLoRALinear(quantize(w, entry.point.config), bias, rank=rank, alpha=alpha,
-                                            dropout=dropout, adapter_dtype=adapter_dtype)
-                else:
-                    weights = None
-                    if fisher is not None:
-                        weights = tuple(t.to(dev) for t in fisher[entry.name])
-                    try:
-                        d = decompose(w, entry.point.config, rank, iters, weights, solver)
-                    except ValueError as e:
-                        raise UserError(f"cannot decompose {entry.name}: {e}") from None
-                    layer = QuantLoRALinear(d.q, bias, d.a, d.b, alpha=alpha, dropout=dropout,
-                                            adapter_dtype=adapter_dtype)
-                    del d
-                del w
+            w = linear.weight.detach().to(dev, torch.float32)
+            bias = None if linear.bias is None else linear.bias.detach().to(dev)
+            weights = None
+            if fisher is not None:
+                weights = tuple(t.to(dev) for t in fisher[entry.name])
+            layer = _build_layer(entry, methods[entry.name], w, bias, init, iters, weights, alpha, dropout, solver,
+                                 adapter_dtype)
+            del w
         set_module(model, name, layer)
         del linear
     model.to(dev)
@@ -271,38 +288,22 @@ def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: st
 # ---- memory truth ---------------------------------------------------------------------------------------------
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes of the planned matrices as the plan counts them: the quantized layers' packed buffers (codes, scales,
-    zero-points, second-level scales and offset) plus their adapters at 16 bits per value. Adapters trained in
-    fp32 actually hold twice that; memory_report() gives both."""
-    total = 0
-    for layer in quant_layers(model).values():
-        if isinstance(layer, QuantLoRALinear):
-            total += layer.quant_nbytes + layer.adapter_nbytes16
-        else:  # QA-LoRA layer: its packed storage plus 16-bit adapters
-            total += layer.quantized().nbytes + 2 * sum(p.numel() for n, p in layer.named_parameters()
-                                                        if n.startswith("lora_"))
-    return total
+    zero-points, second-level scales and offset) plus their adapters at 16 bits per value (QA-LoRA layers: the
+    pooled r x in/g lora_A). Adapters trained in fp32 actually hold twice that; memory_report() gives both."""
+    return sum(layer.quant_nbytes + layer.adapter_nbytes16 for layer in quant_layers(model).values())
 
 
 def memory_report(model: nn.Module) -> dict:
     """Bytes held by the model, split: packed quantized weights, adapters (16-bit accounting and as held),
     everything else (unplanned weights, biases of quantized layers, buffers)."""
-    layers = quant_layers(model)
     quant = adapters16 = adapters_held = 0
     counted = set()
-    for layer in layers.values():
-        if isinstance(layer, QuantLoRALinear):
-            quant += layer.quant_nbytes
-            adapters16 += layer.adapter_nbytes16
-            adapters_held += layer.adapter_nbytes
-            counted.update(id(getattr(layer, "q_" + f)) for f in ("codes", "scales", "zeros", "scale_codes",
-                                                                   "scale_scales", "scale_offset"))
-        else:
-            qt = layer.quantized()
-            quant += qt.nbytes
-            counted.update(id(t) for t in qt.tensors().values())
-            held = [p for n, p in layer.named_parameters() if n.startswith("lora_")]
-            adapters16 += 2 * sum(p.numel() for p in held)
-            adapters_held += sum(p.numel() * p.element_size() for p in held)
+    for layer in quant_layers(model).values():
+        quant += layer.quant_nbytes
+        adapters16 += layer.adapter_nbytes16
+        adapters_held += layer.adapter_nbytes
+        counted.update(id(getattr(layer, "q_" + f)) for f in ("codes", "scales", "zeros", "scale_codes",
+                                                               "scale_scales", "scale_offset"))
         counted.update(id(p) for n, p in layer.named_parameters() if n.startswith("lora_"))
     other = sum(t.numel() * t.element_size() for t in {id(t): t for t in
                                                        list(model.parameters()) + list(model.buffers())}.values()

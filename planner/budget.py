@@ -105,6 +105,8 @@ def parse_budget(spec: str) -> Budget:
         exact_bytes = exact * BYTE_UNITS[low]
         if exact_bytes < 1:
             raise UserError(f"budget {text!r} is less than one byte; {_EXAMPLE}")
+        if exact_bytes > 2**100:  # beyond any memory, and beyond a float once the unit multiplies it
+            raise UserError(f"budget {text!r} is far larger than any memory; {_EXAMPLE}")
         return Budget("bytes", float(exact_bytes), text.strip(), _BYTE_UNIT_NAMES[low], exact_bytes)
     known = ", ".join(BITS_UNITS + tuple(_BYTE_UNIT_NAMES.values()))
     raise UserError(f"budget {text!r} has unknown unit {unit!r}; use one of {known}; {_EXAMPLE}")

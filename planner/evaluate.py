@@ -136,3 +136,42 @@ def embedding_cosine(student, teacher, tokenizer, texts, max_len: int = 128, bat
     s = sentence_embeddings(student, tokenizer, texts, max_len, batch_size)
     t = sentence_embeddings(teacher, tokenizer, texts, max_len, batch_size)
     return float(F.cosine_similarity(s, t, dim=-1).mean())
+
+
+def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int = 128, device=None,
+                       tokenizer=None) -> dict:
+    """Evaluate a quantized model saved by save_quantized against its full-precision model (`model`, default: the
+    plan's model.source; `tokenizer`, default: that folder's) on the held-out split: perplexity of both (causal
+    LMs) or the embedding cosine of the quantized model to the full-precision one (encoders).
+    Returns {metric, quantized, full_precision, texts}."""
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from .apply import resolve_device
+    from .export import load_quantized
+
+    if eval_texts < 1 or max_len < 2:
+        raise UserError(f"eval_texts={eval_texts} and max_len={max_len} must be >= 1 and >= 2")
+    dev = resolve_device(device)
+    quantized, plan = load_quantized(folder, device=dev)
+    source = model or plan.model.get("source")
+    if not source or not (Path(source) / "config.json").is_file():
+        raise UserError(f"the full-precision model folder {source!r} was not found; pass --model <the Hugging Face "
+                        "folder the plan was made for>")
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load a tokenizer from {source} ({type(e).__name__}); pass --model with a "
+                            "tokenizer") from None
+    held = real_text_splits()["heldout"][:eval_texts]
+    causal = type(quantized).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    loader = AutoModelForCausalLM if causal else AutoModel
+    fp = loader.from_pretrained(source, dtype=torch.float32).to(dev).eval()
+    if causal:
+        ppl = dict(max_len=max_len, stride=max(1, max_len // 2))
+        return {"metric": "perplexity", "quantized": perplexity(quantized, tokenizer, held, **ppl),
+                "full_precision": perplexity(fp, tokenizer, held, **ppl), "texts": len(held)}
+    return {"metric": "embedding_cosine", "quantized": embedding_cosine(quantized, fp, tokenizer, held, max_len),
+            "full_precision": 1.0, "texts": len(held)}

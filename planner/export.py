@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -48,8 +49,11 @@ def _check_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": "pt", **(metadata or {})})
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata={"format": "pt", **(metadata or {})})
+        except SafetensorError as e:  # a full disk surfaces as SafetensorError: let fsio report it as an I/O error
+            raise OSError(str(e)) from None
 
 
 def _all_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -13,6 +13,7 @@ column sums (the independence fit of a non-negative matrix); weights are floored
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .fsio import atomic_path
+from .fsio import write_bytes
 
 BUILTIN_SOURCES = ("pydoc",)
 
@@ -64,9 +65,15 @@ def load_calib(spec: str) -> CalibText:
     if spec in BUILTIN_SOURCES:
         return CalibText("pydoc", pydoc_splits()["calib"])
     path = Path(spec)
+    if path.is_dir():
+        raise UserError(f"calibration file {spec} is a folder; pass one UTF-8 text file or one of {BUILTIN_SOURCES}")
     if not path.is_file():
         raise UserError(f"calibration file {spec} does not exist; pass a UTF-8 text file or one of {BUILTIN_SOURCES}")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read calibration file {spec}: {e.strerror or e}; pass a readable UTF-8 text "
+                        "file") from None
     if b"\0" in raw[:4096]:
         raise UserError(f"calibration file {spec} looks binary; pass plain UTF-8 text")
     try:
@@ -150,7 +157,7 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
             loss = model(**enc, labels=labels).loss
         else:
             loss = _simcse_loss(model, enc)
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             raise UserError("the calibration loss is not finite; check the model weights and the calibration text")
         loss.backward()
         for n, p in params.items():
@@ -166,19 +173,26 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
 
 
 def save_fisher(path: Path, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], meta: dict) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {}
     for n, (r, c) in weights.items():
         tensors[f"{n}.rows"] = r.contiguous()
         tensors[f"{n}.cols"] = c.contiguous()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    # Serialised in memory (a few vectors per matrix) and written by write_bytes: a full disk then raises OSError,
+    # which fsio turns into a one-line message (safetensors' own writer raises its SafetensorError instead).
+    write_bytes(path, save(tensors, metadata={k: str(v) for k, v in meta.items()}))
 
 
 def load_fisher(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    t = load_file(str(path))
-    names = sorted({k.rsplit(".", 1)[0] for k in t})
-    return {n: (t[f"{n}.rows"], t[f"{n}.cols"]) for n in names}
+    try:
+        t = load_file(str(path))
+        names = sorted({k.rsplit(".", 1)[0] for k in t})
+        return {n: (t[f"{n}.rows"], t[f"{n}.cols"]) for n in names}
+    except (SafetensorError, OSError, KeyError):
+        # a damaged cache entry is not the user's input: an empty result makes the caller recompute it
+        logging.getLogger("lqplan.fisher").warning("ignoring unreadable Fisher cache %s (it will be recomputed)", path)
+        return {}

@@ -5,10 +5,52 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
+
+TEMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; a plan or report should get the same mode as any other file the user writes.
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself must survive a power cut, not only the file's bytes; not every OS can open a folder.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str | os.PathLike, older_than_s: float = 600.0) -> int:
+    """Delete temp files that a killed writer left in `folder` (they are never read as results); returns how many.
+    Only files untouched for `older_than_s` go: another live process (a distributed profile) may be writing one."""
+    removed = 0
+    cutoff = time.time() - older_than_s
+    for tmp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 @contextmanager
@@ -17,18 +59,23 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable output folder (--out)") from None
-    os.close(fd)
+        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable folder (--out, --cache)") from None
+    try:
+        os.fchmod(fd, _FILE_MODE)
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}; free disk space or choose another --out") from None
+        raise UserError(f"cannot write {path}: {e.strerror or e}; free disk space or choose another folder "
+                        "(--out, --cache)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -1,4 +1,8 @@
-"""The configuration grid: (quantization config, LoRA rank) points, parsed from CLI strings and validated."""
+"""The configuration grid: (quantization config, LoRA rank, method) points, parsed from CLI strings and validated.
+
+method "lora" (LoftQ / LQ-LoRA / QLoRA: full-width adapters, any quantizer) or "qalora" (QA-LoRA: asymmetric INT-k in
+groups of g input columns, adapters on the group-pooled input that merge into the zero-points; quant/qalora.py).
+"""
 
 from __future__ import annotations
 
@@ -6,36 +10,74 @@ import itertools
 from dataclasses import dataclass
 
 from quant import QuantConfig
+from quant.qalora import check_qalora_config, max_rank, qalora_matrix_bits
 
 from .errors import UserError
 
 DEFAULT_BITS = (2, 3, 4, 8)
 DEFAULT_BLOCKS = (16, 32, 64, 128)
 DEFAULT_RANKS = (16, 32, 64)
+METHODS = ("lora", "qalora")
+GRID_METHODS = ("lora", "qalora", "both")
+DEFAULT_GROUPS = (32, 64, 128)  # QA-LoRA group sizes g
+# QA-LoRA (like the GPTQ kernels it builds on) stores scale and zero-point per (row, group) in fp16.
+DEFAULT_QALORA_SCALE_DTYPE = "fp16"
 
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One candidate configuration for a matrix: how it is quantized and the rank of its LoRA adapter."""
+    """One candidate configuration for a matrix: how it is quantized, the rank of its adapter, and the method
+    ("lora": a full-width LoRA adapter; "qalora": QA-LoRA's group-pooled adapter, needs an asymmetric INT config
+    without double quantization)."""
 
     config: QuantConfig
     rank: int
+    method: str = "lora"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"grid point method {self.method!r} is not supported; use one of {METHODS}")
+        if self.method == "qalora":
+            try:
+                check_qalora_config(self.config)
+            except ValueError as e:
+                raise UserError(str(e)) from None
 
     @property
     def label(self) -> str:
-        return f"{self.config.label}-r{self.rank}"
+        # LoRA labels are the profile cache's keys and stay as they always were; QA-LoRA ones get a prefix.
+        base = f"{self.config.label}-r{self.rank}"
+        return base if self.method == "lora" else f"qalora-{base}"
+
+    def applies_to(self, shape: tuple[int, int]) -> bool:
+        """Whether this point is profiled for a matrix of `shape`. LoRA points: always (a rank above min(shape) is
+        an error the profiler reports). QA-LoRA points: only when in % g == 0 and rank <= min(out, in/g) — the
+        grid's QA-LoRA ranks are skipped where the pooled adapter cannot have them."""
+        if self.method == "lora":
+            return True
+        m, n = (int(x) for x in shape)
+        g = self.config.blocksize
+        return n % g == 0 and self.rank <= max_rank((m, n), g)
 
     def bits(self, shape: tuple[int, int]) -> int:
+        """Exact plan cost in bits of one (out, in) matrix at this point: quantized storage as stored plus 16-bit
+        adapters, r·(m + n) for LoRA and r·(m + n/g) for QA-LoRA's pooled lora_A."""
+        if self.method == "qalora":
+            try:
+                return qalora_matrix_bits(self.config, tuple(shape), self.rank)
+            except ValueError as e:
+                raise UserError(f"{self.label} does not apply to a {shape[0]}x{shape[1]} matrix: {e}") from None
         return self.config.matrix_bits(shape, self.rank)
 
     def to_dict(self) -> dict:
-        return {**self.config.to_dict(), "rank": self.rank}
+        return {**self.config.to_dict(), "rank": self.rank, "method": self.method}
 
     @classmethod
     def from_dict(cls, d: dict) -> "GridPoint":
         d = dict(d)
         rank = d.pop("rank")
-        return cls(QuantConfig.from_dict(d), int(rank))
+        method = d.pop("method", "lora")  # documents written before QA-LoRA points existed are LoRA
+        return cls(QuantConfig.from_dict(d), int(rank), str(method))
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -49,18 +91,39 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 
 def make_grid(bits="2,3,4,8", blocks="16,32,64,128", ranks="16,32,64", kind: str = "nf",
-              double_quant: bool = True, dq_bits: int = 8, dq_blocksize: int = 256, dq_dtype: str = "fp32") -> list[GridPoint]:
-    """All combinations of bits x blocks x ranks as GridPoints, in a stable order."""
-    bits_v, blocks_v, ranks_v = _ints(bits, "bits"), _ints(blocks, "blocks"), _ints(ranks, "ranks")
+              double_quant: bool = True, dq_bits: int = 8, dq_blocksize: int = 256, dq_dtype: str = "fp32",
+              method: str = "lora", qalora_bits=None, groups="32,64,128",
+              qalora_scale_dtype: str = DEFAULT_QALORA_SCALE_DTYPE) -> list[GridPoint]:
+    """The grid as GridPoints, in a stable order (LoRA points first, then QA-LoRA points).
+
+    method "lora": every bits x blocks x ranks with `kind` / double-quant settings. method "qalora": asymmetric
+    INT-k points, (qalora_bits, default `bits`) x groups x ranks, scale and zero-point per (row, group) stored as
+    `qalora_scale_dtype`; ranks above what a matrix's pooled adapter allows (min(out, in/g)) are skipped per
+    matrix when profiling (GridPoint.applies_to). method "both": the union."""
+    if method not in GRID_METHODS:
+        raise UserError(f"--method {method!r} is not supported; use one of {', '.join(GRID_METHODS)}")
+    bits_v, ranks_v = _ints(bits, "bits"), _ints(ranks, "ranks")
     for r in ranks_v:
         if r < 0:
             raise UserError(f"--ranks contains {r}; ranks must be >= 0 (0 = no adapter)")
     points = []
-    for b, blk, r in itertools.product(sorted(set(bits_v)), sorted(set(blocks_v)), sorted(set(ranks_v))):
-        try:
-            cfg = QuantConfig(kind=kind, bits=b, blocksize=blk, double_quant=double_quant,
-                              dq_bits=dq_bits, dq_blocksize=dq_blocksize, dq_dtype=dq_dtype)
-        except ValueError as e:
-            raise UserError(f"invalid grid: {e}") from None
-        points.append(GridPoint(cfg, r))
+    if method in ("lora", "both"):
+        blocks_v = _ints(blocks, "blocks")
+        for b, blk, r in itertools.product(sorted(set(bits_v)), sorted(set(blocks_v)), sorted(set(ranks_v))):
+            try:
+                cfg = QuantConfig(kind=kind, bits=b, blocksize=blk, double_quant=double_quant,
+                                  dq_bits=dq_bits, dq_blocksize=dq_blocksize, dq_dtype=dq_dtype)
+            except ValueError as e:
+                raise UserError(f"invalid grid: {e}") from None
+            points.append(GridPoint(cfg, r))
+    if method in ("qalora", "both"):
+        qbits_v = bits_v if qalora_bits is None else _ints(qalora_bits, "qalora-bits")
+        groups_v = _ints(groups, "groups")
+        for b, g, r in itertools.product(sorted(set(qbits_v)), sorted(set(groups_v)), sorted(set(ranks_v))):
+            try:
+                cfg = QuantConfig(kind="int", bits=b, blocksize=g, double_quant=False, asymmetric=True,
+                                  scale_dtype=qalora_scale_dtype)
+            except ValueError as e:
+                raise UserError(f"invalid QA-LoRA grid: {e}") from None
+            points.append(GridPoint(cfg, r, "qalora"))
     return points

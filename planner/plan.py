@@ -2,11 +2,13 @@
 
 Layout:
   schema, created_by, model {name, source, fingerprint, architecture}, budget {spec, kind, value, bits},
-  method {iters, solver, fisher}, solver {name, status, gap, objective, bound, seconds},
+  method {iters, solver, fisher}, solver {solver, status, gap, objective, bound} (no timings: same inputs, same bytes),
   totals {params, bits, bits_per_param, bytes, model_bytes, error},
   matrices [{name, shape, kind, bits, blocksize, double_quant, dq_bits, dq_blocksize, dq_dtype, scale_dtype,
-             asymmetric, rank, error, bytes}]
-`bytes` of a matrix is its exact quantized storage plus 16-bit adapters (QuantConfig.matrix_bits / 8).
+             asymmetric, rank, method, error, bytes}]
+`bytes` of a matrix is its exact quantized storage plus 16-bit adapters (GridPoint.bits / 8). An entry's method is
+"lora" (a full-width adapter) or "qalora" (QA-LoRA's group-pooled adapter); plans written before QA-LoRA existed
+have no method key and read as "lora".
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from .fsio import write_json
 from .grid import GridPoint
 
 SCHEMA = "lqplan.plan/1"
+# Wall-clock figures differ run to run; plan.json leaves them out so the same inputs give the same bytes
+# (the in-memory plan keeps them for the report).
+VOLATILE_SOLVER_KEYS = ("seconds",)
 _CONFIG_KEYS = ("kind", "bits", "blocksize", "double_quant", "dq_bits", "dq_blocksize", "dq_dtype", "scale_dtype",
                 "asymmetric")
 
@@ -37,12 +42,12 @@ class PlanEntry:
     def to_dict(self) -> dict:
         cfg = self.point.config.to_dict()
         return {"name": self.name, "shape": list(self.shape), **{k: cfg[k] for k in _CONFIG_KEYS},
-                "rank": self.point.rank, "error": self.error, "bytes": self.bytes}
+                "rank": self.point.rank, "method": self.point.method, "error": self.error, "bytes": self.bytes}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PlanEntry":
         cfg = QuantConfig.from_dict({k: d[k] for k in _CONFIG_KEYS if k in d})
-        point = GridPoint(cfg, int(d["rank"]))
+        point = GridPoint(cfg, int(d["rank"]), str(d.get("method", "lora")))
         shape = tuple(int(x) for x in d["shape"])
         if len(shape) != 2:
             raise ValueError(f"matrix {d['name']!r} has shape {list(shape)}; a planned matrix is 2-D")
@@ -76,7 +81,9 @@ class Plan:
     # ---- (de)serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "created_by": self.created_by, "model": self.model, "budget": self.budget,
-                "method": self.method, "solver": self.solver, "totals": self.totals,
+                "method": self.method,
+                "solver": {k: v for k, v in self.solver.items() if k not in VOLATILE_SOLVER_KEYS},
+                "totals": self.totals,
                 "matrices": [e.to_dict() for e in self.matrices]}
 
     def save(self, path) -> None:
@@ -96,9 +103,9 @@ class Plan:
                        matrices=[PlanEntry.from_dict(m) for m in d["matrices"]], totals=dict(d["totals"]),
                        solver=dict(d.get("solver", {})), method=dict(d.get("method", {})),
                        created_by=str(d.get("created_by", "lqplan")))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            plan.validate()  # inside the try: a wrong type in a checked field is malformed input, not a crash
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise UserError(f"the plan is malformed ({type(e).__name__}: {e}); re-create it with `lqplan plan`") from None
-        plan.validate()
         return plan
 
     @classmethod
@@ -115,6 +122,8 @@ class Plan:
         except json.JSONDecodeError as e:
             raise UserError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno}); "
                             "re-create it with `lqplan plan`") from None
+        except RecursionError:
+            raise UserError(f"plan file {path} nests too deeply to be a plan; re-create it with `lqplan plan`") from None
         return cls.from_dict(data)
 
     def validate(self) -> None:

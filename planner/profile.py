@@ -18,17 +18,17 @@ import pandas as pd
 import torch
 
 from quant import SolverSettings
-from quant.engine import profile_matrix
+from quant.engine import ENGINE_VERSION, profile_matrix
 
 from .errors import UserError
-from .fsio import write_json
+from .fsio import remove_stale_temps, write_json
 from .grid import GridPoint
 
 log = logging.getLogger("lqplan.profile")
 
 TABLE_COLUMNS = ["matrix", "m", "n", "label", "kind", "bits", "blocksize", "double_quant", "dq_bits", "dq_blocksize",
                  "dq_dtype", "scale_dtype", "asymmetric", "rank", "error", "error_unweighted", "quant_error",
-                 "storage_bits", "best_iter", "regressed"]
+                 "storage_bits", "best_iter", "regressed", "method"]
 
 
 @dataclass
@@ -44,6 +44,12 @@ class ProfileStats:
     def cached_points(self) -> int:
         return self.points - self.computed_points
 
+    def summary(self) -> str:
+        """One line for logs and the CLI: what was computed and what came from the cache."""
+        return (f"{self.computed_points} of {self.points} (matrix, config) points computed on "
+                f"{len(self.computed_matrices)} of {self.matrices} matrices, {self.cached_points} from cache "
+                f"({self.seconds:.1f} s)")
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -57,7 +63,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def settings_key(iters: int, solver: SolverSettings, fisher_key: str | None) -> str:
-    return f"T{iters}-{solver.key}-f{fisher_key or 'none'}"
+    # The engine version is part of the key, so numbers from an older engine are never silently reused.
+    return f"T{iters}-{solver.key}-e{ENGINE_VERSION}-f{fisher_key or 'none'}"
 
 
 def _safe_name(name: str) -> str:
@@ -72,21 +79,30 @@ def cache_folder(cache_dir: Path, fingerprint: str, key: str) -> Path:
 
 def _read_cache(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())["points"]
+        points = json.loads(path.read_text())["points"]
     except FileNotFoundError:
         return {}
-    except (json.JSONDecodeError, KeyError, OSError):
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError):
+        points = None
+    if not isinstance(points, dict) or not all(isinstance(v, dict) and "error" in v for v in points.values()):
         log.warning("ignoring unreadable cache file %s (it will be recomputed)", path)
         return {}
+    return points
 
 
 def cached_points(folder: Path, name: str) -> dict:
     return _read_cache(folder / f"{_safe_name(name)}.json")
 
 
+def missing_points(folder: Path, info, grid: list[GridPoint]) -> list[GridPoint]:
+    """The grid points that apply to matrix `info` and are not in its cache file yet."""
+    have = cached_points(folder, info.name)
+    return [p for p in grid if p.label not in have and p.applies_to(info.shape)]
+
+
 def profile_one(name: str, shape, w: torch.Tensor, missing: list[GridPoint], iters: int, solver: SolverSettings,
                 fisher) -> dict:
-    results = profile_matrix(w, [(p.config, p.rank) for p in missing], iters, fisher, solver)
+    results = profile_matrix(w, [(p.config, p.rank, p.method) for p in missing], iters, fisher, solver)
     out = {}
     for p, r in zip(missing, results):
         out[p.label] = {"config": p.to_dict(), "error": r.error, "error_unweighted": r.error_unweighted,
@@ -105,15 +121,18 @@ def run_profile(source, matrices, grid: list[GridPoint], iters: int = 5, solver:
     solver = solver or SolverSettings()
     dev = resolve_device(device)
     folder = cache_folder(cache_dir, source.fingerprint, settings_key(iters, solver, fisher_key))
-    stats = ProfileStats(matrices=len(matrices), points=len(matrices) * len(grid))
+    stats = ProfileStats(matrices=len(matrices),
+                         points=sum(1 for info in matrices for p in grid if p.applies_to(info.shape)))
     t_start = time.perf_counter()
+    if folder.exists():
+        remove_stale_temps(folder)  # leftovers of a killed run's half-written files
 
     todo = []
     for info in matrices:
         if only is not None and info.name not in only:
             continue
-        have = cached_points(folder, info.name)
-        missing = [p for p in grid if p.label not in have]
+        # QA-LoRA points whose rank the matrix's pooled adapter cannot have are skipped (no row in the table).
+        missing = missing_points(folder, info, grid)
         for p in missing:
             if p.rank > min(info.shape):
                 raise UserError(f"grid rank {p.rank} is larger than matrix {info.name} {tuple(info.shape)} allows "
@@ -126,8 +145,13 @@ def run_profile(source, matrices, grid: list[GridPoint], iters: int = 5, solver:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), unit="matrix", desc="profile", dynamic_ncols=True)
+    stream = None
     try:
-        for (info, w), (_, missing) in zip(iter_matrices(source, [t[0] for t in todo], device=dev), todo):
+        missing_of = {info.name: missing for info, missing in todo}
+        # prefetch: the next matrix is read from disk while this one is decomposed (at most two alive at once)
+        stream = iter_matrices(source, [t[0] for t in todo], device=dev, prefetch=True)
+        for info, w in stream:
+            missing = missing_of[info.name]
             t0 = time.perf_counter()
             weights = None
             if fisher is not None:
@@ -145,11 +169,12 @@ def run_profile(source, matrices, grid: list[GridPoint], iters: int = 5, solver:
             if bar is not None:
                 bar.update(1)
     finally:
+        if stream is not None:
+            stream.close()  # on an error, stop the reader thread now rather than whenever the generator is collected
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - t_start
-    log.info("profile: %d of %d (matrix, config) points computed, %d from cache", stats.computed_points,
-             stats.points, stats.cached_points)
+    log.info("profile: %s", stats.summary())
     return build_table(folder, matrices, grid), stats
 
 
@@ -169,7 +194,8 @@ def build_table(folder: Path, matrices, grid: list[GridPoint]) -> pd.DataFrame:
                          "dq_blocksize": cfg.dq_blocksize, "dq_dtype": cfg.dq_dtype, "scale_dtype": cfg.scale_dtype,
                          "asymmetric": cfg.asymmetric, "rank": p.rank, "error": r["error"],
                          "error_unweighted": r["error_unweighted"], "quant_error": r["quant_error"],
-                         "storage_bits": p.bits((m, n)), "best_iter": r["best_iter"], "regressed": r["regressed"]})
+                         "storage_bits": p.bits((m, n)), "best_iter": r["best_iter"], "regressed": r["regressed"],
+                         "method": p.method})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 

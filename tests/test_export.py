@@ -117,7 +117,8 @@ def test_peft_export_reproduces_the_model(trained, batch, tmp_path):
     with torch.no_grad():
         want = model(**batch).last_hidden_state
         got = peft_model(**batch).last_hidden_state
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # PEFT adds base and adapter outputs in another order than our merged-free forward: float32 rounding only
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_export_and_load_errors(minilm_path, tmp_path):
