@@ -32,7 +32,14 @@ from .errors import UserError
 SOLVERS = ("highs", "cbc")
 DEFAULT_SOLVER = "highs"
 # Optimality is claimed within this relative tolerance of the total error (both solvers are asked for it).
-RTOL = 1e-9
+# 1e-6: far below the profile's own noise (the randomized solver is within 1% of exact LoftQ); 1e-9 made HiGHS
+# branch for minutes on some real 84-matrix profiles to separate plans that differ in the 9th digit.
+RTOL = 1e-6
+# Seconds the MIP may branch before the best plan found so far is returned with status "feasible" and its gap to
+# the LP bound: knapsacks over near-identical matrices (a model whose layers look alike) can branch for many
+# minutes to prove the last 1e-6, and a planner must not hang. None = no limit.
+DEFAULT_TIME_LIMIT = 60.0
+CURVE_TIME_LIMIT = 10.0  # per budget of the error-budget curve: a report, not a plan
 REQUIRED_COLUMNS = ("matrix", "label", "error", "storage_bits")
 
 
@@ -280,7 +287,7 @@ def _solve_mip(inst: _Instance, keep: np.ndarray, incumbent: np.ndarray, budget_
 
 
 def solve(table: pd.DataFrame, budget_bits: int, solver: str = DEFAULT_SOLVER, threads: int = 2,
-          time_limit: float | None = None, describe: Callable[[int], str] | None = None,
+          time_limit: float | None = DEFAULT_TIME_LIMIT, describe: Callable[[int], str] | None = None,
           fix_by_bound: bool = True, _instance: _Instance | None = None) -> Solution:
     """Optimal configuration per matrix under `budget_bits` (see the module docstring for the method).
 
@@ -376,7 +383,7 @@ def uniform_solutions(table: pd.DataFrame, budget_bits: int) -> pd.DataFrame:
 
 
 def error_budget_curve(table: pd.DataFrame, budgets_bits: list[int], solver: str = DEFAULT_SOLVER,
-                       threads: int = 2, time_limit: float | None = None) -> pd.DataFrame:
+                       threads: int = 2, time_limit: float | None = CURVE_TIME_LIMIT) -> pd.DataFrame:
     """Re-solve at each budget (the table is prepared once); infeasible budgets get status "infeasible"."""
     inst = _Instance(table)
     rows = []

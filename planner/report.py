@@ -27,8 +27,15 @@ HOW_TO_READ = (
      "second-level scales and the 16-bit LoRA adapters) divided by their parameter count; bytes is the same in bytes."),
     ("Error", "the sum over matrices of the (Fisher-weighted if calibration was used) squared Frobenius error "
      "||W - Q - A·Bᵀ||², so large matrices weigh more; compare errors between plans of the same model only."),
-    ("Bound and gap", "the bound is the exact LP relaxation of the selection problem: no plan within the budget has a "
-     "smaller total error. The gap is (error - bound) / error; a small gap means no other plan can do much better."),
+    ("Optimality", "solver status 'optimal' means proven optimal: no plan within the budget has a total error "
+     "smaller by more than the MIP tolerance (relative 1e-6); the proof line says what proved it (the LP bound "
+     "itself, reduced-cost fixing, or the MIP solver's search). 'feasible' means a time limit stopped the search."),
+    ("LP bound and gap", "the LP relaxation bound is the exact optimum of the problem with fractional choices "
+     "allowed: no plan can have a smaller total error. The gap to it, (error - bound) / error, includes the "
+     "integrality gap (whole configurations cannot fill the budget exactly), so a proven-optimal plan usually has "
+     "a small non-zero gap; it bounds how much better any plan could be."),
+    ("Fisher comparison", "with --calib, the plan minimises the Fisher-weighted error; it is compared with the "
+     "data-free plan for the same budget and grid, both measured by the Fisher-weighted error (and the plain one)."),
     ("Heatmaps", "each matrix's bits/param (incl. adapters) and LoRA rank by layer (rows) and matrix type (columns): "
      "brighter cells are where the budget went."),
     ("Error-budget curve", "the best error reachable at each budget (line) against one configuration for every matrix "
@@ -161,14 +168,56 @@ def _curve_plot(curve: pd.DataFrame | None, uniform: pd.DataFrame | None, plan: 
     return _png(fig)
 
 
+GAP_ROW = "gap to LP relaxation bound (includes the integrality gap)"
+BOUND_ROW = "LP relaxation bound"
+_PROOFS = {"lp-bound": "the greedy plan meets the LP relaxation bound",
+           "fixing": "reduced-cost fixing left one candidate per matrix",
+           "mip": "the MIP solver's branch and bound"}
+
+
+def _proof_text(s: dict) -> str | None:
+    """The optimality claim in words: what proved it and within which MIP tolerance."""
+    status = s.get("status")
+    if status is None:
+        return None
+    tol = s.get("mip_rel_tol")
+    within = f" within relative MIP tolerance {float(tol):g}" if tol is not None else ""
+    if status == "optimal":
+        how = _PROOFS.get(s.get("proof") or "", s.get("proof") or "")
+        return f"proven optimal{within}" + (f" ({how})" if how else "")
+    return f"not proven optimal (status {status}); see the gap to the LP relaxation bound"
+
+
 def _totals_frame(plan: Plan) -> pd.DataFrame:
     t, s, b = plan.totals, plan.solver, plan.budget
     rows = [("budget", b.get("spec", "")), ("budget bits", b.get("bits")),
             ("planned parameters", t.get("params")), ("bits/param", t.get("bits_per_param")),
             ("bits", t.get("bits")), ("bytes", t.get("bytes")), ("model bytes", t.get("model_bytes")),
-            ("total error", t.get("error")), ("solver", s.get("name")), ("solver status", s.get("status")),
-            ("LP bound", s.get("bound")), ("gap", s.get("gap")), ("solver seconds", s.get("seconds"))]
+            ("total error", t.get("error")), ("solver", s.get("solver", s.get("name"))),
+            ("solver status", s.get("status")), ("optimality proof", _proof_text(s)),
+            (BOUND_ROW, s.get("bound")), (GAP_ROW, s.get("gap")), ("solver seconds", s.get("seconds"))]
     return pd.DataFrame([(k, v) for k, v in rows if v is not None], columns=["quantity", "value"])
+
+
+def fisher_frame(comparison: dict | None) -> pd.DataFrame | None:
+    """The Fisher plan against the data-free plan (api.fisher_comparison), one row per measure."""
+    if not comparison:
+        return None
+    c = comparison
+    rows = [("Fisher-weighted error", c.get("fisher_plan_weighted_error"), c.get("plain_plan_weighted_error")),
+            ("plain error ||W - Q - A·Bᵀ||²", c.get("fisher_plan_unweighted_error"),
+             c.get("plain_plan_unweighted_error"))]
+    df = pd.DataFrame([r for r in rows if r[1] is not None and r[2] is not None],
+                      columns=["measure", "Fisher plan", "data-free plan"])
+    df["Fisher / data-free"] = df["Fisher plan"] / df["data-free plan"]
+    return df
+
+
+def _fisher_note(comparison: dict) -> str:
+    changed, total = comparison.get("changed_matrices"), comparison.get("matrices")
+    of = f" of {total}" if total is not None else ""
+    return (f"Matrices whose configuration differs between the two plans: {changed}{of}. The Fisher plan minimises "
+            "the Fisher-weighted error, so it should not be above the data-free plan's on that row.")
 
 
 def _human_bytes(n: int) -> str:
@@ -184,9 +233,9 @@ def _totals_md(plan: Plan) -> str:
     for k, v in _totals_frame(plan).itertuples(index=False):
         if k == "bits/param":
             v = f"{float(v):.6f}"
-        elif k in ("total error", "LP bound"):
+        elif k in ("total error", BOUND_ROW):
             v = repr(float(v))
-        elif k == "gap":
+        elif k == GAP_ROW:
             v = f"{float(v):.3e}"
         elif k == "solver seconds":
             v = f"{float(v):.3f}"
@@ -222,7 +271,10 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
         write_bytes(out / name, data)
 
     per_layer, per_type = _group(alloc, "layer"), _group(alloc, "type")
-    run = {"model": plan.model.get("name", ""), "matrices": len(plan.matrices), **(extra or {})}
+    extra = dict(extra or {})
+    comparison = extra.pop("fisher_comparison", None) or (plan.method.get("fisher") or {}).get("comparison")
+    fisher_df = fisher_frame(comparison)
+    run = {"model": plan.model.get("name", ""), "matrices": len(plan.matrices), **extra}
     if table is not None and len(table):
         run["configurations profiled per matrix"] = int(table.groupby("matrix").size().max())
     run_df = pd.DataFrame([(k, str(v)) for k, v in run.items()], columns=["item", "value"])
@@ -238,8 +290,10 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
                 f"{best['total_error'] / plan.totals['error']:.3f}x this plan's)")
             run_df = pd.DataFrame([(k, str(v)) for k, v in run.items()], columns=["item", "value"])
 
-    sections = [("Totals", None, "totals"), ("Run", run_df, None),
-                ("Allocation per layer", per_layer, None), ("Allocation per matrix type", per_type, None)]
+    sections = [("Totals", None, "totals"), ("Run", run_df, None)]
+    if fisher_df is not None:
+        sections.append(("Fisher weighting vs the data-free plan", fisher_df, "fisher"))
+    sections += [("Allocation per layer", per_layer, None), ("Allocation per matrix type", per_type, None)]
     if uni_df is not None:
         sections.append(("Uniform configurations (the same one for every matrix)", uni_df, None))
     title = f"lqplan report: {plan.model.get('name', 'model')}"
@@ -247,6 +301,8 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
     md = [f"# {title}", ""]
     for head, df, special in sections:
         md += [f"## {head}", "", _totals_md(plan) if special == "totals" else _md_table(df), ""]
+        if special == "fisher":
+            md += [_fisher_note(comparison), ""]
         if special == "totals":
             for name in images:
                 md += [f"![{name}]({name})", ""]
@@ -258,6 +314,8 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
     for head, df, special in sections:
         body.append(f"<h2>{html.escape(head)}</h2>")
         body.append(_html_table(_totals_frame(plan) if special == "totals" else df))
+        if special == "fisher":
+            body.append(f"<p>{html.escape(_fisher_note(comparison))}</p>")
         if special == "totals":
             for name, data in images.items():
                 b64 = base64.b64encode(data).decode("ascii")
