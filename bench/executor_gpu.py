@@ -10,8 +10,10 @@ the plan counts them), and QLoRA (uniform NF4 b64 double-quant, zero-init adapte
 quantization time, bytes held vs the plan, fine-tuning (next-token loss) tokens/s and peak memory of a training
 step, perplexity on held-out pydoc text before and after fine-tuning, next to the full-precision model's.
 
-    python bench/executor_gpu.py --out bench-executor.json            # on a GPU (H100: a few minutes)
-    python bench/executor_gpu.py --tiny --out /tmp/executor-tiny.json # CPU smoke test (~1-2 minutes)
+    python bench/executor_gpu.py --out bench-executor            # on a GPU (H100: about 4-5 minutes)
+    python bench/executor_gpu.py --tiny --out /tmp/executor-tiny # CPU smoke test (~1-2 minutes)
+
+Writes OUT/executor.json (everything) and OUT/executor.md (the table, the command and the environment).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import gc
 import json
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -32,14 +35,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner.apply import apply_plan, explicit_plan, memory_report, quantized_bytes  # noqa: E402
 from planner.evaluate import perplexity, real_text_splits  # noqa: E402
-from planner.fsio import write_json  # noqa: E402
+from planner.fsio import write_json, write_text  # noqa: E402
 from planner.grid import GridPoint, make_grid  # noqa: E402
 from planner.models import default_model_path  # noqa: E402
-from planner.train import train  # noqa: E402
+from planner.train import peak_memory, train  # noqa: E402
 from quant import NF4_QLORA  # noqa: E402
 
 RANDOM_NOTE = ("the weights are a seeded random initialisation of a Llama architecture{pre}, not a released "
                "checkpoint: perplexities are not comparable to published numbers; the arms are compared like-for-like")
+
+
+_T0 = time.perf_counter()
+
+
+def phase(msg: str) -> None:
+    """A timestamped progress line (stderr, flushed): a run cut off by a time limit still shows where it was."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def sync(device):
@@ -91,21 +102,28 @@ def run_arm(name: str, plan, init: str, folder: Path, args, tok, splits, device,
                alpha=args.alpha, progress=not args.quiet)
     sync(device)
     quant_seconds = time.perf_counter() - t
+    phase(f"{name}: applied in {quant_seconds:.1f} s")
     held = quantized_bytes(model)
     mem = memory_report(model)
     apply_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
     ppl_before = perplexity(model, tok, splits["heldout"], max_len=args.seq_len, stride=args.seq_len // 2,
                             batch_size=args.eval_batch)
+    phase(f"{name}: perplexity before {ppl_before:.2f}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base_alloc = torch.cuda.memory_allocated(device)
-    history = train(model, tok, splits["train"], objective="causal", steps=args.steps, batch_size=args.batch_size,
+    # Fine-tuning text the pre-training never saw (the calib split): on the memorised train split the adapters
+    # only overfit further and held-out perplexity rises for every arm, which measures nothing about quantization.
+    history = train(model, tok, splits[args.finetune_split], objective="causal", steps=args.steps, batch_size=args.batch_size,
                     max_len=args.seq_len, lr=args.lr, grad_accum=args.grad_accum,
                     gradient_checkpointing=args.grad_ckpt, progress=not args.quiet, seed=args.seed)
-    train_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    # CUDA: the allocator's peak during training; CPU: the process's peak resident set (everything so far)
+    train_peak = peak_memory(device)["peak_memory_bytes"]
+    phase(f"{name}: fine-tuned {args.steps} steps")
     ppl_after = perplexity(model, tok, splits["heldout"], max_len=args.seq_len, stride=args.seq_len // 2,
                            batch_size=args.eval_batch)
+    phase(f"{name}: perplexity after {ppl_after:.2f}")
     rates = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
     steady = rates[min(5, len(rates) - 1):]  # the first steps include allocator and kernel warm-up
     result = {
@@ -115,7 +133,8 @@ def run_arm(name: str, plan, init: str, folder: Path, args, tok, splits, device,
         "plan_bytes": plan.totals["bytes"], "held_bytes": held, "bytes_match_plan": held == plan.totals["bytes"],
         "memory": mem, "apply_peak_bytes": apply_peak,
         "train_peak_bytes": train_peak,
-        "train_peak_above_model_bytes": None if train_peak is None else train_peak - base_alloc,
+        "train_peak_kind": peak_memory(device)["peak_memory_kind"],
+        "train_peak_above_model_bytes": train_peak - base_alloc if device.type == "cuda" else None,
         "tokens_per_s": statistics.median(steady) if steady else None,
         "loss_first": history[0]["loss"], "loss_last": statistics.mean(h["loss"] for h in history[-10:]),
         "ppl_fp": fp_ppl, "ppl_before": ppl_before, "ppl_after": ppl_after,
@@ -130,8 +149,12 @@ def fmt_bytes(n):
 
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [f"Model: Llama {meta['model']['params'] / 1e6:.1f}M parameters, {meta['planned_matrices']} planned "
-             f"matrices; device {meta['device']}; {meta['steps']} steps x {meta['tokens_per_step']} tokens.",
-             f"Note: {meta['note']}.", "",
+             f"matrices; device {meta['device']}; {meta['steps']} steps x {meta['tokens_per_step']} tokens "
+             f"of fine-tuning on the {meta['args']['finetune_split']} split (pre-training used the train split; "
+             f"perplexity is on the held-out split).",
+             f"Note: {meta['note']}.",
+             "Train peak: the CUDA allocator's peak during fine-tuning (GPU), or the process's peak resident set "
+             "size (CPU).", "",
              "| arm | bits/param (plan) | quantize s | bytes held = plan | train peak | tokens/s | "
              "ppl fp | ppl before | ppl after |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -145,7 +168,7 @@ def markdown(results: list[dict], meta: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench-executor.json", help="JSON results file")
+    p.add_argument("--out", default="bench-executor", help="results folder: executor.json + executor.md")
     p.add_argument("--tiny", action="store_true", help="a small model and few steps: a CPU smoke test")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=200)
@@ -165,6 +188,8 @@ def parse_args(argv=None):
     p.add_argument("--ranks", default="8,16,32,64")
     p.add_argument("--iters", type=int, default=3, help="LoftQ alternating steps (profile and apply)")
     p.add_argument("--qlora-rank", type=int, default=64)
+    p.add_argument("--finetune-split", default="calib", choices=["calib", "train"],
+                   help="text the arms are fine-tuned on (pre-training uses train; evaluation uses heldout)")
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--intermediate", type=int, default=2048)
@@ -189,6 +214,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    started = time.perf_counter()
     from transformers import AutoTokenizer
 
     from planner.api import make_plan  # the lead's planner API; imported late so --help works without it
@@ -205,6 +231,7 @@ def main(argv=None) -> dict:
     folder = work / "model"
     model_info = build_model(folder, args, tok, splits["train"], device)
 
+    phase(f"model built and saved: {model_info}")
     fp = load_fp(folder, device)
     fp_ppl = perplexity(fp, tok, splits["heldout"], max_len=args.seq_len, stride=args.seq_len // 2,
                         batch_size=args.eval_batch)
@@ -214,12 +241,17 @@ def main(argv=None) -> dict:
     grid = make_grid(bits=args.bits, blocks=args.blocks, ranks=args.ranks)
     arms = []
     plan_seconds = {}
+    plan_stats = {}
     for budget in [b.strip() for b in args.budgets.split(",") if b.strip()]:
         t = time.perf_counter()
+        phase(f"planning {budget}")
         result = make_plan(model=str(folder), budget=budget, out_dir=work / f"plan-{budget}", grid=grid,
                            iters=args.iters, cache_dir=work / "cache", device=str(device), progress=not args.quiet,
                            reports=False)
         plan_seconds[budget] = round(time.perf_counter() - t, 1)
+        plan_stats[budget] = {"profile": result.stats.summary(), "profile_seconds": round(result.stats.seconds, 1),
+                              "solver": {k: v for k, v in result.plan.solver.items() if k != "objective"}}
+        phase(f"planned {budget} in {plan_seconds[budget]} s: {plan_stats[budget]}")
         arms.append((f"LQ-LoRA {budget}", result.plan, "loftq"))
     planned = [e.name for e in arms[0][1].matrices]
     from transformers import AutoModelForCausalLM
@@ -245,12 +277,22 @@ def main(argv=None) -> dict:
             torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"),
         "torch": torch.__version__, "planned_matrices": len(planned), "fp_bytes": fp_bytes, "fp_ppl": fp_ppl,
         "steps": args.steps, "tokens_per_step": args.batch_size * args.grad_accum * args.seq_len,
-        "plan_seconds": plan_seconds, "args": vars(args), "workdir": str(work),
+        "plan_seconds": plan_seconds, "plan_stats": plan_stats, "args": vars(args), "workdir": str(work),
         "text": {k: len(v) for k, v in splits.items()},
     }
     table = markdown(results, meta)
-    print(table)
-    write_json(args.out, {"schema": "lqplan.bench.executor/1", "meta": meta, "results": results, "table": table})
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    meta.update(command=command, total_seconds=round(time.perf_counter() - started, 1))
+    md = "\n".join([table, "", f"Command: `{command}`", "",
+                    f"Environment: torch {meta['torch']}, device {meta['device']}; total wall time "
+                    f"{meta['total_seconds']:.0f} s (pre-training {model_info.get('pretrain_seconds', 0)} s, "
+                    f"planning {sum(plan_seconds.values()):.1f} s)."])
+    print(md)
+    out = Path(args.out)
+    write_json(out / "executor.json", {"schema": "lqplan.bench.executor/1", "meta": meta, "results": results,
+                                       "table": table})
+    write_text(out / "executor.md", md + "\n")
+    print(f"results: {out / 'executor.json'} and {out / 'executor.md'}")
     return {"meta": meta, "results": results}
 
 
