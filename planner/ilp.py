@@ -17,7 +17,10 @@ instance measured (bench/bench_ilp.py, 560 x 48): 1.5-2.0 s with steps 1-4 and 3
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -220,8 +223,27 @@ def _default_describe(params: int | None) -> Callable[[int], str]:
 
 
 # ---- solving -----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _silence_fd1():
+    """Send file descriptor 1 to /dev/null: highspy >= 1.16 prints a banner from C++ when the first Highs object
+    is made, whatever `output_flag` says, and that would land in the middle of the CLI's output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 class _HiGHSWarm(pulp.HiGHS):
     """PuLP's HiGHS interface has no warm start; hand the variables' initial values to highspy before the run."""
+
+    def createAndConfigureSolver(self, lp):
+        with _silence_fd1():
+            super().createAndConfigureSolver(lp)
 
     def callSolver(self, lp):
         import highspy
