@@ -12,6 +12,7 @@ Prints median step time, the ratio to bitsandbytes, and peak memory.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -147,6 +148,7 @@ def main(argv=None):
     x = (torch.randn(args.tokens, dims[0], generator=gen)).to(device=device, dtype=torch.bfloat16)
     rows = {}
     for variant in variants:
+        gc.collect()  # the previous variant's layers must be gone before "resident" is read
         model = build(variant, args.blocks, dims, args.rank, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
