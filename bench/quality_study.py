@@ -91,6 +91,7 @@ class Settings:
     layers: int | None = None  # plan only the first N transformer layers (None: all 6)
     device: str = "auto"
     quick: bool = False
+    finetune: bool = True  # False (--errors-only): errors and cosine at initialisation only, claims 2-3 not run
 
 
 def quick_settings() -> Settings:
@@ -226,7 +227,10 @@ def run_arm(plan: Plan, arm: Arm, seed: int, ctx: dict, settings: Settings, solv
     if measure:
         out.update(measure_errors(model, plan, ctx["teacher"], ctx["fisher"]))
     evaluate = lambda m: _cosine(m, ctx["tokenizer"], ctx["heldout"], ctx["teacher_emb"], settings.max_len)  # noqa
-    if trainable_parameters(model):
+    if not settings.finetune:
+        cos = evaluate(model)
+        out.update(cos_before=cos, cos_after=None, loss_first=None, loss_last=None)
+    elif trainable_parameters(model):
         history = train(model, ctx["tokenizer"], ctx["train"], objective="distill", teacher=ctx["teacher"],
                         steps=settings.steps, batch_size=settings.batch_size, max_len=settings.max_len,
                         lr=settings.lr, eval_fn=evaluate, seed=seed, progress=False)
@@ -274,6 +278,13 @@ def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
                                                           else "the optimal plan is uniform at some budget (a tie "
                                                                "is not 'lower')"),
                    "detail": parts})
+    if not any(r.get("cos_after_mean") == r.get("cos_after_mean") for r in rows if r["status"] == "ok"):
+        for claim in ("Fisher weighting lowers the downstream loss (1 - held-out teacher cosine after fine-tuning) "
+                      "further than the data-free plan",
+                      "At <= 3 bits/param the ILP plan beats uniform QLoRA after the same fine-tuning"):
+            claims.append({"claim": claim, "status": "NOT RUN", "reason": "this run did not fine-tune (--errors-only)",
+                           "detail": []})
+        return claims
     # 2. Fisher: lower downstream loss (1 − held-out teacher cosine after fine-tuning) than the data-free plan.
     parts, ok, compared = [], True, 0
     for b in budgets:
@@ -347,9 +358,11 @@ def render_md(result: dict) -> str:
         f"Budgets in bits per planned parameter, adapters included at 16 bits. Grid: NF bits {s['lora_bits']} x "
         f"blocks {s['lora_blocks']} (double quant 8-bit/256) x ranks {s['lora_ranks']}; QA-LoRA INT bits "
         f"{s['qalora_bits']} x groups {s['qalora_groups']} (fp16 scale + zero) x ranks {s['qalora_ranks']}; LoftQ "
-        f"iterations {s['iters']}. Fine-tuning: {s['steps']} steps of distillation to the full-precision model "
-        f"(batch {s['batch_size']}, {s['max_len']} tokens, AdamW lr {s['lr']}), {s['seeds']} seed(s); teacher "
-        f"cosine on {s['eval_texts']} held-out pydoc paragraphs.",
+        f"iterations {s['iters']}. " + (
+            f"Fine-tuning: {s['steps']} steps of distillation to the full-precision model (batch {s['batch_size']}, "
+            f"{s['max_len']} tokens, AdamW lr {s['lr']}), {s['seeds']} seed(s)" if s.get("finetune", True) else
+            "No fine-tuning (--errors-only): errors and cosine at initialisation") +
+        f"; teacher cosine on {s['eval_texts']} held-out pydoc paragraphs.",
         "",
         "Ranks suit the 384-wide model: a rank-r adapter costs 0.0625·r bits/param over MiniLM (1.33 bits/param at "
         f"rank 16 on a 384x384 matrix). QLoRA's NF4 + double quant costs {result['qlora_nf4_bits']} bits/param with "
@@ -379,8 +392,8 @@ def render_md(result: dict) -> str:
             f"| {r['budget']} | {ARM_NAMES[r['arm']]} | {r['config']} | {r['bits_per_param']:.4f} "
             f"({r['adapter_bits_per_param']:.3f}) | "
             f"{_fmt(r['total_error'])} | {_fmt(r['fisher_error'])} | "
-            f"{r['cos_before_mean']:.4f} ± {r['cos_before_std']:.4f} | {r['cos_after_mean']:.4f} ± "
-            f"{r['cos_after_std']:.4f} | {'yes' if r['bytes_match'] else 'NO'} |")
+            f"{r['cos_before_mean']:.4f} ± {r['cos_before_std']:.4f} | {_fmt(r['cos_after_mean'], '.4f')} ± "
+            f"{_fmt(r['cos_after_std'], '.4f')} | {'yes' if r['bytes_match'] else 'NO'} |")
     lines += ["", "Best uniform configuration per budget (all uniform labels of the data-free profile that fit):", ""]
     for b, u in result["uniform_best"].items():
         lines.append(f"- {b}: " + (f"{u['label']}, {u['bits_per_param']:.4f} bits/param, error {u['total_error']:.4g}"
@@ -388,7 +401,9 @@ def render_md(result: dict) -> str:
     lines += ["", "Errors are measured on the applied layers before fine-tuning (W − Q − adapter; QA-LoRA: the "
               "pooled adapter's dense equivalent); the ILP minimises the profiled error, which they reproduce "
               f"(largest relative difference {result['max_table_mismatch']:.1e}). Cosine: mean ± std over seeds.",
-              "", "![error vs bits](error_vs_bits.png)", "", "![cosine vs bits](cosine_vs_bits.png)", ""]
+              "", "![error vs bits](error_vs_bits.png)", ""]
+    if result["settings"].get("finetune", True):
+        lines += ["![cosine vs bits](cosine_vs_bits.png)", ""]
     return "\n".join(lines)
 
 
@@ -407,10 +422,12 @@ def plots(rows: list[dict]) -> dict[str, bytes]:
     out = {}
     for name, key, ylabel in (("error_vs_bits.png", "total_error", "total reconstruction error Σ‖W − Q − L‖²"),
                               ("cosine_vs_bits.png", "cos_after_mean", "teacher cosine after fine-tuning")):
+        if not any(r["status"] == "ok" and not math.isnan(r[key]) for r in rows):
+            continue  # an --errors-only run has no cosine after fine-tuning
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for arm in ARMS:
             pts = sorted({(r["bits_per_param"], r[key], r.get("cos_after_std", 0.0)) for r in rows
-                          if r["arm"] == arm and r["status"] == "ok"})
+                          if r["arm"] == arm and r["status"] == "ok" and not math.isnan(r[key])})
             if not pts:
                 continue
             xs, ys, es = zip(*pts)
@@ -507,7 +524,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, progress: bool
                         for seed in range(settings.seeds)]
                 done[key] = (runs, f"{budget}/{arm.arm}")
                 log(f"{budget} bits {arm.arm:10s} {arm.describe:34s} cos {runs[0]['cos_before']:.4f} -> "
-                    f"{statistics.fmean(r['cos_after'] for r in runs):.4f} ({sum(r['seconds'] for r in runs):.1f} s)")
+                    f"{_fmt(_mean_std(r['cos_after'] for r in runs)[0], '.4f')} ({sum(r['seconds'] for r in runs):.1f} s)")
             runs, first = done[key]
             counts: dict[str, int] = {}
             for e in plan.matrices:
@@ -592,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(default .lqplan-cache)")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 budgets, 1 seed, first layer, tiny grid, 2 steps")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--errors-only", action="store_true", help="no fine-tuning: reconstruction and Fisher-weighted "
+                   "errors and the cosine at initialisation, for every arm and budget (claim 1 only; ~15 min on 2 "
+                   "CPU cores)")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="merge finished runs (their --out folders, e.g. one "
                    "budget per process run in parallel) into --out; computes nothing")
     args = p.parse_args(argv)
@@ -613,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = replace(settings, lora_ranks=args.ranks,
                                qalora_ranks=",".join(r for r in args.ranks.split(",") if r.strip() not in ("", "0")))
         settings = replace(settings, device=args.device)
+        if args.errors_only:
+            settings = replace(settings, finetune=False, seeds=1)
         out = Path(args.out)
         cache = Path(args.cache)
         command = "python bench/quality_study.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -81,3 +81,38 @@ def test_bad_options_are_one_line_errors(study, tmp_path, capsys):
     assert "--budgets" in capsys.readouterr().err
     assert study.main(["--out", str(tmp_path), "--steps", "0", "--quick"]) == 2
     assert not list(tmp_path.iterdir())  # rejected before any work
+
+
+def test_errors_only_reproduces_the_errors_and_skips_the_downstream_claims(quick_run, study, tmp_path):
+    _, full = quick_run
+    out = tmp_path / "errors"
+    cache = Path(full["command"].split("--cache ")[1].split()[0])  # the quick run's profile cache: no re-profiling
+    assert study.main(["--out", str(out), "--cache", str(cache), "--device", "cpu", "--quick", "--quiet",
+                       "--errors-only"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert [c["status"] for c in result["claims"][1:]] == ["NOT RUN", "NOT RUN"]
+    assert result["claims"][0]["status"] == full["claims"][0]["status"]
+    assert not (out / "cosine_vs_bits.png").exists() and (out / "error_vs_bits.png").stat().st_size > 0
+    errors = {(r["budget"], r["arm"]): r["total_error"] for r in full["rows"]}
+    for r in result["rows"]:  # same plans, same deterministic decompositions: the same errors, to the bit
+        assert r["total_error"] == errors[(r["budget"], r["arm"])]
+        assert r["cos_after_mean"] is None or math.isnan(r["cos_after_mean"])
+
+
+def test_merge_of_per_budget_runs_equals_one_run(quick_run, study, tmp_path):
+    _, full = quick_run
+    cache = full["command"].split("--cache ")[1].split()[0]
+    parts = []
+    for budget in ("3.5", "2.75"):  # out of order on purpose: the merge sorts by budget
+        parts.append(tmp_path / budget)
+        assert study.main(["--out", str(parts[-1]), "--cache", cache, "--device", "cpu", "--quick", "--quiet",
+                           "--budgets", budget]) == 0
+    merged = tmp_path / "merged"
+    assert study.main(["--merge", *map(str, parts), "--out", str(merged)]) == 0
+    result = json.loads((merged / "results.json").read_text())
+    assert result["budgets"] == [2.75, 3.5] and result["complete"]
+    assert [(r["budget"], r["arm"]) for r in result["rows"]] == [(r["budget"], r["arm"]) for r in full["rows"]]
+    assert [r["total_error"] for r in result["rows"]] == [r["total_error"] for r in full["rows"]]
+    assert [c["status"] for c in result["claims"]] == [c["status"] for c in full["claims"]]
+    assert "Merged from 2 runs" in (merged / "quality.md").read_text()
+    assert study.main(["--merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m2")]) == 2
