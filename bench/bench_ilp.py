@@ -70,23 +70,30 @@ def main(argv=None) -> None:
           f"(table built in {time.perf_counter() - t0:.1f} s)")
 
     results = {}
-    modes = [("full", True)] + ([] if args.skip_plain else [("plain", False)])
-    for mode, fix in modes:
-        for solver in ("highs", "cbc"):
+    # "default": what `lqplan plan` runs (steps 1-4, then the exact DP); "full": steps 1-4, then the MIP solver;
+    # "plain": the MIP solver alone.
+    modes = [("default", True, True), ("full", True, False)] + ([] if args.skip_plain else [("plain", False, False)])
+    for mode, fix, dp in modes:
+        for solver in (("highs",) if dp else ("highs", "cbc")):  # the DP does not call a solver
             limit = args.cbc_time_limit if solver == "cbc" else None
             runs = []
             for _ in range(args.repeat if fix else 1):
                 t = time.perf_counter()
-                sol = solve(table, budget, solver=solver, threads=args.threads, time_limit=limit, fix_by_bound=fix)
+                sol = solve(table, budget, solver=solver, threads=args.threads, time_limit=limit, fix_by_bound=fix,
+                            exact_dp=dp)
                 runs.append(time.perf_counter() - t)
             wall = statistics.median(runs)
             results[(mode, solver)] = (wall, sol)
-            print(f"{mode:5s} {solver:5s} wall {wall:8.3f} s (runs {', '.join(f'{r:.3f}' for r in runs)})  "
+            print(f"{mode:7s} {'dp' if dp else solver:5s} wall {wall:8.3f} s (runs {', '.join(f'{r:.3f}' for r in runs)})  "
                   f"status {sol.status} ({sol.proof or 'not proven'})  objective {sol.objective:.10g}  "
                   f"LP bound {sol.bound:.10g}  gap {sol.gap:.3e}  bits/param {sol.total_bits / params:.6f}  "
                   f"pruned {sol.pruned}", flush=True)
-    for mode, _ in modes:
+    wd, sd = results[("default", "highs")]
+    for mode, _, dp in modes:
+        if dp:
+            continue
         (wh, sh), (wc, sc) = results[(mode, "highs")], results[(mode, "cbc")]
+        print(f"{mode}: HiGHS/DP wall-time ratio {wh / wd:.2f}; objective ratio {sh.objective / sd.objective:.12f}")
         same = "same choice" if sh.choice == sc.choice else "different choice"
         print(f"{mode}: CBC/HiGHS wall-time ratio {wc / wh:.2f}; objective ratio {sc.objective / sh.objective:.12f} "
               f"({same})")

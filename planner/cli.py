@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="bits per planned parameter ('2.75bits') or model bytes "
                    "('6GB', '6GiB', '500MB')")
     p.add_argument("--ilp-solver", choices=("highs", "cbc"), default="highs",
-                   help="PuLP solver: HiGHS (default, ~30x faster at 70B size) or PuLP's bundled CBC")
+                   help="MIP solver through PuLP, for instances too large for the exact DP: HiGHS (default) or "
+                   "PuLP's bundled CBC")
     p.add_argument("--time-limit", type=_seconds, default=60.0, metavar="SECONDS",
                    help="seconds the ILP may branch to prove optimality; then the best plan found is kept, marked "
                    "'feasible' with its gap (default 60; 0 = no limit)")
@@ -166,8 +167,9 @@ def cmd_plan(args) -> int:
     print(f"plan: {len(res.plan.matrices)} matrices, {t['bits_per_param']:.4f} bits/param "
           f"({t['bytes'] / 2**20:.2f} MiB planned, {t['model_bytes'] / 2**20:.2f} MiB model), "
           f"error {t['error']:.6g}")
-    proof = f" ({s['proof']})" if s.get("proof") else ""
-    print(f"solver: {s.get('solver')} {s.get('status')}{proof}; gap to LP relaxation bound {s.get('gap', 0):.2e} "
+    from .report import proof_text
+
+    print(f"solver: {proof_text(s)}; gap to LP relaxation bound {s.get('gap', 0):.2e} "
           f"(includes the integrality gap)")
     if s.get("status") != "optimal":
         print(f"solver: the time limit ({args.time_limit:g} s) stopped the proof; the plan is the best found, within "
@@ -207,7 +209,6 @@ def cmd_profile(args) -> int:
 def cmd_report(args) -> int:
     from .ilp import uniform_solutions
     from .plan import Plan
-    from .profile import load_table
     from .report import write_reports
 
     plan = Plan.load(args.plan)
@@ -215,8 +216,10 @@ def cmd_report(args) -> int:
     out = Path(args.out) if args.out else folder
     _check_writable(out, "--out")
     csv = Path(args.profile) if args.profile else folder / "profile.csv"
-    table = load_table(csv) if csv.is_dir() else _read_profile_csv(csv)
-    _check_profile_matches(plan, table, (csv / "profile.csv" if csv.is_dir() else csv).with_name("profile.json"))
+    if csv.is_dir():
+        csv = csv / "profile.csv"
+    table = _read_profile_csv(csv)
+    _check_profile_matches(plan, table, csv.with_name("profile.json"))
     paths = write_reports(plan, table, out, None,
                           uniform_solutions(table, int(plan.totals.get("budget_bits", plan.totals["bits"]))), None)
     for k, v in paths.items():
@@ -354,6 +357,7 @@ def cmd_train(args) -> int:
         raise UserError(f"--max-len {args.max_len} must be >= 2, e.g. 128")
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr} must be positive, e.g. 2e-4")
+    _check_writable(args.out, "--out")  # before quantizing and training, not at the first checkpoint
     texts = read_text_file(args.text) if args.text else None
     if args.quiet:
         from transformers.utils import logging as hf_logging

@@ -9,8 +9,13 @@ Before the solver sees it, the instance is made small without changing its optim
 3. the greedy integer solution is the incumbent (and the solver's warm start); if it meets the bound the solver
    is not called at all;
 4. reduced-cost fixing: x(i,c) = 1 forces objective >= bound + rc(i,c) (rc: Lagrangian reduced cost at lambda), so
-   every configuration with bound + rc > incumbent is dropped; only the few near the lambda-tangent remain.
-Default solver: HiGHS, the one that meets issue 5's target (proven optimal in <= 5 s on 2 cores) on every 70B-sized
+   every configuration with bound + rc > incumbent is dropped; only the few near the lambda-tangent remain;
+5. what is left is solved exactly by dynamic programming over the budget (in units of the gcd of the storage
+   steps) when that table is small enough (DP_MAX_CELLS), else by the MIP solver below with a time limit. The DP
+   is hand-written because branch and bound stalls on the instances real models give: layers whose matrices
+   have nearly equal errors make millions of near-equivalent plans, and HiGHS and CBC both ran out a 60 s limit
+   on a 132M Llama's 84 matrices (gap 1e-3 left), where the DP takes well under a second and is exact.
+MIP solver: HiGHS, the one that meets issue 5's target (proven optimal in <= 5 s on 2 cores) on every 70B-sized
 instance measured (bench/bench_ilp.py, 560 x 48): 1.5-2.0 s with steps 1-4 and 3.5 s without, where CBC took 0.55 s,
 8.2 s and 4.7 s on three seeds/budgets with them and 16 s without; CBC (issue 3's choice) stays available as solver="cbc".
 """
@@ -42,6 +47,9 @@ RTOL = 1e-6
 # the LP bound: knapsacks over near-identical matrices (a model whose layers look alike) can branch for many
 # minutes to prove the last 1e-6, and a planner must not hang. None = no limit.
 DEFAULT_TIME_LIMIT = 60.0
+# Largest DP table (kept configurations x budget units) solved exactly: ~1 s and at most 200 MB of choice table
+# (one byte a cell); the 70B-sized instances of bench/bench_ilp.py need 0.6-1.7e8 after fixing.
+DP_MAX_CELLS = 200_000_000
 CURVE_TIME_LIMIT = 10.0  # per budget of the error-budget curve: a report, not a plan
 REQUIRED_COLUMNS = ("matrix", "label", "error", "storage_bits")
 
@@ -71,7 +79,7 @@ class Solution:
     solver: str
     seconds: float
     budget_bits: int
-    proof: str = ""  # what proved optimality: "lp-bound", "fixing" (one candidate left per matrix) or "mip"
+    proof: str = ""  # what proved optimality: "lp-bound", "fixing" (one candidate left per matrix), "dp" or "mip"
     multiplier: float = 0.0  # Lagrange multiplier of the budget row: error reduction per extra bit at the margin
     pruned: dict = field(default_factory=dict)  # configs, dominated, fixed_by_bound, in_model
 
@@ -271,26 +279,71 @@ def _make_solver(name: str, threads: int, time_limit: float | None, gap_abs: flo
     raise UserError(f"ILP solver {name!r} is not supported; use one of {SOLVERS} (e.g. --solver highs)")
 
 
-def _solve_mip(inst: _Instance, keep: np.ndarray, incumbent: np.ndarray, budget_bits: int, solver: str,
-               threads: int, time_limit: float | None, gap_abs: float) -> tuple[np.ndarray, str]:
+def _restricted(inst: _Instance, keep: np.ndarray, budget_bits: int):
+    """The kept rows with each matrix's costs shifted by its cheapest kept row (same optimum, small numbers) and
+    storage in units of the gcd of the shifts, so the budget row compares integers, not 1e11-sized floats.
+    Returns (rows, matrix of each row, storage units, error shift, capacity in units)."""
     rows = np.flatnonzero(keep)
     mats = inst.mat[rows]
-    # Shift each matrix's costs by its cheapest kept row: same optimum, smaller coefficients; the knapsack row is
-    # divided by the gcd of its integer coefficients so the solver compares integers, not 1e11-sized floats.
     first = np.full(len(inst.names), -1, dtype=np.int64)
     first[mats[::-1]] = rows[::-1]
-    base_s, base_e = inst.s[first[mats]], inst.e[first[mats]]
-    ds, de = inst.s[rows] - base_s, inst.e[rows] - base_e
+    ds, de = inst.s[rows] - inst.s[first[mats]], inst.e[rows] - inst.e[first[mats]]
     cap = budget_bits - int(inst.s[first].sum())
     g = int(np.gcd.reduce(ds[ds > 0])) if (ds > 0).any() else 1
-    ds, cap = ds // g, cap // g
+    return rows, mats, ds // g, de, cap // g
+
+
+def _dp_cells(inst: _Instance, keep: np.ndarray, budget_bits: int) -> int:
+    rows, _, _, _, cap = _restricted(inst, keep, budget_bits)
+    return len(rows) * (cap + 1)
+
+
+def _solve_dp(inst: _Instance, keep: np.ndarray, budget_bits: int) -> np.ndarray:
+    """Exact optimum of the kept rows: best[c] = least error shift of the matrices so far within c units.
+    Ties go to the earlier (smaller) configuration, so the plan is deterministic."""
+    rows, mats, ds, de, cap = _restricted(inst, keep, budget_bits)
+    best = np.zeros(cap + 1)
+    picks = []  # (lo, hi, index of the row chosen at each capacity or None when the matrix has one row)
+    for lo, hi in zip(*_spans(mats)):
+        if hi - lo == 1:  # only its cheapest kept row (shift 0): nothing to choose
+            picks.append((lo, hi, None))
+            continue
+        new = np.full(cap + 1, np.inf)
+        arg = np.zeros(cap + 1, dtype=np.uint8 if hi - lo <= 256 else np.int16)
+        for j in range(lo, hi):
+            d = int(ds[j])
+            if d > cap:
+                break  # storage ascends within a matrix
+            cand = best[:cap + 1 - d] + de[j]
+            better = cand < new[d:]
+            new[d:][better] = cand[better]
+            arg[d:][better] = j - lo
+        best = new
+        picks.append((lo, hi, arg))
+    out = np.empty(len(inst.names), dtype=np.int64)
+    c = cap
+    for lo, hi, arg in reversed(picks):
+        j = lo if arg is None else lo + int(arg[c])
+        out[mats[j]] = rows[j]
+        c -= int(ds[j])
+    return out
+
+
+def _spans(mats: np.ndarray) -> tuple[list[int], list[int]]:
+    """[lo, hi) of each matrix's run in a matrix-sorted row array."""
+    bounds = np.flatnonzero(np.diff(mats)) + 1
+    return np.concatenate(([0], bounds)).tolist(), np.concatenate((bounds, [len(mats)])).tolist()
+
+
+def _solve_mip(inst: _Instance, keep: np.ndarray, incumbent: np.ndarray, budget_bits: int, solver: str,
+               threads: int, time_limit: float | None, gap_abs: float) -> tuple[np.ndarray, str]:
+    rows, mats, ds, de, cap = _restricted(inst, keep, budget_bits)
 
     prob = pulp.LpProblem("mckp", pulp.LpMinimize)
     x = [prob.add_variable(f"x{r}", cat=pulp.LpBinary) for r in rows.tolist()]
     prob += pulp.LpAffineExpression(zip(x, de.tolist()))
     prob += pulp.LpAffineExpression(zip(x, ds.tolist())) <= cap, "budget"
-    bounds = np.flatnonzero(np.diff(mats)) + 1
-    for lo, hi in zip(np.concatenate(([0], bounds)).tolist(), np.concatenate((bounds, [len(rows)])).tolist()):
+    for lo, hi in zip(*_spans(mats)):
         prob += pulp.LpAffineExpression((v, 1) for v in x[lo:hi]) == 1, f"one_{mats[lo]}"
     chosen = set(incumbent.tolist())
     for r, v in zip(rows.tolist(), x):
@@ -310,11 +363,12 @@ def _solve_mip(inst: _Instance, keep: np.ndarray, incumbent: np.ndarray, budget_
 
 def solve(table: pd.DataFrame, budget_bits: int, solver: str = DEFAULT_SOLVER, threads: int = 2,
           time_limit: float | None = DEFAULT_TIME_LIMIT, describe: Callable[[int], str] | None = None,
-          fix_by_bound: bool = True, _instance: _Instance | None = None) -> Solution:
+          fix_by_bound: bool = True, exact_dp: bool = True, _instance: _Instance | None = None) -> Solution:
     """Optimal configuration per matrix under `budget_bits` (see the module docstring for the method).
 
     describe(bits) -> str words a bit count in the user's unit for the infeasibility message (see
-    planner.budget.Budget.format_bits). fix_by_bound=False skips steps 3-4 (for benchmarking the plain ILP)."""
+    planner.budget.Budget.format_bits). fix_by_bound=False skips steps 3-4 and exact_dp=False step 5's DP (for
+    benchmarking the MIP solvers)."""
     t0 = time.perf_counter()
     solver = str(solver).lower()
     if solver not in SOLVERS:
@@ -351,6 +405,11 @@ def solve(table: pd.DataFrame, budget_bits: int, solver: str = DEFAULT_SOLVER, t
             pruned["in_model"] = int(keep.sum())
         if fix_by_bound and pruned["in_model"] == len(inst.names):
             status, proof = "optimal", "fixing"
+        elif exact_dp and _dp_cells(inst, keep, budget_bits) <= DP_MAX_CELLS:
+            best = _solve_dp(inst, keep, budget_bits)
+            if math.fsum(inst.e[best].tolist()) < incumbent_error:  # on a float tie the incumbent stays
+                rows = best
+            status, proof = "optimal", "dp"
         else:
             rows, status = _solve_mip(inst, keep, rows, budget_bits, solver, threads, time_limit, tol)
             proof = "mip" if status == "optimal" else ""

@@ -172,10 +172,11 @@ GAP_ROW = "gap to LP relaxation bound (includes the integrality gap)"
 BOUND_ROW = "LP relaxation bound"
 _PROOFS = {"lp-bound": "the greedy plan meets the LP relaxation bound",
            "fixing": "reduced-cost fixing left one candidate per matrix",
-           "mip": "the MIP solver's branch and bound"}
+           "mip": "the MIP solver's branch and bound",
+           "dp": "exact dynamic program over the budget after reduced-cost fixing"}
 
 
-def _proof_text(s: dict) -> str | None:
+def proof_text(s: dict) -> str | None:
     """The optimality claim in words: what proved it and within which MIP tolerance."""
     status = s.get("status")
     if status is None:
@@ -194,7 +195,7 @@ def _totals_frame(plan: Plan) -> pd.DataFrame:
             ("planned parameters", t.get("params")), ("bits/param", t.get("bits_per_param")),
             ("bits", t.get("bits")), ("bytes", t.get("bytes")), ("model bytes", t.get("model_bytes")),
             ("total error", t.get("error")), ("solver", s.get("solver", s.get("name"))),
-            ("solver status", s.get("status")), ("optimality proof", _proof_text(s)),
+            ("solver status", s.get("status")), ("optimality proof", proof_text(s)),
             (BOUND_ROW, s.get("bound")), (GAP_ROW, s.get("gap")), ("solver seconds", s.get("seconds"))]
     return pd.DataFrame([(k, v) for k, v in rows if v is not None], columns=["quantity", "value"])
 

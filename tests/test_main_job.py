@@ -81,7 +81,7 @@ def test_outputs_exist_and_the_plan_validates(job):
     plan = Plan.load(out / "plan.json")  # load() validates: bytes per matrix = exact config cost, totals add up
     assert json.loads((out / "plan.json").read_text())["schema"] == SCHEMA
     assert plan.model["name"] == "minilm" and len(plan.matrices) == MATRICES
-    assert plan.solver["status"] == "optimal" and plan.solver["proof"] in ("lp-bound", "fixing", "mip")
+    assert plan.solver["status"] == "optimal" and plan.solver["proof"] in ("lp-bound", "fixing", "dp", "mip")
 
     page = (out / "report.html").read_text(encoding="utf-8")
     refs = re.findall(r"""(?:src|href)\s*=\s*["']?([^"' >]+)""", page, flags=re.IGNORECASE)
