@@ -23,6 +23,7 @@ from torch import nn
 
 from quant import QuantConfig
 from quant.blockwise import QuantizedTensor
+from quant.qalora import QALoRALinear
 from quant.layers import BUFFER_PREFIX, QuantLoRALinear
 
 from . import __version__
@@ -38,7 +39,8 @@ WEIGHTS = "model.safetensors"
 
 def _check_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
     layers = quant_layers(model)
-    other = [n for n, m in layers.items() if not isinstance(m, QuantLoRALinear)]
+    other = [n for n, m in layers.items() if isinstance(m, QALoRALinear)]  # a subclass: its pooled adapter
+    # would be reloaded as a plain LoRA layer's and fail on the first forward
     if other:
         raise UserError(f"saving/exporting QA-LoRA layers ({other[0]}, ...) is not supported yet; "
                         "merge them with QALoRALinear.merge() or use init='loftq'/'qlora'")

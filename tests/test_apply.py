@@ -428,6 +428,17 @@ def test_mixed_plan_builds_each_entry_with_its_method(mixed_qalora):
     assert {e.point.method for e in plan.matrices} == {"lora", "qalora"}
 
 
+def test_qalora_models_are_refused_by_save_and_export_not_written_broken(mixed_qalora, tmp_path):
+    from planner.errors import UserError
+    from planner.export import export_peft, save_quantized
+
+    model, plan, _ = mixed_qalora
+    for write in (lambda: save_quantized(model, plan, tmp_path / "q"), lambda: export_peft(model, tmp_path / "p")):
+        with pytest.raises(UserError, match="QA-LoRA"):
+            write()
+    assert not list(tmp_path.iterdir())
+
+
 def test_qalora_plan_forward_equals_the_dequantized_reference(mixed_qalora, minilm_path, batch):
     from quant import qalora_decompose
     from quant.qalora import adapter_weight
