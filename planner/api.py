@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from quant import SolverSettings, decompose
 from quant.decompose import _sqrt_weights, weighted_error
@@ -103,7 +102,7 @@ def weighted_plan_error(source, plan: Plan, fisher, weighted_decomposition: bool
         if e.point.method == "qalora":
             from quant.qalora import adapter_weight, qalora_decompose
 
-            d = qalora_decompose(w, e.point.config, e.point.rank, iters, solver, weights)
+            d = qalora_decompose(w, e.point.config, e.point.rank, min(iters, 1), solver, weights)  # as apply_plan
             low = adapter_weight(d.lora_a, d.lora_b, e.point.config.blocksize)
         else:
             d = decompose(w, e.point.config, e.point.rank, iters, weights, solver)
@@ -153,6 +152,22 @@ def check_budget_feasible(grid: list[GridPoint], matrices, budget_bits: int, des
     return min_bits
 
 
+def resolve_budget(source, matrices, grid, budget: str):
+    """The budget in bits for these matrices, checked against the grid's cheapest plan before any profiling (a
+    typo or an infeasible budget fails in a second, not after hours). Returns (Budget, bits, unplanned bytes,
+    describe(bits) -> the bit count in the user's unit)."""
+    budget_obj = parse_budget(budget)
+    unplanned = unplanned_bytes(source, matrices)
+    params = planned_params(matrices)
+    budget_bits = budget_obj.total_bits(params, unplanned)
+
+    def describe(bits: int) -> str:
+        return budget_obj.format_bits(bits, params, unplanned)
+
+    check_budget_feasible(grid, matrices, budget_bits, describe)
+    return budget_obj, budget_bits, unplanned, describe
+
+
 def fisher_comparison(source, matrices, table: pd.DataFrame, plan: Plan, fisher, grid, iters: int,
                       solver: SolverSettings, budget_obj, budget_bits: int, method: dict, unplanned: int, dev,
                       cache_dir: Path, progress: bool, ilp_solver: str, describe,
@@ -190,15 +205,7 @@ def make_plan(model: str | None = None, budget: str = "2.75bits", out_dir: str |
     grid = grid or make_grid()
     solver = solver or SolverSettings()
     dev = resolve_device(device)
-    budget_obj = parse_budget(budget)  # parse before the long profile: a typo should fail in a second
-    unplanned = unplanned_bytes(source, matrices)
-    params = planned_params(matrices)
-    budget_bits = budget_obj.total_bits(params, unplanned)
-
-    def describe(bits: int) -> str:  # bit counts in the user's unit, for infeasibility messages
-        return budget_obj.format_bits(bits, params, unplanned)
-
-    check_budget_feasible(grid, matrices, budget_bits, describe)  # before the profile: fail in a second, not hours
+    budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, grid, budget)
 
     fisher, fkey = (None, None)
     if calib:
@@ -234,7 +241,7 @@ def make_plan(model: str | None = None, budget: str = "2.75bits", out_dir: str |
         from .report import write_reports
 
         grid_bpp = sorted({round(b, 3) for b in (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.127, 4.5, 5.0)})
-        curve_budgets = [int(b * params) for b in grid_bpp]
+        curve_budgets = [int(b * planned_params(matrices)) for b in grid_bpp]
         try:
             curve = error_budget_curve(table, curve_budgets)
         except UserError:

@@ -301,6 +301,10 @@ def run_cli_distributed(args, command: Callable) -> int:
     try:
         source = resolve_model(args.model)
         matrices = discover_matrices(source, include_head=args.include_head)
+        if args.command == "plan":
+            from .api import resolve_budget
+
+            resolve_budget(source, matrices, grid, args.budget)  # infeasible: fail now, not after the profile
         progress = not args.quiet
         variants = [(None, None)]
         if args.calib:

@@ -159,6 +159,9 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
     if not source or not (Path(source) / "config.json").is_file():
         raise UserError(f"the full-precision model folder {source!r} was not found; pass --model <the Hugging Face "
                         "folder the plan was made for>")
+    from .models import fingerprint
+
+    plan.check_model(fingerprint(source))  # another model would give meaningless numbers, not an error
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
@@ -166,7 +169,9 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
             raise UserError(f"cannot load a tokenizer from {source} ({type(e).__name__}); pass --model with a "
                             "tokenizer") from None
     held = real_text_splits()["heldout"][:eval_texts]
-    causal = type(quantized).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    from .train import detect_objective  # imported here: train imports this module
+
+    causal = detect_objective(quantized) == "causal"
     loader = AutoModelForCausalLM if causal else AutoModel
     fp = loader.from_pretrained(source, dtype=torch.float32).to(dev).eval()
     if causal:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .fsio import write_bytes
+from .fsio import read_paragraphs, write_bytes
 
 BUILTIN_SOURCES = ("pydoc",)
 
@@ -65,24 +65,7 @@ def load_calib(spec: str) -> CalibText:
     if spec in BUILTIN_SOURCES:
         return CalibText("pydoc", pydoc_splits()["calib"])
     path = Path(spec)
-    if path.is_dir():
-        raise UserError(f"calibration file {spec} is a folder; pass one UTF-8 text file or one of {BUILTIN_SOURCES}")
-    if not path.is_file():
-        raise UserError(f"calibration file {spec} does not exist; pass a UTF-8 text file or one of {BUILTIN_SOURCES}")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read calibration file {spec}: {e.strerror or e}; pass a readable UTF-8 text "
-                        "file") from None
-    if b"\0" in raw[:4096]:
-        raise UserError(f"calibration file {spec} looks binary; pass plain UTF-8 text")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"calibration file {spec} is not UTF-8 (byte {e.start}); convert it, e.g. with iconv") from None
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    if not paragraphs or sum(len(p) for p in paragraphs) < 20:
-        raise UserError(f"calibration file {spec} has no text; give it at least a few sentences")
+    paragraphs = read_paragraphs(path, "calibration file", f"pass a UTF-8 text file or one of {BUILTIN_SOURCES}")
     return CalibText(str(path), paragraphs)
 
 

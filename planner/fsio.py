@@ -92,3 +92,27 @@ def write_text(path, text: str) -> None:
 
 def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_paragraphs(path: Path, what: str, fix: str) -> list[str]:
+    """Paragraphs (split on blank lines) of a UTF-8 plain-text file, for calibration and training text. Every way
+    the file can be unusable is a UserError naming `what` the file is for; `fix` says what to pass instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; pass one UTF-8 text file ({fix})")
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; {fix}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}; pass a readable UTF-8 text file") from None
+    if b"\0" in raw[:4096]:
+        raise UserError(f"{what} {path} looks binary; pass plain UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 (byte {e.start}); convert it, e.g. with iconv") from None
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not paragraphs or sum(len(p) for p in paragraphs) < 20:
+        raise UserError(f"{what} {path} has no text; give it at least a few sentences")
+    return paragraphs

@@ -212,9 +212,3 @@ def save_table(table: pd.DataFrame, out_dir: Path, manifest: dict) -> tuple[Path
     write_json(man_path, manifest)
     return csv_path, man_path
 
-
-def load_table(out_dir: Path) -> pd.DataFrame:
-    path = Path(out_dir) / "profile.csv"
-    if not path.exists():
-        raise UserError(f"no profile table at {path}; run `lqplan profile` (or `lqplan plan`) first")
-    return pd.read_csv(path)

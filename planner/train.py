@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from .apply import trainable_parameters
 from .errors import UserError
 from .evaluate import mean_pool, model_device
+from .fsio import read_paragraphs
 
 log = logging.getLogger("lqplan")
 
@@ -104,22 +105,8 @@ def detect_objective(model) -> str:
 
 def read_text_file(path) -> list[str]:
     """Paragraphs (split on blank lines) of a UTF-8 plain-text training file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"training text file {path} does not exist; pass a UTF-8 text file or leave --text out "
-                        "(built-in pydoc text)")
-    raw = path.read_bytes()
-    if b"\0" in raw[:4096]:
-        raise UserError(f"training text file {path} looks binary; pass plain UTF-8 text")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"training text file {path} is not UTF-8 (byte {e.start}); convert it, e.g. with iconv") \
-            from None
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    if not paragraphs:
-        raise UserError(f"training text file {path} is empty; give it some paragraphs of text")
-    return paragraphs
+    return read_paragraphs(Path(path), "training text file", "pass a UTF-8 text file or leave --text out (built-in "
+                           "pydoc text)")
 
 
 class _Batches:
