@@ -193,7 +193,8 @@ def _build_layer(entry, method: str, w: torch.Tensor, bias, init: str, iters: in
             if zero_init:
                 return QALoRALinear(quantize(w, entry.point.config), bias, rank=rank, alpha=alpha, dropout=dropout,
                                     adapter_dtype=adapter_dtype)
-            d = qalora_decompose(w, entry.point.config, rank, iters, solver, weights)
+            # one step: later ones cannot lower the error (quant.qalora), they would only cost time
+            d = qalora_decompose(w, entry.point.config, rank, min(iters, 1), solver, weights)
             return QALoRALinear(d.q, bias, d.a, d.b, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
         except ValueError as e:
             raise UserError(f"cannot build a QA-LoRA layer for {entry.name}: {e}") from None

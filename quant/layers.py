@@ -98,6 +98,8 @@ def _dequant_codes(codes, table, scales, bits, blocksize, out_features, in_featu
     try:
         return _compiled_for(bits, blocksize, dtype)(codes, table, scales, bits, blocksize, out_features,
                                                       in_features, dtype)
+    except torch.OutOfMemoryError:
+        raise  # not a compiler problem: the eager path would run out of memory too
     except Exception:  # noqa: BLE001 - any compiler problem: the eager path computes the same values
         _COMPILED["failed"] = True
         return _dequant_codes_eager(codes, table, scales, bits, blocksize, out_features, in_features, dtype)
