@@ -180,6 +180,15 @@ def _entry_methods(plan: Plan, method: str | None) -> dict[str, str]:
         if mixed:
             raise UserError(f"the plan has {len(mixed)} QA-LoRA entries (e.g. {mixed[0]}); method='lora' cannot "
                             "build them: pass method=None to follow the plan, or re-plan with --method lora")
+    else:  # every entry must make a QA-LoRA layer, checked before the first layer of the model is replaced
+        from .grid import GridPoint
+
+        for e in plan.matrices:
+            point = GridPoint(e.point.config, e.point.rank, "qalora")  # UserError for a config QA-LoRA cannot use
+            if not point.applies_to(e.shape):
+                raise UserError(f"{e.name} ({e.shape[0]}x{e.shape[1]}, {e.point.label}) cannot be a QA-LoRA layer: "
+                                f"its input width must be a multiple of the group {e.point.config.blocksize} and the "
+                                "rank at most min(out, in/group); pass method=None or re-plan with --method qalora")
     return {e.name: method for e in plan.matrices}
 
 

@@ -514,6 +514,14 @@ def test_method_option_and_qlora_init_for_qalora_entries(minilm_path, minilm_wei
     layer = model.get_submodule(names[0])
     assert isinstance(layer, QALoRALinear) and torch.count_nonzero(layer.lora_B) == 0
     assert torch.equal(layer.merged_weight(), quantize(w0, cfg).dequantize())
+    # method="qalora" with an entry QA-LoRA cannot build: one UserError before any layer is replaced
+    nf4 = GridPoint(QuantConfig(bits=4, blocksize=64), 4)
+    nf_plan = explicit_plan(AutoModel.from_pretrained(minilm_path), lambda i, n, s: GridPoint(cfg, 4) if i == 0 else nf4,
+                            model_path=minilm_path, names=names)  # the first entry could be QA-LoRA, the second not
+    fresh = AutoModel.from_pretrained(minilm_path)
+    with pytest.raises(UserError, match="QA-LoRA"):
+        apply_plan(fresh, nf_plan, method="qalora", progress=False)
+    assert not any(isinstance(m, QALoRALinear) for m in fresh.modules())
     # method="qalora" builds QA-LoRA layers from a LoRA plan with INT configs (the older init="qalora").
     lora_plan = explicit_plan(AutoModel.from_pretrained(minilm_path), GridPoint(cfg, 4), model_path=minilm_path,
                               names=names)
