@@ -383,7 +383,24 @@ def cli_entry(args, argv: Sequence[str], command: Callable) -> int | None:
     if n == 1:
         return None
     _check_args(args)  # bad input fails here, once, not in every rank
+    _check_inputs(args)
     return launch(argv, n)
+
+
+def _check_inputs(args) -> None:
+    """What the parent can check before starting the workers (where each rank would print the error and torchrun
+    add its own traceback): the model, the budget against the grid's cheapest plan, the calibration text."""
+    from . import cli
+    from .api import resolve_budget
+    from .fisher import load_calib
+    from .models import discover_matrices, resolve_model
+
+    source = resolve_model(args.model)
+    matrices = discover_matrices(source, include_head=args.include_head)
+    if args.command == "plan":
+        resolve_budget(source, matrices, cli._grid(args), args.budget)
+    if args.calib:
+        load_calib(args.calib)
 
 
 def _check_args(args) -> None:

@@ -147,6 +147,20 @@ def test_cli_rejects_zero_processes(capsys):
     assert "--distributed 0" in capsys.readouterr().err
 
 
+def test_bad_input_fails_in_the_parent_before_torchrun_starts(capsys, monkeypatch, tmp_path):
+    import planner.distributed as d
+    from planner.cli import main
+
+    monkeypatch.setattr(d, "launch", lambda *a: pytest.fail("torchrun was started for bad input"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--budget", "0.5bits", "--distributed", "2", *TINY]) == 2
+    assert "raise it to at least" in capsys.readouterr().err
+    assert main(["profile", "--distributed", "2", "--model", str(tmp_path / "none"), *TINY]) == 2
+    assert str(tmp_path / "none") in capsys.readouterr().err
+    assert main(["plan", "--budget", "8bits", "--distributed", "2", "--calib", str(tmp_path / "c.txt"), *TINY]) == 2
+    assert "calibration file" in capsys.readouterr().err
+
+
 # ---- a real 2-process gloo run --------------------------------------------------------------------------------
 
 def _cache_values(cache: Path) -> dict:
