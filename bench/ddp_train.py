@@ -28,23 +28,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from planner.fsio import write_json, write_text  # noqa: E402
+from llama_model import add_shape_args, llama_config  # noqa: E402 (bench/, beside this script)
 
 PLAN_BITS = (2, 3, 4)
 
 
 def build_model(folder: Path, args) -> dict:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from planner.models import default_model_path
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=max(2 * args.seq_len, 512),
-                         tie_word_embeddings=False, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-                         pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(llama_config(tok, args))
     model.save_pretrained(folder, safe_serialization=True)
     tok.model_max_length = 10**9  # whole texts are tokenized, then cut into blocks: no length warning
     tok.save_pretrained(folder)
@@ -135,11 +131,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank of every planned matrix")
     p.add_argument("--eval-texts", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
+    add_shape_args(p)
     p.add_argument("--workdir", default=None, help="where the model, plan and runs go (default: a temp folder)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)

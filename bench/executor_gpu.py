@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from planner.apply import apply_plan, explicit_plan, memory_report, quantized_bytes  # noqa: E402
 from planner.evaluate import perplexity, real_text_splits  # noqa: E402
 from planner.fsio import write_json, write_text  # noqa: E402
+from llama_model import add_shape_args, llama_config  # noqa: E402 (bench/, beside this script)
 from planner.grid import GridPoint, make_grid  # noqa: E402
 from planner.models import default_model_path  # noqa: E402
 from planner.train import peak_memory, train  # noqa: E402
@@ -59,15 +60,10 @@ def sync(device):
 
 
 def build_model(folder: Path, args, tok, texts, device) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=max(2 * args.seq_len, 512),
-                         tie_word_embeddings=False, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-                         pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(llama_config(tok, args))
     info = {"params": sum(p.numel() for p in model.parameters()), "pretrain_steps": args.pretrain_steps}
     if args.pretrain_steps:
         model.to(device)
@@ -191,11 +187,7 @@ def parse_args(argv=None):
     p.add_argument("--finetune-split", default="calib", choices=["calib", "train"],
                    help="text the arms are fine-tuned on (pre-training uses train; evaluation uses heldout)")
     p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
+    add_shape_args(p)
     p.add_argument("--workdir", default=None, help="where the model and plans go (default: a temp folder)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
