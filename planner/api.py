@@ -212,7 +212,6 @@ def make_plan(model: str | None = None, budget: str = "2.75bits", out_dir: str |
         fisher, fkey = get_fisher(source, matrices, calib, Path(cache_dir), calib_tokens, dev, progress)
     table, stats = run_profile(source, matrices, grid, iters, solver, fisher, fkey, Path(cache_dir), str(dev),
                                progress)
-    log.info("profile: %s", stats.summary())
     solution = solve(table, budget_bits, solver=ilp_solver, describe=describe, time_limit=time_limit)
     method = {"iters": iters, "solver": solver.key, "grid": [p.label for p in grid],
               "fisher": None if fisher is None else {"source": calib, "key": fkey, "tokens": calib_tokens}}
