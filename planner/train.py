@@ -27,7 +27,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import random
 import resource
 import statistics
@@ -175,17 +174,22 @@ def setup_distributed(device=None) -> tuple[DistInfo, torch.device]:
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU) unless already joined,
     and return this rank's device (cuda:LOCAL_RANK on GPUs). Without torchrun: (DistInfo(), the device)."""
     from .apply import resolve_device
+    from .distributed import rank_info
 
     dev = resolve_device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = rank_info()  # a malformed WORLD_SIZE/LOCAL_RANK is a one-line error
+    world = info.world
     import torch.distributed as dist
 
     if world <= 1 and not (dist.is_available() and dist.is_initialized()):
         return DistInfo(), dev
     if not dist.is_available():
         raise UserError("WORLD_SIZE > 1 but this torch has no torch.distributed; run without torchrun")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = info.local_rank
     if dev.type == "cuda":
+        if dev.index is not None and dev.index != local:  # e.g. --device cuda:1 on every rank: one GPU for all
+            raise UserError(f"device {device} is not this rank's GPU (cuda:{local}); under torchrun use --device "
+                            "cuda or auto (each rank takes cuda:LOCAL_RANK)")
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():

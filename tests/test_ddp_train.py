@@ -71,3 +71,15 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(plan_file, 
     # in summation order, hence an absolute tolerance (measured: worst 7e-6, a handful of 110k coordinates).
     for name, value in a1["adapters"].items():
         torch.testing.assert_close(a2["adapters"][name], value, rtol=1e-4, atol=5e-5)
+
+
+def test_setup_distributed_refuses_a_malformed_torchrun_environment(monkeypatch):
+    from planner.errors import UserError
+    from planner.train import setup_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(UserError, match="not integers"):
+        setup_distributed("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    info, dev = setup_distributed("cpu")
+    assert not info.active and dev.type == "cpu"
