@@ -293,15 +293,10 @@ def _restricted(inst: _Instance, keep: np.ndarray, budget_bits: int):
     return rows, mats, ds // g, de, cap // g
 
 
-def _dp_cells(inst: _Instance, keep: np.ndarray, budget_bits: int) -> int:
-    rows, _, _, _, cap = _restricted(inst, keep, budget_bits)
-    return len(rows) * (cap + 1)
-
-
-def _solve_dp(inst: _Instance, keep: np.ndarray, budget_bits: int) -> np.ndarray:
-    """Exact optimum of the kept rows: best[c] = least error shift of the matrices so far within c units.
-    Ties go to the earlier (smaller) configuration, so the plan is deterministic."""
-    rows, mats, ds, de, cap = _restricted(inst, keep, budget_bits)
+def _solve_dp(inst: _Instance, restricted) -> np.ndarray:
+    """Exact optimum of the kept rows (`restricted` from _restricted): best[c] = least error shift of the matrices
+    so far within c units. Ties go to the earlier (smaller) configuration, so the plan is deterministic."""
+    rows, mats, ds, de, cap = restricted
     best = np.zeros(cap + 1)
     picks = []  # (lo, hi, index of the row chosen at each capacity or None when the matrix has one row)
     for lo, hi in zip(*_spans(mats)):
@@ -322,7 +317,7 @@ def _solve_dp(inst: _Instance, keep: np.ndarray, budget_bits: int) -> np.ndarray
         picks.append((lo, hi, arg))
     out = np.empty(len(inst.names), dtype=np.int64)
     c = cap
-    for lo, hi, arg in reversed(picks):
+    for lo, _, arg in reversed(picks):
         j = lo if arg is None else lo + int(arg[c])
         out[mats[j]] = rows[j]
         c -= int(ds[j])
@@ -335,9 +330,9 @@ def _spans(mats: np.ndarray) -> tuple[list[int], list[int]]:
     return np.concatenate(([0], bounds)).tolist(), np.concatenate((bounds, [len(mats)])).tolist()
 
 
-def _solve_mip(inst: _Instance, keep: np.ndarray, incumbent: np.ndarray, budget_bits: int, solver: str,
-               threads: int, time_limit: float | None, gap_abs: float) -> tuple[np.ndarray, str]:
-    rows, mats, ds, de, cap = _restricted(inst, keep, budget_bits)
+def _solve_mip(inst: _Instance, restricted, incumbent: np.ndarray, solver: str, threads: int,
+               time_limit: float | None, gap_abs: float) -> tuple[np.ndarray, str]:
+    rows, mats, ds, de, cap = restricted
 
     prob = pulp.LpProblem("mckp", pulp.LpMinimize)
     x = [prob.add_variable(f"x{r}", cat=pulp.LpBinary) for r in rows.tolist()]
@@ -405,14 +400,16 @@ def solve(table: pd.DataFrame, budget_bits: int, solver: str = DEFAULT_SOLVER, t
             pruned["in_model"] = int(keep.sum())
         if fix_by_bound and pruned["in_model"] == len(inst.names):
             status, proof = "optimal", "fixing"
-        elif exact_dp and _dp_cells(inst, keep, budget_bits) <= DP_MAX_CELLS:
-            best = _solve_dp(inst, keep, budget_bits)
-            if math.fsum(inst.e[best].tolist()) < incumbent_error:  # on a float tie the incumbent stays
-                rows = best
-            status, proof = "optimal", "dp"
         else:
-            rows, status = _solve_mip(inst, keep, rows, budget_bits, solver, threads, time_limit, tol)
-            proof = "mip" if status == "optimal" else ""
+            restricted = _restricted(inst, keep, budget_bits)
+            if exact_dp and len(restricted[0]) * (restricted[4] + 1) <= DP_MAX_CELLS:  # the DP table's cells
+                best = _solve_dp(inst, restricted)
+                if math.fsum(inst.e[best].tolist()) < incumbent_error:  # on a float tie the incumbent stays
+                    rows = best
+                status, proof = "optimal", "dp"
+            else:
+                rows, status = _solve_mip(inst, restricted, rows, solver, threads, time_limit, tol)
+                proof = "mip" if status == "optimal" else ""
     choice = {inst.names[i]: str(inst.label[r]) for i, r in enumerate(rows.tolist())}
     total_error = math.fsum(inst.e[rows].tolist())
     sol = Solution(choice=choice, total_bits=int(inst.s[rows].sum()), total_error=total_error, status=status,
