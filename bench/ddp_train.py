@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from planner.fsio import write_json, write_text  # noqa: E402
-from llama_model import add_shape_args, llama_config  # noqa: E402 (bench/, beside this script)
+from llama_model import add_shape_args, llama_config, set_tiny_shape  # noqa: E402 (bench/, beside this script)
 
 PLAN_BITS = (2, 3, 4)
 
@@ -136,7 +136,7 @@ def parse_args(argv=None):
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.tiny:
-        args.hidden, args.intermediate, args.layers, args.heads = 128, 256, 2, 4
+        set_tiny_shape(args)
         args.steps, args.batch_size, args.seq_len, args.eval_texts, args.rank = 6, 2, 32, 2, 4
         args.lr, args.grad_accum = 2e-3, 2
         args.device = args.device or "cpu"

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from planner.apply import apply_plan, explicit_plan, memory_report, quantized_bytes  # noqa: E402
 from planner.evaluate import perplexity, real_text_splits  # noqa: E402
 from planner.fsio import write_json, write_text  # noqa: E402
-from llama_model import add_shape_args, llama_config  # noqa: E402 (bench/, beside this script)
+from llama_model import add_shape_args, llama_config, set_tiny_shape  # noqa: E402 (bench/, beside this script)
 from planner.grid import GridPoint, make_grid  # noqa: E402
 from planner.models import default_model_path  # noqa: E402
 from planner.train import peak_memory, train  # noqa: E402
@@ -194,7 +194,7 @@ def parse_args(argv=None):
     if args.tiny:
         # adapters cost rank*(m+n)*16 bits: on 128-wide matrices rank 4 alone is 1 bit/param, hence higher budgets
         args.budgets = args.budgets or "3.5bits,5bits"
-        args.hidden, args.intermediate, args.layers, args.heads = 128, 256, 2, 4
+        set_tiny_shape(args)
         args.steps = min(args.steps, 12)
         args.batch_size, args.seq_len, args.eval_batch = 2, 64, 4
         args.pretrain_steps = min(args.pretrain_steps, 20)

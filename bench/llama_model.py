@@ -13,6 +13,11 @@ def add_shape_args(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def set_tiny_shape(args) -> None:
+    """The --tiny smoke runs' model: 2 layers, 128 wide."""
+    args.hidden, args.intermediate, args.layers, args.heads = 128, 256, 2, 4
+
+
 def llama_config(tok, args):
     """A LlamaConfig of args' shape over the embedded model's tokenizer `tok` (BERT vocabulary and special tokens)."""
     from transformers import LlamaConfig
