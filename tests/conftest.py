@@ -47,3 +47,29 @@ def minilm_weights(minilm_path) -> dict[str, torch.Tensor]:
     assert len(weights) == 36, f"expected 36 linear matrices in {minilm_path}, found {len(weights)}"
     assert all(w.dim() == 2 for w in weights.values())
     return weights
+
+
+@pytest.fixture(scope="session")
+def encoder_plan_file(minilm_path, tmp_path_factory):
+    """encoder_plan_file(bits) -> path of a saved plan putting every encoder linear of MiniLM at NF-`bits`, block 64,
+    rank 8 (LoftQ T=1): the fine-tuning tests' plan, made once per bit width."""
+    from torch import nn
+    from transformers import AutoModel
+
+    from planner.apply import explicit_plan
+    from planner.grid import GridPoint
+    from quant import QuantConfig
+
+    made = {}
+
+    def make(bits: int):
+        if bits not in made:
+            model = AutoModel.from_pretrained(minilm_path)
+            names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
+            plan = explicit_plan(model, GridPoint(QuantConfig(bits=bits, blocksize=64), 8), model_path=minilm_path,
+                                 names=names, iters=1)
+            made[bits] = tmp_path_factory.mktemp(f"plan-nf{bits}") / "plan.json"
+            plan.save(made[bits])
+        return made[bits]
+
+    return make

@@ -14,14 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from transformers import AutoModel
 
-from planner.apply import explicit_plan
 from planner.cli import main
-from planner.grid import GridPoint
 from planner.train import CHECKPOINT, load_checkpoint
-from quant import QuantConfig
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 8, 3  # checkpoints after steps 3, 6 and 8
@@ -56,14 +51,8 @@ sys.exit(main(sys.argv[3:]))
 
 
 @pytest.fixture(scope="module")
-def plan_file(minilm_path, tmp_path_factory):
-    model = AutoModel.from_pretrained(minilm_path)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
-    plan = explicit_plan(model, GridPoint(QuantConfig(bits=3, blocksize=64), 8), model_path=minilm_path,
-                         names=names, iters=1)
-    path = tmp_path_factory.mktemp("plan") / "plan.json"
-    plan.save(path)
-    return path
+def plan_file(encoder_plan_file):
+    return encoder_plan_file(3)
 
 
 @pytest.fixture(scope="module")
