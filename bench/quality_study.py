@@ -257,6 +257,20 @@ def _row(rows, budget, arm):
     return next((r for r in rows if r["budget"] == budget and r["arm"] == arm), None)
 
 
+CLAIMS = ("At equal bits/param the ILP plan has lower reconstruction error than every uniform configuration that "
+          "fits (NF LoftQ/QLoRA grid and QA-LoRA, any rank)",
+          "Fisher weighting lowers the downstream loss (1 - held-out teacher cosine after fine-tuning) further than "
+          "the data-free plan",
+          "At <= 3 bits/param the ILP plan beats uniform QLoRA after the same fine-tuning")
+
+
+def _verdict(claim: str, ok: bool, compared: int, not_compared: str, failed: str, detail: list[str]) -> dict:
+    """PASS when every compared budget agreed and at least one was compared; else FAIL with the reason."""
+    passed = ok and compared > 0
+    return {"claim": claim, "status": "PASS" if passed else "FAIL",
+            "reason": "" if passed else (not_compared if not compared else failed), "detail": detail}
+
+
 def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
     claims = []
     # 1. Reconstruction error: the data-free ILP plan against every uniform configuration that fits (profile errors).
@@ -271,17 +285,10 @@ def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
         ok &= win
         parts.append(f"{b}: ILP {ilp['table_error']:.4g} vs best uniform {uni['label']} {uni['total_error']:.4g} "
                      f"({100 * (ilp['table_error'] / uni['total_error'] - 1):+.1f}%)" + ("" if win else " NOT lower"))
-    claims.append({"claim": "At equal bits/param the ILP plan has lower reconstruction error than every uniform "
-                            "configuration that fits (NF LoftQ/QLoRA grid and QA-LoRA, any rank)",
-                   "status": "PASS" if ok and compared else "FAIL",
-                   "reason": "" if ok and compared else ("no budget where a uniform configuration fits" if not compared
-                                                          else "the optimal plan is uniform at some budget (a tie "
-                                                               "is not 'lower')"),
-                   "detail": parts})
+    claims.append(_verdict(CLAIMS[0], ok, compared, "no budget where a uniform configuration fits",
+                           "the optimal plan is uniform at some budget (a tie is not 'lower')", parts))
     if not any(r.get("cos_after_mean") == r.get("cos_after_mean") for r in rows if r["status"] == "ok"):
-        for claim in ("Fisher weighting lowers the downstream loss (1 - held-out teacher cosine after fine-tuning) "
-                      "further than the data-free plan",
-                      "At <= 3 bits/param the ILP plan beats uniform QLoRA after the same fine-tuning"):
+        for claim in CLAIMS[1:]:
             claims.append({"claim": claim, "status": "NOT RUN", "reason": "this run did not fine-tune (--errors-only)",
                            "detail": []})
         return claims
@@ -298,15 +305,11 @@ def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
         ok &= win
         parts.append(f"{b}: 1-cos {lf:.4g} (Fisher) vs {ld:.4g} (data-free), seed std {spread:.2g}; Fisher-weighted "
                      f"error {f['fisher_error']:.4g} vs {d['fisher_error']:.4g}" + ("" if win else " NOT lower"))
-    claims.append({"claim": "Fisher weighting lowers the downstream loss (1 - held-out teacher cosine after "
-                            "fine-tuning) further than the data-free plan",
-                   "status": "PASS" if ok and compared else "FAIL",
-                   "reason": "" if ok and compared else (
-                       "no budget to compare" if not compared else
-                       "at the budgets marked NOT lower the Fisher plan's held-out loss after fine-tuning is higher "
-                       "although its Fisher-weighted error is lower: there the lower weighted initial error (Fisher "
-                       "from SimCSE gradients on pydoc calibration text) did not carry through fine-tuning"),
-                   "detail": parts})
+    claims.append(_verdict(
+        CLAIMS[1], ok, compared, "no budget to compare",
+        "at the budgets marked NOT lower the Fisher plan's held-out loss after fine-tuning is higher although its "
+        "Fisher-weighted error is lower: there the lower weighted initial error (Fisher from SimCSE gradients on "
+        "pydoc calibration text) did not carry through fine-tuning", parts))
     # 3. At <= 3 bits the plan beats uniform QLoRA after fine-tuning.
     parts, ok, compared = [], True, 0
     for b in budgets:
@@ -325,14 +328,11 @@ def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
                      f"{q['cos_after_mean']:.4f} ± {q['cos_after_std']:.4f} (QLoRA {q['config']}); adapters "
                      f"{p.get('adapter_bits_per_param', math.nan):.3f} vs {q.get('adapter_bits_per_param', math.nan):.3f} "
                      "bits/param" + ("" if win else " NOT higher"))
-    claims.append({"claim": "At <= 3 bits/param the ILP plan beats uniform QLoRA after the same fine-tuning",
-                   "status": "PASS" if ok and compared else "FAIL",
-                   "reason": "" if ok and compared else (
-                       "no budget <= 3 bits where both fit" if not compared else
-                       "QLoRA's fine-tuned cosine is as high at a budget marked below; the ILP minimises "
-                       "reconstruction error only, so where it spends the bits on quantization rather than adapters "
-                       "(compare the adapter bits/param) fine-tuning recovers less"),
-                   "detail": parts})
+    claims.append(_verdict(
+        CLAIMS[2], ok, compared, "no budget <= 3 bits where both fit",
+        "QLoRA's fine-tuned cosine is as high at a budget marked below; the ILP minimises reconstruction error only, "
+        "so where it spends the bits on quantization rather than adapters (compare the adapter bits/param) "
+        "fine-tuning recovers less", parts))
     return claims
 
 
