@@ -20,6 +20,7 @@ from torch import nn
 from .blockwise import QuantizedTensor
 from .codebooks import codebook
 from .config import ADAPTER_BITS, QuantConfig
+from . import triton_dequant
 from .packing import unpack_codes
 
 # Which stored dtype each QuantizedTensor field has (None: depends on the config).
@@ -89,12 +90,29 @@ def _compiled_for(bits: int, blocksize: int, dtype: torch.dtype):
     return fn
 
 
+DEQUANT_BACKENDS = ("auto", "triton", "compile", "eager")
+
+
+def dequant_backend(device: torch.device, config: QuantConfig) -> str:
+    """Which implementation dequantizes a layer of `config` on `device`: the Triton kernel where it runs and handles
+    the configuration, else torch.compile on CUDA, else eager. LQPLAN_DEQUANT=triton|compile|eager forces one
+    (where it can run; the benchmarks compare them side by side), auto is the default."""
+    choice = os.environ.get("LQPLAN_DEQUANT", "auto")
+    if choice not in DEQUANT_BACKENDS:
+        raise ValueError(f"LQPLAN_DEQUANT={choice!r} is not one of {', '.join(DEQUANT_BACKENDS)}; unset it for auto")
+    triton_ok = triton_dequant.available(device) and triton_dequant.supports(config)
+    compile_ok = device.type == "cuda" and not config.asymmetric and not _COMPILED.get("failed")
+    if choice in ("auto", "triton") and triton_ok:
+        return "triton"
+    if choice in ("auto", "triton", "compile") and compile_ok:
+        return "compile"
+    return "eager"
+
+
 def _dequant_codes(codes, table, scales, bits, blocksize, out_features, in_features, dtype):
-    """On CUDA, the same function through torch.compile: one fused kernel reads the packed bytes and writes the
-    16-bit weight, instead of three full-size fp32 passes (gather, scale, cast) — the step-time gap to bitsandbytes.
-    LQPLAN_COMPILE=0 turns it off; a compile failure (no Triton, no compiler) falls back to eager for good."""
-    if codes.device.type != "cuda" or os.environ.get("LQPLAN_COMPILE", "1") == "0" or _COMPILED.get("failed"):
-        return _dequant_codes_eager(codes, table, scales, bits, blocksize, out_features, in_features, dtype)
+    """On CUDA without the Triton kernel, the eager function through torch.compile: one fused kernel reads the
+    packed bytes and writes the 16-bit weight, instead of three full-size fp32 passes (gather, scale, cast). A
+    compile failure (no Triton, no compiler) falls back to eager for good."""
     try:
         return _compiled_for(bits, blocksize, dtype)(codes, table, scales, bits, blocksize, out_features,
                                                       in_features, dtype)
@@ -103,6 +121,12 @@ def _dequant_codes(codes, table, scales, bits, blocksize, out_features, in_featu
     except Exception:  # noqa: BLE001 - any compiler problem: the eager path computes the same values
         _COMPILED["failed"] = True
         return _dequant_codes_eager(codes, table, scales, bits, blocksize, out_features, in_features, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def flat_codebook(kind: str, bits: int, device: torch.device) -> torch.Tensor:
+    """The 2^bits fp32 codebook values on `device`, cached: the Triton kernel indexes it by code."""
+    return codebook(kind, bits, False, device=device).float().contiguous()
 
 
 class QuantLoRALinear(nn.Module):
@@ -191,12 +215,22 @@ class QuantLoRALinear(nn.Module):
 
     # ---- math ------------------------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The frozen weight (out, in) in `dtype` (equal to QuantizedTensor.dequantize().to(dtype)), vectorised:
-        look up the codes, scale per block."""
+        """The frozen weight (out, in) in `dtype`, equal to QuantizedTensor.dequantize().to(dtype) whichever
+        backend computes it (dequant_backend: the Triton kernel, torch.compile or eager)."""
         cfg = self.config
         numel = self.out_features * self.in_features
         nblocks = cfg.num_blocks(numel)
         device = self.q_codes.device
+        backend = dequant_backend(device, cfg)
+        if backend == "triton":
+            shape = (self.out_features, self.in_features)
+            if cfg.double_quant:
+                return triton_dequant.dequantize(
+                    self.q_codes, flat_codebook(cfg.kind, cfg.bits, device), cfg, shape, dtype,
+                    scale_codes=self.q_scale_codes, scale_table=flat_codebook("int", cfg.dq_bits, device),
+                    scale_scales=self._field("scale_scales"), scale_offset=self._field("scale_offset"))
+            return triton_dequant.dequantize(self.q_codes, flat_codebook(cfg.kind, cfg.bits, device), cfg, shape,
+                                             dtype, scales=self._field("scales"))
         table = code_table(cfg.kind, cfg.bits, cfg.asymmetric, device, torch.float32)
         if cfg.double_quant:
             nblocks2 = math.ceil(nblocks / cfg.dq_blocksize)
@@ -210,8 +244,11 @@ class QuantLoRALinear(nn.Module):
             values = lookup(self.q_codes, cfg.bits, nblocks * cfg.blocksize, table).view(nblocks, cfg.blocksize)
             values = values * scales[:, None] + self._field("zeros").float()[:, None]
             return values.reshape(-1)[:numel].view(self.out_features, self.in_features).to(dtype)
-        return _dequant_codes(self.q_codes, table, scales, cfg.bits, cfg.blocksize, self.out_features,
-                              self.in_features, dtype)
+        if backend == "compile":
+            return _dequant_codes(self.q_codes, table, scales, cfg.bits, cfg.blocksize, self.out_features,
+                                  self.in_features, dtype)
+        return _dequant_codes_eager(self.q_codes, table, scales, cfg.bits, cfg.blocksize, self.out_features,
+                                    self.in_features, dtype)
 
     def lora_delta(self) -> torch.Tensor:
         """scaling · lora_B · lora_A in fp32 (zeros for rank 0)."""

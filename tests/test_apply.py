@@ -296,16 +296,17 @@ def test_apply_on_gpu_keeps_packed_storage_on_the_device(minilm_path, batch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_compiled_cuda_dequant_is_bit_identical_to_eager(bits, monkeypatch):
+    from quant import layers
     w = torch.randn(640, 1000, generator=torch.Generator().manual_seed(bits)).cuda()  # 640000: not a block multiple
     layer = QuantLoRALinear(quantize(w, QuantConfig("nf", bits, 64)))
     for dtype in (torch.bfloat16, torch.float32):
+        monkeypatch.setenv("LQPLAN_DEQUANT", "compile")
+        assert layers.dequant_backend(w.device, layer.config) == "compile"
         fused = layer.dequantize(dtype)
-        monkeypatch.setenv("LQPLAN_COMPILE", "0")
+        monkeypatch.setenv("LQPLAN_DEQUANT", "eager")
         eager = layer.dequantize(dtype)
-        monkeypatch.delenv("LQPLAN_COMPILE")
         assert torch.equal(fused, eager)
         assert torch.equal(eager.float(), layer.quantized().dequantize().to(dtype).float())
-    from quant import layers
     assert not layers._COMPILED.get("failed"), "torch.compile fell back to eager on this GPU"
 
 
