@@ -3,8 +3,9 @@ bitsandbytes NF4 Linear4bit + a LoRA adapter, same shapes, same rank, bf16 compu
 
 One "block" is the 7 projections of a decoder layer chained as a = o(q(x) + k(x) + v(x)); y = a + down(silu(gate(a))
 * up(a)) (attention itself is left out: it is the same for both). Variants: lqplan NF4 b64 dq (QLoRA's 4.127 bits),
-lqplan mixed NF2/NF3/NF4, bitsandbytes NF4 (double quant) + hand-made LoRA (A, B in bf16, same init scale).
-Prints median step time, the ratio to bitsandbytes, and peak memory.
+lqplan mixed NF2/NF3/NF4, each with every dequant backend that runs here (the Triton kernel and torch.compile on
+CUDA; eager on CPU), and bitsandbytes NF4 (double quant) + hand-made LoRA (A, B in bf16, same init scale). Prints
+median step time, the ratio to bitsandbytes, and peak memory.
 
     python bench/bench_step.py [--blocks 1] [--tokens 2048] [--rank 64] [--steps 10] [--out step.json] [--tiny]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quant import QuantConfig  # noqa: E402
 from quant.blockwise import quantize  # noqa: E402
-from quant.layers import QuantLoRALinear  # noqa: E402
+from quant.layers import QuantLoRALinear, dequant_backend  # noqa: E402
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 MIXED = {"q": 3, "k": 2, "v": 4, "o": 3, "gate": 2, "up": 3, "down": 4}
@@ -87,11 +89,21 @@ def build(variant, n_blocks, dims, rank, device):
             if variant == "bnb-nf4+lora":
                 layers[kind] = BnbLoRA(w, rank, device)
             else:
-                bits = MIXED[kind] if variant == "lqplan-mixed-nf2/3/4" else 4
+                bits = MIXED[kind] if variant.startswith("lqplan-mixed") else 4
                 layers[kind] = lqplan_layer(w, bits, rank, device)
             del w
         blocks.append(Block(layers))
     return nn.Sequential(*blocks)
+
+
+def backend_runs(backend, device):
+    """Whether LQPLAN_DEQUANT=backend really runs that backend for the benchmark's configurations here."""
+    os.environ["LQPLAN_DEQUANT"] = backend
+    try:
+        return all(dequant_backend(device, QuantConfig("nf", bits, 64, double_quant=True)) == backend
+                   for bits in set(MIXED.values()))
+    finally:
+        del os.environ["LQPLAN_DEQUANT"]
 
 
 def sync(device):
@@ -129,7 +141,8 @@ def main(argv=None):
     dims = (5120, 13824)
     if args.tiny:
         dims, args.tokens, args.rank, args.steps = (128, 320), 64, 8, 3
-    variants = ["lqplan-nf4", "lqplan-mixed-nf2/3/4"]
+    backends = [b for b in ("triton", "compile", "eager") if backend_runs(b, device)]
+    variants = [f"{scheme}[{b}]" for scheme in ("lqplan-nf4", "lqplan-mixed-nf2/3/4") for b in backends]
     why_no_bnb = None
     if device.type != "cuda":
         why_no_bnb = "bitsandbytes Linear4bit needs CUDA here"
@@ -149,6 +162,8 @@ def main(argv=None):
     rows = {}
     for variant in variants:
         gc.collect()  # the previous variant's layers must be gone before "resident" is read
+        if variant.endswith("]"):
+            os.environ["LQPLAN_DEQUANT"] = variant[variant.index("[") + 1:-1]
         model = build(variant, args.blocks, dims, args.rank, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -158,7 +173,7 @@ def main(argv=None):
         peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
         rows[variant] = {"step_s": secs, "peak_activation_bytes": peak, "resident_bytes": base}
         mem = f", resident {base / 2**20:.0f} MiB, step peak +{peak / 2**20:.0f} MiB" if peak is not None else ""
-        print(f"{variant:22s} {secs * 1e3:8.2f} ms/step{mem}", flush=True)
+        print(f"{variant:30s} {secs * 1e3:8.2f} ms/step{mem}", flush=True)
         del model
     if "bnb-nf4+lora" in rows:
         ref = rows["bnb-nf4+lora"]["step_s"]
