@@ -39,14 +39,13 @@ WEIGHTS = "model.safetensors"
 
 def _check_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
     layers = quant_layers(model)
-    other = [n for n, m in layers.items() if isinstance(m, QALoRALinear)]  # a subclass: its pooled adapter
-    # would be reloaded as a plain LoRA layer's and fail on the first forward
-    if other:
-        raise UserError(f"saving/exporting QA-LoRA layers ({other[0]}, ...) is not supported yet; "
-                        "merge them with QALoRALinear.merge() or use init='loftq'/'qlora'")
     if not layers:
         raise UserError("the model has no quantized layers; run planner.apply.apply_plan(model, plan) first")
     return layers
+
+
+def _method(layer: QuantLoRALinear) -> str:
+    return "qalora" if isinstance(layer, QALoRALinear) else "lora"
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -96,7 +95,8 @@ def save_quantized(model: nn.Module, plan: Plan, out_dir) -> Path:
         "schema": SCHEMA, "created_by": f"lqplan {__version__}", "architecture": type(model).__name__,
         "weights": WEIGHTS, "aliases": aliases,
         "layers": {name: {"config": layer.config.to_dict(), "shape": [layer.out_features, layer.in_features],
-                          "rank": layer.rank, "alpha": layer.alpha, "dropout": layer.dropout_p,
+                          "method": _method(layer), "rank": layer.rank, "alpha": layer.alpha,
+                          "dropout": layer.dropout_p,
                           "bias": layer.bias is not None,
                           "adapter_dtype": None if not layer.rank else str(layer.lora_A.dtype).removeprefix("torch.")}
                    for name, layer in layers.items()},
@@ -153,8 +153,9 @@ def load_quantized(folder, device=None) -> tuple[nn.Module, Plan]:
             if raw is not None:
                 fields[field] = raw  # raw bytes; QuantLoRALinear stores bytes as they are
         q = QuantizedTensor(config, tuple(info["shape"]), **fields)
-        layer = QuantLoRALinear(q, tensors.pop(prefix + "bias", None), rank=info["rank"], alpha=info["alpha"],
-                                dropout=info["dropout"])
+        cls = QALoRALinear if info.get("method") == "qalora" else QuantLoRALinear  # folders before QA-LoRA: lora
+        layer = cls(q, tensors.pop(prefix + "bias", None), rank=info["rank"], alpha=info["alpha"],
+                    dropout=info["dropout"])
         # The raw fields went in as uint8 and QuantLoRALinear keeps uint8 views: identical bytes.
         if info["rank"]:
             layer.lora_A = nn.Parameter(tensors.pop(prefix + "lora_A"))
@@ -233,6 +234,15 @@ def export_merged(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32,
     return _write_plain(model, Path(out_dir), _plain_state(model, True, dtype), dtype, tokenizer)
 
 
+def _plain_lora_a(layer: QuantLoRALinear) -> torch.Tensor:
+    """lora_A as a standard LoRA's (r × in). QA-LoRA's reads the input averaged over groups of g, which is the same
+    linear map as its columns repeated g times and divided by g: PEFT has no pooled adapter, so it gets that."""
+    a = layer.lora_A.detach()
+    if isinstance(layer, QALoRALinear):
+        return a.float().repeat_interleave(layer.group_size, dim=1) / layer.group_size
+    return a
+
+
 def export_peft(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32, tokenizer=None) -> tuple[Path, Path]:
     """(base_dir, adapter_dir) under out_dir: base = dequantized Q as a standard folder; adapter = PEFT LoRA with
     target_modules = the quantized modules with rank > 0 and per-module r / lora_alpha (rank_pattern,
@@ -258,7 +268,7 @@ def export_peft(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32, t
             config_dict[k] = sorted(v)
     weights = {}
     for name, layer in adapted.items():
-        weights[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().to(dtype)
+        weights[f"base_model.model.{name}.lora_A.weight"] = _plain_lora_a(layer).to(dtype)
         weights[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().to(dtype)
     _save_tensors(adapter_dir / "adapter_model.safetensors", weights)
     write_json(adapter_dir / "adapter_config.json", config_dict)

@@ -566,7 +566,7 @@ def finetune(plan, model=None, out_dir=None, *, init: str = "loftq", steps: int 
 
             try:
                 result["saved"] = str(save_quantized(student, plan, out / "quantized"))
-            except UserError as e:  # e.g. QA-LoRA layers, which save_quantized does not write yet
+            except UserError as e:  # e.g. a model without a Hugging Face config: report it, keep the results
                 result["saved"] = None
                 result["not_saved"] = str(e)
         write_report(result, out)

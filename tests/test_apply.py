@@ -429,15 +429,37 @@ def test_mixed_plan_builds_each_entry_with_its_method(mixed_qalora):
     assert {e.point.method for e in plan.matrices} == {"lora", "qalora"}
 
 
-def test_qalora_models_are_refused_by_save_and_export_not_written_broken(mixed_qalora, tmp_path):
-    from planner.errors import UserError
-    from planner.export import export_peft, save_quantized
+def test_qalora_models_save_reload_and_export_to_peft_and_merged(mixed_qalora, batch, tmp_path):
+    """QA-LoRA's pooled adapters survive save/load bit for bit, and both exports reproduce the model: PEFT gets the
+    pooled lora_A as a standard one (columns repeated g times, divided by g)."""
+    import copy
+    import json
+
+    from peft import PeftModel
+
+    from planner.export import MANIFEST, export_merged, export_peft, load_quantized, save_quantized
+    from quant import QALoRALinear
 
     model, plan, _ = mixed_qalora
-    for write in (lambda: save_quantized(model, plan, tmp_path / "q"), lambda: export_peft(model, tmp_path / "p")):
-        with pytest.raises(UserError, match="QA-LoRA"):
-            write()
-    assert not list(tmp_path.iterdir())
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # stand-in for fine-tuning: adapters away from their initialisation
+        g = torch.Generator().manual_seed(5)
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    folder = save_quantized(model, plan, tmp_path / "q")
+    methods = {n: info["method"] for n, info in json.loads((folder / MANIFEST).read_text())["layers"].items()}
+    assert methods == {e.name: e.point.method for e in plan.matrices}
+    loaded, _ = load_quantized(folder)
+    assert all(isinstance(loaded.get_submodule(e.name), QALoRALinear) == (e.point.method == "qalora")
+               for e in plan.matrices)
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+        assert torch.equal(loaded(**batch).last_hidden_state, want)
+        base_dir, adapter_dir = export_peft(model, tmp_path / "peft")
+        peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir), adapter_dir).eval()
+        torch.testing.assert_close(peft_model(**batch).last_hidden_state, want, rtol=1e-4, atol=1e-4)
+        merged = AutoModel.from_pretrained(export_merged(model, tmp_path / "merged")).eval()
+        torch.testing.assert_close(merged(**batch).last_hidden_state, want, rtol=1e-4, atol=1e-4)
 
 
 def test_qalora_plan_forward_equals_the_dequantized_reference(mixed_qalora, minilm_path, batch):
