@@ -63,6 +63,26 @@ def rank_info(env: Mapping[str, str] | None = None) -> RankInfo:
     return RankInfo(rank, world, local_rank, local_world)
 
 
+def joined_shard() -> tuple[int, int]:
+    """(rank, world) of the process group this process has joined; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(values: Sequence[float], device) -> list[float]:
+    """Element-wise sum of `values` over the joined process group (every rank must call), in float64 on `device`
+    (NCCL reduces CUDA tensors only)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def under_torchrun(env: Mapping[str, str] | None = None) -> bool:
     """True inside a multi-process torchrun job."""
     return rank_info(env).world > 1

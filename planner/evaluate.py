@@ -13,6 +13,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from .distributed import all_sum, joined_shard
 from .errors import UserError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?:])\s+")
@@ -70,9 +71,12 @@ def _check_texts(texts) -> list[str]:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, batch_size: int = 4,
-               device=None) -> float:
+               device=None, shard: bool = False) -> float:
     """exp(mean next-token NLL) over `texts` joined by blank lines, with a sliding window: windows of `max_len`
-    tokens every `stride` tokens, each scoring only the tokens not scored before (all context kept)."""
+    tokens every `stride` tokens, each scoring only the tokens not scored before (all context kept).
+
+    shard=True inside a joined process group (DDP): each rank scores every world-th window and the sums are
+    all-reduced, so every rank returns the whole text's perplexity for 1/world of the work. Every rank must call."""
     texts = _check_texts(texts)
     if not 0 < stride <= max_len:
         raise UserError(f"stride={stride} must be in 1..max_len ({max_len}); e.g. stride = max_len // 2")
@@ -88,6 +92,8 @@ def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, b
         prev_end = end
         if end == ids.numel():
             break
+    rank, world = joined_shard() if shard else (0, 1)
+    windows = windows[rank::world]
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
@@ -109,6 +115,8 @@ def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, b
             count += int((labels[:, 1:] != -100).sum())
     finally:
         model.train(was_training)
+    if world > 1:
+        nll, count = all_sum([nll, count], device)
     return math.exp(nll / count)
 
 
@@ -131,11 +139,21 @@ def sentence_embeddings(model, tokenizer, texts, max_len: int = 128, batch_size:
     return torch.cat(out)
 
 
-def embedding_cosine(student, teacher, tokenizer, texts, max_len: int = 128, batch_size: int = 32) -> float:
-    """Mean cosine similarity between the student's and the teacher's mean-pooled sentence embeddings."""
-    s = sentence_embeddings(student, tokenizer, texts, max_len, batch_size)
-    t = sentence_embeddings(teacher, tokenizer, texts, max_len, batch_size)
-    return float(F.cosine_similarity(s, t, dim=-1).mean())
+def embedding_cosine(student, teacher, tokenizer, texts, max_len: int = 128, batch_size: int = 32,
+                     shard: bool = False) -> float:
+    """Mean cosine similarity between the student's and the teacher's mean-pooled sentence embeddings.
+    shard=True: as perplexity's (each rank embeds every world-th text; every rank must call)."""
+    texts = _check_texts(texts)
+    rank, world = joined_shard() if shard else (0, 1)
+    mine = texts[rank::world]
+    total = 0.0
+    if mine:  # a rank can be left without text when there are fewer texts than ranks
+        s = sentence_embeddings(student, tokenizer, mine, max_len, batch_size)
+        t = sentence_embeddings(teacher, tokenizer, mine, max_len, batch_size)
+        total = float(F.cosine_similarity(s, t, dim=-1).double().sum())
+    if world > 1:
+        total, _ = all_sum([total, 0.0], model_device(student))
+    return total / len(texts)
 
 
 def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int = 128, device=None,

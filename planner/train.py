@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .apply import trainable_parameters
+from .distributed import all_sum
 from .errors import UserError
 from .evaluate import mean_pool, model_device
 from .fsio import read_paragraphs
@@ -195,14 +196,6 @@ def setup_distributed(device=None) -> tuple[DistInfo, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local), dev
-
-
-def _all_sum(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
@@ -417,7 +410,7 @@ def train(model, tokenizer, texts, *, objective: str = "auto", teacher=None, ste
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if dist_info.active:
-                total_loss, tokens = _all_sum([total_loss, tokens], device)
+                total_loss, tokens = all_sum([total_loss, tokens], device)
                 total_loss, tokens = total_loss / dist_info.world, int(tokens)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -516,14 +509,15 @@ def finetune(plan, model=None, out_dir=None, *, init: str = "loftq", steps: int 
     teacher = None
     if causal:
         metric = "perplexity"
-        evaluate = lambda m: perplexity(m, tokenizer, held, max_len=max_len, stride=max(1, max_len // 2))  # noqa: E731
+        evaluate = lambda m: perplexity(m, tokenizer, held, max_len=max_len, stride=max(1, max_len // 2),  # noqa: E731
+                                        shard=True)
         fp_model = loader.from_pretrained(folder, dtype=torch.float32).to(dev)
         fp_metric = evaluate(fp_model)
         del fp_model
     else:
         metric = "embedding_cosine"
         teacher = AutoModel.from_pretrained(folder, dtype=torch.float32).to(dev).eval()
-        evaluate = lambda m: embedding_cosine(m, teacher, tokenizer, held, max_len=max_len)  # noqa: E731
+        evaluate = lambda m: embedding_cosine(m, teacher, tokenizer, held, max_len=max_len, shard=True)  # noqa: E731
         fp_metric = 1.0  # the full-precision model is the reference itself
     student = loader.from_pretrained(folder, config=config, dtype=torch.float32)
     torch.manual_seed(seed)  # zero-init (QLoRA) adapters draw lora_A at random: the same on every rank and rerun

@@ -159,6 +159,35 @@ def test_sliding_window_perplexity_does_not_depend_on_batching(tiny_llama, tok, 
         perplexity(model, tok, texts, max_len=64, stride=128)
 
 
+def test_sharded_evaluation_splits_the_work_and_sums_to_the_whole(tiny_llama, minilm_path, tok, teacher, splits,
+                                                                  monkeypatch):
+    """Under DDP each of 2 ranks scores every 2nd window (text) and the all-reduced sums give the 1-process value;
+    simulated here by playing both ranks in turn and adding their partial sums as all_reduce would."""
+    from planner import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    texts = splits["heldout"][:6]
+    whole = perplexity(model, tok, texts, max_len=64, stride=32)
+    encoder, encoder_texts = AutoModel.from_pretrained(minilm_path).eval(), splits["heldout"][:5]
+    with torch.no_grad():  # a student that differs from the teacher, so the cosines are not all 1
+        for p in encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    whole_cos = embedding_cosine(encoder, teacher, tok, encoder_texts)
+    partial = {"ppl": [], "cos": []}
+    for rank in (0, 1):
+        monkeypatch.setattr(evaluate, "joined_shard", lambda rank=rank: (rank, 2))
+        for key, run in (("ppl", lambda: perplexity(model, tok, texts, max_len=64, stride=32, shard=True)),
+                         ("cos", lambda: embedding_cosine(encoder, teacher, tok, encoder_texts, shard=True))):
+            monkeypatch.setattr(evaluate, "all_sum", lambda values, device, key=key: partial[key].append(values) or
+                                list(values))
+            run()
+    (nll0, n0), (nll1, n1) = partial["ppl"]
+    assert n0 > 0 and n1 > 0  # both ranks did work
+    assert math.exp((nll0 + nll1) / (n0 + n1)) == pytest.approx(whole, rel=1e-6)
+    assert (partial["cos"][0][0] + partial["cos"][1][0]) / len(encoder_texts) == pytest.approx(whole_cos, rel=1e-6)
+    assert whole_cos < 0.999
+
+
 def test_causal_finetune_lowers_loss_and_perplexity(tiny_llama, tok, splits):
     model, _ = quantized_llama(tiny_llama)
     held = splits["heldout"][:4]
