@@ -130,7 +130,7 @@ def main(argv=None):
     source = models.resolve_model(str(folder))
     matrices = models.discover_matrices(source)
     grid = make_grid(args.bits, args.blocks, args.ranks)
-    from planner.profile import resolve_device
+    from planner.devices import resolve_device
 
     device = resolve_device(args.device)
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; {len(matrices)} matrices "

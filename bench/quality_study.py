@@ -57,7 +57,8 @@ from planner.grid import GridPoint, make_grid  # noqa: E402
 from planner.ilp import InfeasibleBudget, solve, uniform_solutions  # noqa: E402
 from planner.models import discover_matrices, planned_params, resolve_model  # noqa: E402
 from planner.plan import Plan, PlanEntry  # noqa: E402
-from planner.profile import resolve_device, run_profile  # noqa: E402
+from planner.devices import resolve_device  # noqa: E402
+from planner.profile import run_profile  # noqa: E402
 from planner.train import train  # noqa: E402
 from quant import NF4_QLORA, SolverSettings  # noqa: E402
 from quant.decompose import _sqrt_weights  # noqa: E402

@@ -16,13 +16,14 @@ from quant.decompose import _sqrt_weights, weighted_error
 
 from . import __version__
 from .budget import parse_budget
+from .devices import resolve_device
 from .errors import UserError
 from .fisher import compute_fisher, load_calib, load_fisher, save_fisher
 from .grid import GridPoint, make_grid
 from .ilp import DEFAULT_TIME_LIMIT, RTOL, InfeasibleBudget, solve
 from .models import discover_matrices, iter_matrices, planned_params, resolve_model, unplanned_bytes
 from .plan import Plan, PlanEntry
-from .profile import cache_folder, resolve_device, run_profile, save_table, settings_key
+from .profile import cache_folder, run_profile, save_table, settings_key
 
 log = logging.getLogger("lqplan")
 

@@ -17,6 +17,7 @@ from quant import QALoRALinear, SolverSettings, decompose, qalora_decompose, qua
 from quant.layers import QuantLoRALinear
 from quant.qalora import balance_factors
 
+from .devices import resolve_device
 from .errors import UserError
 from .models import fingerprint as folder_fingerprint
 from .plan import Plan
@@ -28,18 +29,6 @@ METHODS = ("lora", "qalora")
 
 
 # ---- small helpers --------------------------------------------------------------------------------------------
-def resolve_device(device=None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"device {device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:0' or 'auto'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} was asked for but CUDA is not available; use device='cpu'")
-    return dev
-
-
 def solver_from_key(key) -> SolverSettings:
     """SolverSettings from a plan's method.solver: a SolverSettings.key string ("exact", "rand-o32-p2-s0") or dict."""
     if key is None:

@@ -186,8 +186,9 @@ def cmd_plan(args) -> int:
 
 def cmd_profile(args) -> int:
     from .api import get_fisher
+    from .devices import resolve_device
     from .models import discover_matrices, resolve_model
-    from .profile import resolve_device, run_profile, save_table, settings_key
+    from .profile import run_profile, save_table, settings_key
 
     _check_common(args)
     source = resolve_model(args.model)

@@ -21,6 +21,7 @@ import heapq
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,16 @@ class RankInfo:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1
+
+    @property
+    def active(self) -> bool:
+        """More than one process."""
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """The process that writes files and shows progress."""
+        return self.rank == 0
 
 
 def rank_info(env: Mapping[str, str] | None = None) -> RankInfo:
@@ -148,14 +159,16 @@ class Context:
 
 
 def rank_device(device: str, local_rank: int) -> str:
-    """--device for one rank: every CUDA choice becomes this rank's own GPU, cuda:LOCAL_RANK."""
+    """--device for one rank: every CUDA choice becomes this rank's own GPU, cuda:LOCAL_RANK (an explicit cuda:N
+    only when N is that GPU: the same cuda:N on every rank would put them all on one GPU)."""
     import torch
 
-    from .profile import resolve_device
+    from .devices import resolve_device
 
-    if device.startswith("cuda:"):
-        raise UserError(f"--device {device} would put every rank on one GPU; under torchrun use --device cuda "
-                        f"(each rank takes cuda:LOCAL_RANK) or --device cpu")
+    index = re.fullmatch(r"cuda:(\d+)", str(device))
+    if index and int(index.group(1)) != local_rank:
+        raise UserError(f"--device {device} is not this rank's GPU (cuda:{local_rank}); under torchrun use --device "
+                        "cuda or auto (each rank takes cuda:LOCAL_RANK) or --device cpu")
     dev = resolve_device(device)  # auto -> cuda or cpu; checks CUDA is there
     if dev.type != "cuda":
         return str(dev)
@@ -167,7 +180,8 @@ def rank_device(device: str, local_rank: int) -> str:
 
 
 def init(device: str = "auto", info: RankInfo | None = None) -> Context:
-    """Join the torchrun job: intra-op threads, this rank's device, the process group (NCCL for GPUs, else gloo)."""
+    """Join the torchrun job: intra-op threads, this rank's device, the process group (NCCL for GPUs, else gloo),
+    unless this process has joined one already (a user's own script). Profiling and fine-tuning both start here."""
     import torch
     import torch.distributed as dist
 

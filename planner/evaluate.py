@@ -166,7 +166,7 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
 
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from .apply import resolve_device
+    from .devices import resolve_device
     from .export import load_quantized
 
     if eval_texts < 1 or max_len < 2:

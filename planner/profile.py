@@ -20,6 +20,7 @@ import torch
 from quant import SolverSettings
 from quant.engine import ENGINE_VERSION, profile_matrix
 
+from .devices import resolve_device
 from .errors import UserError
 from .fsio import remove_stale_temps, write_json
 from .grid import GridPoint
@@ -49,17 +50,6 @@ class ProfileStats:
         return (f"{self.computed_points} of {self.points} (matrix, config) points computed on "
                 f"{len(self.computed_matrices)} of {self.matrices} matrices, {self.cached_points} from cache "
                 f"({self.seconds:.1f} s)")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for CUDA but no CUDA device is available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device; use auto, cpu or cuda[:N]") from None
 
 
 def settings_key(iters: int, solver: SolverSettings, fisher_key: str | None) -> str:

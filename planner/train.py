@@ -31,14 +31,14 @@ import random
 import resource
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .apply import trainable_parameters
-from .distributed import all_sum
+from .devices import resolve_device
+from .distributed import RankInfo, all_sum, init, rank_info
 from .errors import UserError
 from .evaluate import mean_pool, model_device
 from .fsio import read_paragraphs
@@ -156,46 +156,19 @@ class _Batches:
 
 
 # ---- distributed ----------------------------------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device=None) -> tuple[DistInfo, torch.device]:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU) unless already joined,
-    and return this rank's device (cuda:LOCAL_RANK on GPUs). Without torchrun: (DistInfo(), the device)."""
-    from .apply import resolve_device
-    from .distributed import rank_info
-
-    dev = resolve_device(device)
-    info = rank_info()  # a malformed WORLD_SIZE/LOCAL_RANK is a one-line error
-    world = info.world
+def setup_distributed(device=None) -> tuple[RankInfo, torch.device]:
+    """Under torchrun (WORLD_SIZE > 1) or in an already joined process group: join it through planner.distributed.init
+    (NCCL on CUDA, gloo on CPU) and return this rank's place and device (cuda:LOCAL_RANK on GPUs). Otherwise:
+    (RankInfo(), the device)."""
     import torch.distributed as dist
 
-    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
-        return DistInfo(), dev
+    info = rank_info()  # a malformed WORLD_SIZE/LOCAL_RANK is a one-line error
+    if info.world <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return RankInfo(), resolve_device(device)
     if not dist.is_available():
         raise UserError("WORLD_SIZE > 1 but this torch has no torch.distributed; run without torchrun")
-    local = info.local_rank
-    if dev.type == "cuda":
-        if dev.index is not None and dev.index != local:  # e.g. --device cuda:1 on every rank: one GPU for all
-            raise UserError(f"device {device} is not this rank's GPU (cuda:{local}); under torchrun use --device "
-                            "cuda or auto (each rank takes cuda:LOCAL_RANK)")
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local), dev
+    ctx = init("auto" if device is None else str(device), info)
+    return ctx.info, torch.device(ctx.device)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ numbers (bit for bit on CPU; on CUDA up to the float rounding cuBLAS picks for a
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 

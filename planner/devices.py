@@ -1,0 +1,21 @@
+"""Which torch device to run on: 'auto', a device name or a torch.device in, a checked torch.device out."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UserError
+
+
+def resolve_device(device=None) -> torch.device:
+    """None/'auto' -> cuda when there is one, else cpu; anything else must name a torch device that is present."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for CUDA but no CUDA device is available; use --device cpu "
+                        "(device='cpu' from Python)")
+    return dev
