@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# All GPU benchmarks of issue 5 in one go (~6-8 min on one H100): LoftQ per matrix vs PEFT, the whole grid on a
-# 13B-shaped model (2 layers, extrapolated to 40), the training step vs bitsandbytes NF4 + LoRA.
+# All GPU benchmarks of issue 5 in one go (~6-8 min on one H100): the GPU tests of the engine and the dequant kernels,
+# LoftQ per matrix vs PEFT, the whole grid on a 13B-shaped model (GRID_LAYERS, default 2, extrapolated to 40), the
+# training step (Triton / torch.compile dequant) vs bitsandbytes NF4 + LoRA.
 # Outputs (JSON + logs) go to $OUT, else reports/bench-raw/. bitsandbytes must be importable for the PEFT/bnb columns.
 #   bash bench/run_gpu_benches.sh            # TINY=1 bash bench/run_gpu_benches.sh for a CPU smoke run
 set -u
@@ -24,10 +25,11 @@ run() {  # name, time limit (s), command...
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 } > >(tee "$OUT/env.txt") 2>&1
 run test_fastgrid 120 python -m pytest -q -x tests/test_fastgrid.py -k "cuda or subset or full_width"
+run test_kernels 180 python -m pytest -q tests/test_triton_dequant.py tests/test_apply.py -k "triton or kernel or compiled or cuda or gpu"
 run loftq 200 python bench/bench_loftq.py $TINY_FLAG --out "$OUT/loftq.json"
 run step 120 python bench/bench_step.py $TINY_FLAG --out "$OUT/step.json"
-run grid 240 python bench/bench_grid.py $TINY_FLAG --layers "${GRID_LAYERS:-2}" --out "$OUT/grid.json"
+run grid "${GRID_LIMIT:-240}" python bench/bench_grid.py $TINY_FLAG --layers "${GRID_LAYERS:-2}" --out "$OUT/grid.json"
 echo
 echo "===== summary ====="
 grep -hE "speed-up|err ours|ratio |whole grid|EXTRAPOLATED|breakdown|skipped|passed|failed|error" \
-    "$OUT"/test_fastgrid.log "$OUT"/loftq.log "$OUT"/step.log "$OUT"/grid.log 2>/dev/null | tee "$OUT/summary.txt"
+    "$OUT"/test_fastgrid.log "$OUT"/test_kernels.log "$OUT"/loftq.log "$OUT"/step.log "$OUT"/grid.log 2>/dev/null | tee "$OUT/summary.txt"
