@@ -261,6 +261,10 @@ class QuantLoRALinear(nn.Module):
         """dequant(Q) + scaling · lora_B · lora_A in fp32."""
         return self.dequantize(torch.float32) + self.lora_delta()
 
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What lora_A reads: the (dropped-out) input; QA-LoRA pools it per group."""
+        return self.lora_dropout(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
@@ -269,7 +273,7 @@ class QuantLoRALinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         if self.rank:
-            h = F.linear(self.lora_dropout(x).to(dtype), self.lora_A.to(dtype))
+            h = F.linear(self.adapter_input(x).to(dtype), self.lora_A.to(dtype))
             out = out + self.scaling * F.linear(h, self.lora_B.to(dtype))
         return out
 

@@ -38,13 +38,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .blockwise import QuantizedTensor, quantize, quantize_dequantize
 from .config import ADAPTER_BITS, QuantConfig
 from .decompose import _sqrt_weights, check_fisher, check_matrix, weighted_error
-from .layers import QuantLoRALinear, _FrozenDequantLinear
+from .layers import QuantLoRALinear
 from .lowrank import SolverSettings, exact_lowrank, randomized_lowrank
 
 # Relative slack for comparing iterates: steps after the first re-quantize shifted groups, which changes the
@@ -348,17 +347,8 @@ class QALoRALinear(QuantLoRALinear):
         """Adapter bytes at the plan's 16-bit accounting: r·(out + in/g) values."""
         return ADAPTER_BITS // 8 * self.rank * (self.out_features + self.in_features // self.group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        out = _FrozenDequantLinear.apply(x.to(dtype), self, dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(dtype)
-        if self.rank:
-            h = F.linear(self.pool(self.lora_dropout(x)).to(dtype), self.lora_A.to(dtype))
-            out = out + self.scaling * F.linear(h, self.lora_B.to(dtype))
-        return out
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.lora_dropout(x))
 
     # ---- merging ---------------------------------------------------------------------------------------------
     @torch.no_grad()
