@@ -43,8 +43,8 @@ def interpreting() -> bool:
 def supports(config: QuantConfig) -> bool:
     """Configurations the kernel handles: symmetric codebooks (NF, symmetric INT), codes of 2/3/4/8 bits, scales
     plain or double-quantized with 8-bit second-level codes (QLoRA's). Anything else takes the eager path."""
-    if config.asymmetric or config.bits not in _GROUPS:
-        return False
+    if config.asymmetric or config.bits not in _GROUPS or config.blocksize % _GROUPS[config.bits][1]:
+        return False  # the kernel reads one scale per byte group, so a group must not straddle two blocks
     return not config.double_quant or config.dq_bits == 8
 
 
@@ -79,14 +79,16 @@ def _kernel():
         idx = first[:, None] + j[None, :]
         mask = idx < numel
         value = tl.load(table + code, mask=mask, other=0.0)
-        block = idx // BLOCK
+        # A group's codes share one block (blocks are multiples of 16 codes, groups hold at most 8 and start at a
+        # multiple of their size): one scale per group, not per code.
+        block = first // BLOCK
         if DOUBLE_QUANT:
-            scode = tl.load(scale_codes + block, mask=mask, other=0).to(tl.int32)
-            s2 = tl.load(scale_scales + block // DQ_BLOCK, mask=mask, other=0.0).to(tl.float32)
-            scale = tl.load(scale_table + scode, mask=mask, other=0.0) * s2 + tl.load(scale_offset)
+            scode = tl.load(scale_codes + block, mask=gmask, other=0).to(tl.int32)
+            s2 = tl.load(scale_scales + block // DQ_BLOCK, mask=gmask, other=0.0).to(tl.float32)
+            scale = tl.load(scale_table + scode, mask=gmask, other=0.0) * s2 + tl.load(scale_offset)
         else:
-            scale = tl.load(scales + block, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out + idx, (value * scale).to(out.dtype.element_ty), mask=mask)
+            scale = tl.load(scales + block, mask=gmask, other=0.0).to(tl.float32)
+        tl.store(out + idx, (value * scale[:, None]).to(out.dtype.element_ty), mask=mask)
 
     return dequant
 
