@@ -353,7 +353,7 @@ def render_md(result: dict) -> str:
         f"Model: {result['model']['name']} ({result['model']['matrices']} planned matrices, "
         f"{result['params']:,} parameters); device {result['device']}; {result['seconds']:.0f} s in all "
         f"(profiling {result['profile']['seconds']:.0f} s).",
-        *([f"Merged from {len(result['parts'])} runs in parallel (one process each, same GPU), wall time the "
+        *([f"Merged from {len(result['parts'])} runs in parallel (one process each, same machine), wall time the "
            "longest: " + "; ".join(f"`{q['command']}` ({q['seconds']:.0f} s)" for q in result["parts"]), ""]
           if result.get("parts") else [""]),
         f"Budgets in bits per planned parameter, adapters included at 16 bits. Grid: NF bits {s['lora_bits']} x "
