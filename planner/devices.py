@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import UserError
 
 
 def resolve_device(device=None) -> torch.device:
-    """None/'auto' -> cuda when there is one, else cpu; anything else must name a torch device that is present."""
+    """None/'auto' -> $LQPLAN_DEVICE when set, else cuda when there is one, else cpu; anything else must name a
+    torch device that is present."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = os.environ.get("LQPLAN_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

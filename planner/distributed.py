@@ -187,6 +187,8 @@ def init(device: str = "auto", info: RankInfo | None = None) -> Context:
 
     info = info or rank_info()
     threads = threads_per_rank(info.local_world)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads = int(os.environ["OMP_NUM_THREADS"])  # the user's (or the launcher's) choice wins
     torch.set_num_threads(threads)
     dev = rank_device(device, info.local_rank)
     # gloo also works with GPU ranks (only small Python objects travel): the way out where NCCL cannot start

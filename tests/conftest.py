@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -12,6 +15,19 @@ from planner.models import default_model_path
 # save (measured: the numeric-core tests take 19 s with 1 thread, 38 s with 2 on an idle machine, and several
 # minutes with 2 while other processes load the CPU, e.g. a 256-value bucketize taking 9 ms instead of 3 us).
 torch.set_num_threads(1)
+
+# The suite is a CPU suite wherever it runs: "auto" devices resolve to the CPU (planner.devices reads this), so a
+# GPU machine runs the same tests; the GPU tests ask for cuda explicitly. Subprocesses inherit it.
+os.environ.setdefault("LQPLAN_DEVICE", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a `python -m planner` child: this checkout first on PYTHONPATH, whatever else was there
+    kept (a machine may provide dependencies through PYTHONPATH), one thread unless told otherwise."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 # The six projections of every BERT layer that lqplan plans (the pooler and embeddings are not LoRA targets).
 LINEAR_SUFFIXES = (

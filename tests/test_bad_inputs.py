@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import subprocess_env
 from planner import cli, fsio
 from planner.grid import make_grid
 
@@ -369,7 +370,7 @@ def test_no_traceback_in_a_real_process(argv, env, tmp_path):
     argv = [a.format(truncated=truncated, bad_plan=bad_plan) for a in argv]
     proc = subprocess.run([sys.executable, "-m", "planner", *argv, "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                          env=subprocess_env())
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.splitlines()

@@ -4,7 +4,6 @@ the adapters of a 1-process run with the same global batch (batch 2 x 2 ranks x 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import subprocess_env
 from planner.cli import main
 from planner.train import CHECKPOINT, load_checkpoint
 
@@ -36,7 +36,7 @@ def report(out: Path) -> dict:
 
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(plan_file, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "planner", "train", "--plan", str(plan_file), "--out", str(two), "--batch-size", "2",

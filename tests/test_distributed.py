@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import subprocess_env
 from planner.distributed import (RankInfo, balance, launch_command, merge_entries, missing_costs, rank_device,
                                  rank_info, strip_distributed, threads_per_rank)
 from planner.errors import UserError
@@ -192,7 +192,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path, minilm_path):
     run_profile(source, matrices, make_grid("2,4", "64", "4"), 1, SolverSettings(), cache_dir=tmp_path / "c2",
                 device="cpu", progress=False, only=done)
 
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = subprocess_env()
     env.pop("WORLD_SIZE", None)
     res = subprocess.run([sys.executable, "-m", "planner", *plan, "--cache", str(tmp_path / "c2"), "--out",
                           str(tmp_path / "o2"), "--distributed", "2"], cwd=tmp_path, env=env,

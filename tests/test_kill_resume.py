@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import subprocess_env
 from planner import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ MATRICES = 36  # all-MiniLM-L6-v2: 6 layers x 6 projections
 # Two points per matrix: ~60 ms of work each on one core, so polling every 5 ms kills where intended.
 GRID = ["--bits", "2,4", "--blocks", "64", "--ranks", "8", "--iters", "1"]
 POINTS = 2
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ENV = subprocess_env(MKL_NUM_THREADS="1")
 
 
 def _args(cache: Path, out: Path) -> list[str]:

@@ -6,7 +6,6 @@ small driver that patches the data stream / torch.save in the child to SIGKILL i
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import subprocess_env
 from planner.cli import main
 from planner.train import CHECKPOINT, load_checkpoint
 
@@ -65,7 +65,7 @@ def uninterrupted(plan_file, tmp_path_factory):
 def killed_run(plan_file, out: Path, tmp_path: Path, mode: str, when: int) -> None:
     driver = tmp_path / "driver.py"
     driver.write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, str(driver), mode, str(when), "train", "--plan", str(plan_file),
                            "--out", str(out), *ARGS], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
