@@ -11,7 +11,7 @@ Before the solver sees it, the instance is made small without changing its optim
 4. reduced-cost fixing: x(i,c) = 1 forces objective >= bound + rc(i,c) (rc: Lagrangian reduced cost at lambda), so
    every configuration with bound + rc > incumbent is dropped; only the few near the lambda-tangent remain;
 5. what is left is solved exactly by dynamic programming over the budget (in units of the gcd of the storage
-   steps) when that table is small enough (DP_MAX_CELLS), else by the MIP solver below with a time limit. The DP
+   steps) when that table is small enough (DP_MAX_CELLS, DP_MAX_TABLE_BYTES), else by the MIP solver below with a time limit. The DP
    is hand-written because branch and bound stalls on the instances real models give: layers whose matrices
    have nearly equal errors make millions of near-equivalent plans, and HiGHS and CBC both ran out a 60 s limit
    on a 132M Llama's 84 matrices (gap 1e-3 left), where the DP takes well under a second and is exact.
@@ -47,9 +47,12 @@ RTOL = 1e-6
 # the LP bound: knapsacks over near-identical matrices (a model whose layers look alike) can branch for many
 # minutes to prove the last 1e-6, and a planner must not hang. None = no limit.
 DEFAULT_TIME_LIMIT = 60.0
-# Largest DP table (kept configurations x budget units) solved exactly: ~1 s and at most 200 MB of choice table
-# (one byte a cell); the 70B-sized instances of bench/bench_ilp.py need 0.6-1.7e8 after fixing.
-DP_MAX_CELLS = 200_000_000
+# Largest DP solved exactly: kept configurations x budget units (time: 0.55e9 cells/s measured on the 2-core
+# machine, so <= ~4 s) and its choice table, one byte per budget unit for each matrix left with a choice (memory).
+# The 70B-sized instances of bench/bench_ilp.py need 0.6-1.7e8 cells after fixing; the executor's 132M Llama at
+# 2.75 bits needed more than 2e8 on its H100 profile, where HiGHS then ran out its 60 s without a proof.
+DP_MAX_CELLS = 2_000_000_000
+DP_MAX_TABLE_BYTES = 512 * 2**20
 CURVE_TIME_LIMIT = 10.0  # per budget of the error-budget curve: a report, not a plan
 REQUIRED_COLUMNS = ("matrix", "label", "error", "storage_bits")
 
@@ -324,6 +327,14 @@ def _solve_dp(inst: _Instance, restricted) -> np.ndarray:
     return out
 
 
+def _dp_fits(restricted) -> bool:
+    """Whether _solve_dp's work (cells) and choice tables (bytes) stay under DP_MAX_CELLS / DP_MAX_TABLE_BYTES."""
+    rows, mats, _, _, cap = restricted
+    counts = np.bincount(mats)
+    table_bytes = sum((1 if c <= 256 else 2) * (cap + 1) for c in counts.tolist() if c > 1)
+    return len(rows) * (cap + 1) <= DP_MAX_CELLS and table_bytes <= DP_MAX_TABLE_BYTES
+
+
 def _spans(mats: np.ndarray) -> tuple[list[int], list[int]]:
     """[lo, hi) of each matrix's run in a matrix-sorted row array."""
     bounds = np.flatnonzero(np.diff(mats)) + 1
@@ -402,7 +413,7 @@ def solve(table: pd.DataFrame, budget_bits: int, solver: str = DEFAULT_SOLVER, t
             status, proof = "optimal", "fixing"
         else:
             restricted = _restricted(inst, keep, budget_bits)
-            if exact_dp and len(restricted[0]) * (restricted[4] + 1) <= DP_MAX_CELLS:  # the DP table's cells
+            if exact_dp and _dp_fits(restricted):
                 best = _solve_dp(inst, restricted)
                 if math.fsum(inst.e[best].tolist()) < incumbent_error:  # on a float tie the incumbent stays
                     rows = best

@@ -304,8 +304,11 @@ def test_dp_respects_its_size_limit(monkeypatch):
 
     table = near_symmetric_table(layers=4)
     budget = int(4.0 * params_of(table))
-    monkeypatch.setattr(ilp, "DP_MAX_CELLS", 0)
-    sol = solve(table, budget, time_limit=None)
-    assert sol.proof in ("mip", "lp-bound", "fixing")
-    monkeypatch.undo()
-    assert solve(table, budget).total_error == pytest.approx(sol.total_error, rel=RTOL)
+    exact = solve(table, budget)
+    assert exact.proof == "dp"
+    for limit in ("DP_MAX_CELLS", "DP_MAX_TABLE_BYTES"):  # too much work, or too large a choice table
+        monkeypatch.setattr(ilp, limit, 0)
+        sol = solve(table, budget, time_limit=None)
+        assert sol.proof in ("mip", "lp-bound", "fixing")
+        assert sol.total_error == pytest.approx(exact.total_error, rel=RTOL)
+        monkeypatch.undo()
