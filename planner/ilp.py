@@ -11,7 +11,8 @@ Before the solver sees it, the instance is made small without changing its optim
 4. reduced-cost fixing: x(i,c) = 1 forces objective >= bound + rc(i,c) (rc: Lagrangian reduced cost at lambda), so
    every configuration with bound + rc > incumbent is dropped; only the few near the lambda-tangent remain;
 5. what is left is solved exactly by dynamic programming over the budget (in units of the gcd of the storage
-   steps) when that table is small enough (DP_MAX_CELLS, DP_MAX_TABLE_BYTES), else by the MIP solver below with a time limit. The DP
+   steps) when that table is small enough (DP_MAX_CELLS, DP_MAX_TABLE_BYTES), else by the MIP solver below with a
+   time limit. The DP
    is hand-written because branch and bound stalls on the instances real models give: layers whose matrices
    have nearly equal errors make millions of near-equivalent plans, and HiGHS and CBC both ran out a 60 s limit
    on a 132M Llama's 84 matrices (gap 1e-3 left), where the DP takes well under a second and is exact.
