@@ -11,7 +11,7 @@ Before the solver sees it, the instance is made small without changing its optim
 4. reduced-cost fixing: x(i,c) = 1 forces objective >= bound + rc(i,c) (rc: Lagrangian reduced cost at lambda), so
    every configuration with bound + rc > incumbent is dropped; only the few near the lambda-tangent remain;
 5. what is left is solved exactly by dynamic programming over the budget (in units of the gcd of the storage
-   steps) when that table is small enough (DP_MAX_CELLS, DP_MAX_TABLE_BYTES), else by the MIP solver below with a
+   steps) when that table is small enough (DP_MAX_CELLS, DP_MAX_BYTES), else by the MIP solver below with a
    time limit. The DP
    is hand-written because branch and bound stalls on the instances real models give: layers whose matrices
    have nearly equal errors make millions of near-equivalent plans, and HiGHS and CBC both ran out a 60 s limit
@@ -49,11 +49,14 @@ RTOL = 1e-6
 # minutes to prove the last 1e-6, and a planner must not hang. None = no limit.
 DEFAULT_TIME_LIMIT = 60.0
 # Largest DP solved exactly: kept configurations x budget units (time: 0.55e9 cells/s measured on the 2-core
-# machine, so <= ~4 s) and its choice table, one byte per budget unit for each matrix left with a choice (memory).
+# machine, so <= ~4 s) and its memory: a choice table per matrix left with a choice (one or two bytes per budget
+# unit) plus the working arrays over the budget.
 # The 70B-sized instances of bench/bench_ilp.py need 0.6-1.7e8 cells after fixing; the executor's 132M Llama at
 # 2.75 bits needed more than 2e8 on its H100 profile, where HiGHS then ran out its 60 s without a proof.
 DP_MAX_CELLS = 2_000_000_000
-DP_MAX_TABLE_BYTES = 512 * 2**20
+DP_MAX_BYTES = 512 * 2**20
+# Bytes per budget unit of _solve_dp's float64 working arrays (best, new, a candidate slice) and boolean mask.
+_DP_WORK_BYTES_PER_UNIT = 3 * 8 + 1
 CURVE_TIME_LIMIT = 10.0  # per budget of the error-budget curve: a report, not a plan
 REQUIRED_COLUMNS = ("matrix", "label", "error", "storage_bits")
 
@@ -308,7 +311,7 @@ def _solve_dp(inst: _Instance, restricted) -> np.ndarray:
             picks.append((lo, hi, None))
             continue
         new = np.full(cap + 1, np.inf)
-        arg = np.zeros(cap + 1, dtype=np.uint8 if hi - lo <= 256 else np.int16)
+        arg = np.zeros(cap + 1, dtype=_choice_dtype(hi - lo))
         for j in range(lo, hi):
             d = int(ds[j])
             if d > cap:
@@ -328,12 +331,18 @@ def _solve_dp(inst: _Instance, restricted) -> np.ndarray:
     return out
 
 
+def _choice_dtype(choices: int) -> type:
+    """The dtype of a matrix's DP choice table: the index of its chosen row among `choices`."""
+    return np.uint8 if choices <= 256 else np.int16
+
+
 def _dp_fits(restricted) -> bool:
-    """Whether _solve_dp's work (cells) and choice tables (bytes) stay under DP_MAX_CELLS / DP_MAX_TABLE_BYTES."""
+    """Whether _solve_dp's work (cells) and memory (choice tables + working arrays) stay under DP_MAX_CELLS and
+    DP_MAX_BYTES."""
     rows, mats, _, _, cap = restricted
-    counts = np.bincount(mats)
-    table_bytes = sum((1 if c <= 256 else 2) * (cap + 1) for c in counts.tolist() if c > 1)
-    return len(rows) * (cap + 1) <= DP_MAX_CELLS and table_bytes <= DP_MAX_TABLE_BYTES
+    tables = sum(np.dtype(_choice_dtype(c)).itemsize for c in np.bincount(mats).tolist() if c > 1)
+    memory = (tables + _DP_WORK_BYTES_PER_UNIT) * (cap + 1)
+    return len(rows) * (cap + 1) <= DP_MAX_CELLS and memory <= DP_MAX_BYTES
 
 
 def _spans(mats: np.ndarray) -> tuple[list[int], list[int]]:

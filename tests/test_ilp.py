@@ -306,7 +306,7 @@ def test_dp_respects_its_size_limit(monkeypatch):
     budget = int(4.0 * params_of(table))
     exact = solve(table, budget)
     assert exact.proof == "dp"
-    for limit in ("DP_MAX_CELLS", "DP_MAX_TABLE_BYTES"):  # too much work, or too large a choice table
+    for limit in ("DP_MAX_CELLS", "DP_MAX_BYTES"):  # too much work, or too much memory
         monkeypatch.setattr(ilp, limit, 0)
         sol = solve(table, budget, time_limit=None)
         assert sol.proof in ("mip", "lp-bound", "fixing")
