@@ -223,14 +223,13 @@ class QuantLoRALinear(nn.Module):
         device = self.q_codes.device
         backend = dequant_backend(device, cfg)
         if backend == "triton":
-            shape = (self.out_features, self.in_features)
             if cfg.double_quant:
-                return triton_dequant.dequantize(
-                    self.q_codes, flat_codebook(cfg.kind, cfg.bits, device), cfg, shape, dtype,
-                    scale_codes=self.q_scale_codes, scale_table=flat_codebook("int", cfg.dq_bits, device),
-                    scale_scales=self._field("scale_scales"), scale_offset=self._field("scale_offset"))
-            return triton_dequant.dequantize(self.q_codes, flat_codebook(cfg.kind, cfg.bits, device), cfg, shape,
-                                             dtype, scales=self._field("scales"))
+                scales = {"scale_codes": self.q_scale_codes, "scale_table": flat_codebook("int", cfg.dq_bits, device),
+                          "scale_scales": self._field("scale_scales"), "scale_offset": self._field("scale_offset")}
+            else:
+                scales = {"scales": self._field("scales")}
+            return triton_dequant.dequantize(self.q_codes, flat_codebook(cfg.kind, cfg.bits, device), cfg,
+                                             (self.out_features, self.in_features), dtype, **scales)
         table = code_table(cfg.kind, cfg.bits, cfg.asymmetric, device, torch.float32)
         if cfg.double_quant:
             nblocks2 = math.ceil(nblocks / cfg.dq_blocksize)
