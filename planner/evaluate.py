@@ -152,7 +152,7 @@ def embedding_cosine(student, teacher, tokenizer, texts, max_len: int = 128, bat
         t = sentence_embeddings(teacher, tokenizer, mine, max_len, batch_size)
         total = float(F.cosine_similarity(s, t, dim=-1).double().sum())
     if world > 1:
-        total, _ = all_sum([total, 0.0], model_device(student))
+        (total,) = all_sum([total], model_device(student))
     return total / len(texts)
 
 
