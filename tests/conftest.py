@@ -55,6 +55,14 @@ def minilm_path():
 
 
 @pytest.fixture(scope="session")
+def tok(minilm_path):
+    """The embedded model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+@pytest.fixture(scope="session")
 def minilm_weights(minilm_path) -> dict[str, torch.Tensor]:
     """name -> fp32 tensor (out, in) of the 36 linear weight matrices of all-MiniLM-L6-v2, in file order."""
     with safe_open(str(minilm_path / "model.safetensors"), framework="pt") as f:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
 from planner.apply import apply_plan, explicit_plan, memory_report, quant_layers, quantized_bytes, resolve_names
 from planner.errors import UserError
@@ -27,11 +27,6 @@ def mixed_point(i, name, shape):
 
 def encoder_names(model):
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
-
-
-@pytest.fixture(scope="module")
-def tok(minilm_path):
-    return AutoTokenizer.from_pretrained(minilm_path)
 
 
 @pytest.fixture(scope="module")

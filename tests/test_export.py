@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from planner.apply import apply_plan, explicit_plan, quantized_bytes
 from planner.errors import UserError
@@ -31,11 +31,6 @@ def perturb_adapters(model, seed=0):
     with torch.no_grad():
         for p in (p for p in model.parameters() if p.requires_grad):
             p.add_(0.02 * torch.randn(p.shape, generator=g))
-
-
-@pytest.fixture(scope="module")
-def tok(minilm_path):
-    return AutoTokenizer.from_pretrained(minilm_path)
 
 
 @pytest.fixture(scope="module")

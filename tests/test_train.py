@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from planner.apply import apply_plan, explicit_plan
 from planner.errors import UserError
@@ -31,11 +31,6 @@ def quantized_minilm(path, iters=1):
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
     plan = explicit_plan(model, mixed_point, model_path=path, names=names, iters=iters)
     return apply_plan(model, plan, progress=False), plan
-
-
-@pytest.fixture(scope="module")
-def tok(minilm_path):
-    return AutoTokenizer.from_pretrained(minilm_path)
 
 
 @pytest.fixture(scope="module")
