@@ -22,7 +22,6 @@ from conftest import subprocess_env
 from planner import cli, fsio
 from planner.grid import make_grid
 
-REPO = Path(__file__).resolve().parents[1]
 GRID = ["--bits", "4", "--blocks", "64", "--ranks", "0,4", "--iters", "1"]
 PREVIOUS = b'{"previous": "plan"}\n'  # a plan.json from an earlier run: no failing command may touch it
 

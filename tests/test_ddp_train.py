@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import subprocess_env
+from conftest import REPO, subprocess_env
 from planner.cli import main
 from planner.train import CHECKPOINT, load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 ARGS = ["--steps", str(STEPS), "--save-every", str(STEPS), "--grad-accum", "2", "--max-len", "16",
         "--eval-texts", "2", "--lr", "2e-3", "--no-dropout", "--no-save", "--quiet", "--device", "cpu"]

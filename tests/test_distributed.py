@@ -21,7 +21,6 @@ from planner.fsio import write_json
 from planner.grid import make_grid
 from planner.models import MatrixInfo
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--bits", "2,4", "--blocks", "64", "--ranks", "4", "--iters", "1", "--device", "cpu", "--quiet"]
 
 

@@ -23,7 +23,6 @@ import pytest
 from conftest import subprocess_env
 from planner import cli
 
-REPO = Path(__file__).resolve().parents[1]
 MATRICES = 36  # all-MiniLM-L6-v2: 6 layers x 6 projections
 # Two points per matrix: ~60 ms of work each on one core, so polling every 5 ms kills where intended.
 GRID = ["--bits", "2,4", "--blocks", "64", "--ranks", "8", "--iters", "1"]

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import subprocess_env
+from conftest import REPO, subprocess_env
 from planner.cli import main
 from planner.train import CHECKPOINT, load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 8, 3  # checkpoints after steps 3, 6 and 8
 ARGS = ["--steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--batch-size", "2", "--grad-accum", "2",
         "--max-len", "16", "--eval-texts", "2", "--lr", "2e-3", "--no-save", "--quiet", "--device", "cpu"]
