@@ -27,9 +27,10 @@ run() {  # name, time limit (s), command...
 run test_fastgrid 120 python -m pytest -q -x tests/test_fastgrid.py -k "cuda or subset or full_width"
 run test_kernels 180 python -m pytest -q tests/test_triton_dequant.py tests/test_apply.py -k "triton or kernel or compiled or cuda or gpu"
 run loftq 200 python bench/bench_loftq.py $TINY_FLAG --out "$OUT/loftq.json"
-run step 120 python bench/bench_step.py $TINY_FLAG --out "$OUT/step.json"
+[ -z "$TINY_FLAG" ] && run dequant 120 python bench/bench_dequant.py --out "$OUT/dequant.json"
+run step 240 python bench/bench_step.py $TINY_FLAG --out "$OUT/step.json"
 run grid "${GRID_LIMIT:-240}" python bench/bench_grid.py $TINY_FLAG --layers "${GRID_LAYERS:-2}" --out "$OUT/grid.json"
 echo
 echo "===== summary ====="
 grep -hE "speed-up|err ours|ratio |whole grid|EXTRAPOLATED|breakdown|skipped|passed|failed|error" \
-    "$OUT"/test_fastgrid.log "$OUT"/test_kernels.log "$OUT"/loftq.log "$OUT"/step.log "$OUT"/grid.log 2>/dev/null | tee "$OUT/summary.txt"
+    "$OUT"/test_fastgrid.log "$OUT"/test_kernels.log "$OUT"/loftq.log "$OUT"/dequant.log "$OUT"/step.log "$OUT"/grid.log 2>/dev/null | tee "$OUT/summary.txt"

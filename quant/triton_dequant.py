@@ -21,8 +21,12 @@ from .config import QuantConfig
 
 # Values each program writes; a power of two (Triton block shapes must be).
 _VALUES_PER_PROGRAM = 4096
-# (packed bytes read together, codes they hold) per code width: every group starts at a byte boundary.
+# (packed bytes read together, codes they hold) per code width when the codes are read byte by byte: every group
+# starts at a byte boundary.
 _GROUPS = {2: (1, 4), 3: (3, 8), 4: (1, 2), 8: (2, 2)}
+# (int32 words read together, codes they hold) when the packed buffer can be read as aligned 32-bit words: 4-byte
+# loads instead of single bytes, and fewer, wider groups. 3-bit codes straddle words, so three words (32 codes).
+_WORD_GROUPS = {2: (1, 16), 3: (3, 32), 4: (1, 8), 8: (1, 4)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,23 +68,35 @@ def _kernel():
 
     @triton.jit
     def dequant(codes, table, scales, scale_codes, scale_table, scale_scales, scale_offset, out, numel,
-                BITS: tl.constexpr, GROUP_BYTES: tl.constexpr, GROUP_CODES: tl.constexpr, GROUPS: tl.constexpr,
-                BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DQ_BLOCK: tl.constexpr):
-        g = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)  # byte groups of this program
+                BITS: tl.constexpr, WORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, GROUP_CODES: tl.constexpr,
+                GROUPS: tl.constexpr, BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DQ_BLOCK: tl.constexpr):
+        g = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)  # code groups of this program
         first = g * GROUP_CODES  # element index of each group's first code
         gmask = first < numel
-        word = tl.load(codes + g * GROUP_BYTES, mask=gmask, other=0).to(tl.int32)
-        if GROUP_BYTES >= 2:
-            word = word | (tl.load(codes + g * GROUP_BYTES + 1, mask=gmask, other=0).to(tl.int32) << 8)
-        if GROUP_BYTES >= 3:
-            word = word | (tl.load(codes + g * GROUP_BYTES + 2, mask=gmask, other=0).to(tl.int32) << 16)
         j = tl.arange(0, GROUP_CODES)
-        code = (word[:, None] >> (j[None, :] * BITS)) & ((1 << BITS) - 1)
+        if WORDS == 1:  # `codes` is the buffer seen as int32; an arithmetic shift is harmless under the mask
+            word = tl.load(codes + g, mask=gmask, other=0)
+            code = (word[:, None] >> (j[None, :] * BITS)) & ((1 << BITS) - 1)
+        elif WORDS == 3:  # 32 3-bit codes in 96 bits: code k reads bits 3k..3k+2 from the 64-bit pair holding them
+            w0 = tl.load(codes + 3 * g, mask=gmask, other=0).to(tl.int64) & 0xFFFFFFFF
+            w1 = tl.load(codes + 3 * g + 1, mask=gmask, other=0).to(tl.int64) & 0xFFFFFFFF
+            w2 = tl.load(codes + 3 * g + 2, mask=gmask, other=0).to(tl.int64) & 0xFFFFFFFF
+            low, high = w0 | (w1 << 32), w1 | (w2 << 32)
+            bit = j[None, :] * 3
+            code = (tl.where(bit < 32, low[:, None] >> bit, high[:, None] >> tl.maximum(bit - 32, 0)) & 7)
+            code = code.to(tl.int32)
+        else:  # byte by byte, little-endian, as quant.packing packs them
+            word = tl.load(codes + g * GROUP_BYTES, mask=gmask, other=0).to(tl.int32)
+            if GROUP_BYTES >= 2:
+                word = word | (tl.load(codes + g * GROUP_BYTES + 1, mask=gmask, other=0).to(tl.int32) << 8)
+            if GROUP_BYTES >= 3:
+                word = word | (tl.load(codes + g * GROUP_BYTES + 2, mask=gmask, other=0).to(tl.int32) << 16)
+            code = (word[:, None] >> (j[None, :] * BITS)) & ((1 << BITS) - 1)
         idx = first[:, None] + j[None, :]
         mask = idx < numel
         value = tl.load(table + code, mask=mask, other=0.0)
-        # A group's codes share one block (blocks are multiples of 16 codes, groups hold at most 8 and start at a
-        # multiple of their size): one scale per group, not per code.
+        # A group's codes share one block (a group never straddles one: supports() and _layout check it): one
+        # scale per group, not per code.
         block = first // BLOCK
         if DOUBLE_QUANT:
             scode = tl.load(scale_codes + block, mask=gmask, other=0).to(tl.int32)
@@ -93,25 +109,40 @@ def _kernel():
     return dequant
 
 
+def _layout(codes: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, int, int, int]:
+    """How the kernel reads `codes`: (the buffer, possibly seen as int32, int32 words per group (0: byte groups),
+    bytes per byte group, codes per group). Words need 4-byte alignment, a whole number of them, and groups that do
+    not straddle blocks; otherwise bytes."""
+    words, word_codes = _WORD_GROUPS[config.bits]
+    if (config.blocksize % word_codes == 0 and codes.numel() % (4 * words) == 0 and codes.data_ptr() % 4 == 0
+            and codes.is_contiguous()):
+        return codes.view(torch.int32), words, 0, word_codes
+    group_bytes, group_codes = _GROUPS[config.bits]
+    return codes, 0, group_bytes, group_codes
+
+
 def dequantize(codes: torch.Tensor, table: torch.Tensor, config: QuantConfig, shape: tuple[int, int],
                dtype: torch.dtype, scales: torch.Tensor | None = None, scale_codes: torch.Tensor | None = None,
                scale_table: torch.Tensor | None = None, scale_scales: torch.Tensor | None = None,
-               scale_offset: torch.Tensor | None = None) -> torch.Tensor:
+               scale_offset: torch.Tensor | None = None, values_per_program: int = _VALUES_PER_PROGRAM,
+               num_warps: int = 4) -> torch.Tensor:
     """The (out, in) weight in `dtype` from the packed buffers of a QuantizedTensor: `codes` (uint8), `table` the
     codebook values (fp32, 2^bits), and either `scales` (plain) or `scale_codes` (uint8, 8-bit), `scale_table`
-    (fp32, 256), `scale_scales` and `scale_offset` (double quant). All on one device."""
+    (fp32, 256), `scale_scales` and `scale_offset` (double quant). All on one device. `values_per_program` and
+    `num_warps` are launch parameters (bench/bench_dequant.py sweeps them)."""
     if not supports(config):
         raise ValueError(f"the Triton dequant kernel does not handle {config.label}; use the eager path")
     numel = shape[0] * shape[1]
     out = torch.empty(shape, device=codes.device, dtype=dtype)
-    group_bytes, group_codes = _GROUPS[config.bits]
-    groups = _VALUES_PER_PROGRAM // group_codes
+    packed, words, group_bytes, group_codes = _layout(codes, config)
+    groups = max(values_per_program // group_codes, 1)
     grid = (-(-numel // (groups * group_codes)),)
     dq = config.double_quant
     dummy = table  # pointer arguments the configuration does not read
-    options = {} if interpreting() else {"enable_fp_fusion": False}  # the interpreter has no such option
-    _kernel()[grid](codes, table, dummy if dq else scales, scale_codes if dq else dummy,
+    options = {} if interpreting() else {"enable_fp_fusion": False, "num_warps": num_warps}
+    _kernel()[grid](packed, table, dummy if dq else scales, scale_codes if dq else dummy,
                     scale_table if dq else dummy, scale_scales if dq else dummy, scale_offset if dq else dummy,
-                    out, numel, BITS=config.bits, GROUP_BYTES=group_bytes, GROUP_CODES=group_codes, GROUPS=groups,
-                    BLOCK=config.blocksize, DOUBLE_QUANT=dq, DQ_BLOCK=config.dq_blocksize if dq else 1, **options)
+                    out, numel, BITS=config.bits, WORDS=words, GROUP_BYTES=group_bytes, GROUP_CODES=group_codes,
+                    GROUPS=groups, BLOCK=config.blocksize, DOUBLE_QUANT=dq, DQ_BLOCK=config.dq_blocksize if dq else 1,
+                    **options)
     return out
