@@ -4,10 +4,14 @@ bitsandbytes NF4 Linear4bit + a LoRA adapter, same shapes, same rank, bf16 compu
 One "block" is the 7 projections of a decoder layer chained as a = o(q(x) + k(x) + v(x)); y = a + down(silu(gate(a))
 * up(a)) (attention itself is left out: it is the same for both). Variants: lqplan NF4 b64 dq (QLoRA's 4.127 bits),
 lqplan mixed NF2/NF3/NF4, each with every dequant backend that runs here (the Triton kernel and torch.compile on
-CUDA; eager on CPU), and bitsandbytes NF4 (double quant) + hand-made LoRA (A, B in bf16, same init scale). Prints
-median step time, the ratio to bitsandbytes, and peak memory.
+CUDA; eager on CPU); the anchors are bitsandbytes NF4 (double quant) + a lean hand-made LoRA (A, B in bf16, same
+init scale, no scaling multiply: the fastest unfused form) and, where PEFT is installed, the same Linear4bit layers
+with PEFT's own LoRA injected (what users run). All models are built first; the timing then runs `--repeats`
+rounds, each variant in turn (so drift hits all alike), and reports the median over rounds of each round's median
+step time, the spread, the ratio to the lean bitsandbytes anchor, resident and peak memory.
 
-    python bench/bench_step.py [--blocks 1] [--tokens 2048] [--rank 64] [--steps 10] [--out step.json] [--tiny]
+    python bench/bench_step.py [--blocks 1] [--tokens 2048] [--rank 64] [--steps 20] [--repeats 7] [--out step.json]
+                               [--tiny]
 """
 
 from __future__ import annotations
@@ -71,6 +75,24 @@ class BnbLoRA(nn.Module):
         return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
+def peft_bnb_block(layers_bnb: dict, rank: int) -> "Block":
+    """Block of bare Linear4bit layers with PEFT's LoRA injected into all seven (B set non-zero like the others)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    block = Block(layers_bnb)
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(KINDS))
+    block = inject_adapter_in_model(config, block)
+    gen = torch.Generator().manual_seed(1)
+    for name, module in block.named_modules():
+        if name.endswith((".lora_A", ".lora_B")):
+            module.to(torch.bfloat16)  # bf16 adapters as in the other variants (PEFT creates fp32 ones)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 1e-3)
+    return block
+
+
 def lqplan_layer(w, bits, rank, device):
     q = quantize(w, QuantConfig(kind="nf", bits=bits, blocksize=64, double_quant=True))
     gen = torch.Generator().manual_seed(1)
@@ -88,11 +110,13 @@ def build(variant, n_blocks, dims, rank, device):
             w = (torch.randn(shape, generator=gen) * 0.02).to(device)
             if variant == "bnb-nf4+lora":
                 layers[kind] = BnbLoRA(w, rank, device)
+            elif variant == "bnb-nf4+peft-lora":
+                layers[kind] = BnbLoRA(w, rank, device).base
             else:
                 bits = MIXED[kind] if variant.startswith("lqplan-mixed") else 4
                 layers[kind] = lqplan_layer(w, bits, rank, device)
             del w
-        blocks.append(Block(layers))
+        blocks.append(peft_bnb_block(layers, rank) if variant == "bnb-nf4+peft-lora" else Block(layers))
     return nn.Sequential(*blocks)
 
 
@@ -111,20 +135,46 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench(model, x, steps, device):
+def step_times(model, x, steps, device):
+    """Seconds of each of `steps` forward+backward steps (after one warm-up step)."""
     params = [p for p in model.parameters() if p.requires_grad]
     times = []
-    for i in range(steps + 2):  # two warm-up steps
+    for i in range(steps + 1):
         sync(device)
         t0 = time.perf_counter()
         loss = model(x).float().square().mean()
         loss.backward()
         sync(device)
-        if i >= 2:
+        if i:
             times.append(time.perf_counter() - t0)
         for p in params:
             p.grad = None
-    return statistics.median(times)
+    return times
+
+
+def kernel_ms_per_step(model, x, steps, device):
+    """GPU kernel time per step (sum of every kernel's own time, from torch.profiler): the step's device work
+    without host gaps, steadier than wall time on a shared machine."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step_times(model, x, steps, device)
+    events = prof.key_averages()
+    total = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) for e in events)
+    return total / 1e3 / (steps + 1)  # microseconds -> ms; step_times also runs one warm-up step
+
+
+def cuda_bytes(device):
+    """Bytes allocated on `device` after dropping cuBLAS's workspaces (64 MiB or so, allocated through PyTorch's
+    allocator on a handle's first GEMM and kept: without this, every variant measured after the first one would
+    look that much larger)."""
+    if device.type != "cuda":
+        return 0
+    sync(device)
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    return torch.cuda.memory_allocated(device)
 
 
 def main(argv=None):
@@ -132,7 +182,8 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=2048, help="batch x sequence (default 4 x 512)")
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per round (median taken)")
+    ap.add_argument("--repeats", type=int, default=7, help="rounds over all variants")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: hidden 128, intermediate 320, 64 tokens")
@@ -140,7 +191,7 @@ def main(argv=None):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dims = (5120, 13824)
     if args.tiny:
-        dims, args.tokens, args.rank, args.steps = (128, 320), 64, 8, 3
+        dims, args.tokens, args.rank, args.steps, args.repeats = (128, 320), 64, 8, 3, 2
     backends = [b for b in ("triton", "compile", "eager") if backend_runs(b, device)]
     variants = [f"{scheme}[{b}]" for scheme in ("lqplan-nf4", "lqplan-mixed-nf2/3/4") for b in backends]
     why_no_bnb = None
@@ -155,34 +206,59 @@ def main(argv=None):
         print(f"bitsandbytes baseline skipped: {why_no_bnb}")
     else:
         variants.insert(0, "bnb-nf4+lora")
+        try:
+            import peft  # noqa: F401
+
+            variants.insert(1, "bnb-nf4+peft-lora")
+        except Exception as e:  # noqa: BLE001 - PEFT is an optional second anchor
+            print(f"PEFT anchor skipped: {type(e).__name__}: {e}")
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}; "
           f"{args.blocks} block(s) of 7 projections {dims[0]}/{dims[1]}, {args.tokens} tokens, rank {args.rank}, bf16")
     gen = torch.Generator().manual_seed(2)
     x = (torch.randn(args.tokens, dims[0], generator=gen)).to(device=device, dtype=torch.bfloat16)
-    rows = {}
+    models, rows = {}, {}
     for variant in variants:
-        gc.collect()  # the previous variant's layers must be gone before "resident" is read
-        if variant.endswith("]"):
-            os.environ["LQPLAN_DEQUANT"] = variant[variant.index("[") + 1:-1]
-        model = build(variant, args.blocks, dims, args.rank, device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        secs = bench(model, x, args.steps, device)
-        peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
-        rows[variant] = {"step_s": secs, "peak_activation_bytes": peak, "resident_bytes": base}
-        mem = f", resident {base / 2**20:.0f} MiB, step peak +{peak / 2**20:.0f} MiB" if peak is not None else ""
-        print(f"{variant:30s} {secs * 1e3:8.2f} ms/step{mem}", flush=True)
-        del model
+        gc.collect()
+        before = cuda_bytes(device)
+        models[variant] = build(variant, args.blocks, dims, args.rank, device)
+        rows[variant] = {"resident_bytes": cuda_bytes(device) - before, "rounds_s": []}
+    for r in range(args.repeats):
+        for variant in variants:
+            if variant.endswith("]"):
+                os.environ["LQPLAN_DEQUANT"] = variant[variant.index("[") + 1:-1]
+            if r == 0 and device.type == "cuda":
+                base = cuda_bytes(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            times = step_times(models[variant], x, args.steps, device)
+            if r == 0 and device.type == "cuda":
+                rows[variant]["peak_activation_bytes"] = torch.cuda.max_memory_allocated(device) - base
+            rows[variant]["rounds_s"].append(statistics.median(times))
+    if device.type == "cuda":
+        for variant in variants:
+            if variant.endswith("]"):
+                os.environ["LQPLAN_DEQUANT"] = variant[variant.index("[") + 1:-1]
+            rows[variant]["kernel_ms"] = kernel_ms_per_step(models[variant], x, args.steps, device)
+    for variant in variants:
+        row = rows[variant]
+        row["step_s"] = statistics.median(row["rounds_s"])
+        spread = f"[{min(row['rounds_s']) * 1e3:.2f}-{max(row['rounds_s']) * 1e3:.2f}]"
+        kernels = f", GPU kernels {row['kernel_ms']:.2f} ms" if "kernel_ms" in row else ""
+        mem = (f"{kernels}, resident {row['resident_bytes'] / 2**20:.1f} MiB, step peak +{row['peak_activation_bytes'] / 2**20:.0f}"
+               f" MiB" if device.type == "cuda" else "")
+        print(f"{variant:30s} {row['step_s'] * 1e3:8.2f} ms/step {spread}{mem}", flush=True)
     if "bnb-nf4+lora" in rows:
-        ref = rows["bnb-nf4+lora"]["step_s"]
+        ref = rows["bnb-nf4+lora"]
         for v in variants[1:]:
-            print(f"ratio {v} / bnb-nf4+lora: {rows[v]['step_s'] / ref:.3f} (target <= 1)")
+            per_round = [a / b for a, b in zip(rows[v]["rounds_s"], ref["rounds_s"])]
+            rows[v]["ratio_to_bnb"] = rows[v]["step_s"] / ref["step_s"]
+            kernels = (f", GPU kernel time {rows[v]['kernel_ms'] / ref['kernel_ms']:.3f}" if "kernel_ms" in ref else "")
+            print(f"ratio {v} / bnb-nf4+lora: {rows[v]['ratio_to_bnb']:.3f} (per round "
+                  f"{min(per_round):.3f}-{max(per_round):.3f}{kernels}; target <= 1)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"device": str(device), "dims": dims, "tokens": args.tokens,
-                                              "rank": args.rank, "blocks": args.blocks, "rows": rows}, indent=1))
+                                              "rank": args.rank, "blocks": args.blocks, "steps": args.steps,
+                                              "repeats": args.repeats, "rows": rows}, indent=1))
     return rows
 
 
