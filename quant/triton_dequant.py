@@ -24,9 +24,10 @@ _VALUES_PER_PROGRAM = 4096
 # (packed bytes read together, codes they hold) per code width when the codes are read byte by byte: every group
 # starts at a byte boundary.
 _GROUPS = {2: (1, 4), 3: (3, 8), 4: (1, 2), 8: (2, 2)}
-# (int32 words read together, codes they hold) when the packed buffer can be read as aligned 32-bit words: 4-byte
-# loads instead of single bytes, and fewer, wider groups. 3-bit codes straddle words, so three words (32 codes).
-_WORD_GROUPS = {2: (1, 16), 3: (3, 32), 4: (1, 8), 8: (1, 4)}
+# Codes per int32 word when the packed buffer can be read as aligned 32-bit words: 4-byte loads instead of single
+# bytes (NF4: 0.78-0.94x the byte kernel's time on an H100). 3-bit codes stay on bytes: a 3-word, 32-code group was
+# measured 2-9% slower than 3-byte groups (reports/benchmarks.md section 4).
+_WORD_CODES = {2: 16, 4: 8, 8: 4}
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,24 +75,15 @@ def _kernel():
         first = g * GROUP_CODES  # element index of each group's first code
         gmask = first < numel
         j = tl.arange(0, GROUP_CODES)
-        if WORDS == 1:  # `codes` is the buffer seen as int32; an arithmetic shift is harmless under the mask
+        if WORDS:  # `codes` is the buffer seen as int32; an arithmetic shift is harmless under the mask
             word = tl.load(codes + g, mask=gmask, other=0)
-            code = (word[:, None] >> (j[None, :] * BITS)) & ((1 << BITS) - 1)
-        elif WORDS == 3:  # 32 3-bit codes in 96 bits: code k reads bits 3k..3k+2 from the 64-bit pair holding them
-            w0 = tl.load(codes + 3 * g, mask=gmask, other=0).to(tl.int64) & 0xFFFFFFFF
-            w1 = tl.load(codes + 3 * g + 1, mask=gmask, other=0).to(tl.int64) & 0xFFFFFFFF
-            w2 = tl.load(codes + 3 * g + 2, mask=gmask, other=0).to(tl.int64) & 0xFFFFFFFF
-            low, high = w0 | (w1 << 32), w1 | (w2 << 32)
-            bit = j[None, :] * 3
-            code = (tl.where(bit < 32, low[:, None] >> bit, high[:, None] >> tl.maximum(bit - 32, 0)) & 7)
-            code = code.to(tl.int32)
         else:  # byte by byte, little-endian, as quant.packing packs them
             word = tl.load(codes + g * GROUP_BYTES, mask=gmask, other=0).to(tl.int32)
             if GROUP_BYTES >= 2:
                 word = word | (tl.load(codes + g * GROUP_BYTES + 1, mask=gmask, other=0).to(tl.int32) << 8)
             if GROUP_BYTES >= 3:
                 word = word | (tl.load(codes + g * GROUP_BYTES + 2, mask=gmask, other=0).to(tl.int32) << 16)
-            code = (word[:, None] >> (j[None, :] * BITS)) & ((1 << BITS) - 1)
+        code = (word[:, None] >> (j[None, :] * BITS)) & ((1 << BITS) - 1)
         idx = first[:, None] + j[None, :]
         mask = idx < numel
         value = tl.load(table + code, mask=mask, other=0.0)
@@ -109,16 +101,16 @@ def _kernel():
     return dequant
 
 
-def _layout(codes: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, int, int, int]:
-    """How the kernel reads `codes`: (the buffer, possibly seen as int32, int32 words per group (0: byte groups),
-    bytes per byte group, codes per group). Words need 4-byte alignment, a whole number of them, and groups that do
-    not straddle blocks; otherwise bytes."""
-    words, word_codes = _WORD_GROUPS[config.bits]
-    if (config.blocksize % word_codes == 0 and codes.numel() % (4 * words) == 0 and codes.data_ptr() % 4 == 0
+def _layout(codes: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, bool, int, int]:
+    """How the kernel reads `codes`: (the buffer, possibly seen as int32, whether as int32 words, bytes per byte
+    group, codes per group). Words need 4-byte alignment, a whole number of them, and groups that do not straddle
+    blocks; otherwise bytes."""
+    word_codes = _WORD_CODES.get(config.bits)
+    if (word_codes and config.blocksize % word_codes == 0 and codes.numel() % 4 == 0 and codes.data_ptr() % 4 == 0
             and codes.is_contiguous()):
-        return codes.view(torch.int32), words, 0, word_codes
+        return codes.view(torch.int32), True, 0, word_codes
     group_bytes, group_codes = _GROUPS[config.bits]
-    return codes, 0, group_bytes, group_codes
+    return codes, False, group_bytes, group_codes
 
 
 def dequantize(codes: torch.Tensor, table: torch.Tensor, config: QuantConfig, shape: tuple[int, int],

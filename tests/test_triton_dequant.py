@@ -72,10 +72,10 @@ def test_kernel_symmetric_int_codebook_and_a_layer_larger_than_one_program(devic
 
 
 @needs_triton
-@pytest.mark.parametrize("bits,words", [(2, 1), (3, 3), (4, 1), (8, 1)])
+@pytest.mark.parametrize("bits,words", [(2, True), (3, False), (4, True), (8, True)])
 def test_word_and_byte_reads_of_the_codes_give_the_same_weight(bits, words, device, monkeypatch):
-    """Aligned buffers are read as int32 words (3 per 32 codes at 3 bits); a buffer starting at an odd byte falls
-    back to byte reads. Both must decode the eager values."""
+    """Aligned 2/4/8-bit buffers are read as int32 words (3-bit codes always as bytes); a buffer starting at an odd
+    byte falls back to byte reads. Both must decode the eager values."""
     w = torch.randn(40, 96, generator=torch.Generator().manual_seed(bits))
     cfg = QuantConfig("nf", bits, 64, double_quant=True)
     layer = QuantLoRALinear(quantize(w, cfg).to(device))
@@ -83,8 +83,8 @@ def test_word_and_byte_reads_of_the_codes_give_the_same_weight(bits, words, devi
     aligned = layer.q_codes
     shifted = torch.empty(aligned.numel() + 1, dtype=torch.uint8, device=device)[1:]
     shifted.copy_(aligned)
-    assert triton_dequant._layout(aligned, cfg)[1] == words
-    assert triton_dequant._layout(shifted, cfg)[1] == 0  # not 4-byte aligned: byte groups
+    assert triton_dequant._layout(aligned, cfg)[1] is words
+    assert triton_dequant._layout(shifted, cfg)[1] is False  # not 4-byte aligned: byte groups
     scales = {"scale_codes": layer.q_scale_codes, "scale_table": layer_codebook("int", 8, device),
               "scale_scales": layer._field("scale_scales"), "scale_offset": layer._field("scale_offset")}
     for codes in (aligned, shifted):
