@@ -11,8 +11,8 @@ rounds, each variant in turn (so drift hits all alike); a round times `--steps` 
 as a training loop runs. Reported: the median over rounds of the time per step, the spread, the ratio to the lean
 bitsandbytes anchor, the GPU kernel time per step (torch.profiler), resident and peak memory.
 
-    python bench/bench_step.py [--blocks 1] [--tokens 2048] [--rank 64] [--steps 20] [--repeats 7] [--out step.json]
-                               [--tiny]
+    python bench/bench_step.py [--blocks 1] [--tokens 2048] [--rank 64] [--steps 20] [--repeats 7]
+                               [--backends triton,compile,eager] [--out step.json] [--tiny]
 """
 
 from __future__ import annotations
@@ -188,6 +188,8 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20, help="steps per round, timed together")
     ap.add_argument("--repeats", type=int, default=7, help="rounds over all variants")
+    ap.add_argument("--backends", default="triton,compile,eager",
+                    help="lqplan dequant backends to time, comma-separated (those that cannot run here are left out)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: hidden 128, intermediate 320, 64 tokens")
@@ -196,7 +198,11 @@ def main(argv=None):
     dims = (5120, 13824)
     if args.tiny:
         dims, args.tokens, args.rank, args.steps, args.repeats = (128, 320), 64, 8, 3, 2
-    backends = [b for b in ("triton", "compile", "eager") if backend_runs(b, device)]
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(wanted) - {"triton", "compile", "eager"})
+    if unknown:
+        ap.error(f"--backends: {', '.join(unknown)} not among triton, compile, eager")
+    backends = [b for b in wanted if backend_runs(b, device)]
     variants = [f"{scheme}[{b}]" for scheme in ("lqplan-nf4", "lqplan-mixed-nf2/3/4") for b in backends]
     why_no_bnb = None
     if device.type != "cuda":
