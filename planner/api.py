@@ -101,9 +101,9 @@ def weighted_plan_error(source, plan: Plan, fisher, weighted_decomposition: bool
         weights = (rows, cols) if weighted_decomposition else None
         dr, dc = _sqrt_weights(rows).to(w.device), _sqrt_weights(cols).to(w.device)
         if e.point.method == "qalora":
-            from quant.qalora import adapter_weight, qalora_decompose
+            from quant.qalora import adapter_weight, qalora_decompose, useful_steps
 
-            d = qalora_decompose(w, e.point.config, e.point.rank, min(iters, 1), solver, weights)  # as apply_plan
+            d = qalora_decompose(w, e.point.config, e.point.rank, useful_steps(iters), solver, weights)
             low = adapter_weight(d.lora_a, d.lora_b, e.point.config.blocksize)
         else:
             d = decompose(w, e.point.config, e.point.rank, iters, weights, solver)

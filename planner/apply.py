@@ -15,7 +15,7 @@ from torch import nn
 
 from quant import QALoRALinear, SolverSettings, decompose, qalora_decompose, quantize
 from quant.layers import QuantLoRALinear
-from quant.qalora import balance_factors
+from quant.qalora import balance_factors, useful_steps
 
 from .devices import resolve_device
 from .errors import UserError
@@ -191,8 +191,7 @@ def _build_layer(entry, method: str, w: torch.Tensor, bias, init: str, iters: in
             if zero_init:
                 return QALoRALinear(quantize(w, entry.point.config), bias, rank=rank, alpha=alpha, dropout=dropout,
                                     adapter_dtype=adapter_dtype)
-            # one step: later ones cannot lower the error (quant.qalora), they would only cost time
-            d = qalora_decompose(w, entry.point.config, rank, min(iters, 1), solver, weights)
+            d = qalora_decompose(w, entry.point.config, rank, useful_steps(iters), solver, weights)
             return QALoRALinear(d.q, bias, d.a, d.b, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
         except ValueError as e:
             raise UserError(f"cannot build a QA-LoRA layer for {entry.name}: {e}") from None

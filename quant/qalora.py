@@ -235,17 +235,22 @@ def qalora_decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int
     return QALoRADecomposition(quantize(target_q, config), lora_a, lora_b, err, errors, t, regressed)
 
 
+def useful_steps(iters: int) -> int:
+    """The alternating steps worth running for a LoftQ-style `iters`: at most one, since later ones cannot lower
+    the error (shift-equivariance, module docstring) and would only cost time. Profiling, apply_plan and the
+    planner's weighted error all take their step count from here, so the profiled error is the applied layer's."""
+    return min(int(iters), 1)
+
+
 def qalora_point_errors(w: torch.Tensor, config: QuantConfig, rank: int, iters: int, fisher=None,
                         solver: SolverSettings | None = None) -> dict:
     """The profiler's numbers for one QA-LoRA grid point (quant.engine.profile_matrix dispatches here).
 
     error: ‖W − Q − L‖² (Fisher-weighted when weights are given; the decomposition is then weighted too), with
     L = lora_B·lora_A·E/g the dense equivalent of the pooled adapter; error_unweighted: the plain squared error
-    of the same iterate; quant_error: (weighted) error of q(W) with no adapter. At most one alternating step is
-    run: later ones cannot lower the error (shift-equivariance, module docstring), so a cache entry profiled with
-    iters=1 is the one apply_plan rebuilds with any iters >= 1."""
-    steps = min(int(iters), 1)
-    dec = qalora_decompose(w, config, rank, steps, solver, fisher)
+    of the same iterate; quant_error: (weighted) error of q(W) with no adapter. The iterate is useful_steps(iters)
+    steps in, the one apply_plan rebuilds."""
+    dec = qalora_decompose(w, config, rank, useful_steps(iters), solver, fisher)
     w = w.float()
     recon = dec.q.dequantize() + adapter_weight(dec.lora_a, dec.lora_b, config.blocksize)
     unweighted = float((w - recon).double().pow(2).sum())
