@@ -63,8 +63,7 @@ def main(argv=None):
         cfg = QuantConfig("nf", bits, 64, double_quant=True)
         layer = QuantLoRALinear(quantize(w, cfg))
         moved = layer.quant_nbytes + w.numel() * 2
-        scales = {"scale_codes": layer.q_scale_codes, "scale_table": flat_codebook("int", 8, device),
-                  "scale_scales": layer._field("scale_scales"), "scale_offset": layer._field("scale_offset")}
+        scales = layer.kernel_scales()
         table = flat_codebook("nf", bits, device)
         found = {}
         for vpp, warps in itertools.product(SWEEP["values_per_program"], SWEEP["num_warps"]):

@@ -223,13 +223,8 @@ class QuantLoRALinear(nn.Module):
         device = self.q_codes.device
         backend = dequant_backend(device, cfg)
         if backend == "triton":
-            if cfg.double_quant:
-                scales = {"scale_codes": self.q_scale_codes, "scale_table": flat_codebook("int", cfg.dq_bits, device),
-                          "scale_scales": self._field("scale_scales"), "scale_offset": self._field("scale_offset")}
-            else:
-                scales = {"scales": self._field("scales")}
             return triton_dequant.dequantize(self.q_codes, flat_codebook(cfg.kind, cfg.bits, device), cfg,
-                                             (self.out_features, self.in_features), dtype, **scales)
+                                             (self.out_features, self.in_features), dtype, **self.kernel_scales())
         table = code_table(cfg.kind, cfg.bits, cfg.asymmetric, device, torch.float32)
         if cfg.double_quant:
             nblocks2 = math.ceil(nblocks / cfg.dq_blocksize)
@@ -248,6 +243,15 @@ class QuantLoRALinear(nn.Module):
                                   self.in_features, dtype)
         return _dequant_codes_eager(self.q_codes, table, scales, cfg.bits, cfg.blocksize, self.out_features,
                                     self.in_features, dtype)
+
+    def kernel_scales(self) -> dict[str, torch.Tensor]:
+        """The block-scale arguments of triton_dequant.dequantize for this layer's storage: the plain scales, or the
+        8-bit scale codes with their codebook, second-level scales and offset (double quant)."""
+        if not self.config.double_quant:
+            return {"scales": self._field("scales")}
+        return {"scale_codes": self.q_scale_codes,
+                "scale_table": flat_codebook("int", self.config.dq_bits, self.q_codes.device),
+                "scale_scales": self._field("scale_scales"), "scale_offset": self._field("scale_offset")}
 
     def lora_delta(self) -> torch.Tensor:
         """scaling · lora_B · lora_A in fp32 (zeros for rank 0)."""

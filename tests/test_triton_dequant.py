@@ -13,8 +13,7 @@ import torch
 
 from quant import QuantConfig, triton_dequant
 from quant.blockwise import quantize
-from quant.layers import QuantLoRALinear, dequant_backend
-from quant.layers import flat_codebook as layer_codebook
+from quant.layers import QuantLoRALinear, dequant_backend, flat_codebook
 
 HAVE_TRITON = triton_dequant._triton() is not None
 CUDA = torch.cuda.is_available()
@@ -85,11 +84,9 @@ def test_word_and_byte_reads_of_the_codes_give_the_same_weight(bits, words, devi
     shifted.copy_(aligned)
     assert triton_dequant._layout(aligned, cfg)[1] is words
     assert triton_dequant._layout(shifted, cfg)[1] is False  # not 4-byte aligned: byte groups
-    scales = {"scale_codes": layer.q_scale_codes, "scale_table": layer_codebook("int", 8, device),
-              "scale_scales": layer._field("scale_scales"), "scale_offset": layer._field("scale_offset")}
     for codes in (aligned, shifted):
-        got = triton_dequant.dequantize(codes, layer_codebook("nf", bits, device), cfg, (40, 96), torch.float32,
-                                        **scales)
+        got = triton_dequant.dequantize(codes, flat_codebook("nf", bits, device), cfg, (40, 96), torch.float32,
+                                        **layer.kernel_scales())
         assert torch.equal(got, exact)
 
 
