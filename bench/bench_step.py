@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quant import QuantConfig  # noqa: E402
 from quant.blockwise import quantize  # noqa: E402
 from quant.layers import QuantLoRALinear, dequant_backend  # noqa: E402
+from planner.devices import resolve_device  # noqa: E402
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 MIXED = {"q": 3, "k": 2, "v": 4, "o": 3, "gate": 2, "up": 3, "down": 4}
@@ -56,19 +57,26 @@ class Block(nn.Module):
         return a + p["down"](F.silu(p["gate"](a)) * p["up"](a))
 
 
+def bnb_linear4bit(w, device):
+    """bitsandbytes Linear4bit holding `w` in NF4 with double quant, bf16 compute."""
+    import bitsandbytes as bnb
+
+    out_f, in_f = w.shape
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(w.to(torch.bfloat16).cpu(), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")
+    return layer.to(device)
+
+
 class BnbLoRA(nn.Module):
-    """bitsandbytes Linear4bit (NF4, double quant, bf16 compute) + a LoRA adapter, as PEFT's lora.Linear4bit adds it."""
+    """bitsandbytes Linear4bit + a lean LoRA adapter: base(x) + B(A(x)) in bf16, without the scaling multiply PEFT
+    applies (the fastest unfused form)."""
 
     def __init__(self, w, rank, device):
         super().__init__()
-        import bitsandbytes as bnb
-
         out_f, in_f = w.shape
-        self.base = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
-                                      quant_type="nf4")
-        self.base.weight = bnb.nn.Params4bit(w.to(torch.bfloat16).cpu(), requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4")
-        self.base.to(device)
+        self.base = bnb_linear4bit(w, device)
         self.lora_A = nn.Parameter(torch.randn(rank, in_f, device=device, dtype=torch.bfloat16) / in_f ** 0.5)
         self.lora_B = nn.Parameter(torch.randn(out_f, rank, device=device, dtype=torch.bfloat16) * 1e-3)
 
@@ -112,7 +120,7 @@ def build(variant, n_blocks, dims, rank, device):
             if variant == "bnb-nf4+lora":
                 layers[kind] = BnbLoRA(w, rank, device)
             elif variant == "bnb-nf4+peft-lora":
-                layers[kind] = BnbLoRA(w, rank, device).base
+                layers[kind] = bnb_linear4bit(w, device)
             else:
                 bits = MIXED[kind] if variant.startswith("lqplan-mixed") else 4
                 layers[kind] = lqplan_layer(w, bits, rank, device)
@@ -129,6 +137,12 @@ def backend_runs(backend, device):
                    for bits in set(MIXED.values()))
     finally:
         del os.environ["LQPLAN_DEQUANT"]
+
+
+def select_backend(variant):
+    """Set LQPLAN_DEQUANT to the backend named in an lqplan variant ("lqplan-nf4[triton]"); anchors name none."""
+    if variant.endswith("]"):
+        os.environ["LQPLAN_DEQUANT"] = variant[variant.index("[") + 1:-1]
 
 
 def sync(device):
@@ -194,7 +208,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: hidden 128, intermediate 320, 64 tokens")
     args = ap.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     dims = (5120, 13824)
     if args.tiny:
         dims, args.tokens, args.rank, args.steps, args.repeats = (128, 320), 64, 8, 3, 2
@@ -234,8 +248,7 @@ def main(argv=None):
         rows[variant] = {"resident_bytes": cuda_bytes(device) - before, "rounds_s": []}
     for r in range(args.repeats):
         for variant in variants:
-            if variant.endswith("]"):
-                os.environ["LQPLAN_DEQUANT"] = variant[variant.index("[") + 1:-1]
+            select_backend(variant)
             if r == 0 and device.type == "cuda":
                 base = cuda_bytes(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -245,8 +258,7 @@ def main(argv=None):
             rows[variant]["rounds_s"].append(secs)
     if device.type == "cuda":
         for variant in variants:
-            if variant.endswith("]"):
-                os.environ["LQPLAN_DEQUANT"] = variant[variant.index("[") + 1:-1]
+            select_backend(variant)
             rows[variant]["kernel_ms"] = kernel_ms_per_step(models[variant], x, args.steps, device)
     for variant in variants:
         row = rows[variant]
