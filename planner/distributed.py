@@ -96,7 +96,7 @@ def all_sum(values: Sequence[float], device) -> list[float]:
 
 def under_torchrun(env: Mapping[str, str] | None = None) -> bool:
     """True inside a multi-process torchrun job."""
-    return rank_info(env).world > 1
+    return rank_info(env).active
 
 
 def cpu_cores() -> int:

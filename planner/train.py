@@ -163,7 +163,7 @@ def setup_distributed(device=None) -> tuple[RankInfo, torch.device]:
     import torch.distributed as dist
 
     info = rank_info()  # a malformed WORLD_SIZE/LOCAL_RANK is a one-line error
-    if info.world <= 1 and not (dist.is_available() and dist.is_initialized()):
+    if not info.active and not (dist.is_available() and dist.is_initialized()):
         return RankInfo(), resolve_device(device)
     if not dist.is_available():
         raise UserError("WORLD_SIZE > 1 but this torch has no torch.distributed; run without torchrun")
