@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.distributed import threads_per_rank  # noqa: E402
+from planner.dist import threads_per_rank  # noqa: E402
 from planner.fsio import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,10 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import planner.models as models  # noqa: E402
 import quant.fastgrid as fastgrid  # noqa: E402
-from planner.grid import make_grid  # noqa: E402
-from planner.profile import run_profile  # noqa: E402
+from planner.model import stream  # noqa: E402
+from planner.model.discover import discover_matrices  # noqa: E402
+from planner.model.resolve import resolve_model  # noqa: E402
+from planner.profile.grid import make_grid  # noqa: E402
+from planner.profile.run import run_profile  # noqa: E402
 
 LLAMA2_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40, "num_key_value_heads": 40}
 TINY = {"hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4, "num_key_value_heads": 4}
@@ -85,7 +87,7 @@ class StageTimer:
         setattr(owner, attr, wrapped)
 
     def __enter__(self):
-        self._wrap(models, "_load_matrix", "read")
+        self._wrap(stream, "load_matrix", "read")
         self._wrap(fastgrid._Quantizer, "__call__", "quantize")
         self._wrap(fastgrid, "_subspace", "svd")
         self._wrap(fastgrid, "_rayleigh_ritz", "svd")
@@ -127,11 +129,10 @@ def main(argv=None):
     else:
         print(f"reusing the model at {folder}")
 
-    source = models.resolve_model(str(folder))
-    matrices = models.discover_matrices(source)
+    source = resolve_model(str(folder))
+    matrices = discover_matrices(source)
     grid = make_grid(args.bits, args.blocks, args.ranks)
     from planner.devices import resolve_device
-
     device = resolve_device(args.device)
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; {len(matrices)} matrices "
           f"x {len(grid)} grid points, T={args.iters}", flush=True)

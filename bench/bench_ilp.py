@@ -20,8 +20,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.grid import make_grid  # noqa: E402
-from planner.ilp import solve  # noqa: E402
+from planner.plan.ilp import solve  # noqa: E402
+from planner.profile.grid import make_grid  # noqa: E402
 
 LLAMA2_70B = {  # (out, in) as stored by torch.nn.Linear
     "self_attn.q_proj": (8192, 8192), "self_attn.k_proj": (1024, 8192), "self_attn.v_proj": (1024, 8192),

@@ -32,10 +32,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from planner.devices import resolve_device  # noqa: E402
 from quant import QuantConfig  # noqa: E402
 from quant.blockwise import quantize  # noqa: E402
 from quant.layers import QuantLoRALinear, dequant_backend  # noqa: E402
-from planner.devices import resolve_device  # noqa: E402
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 MIXED = {"q": 3, "k": 2, "v": 4, "o": 3, "gate": 2, "up": 3, "down": 4}

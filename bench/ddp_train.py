@@ -27,8 +27,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from planner.fsio import write_json, write_text  # noqa: E402
 from llama_model import add_shape_args, llama_config, set_tiny_shape  # noqa: E402 (bench/, beside this script)
+
+from planner.fsio import write_json, write_text  # noqa: E402
 
 PLAN_BITS = (2, 3, 4)
 
@@ -36,8 +37,7 @@ PLAN_BITS = (2, 3, 4)
 def build_model(folder: Path, args) -> dict:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from planner.models import default_model_path
-
+    from planner.model.resolve import default_model_path
     tok = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(llama_config(tok, args))
@@ -51,8 +51,8 @@ def build_model(folder: Path, args) -> dict:
 def write_plan(folder: Path, path: Path, rank: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from planner.apply import explicit_plan
-    from planner.grid import GridPoint
+    from planner.profile.grid import GridPoint
+    from planner.train.apply import explicit_plan
     from quant import QuantConfig
 
     skeleton = AutoModelForCausalLM.from_pretrained(folder)

@@ -33,13 +33,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.apply import apply_plan, explicit_plan, memory_report, quantized_bytes  # noqa: E402
-from planner.evaluate import perplexity, real_text_splits  # noqa: E402
-from planner.fsio import write_json, write_text  # noqa: E402
 from llama_model import add_shape_args, llama_config, set_tiny_shape  # noqa: E402 (bench/, beside this script)
-from planner.grid import GridPoint, make_grid  # noqa: E402
-from planner.models import default_model_path  # noqa: E402
-from planner.train import peak_memory, train  # noqa: E402
+
+from planner.corpus import real_text_splits  # noqa: E402
+from planner.fsio import write_json, write_text  # noqa: E402
+from planner.model.resolve import default_model_path  # noqa: E402
+from planner.profile.grid import GridPoint, make_grid  # noqa: E402
+from planner.train.apply import (  # noqa: E402
+    apply_plan,
+    explicit_plan,
+    memory_report,
+    quantized_bytes,
+)
+from planner.train.evaluate import perplexity  # noqa: E402
+from planner.train.finetune import peak_memory  # noqa: E402
+from planner.train.loop import train  # noqa: E402
 from quant import NF4_QLORA  # noqa: E402
 
 RANDOM_NOTE = ("the weights are a seeded random initialisation of a Llama architecture{pre}, not a released "
@@ -209,7 +217,9 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     from transformers import AutoTokenizer
 
-    from planner.api import make_plan  # the lead's planner API; imported late so --help works without it
+    from planner.api import (
+        make_plan,  # the lead's planner API; imported late so --help works without it
+    )
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

@@ -47,19 +47,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.api import get_fisher  # noqa: E402
-from planner.apply import apply_plan, quantized_bytes, trainable_parameters  # noqa: E402
-from planner.errors import UserError  # noqa: E402
-from planner.fisher import compute_fisher, load_calib  # noqa: E402
-from planner.evaluate import real_text_splits, sentence_embeddings  # noqa: E402
-from planner.fsio import write_bytes, write_json, write_text  # noqa: E402
-from planner.grid import GridPoint, make_grid  # noqa: E402
-from planner.ilp import InfeasibleBudget, solve, uniform_solutions  # noqa: E402
-from planner.models import discover_matrices, planned_params, resolve_model  # noqa: E402
-from planner.plan import Plan, PlanEntry  # noqa: E402
+from planner.corpus import (
+    load_calib,  # noqa: E402
+    real_text_splits,  # noqa: E402
+)
 from planner.devices import resolve_device  # noqa: E402
-from planner.profile import run_profile  # noqa: E402
-from planner.train import train  # noqa: E402
+from planner.errors import UserError  # noqa: E402
+from planner.fsio import write_bytes, write_json, write_text  # noqa: E402
+from planner.model.discover import discover_matrices, planned_params  # noqa: E402
+from planner.model.resolve import resolve_model  # noqa: E402
+from planner.plan.document import Plan, PlanEntry  # noqa: E402
+from planner.plan.ilp import InfeasibleBudget, solve, uniform_solutions  # noqa: E402
+from planner.profile.fisher import (
+    compute_fisher,  # noqa: E402
+    get_fisher,  # noqa: E402
+)
+from planner.profile.grid import GridPoint, make_grid  # noqa: E402
+from planner.profile.run import run_profile  # noqa: E402
+from planner.train.apply import apply_plan, quantized_bytes, trainable_parameters  # noqa: E402
+from planner.train.evaluate import sentence_embeddings  # noqa: E402
+from planner.train.loop import train  # noqa: E402
 from quant import NF4_QLORA, SolverSettings  # noqa: E402
 from quant.decompose import _sqrt_weights  # noqa: E402
 
@@ -172,18 +179,13 @@ def build_plan(source, matrices, points: dict[str, GridPoint], arm: Arm, table, 
     for info in matrices:
         point = points[arm.choice[info.name]]
         shape = tuple(int(x) for x in info.shape)
-        error = float(indexed.loc[(info.name, point.label), "error"])
-        entries.append(PlanEntry(info.name, shape, point, error, point.bits(shape) // 8))
-    params = planned_params(matrices)
-    total = sum(e.bytes for e in entries)
-    return Plan(model={"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
-                       "architecture": "BertModel"},
-                budget={"spec": f"{arm.budget}bits", "kind": "bits", "value": arm.budget,
-                        "bits": int(arm.budget * params)},
-                matrices=entries, totals={"params": params, "bits": total * 8, "bits_per_param": total * 8 / params,
-                                          "bytes": total, "error": sum(e.error for e in entries)},
-                method={"iters": settings.iters, "solver": solver.key, "fisher": "pydoc" if arm.fisher else None,
-                        "arm": arm.arm})
+        entries.append(PlanEntry.of(info.name, shape, point, indexed.loc[(info.name, point.label), "error"]))
+    return Plan.from_entries({"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
+                              "architecture": "BertModel"},
+                             {"spec": f"{arm.budget}bits", "kind": "bits", "value": arm.budget,
+                              "bits": int(arm.budget * planned_params(matrices))}, entries,
+                             method={"iters": settings.iters, "solver": solver.key,
+                                     "fisher": "pydoc" if arm.fisher else None, "arm": arm.arm})
 
 
 def profiled_error(arm: Arm, free, weighted) -> float:

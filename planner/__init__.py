@@ -1,6 +1,7 @@
-"""lqplan's planner: model streaming, profiling, Fisher calibration, the ILP, plan documents, reports and the CLI.
+"""lqplan's planner, one subpackage per stage of the pipeline:
 
-Pipeline: profile (planner.profile) -> plan (planner.ilp, planner.plan) -> report (planner.report)
--> apply / train (planner.apply, planner.train). `planner.api.make_plan` runs the first three."""
+model (resolve, discover, stream the weights) -> profile (every matrix x configuration, cached; Fisher weights) ->
+plan (budget, ILP, the plan document) -> report (allocation tables, figures) -> train (apply the plan, fine-tune,
+evaluate, export). `planner.api.make_plan` runs profile -> plan -> report; `planner.cli` is the command line."""
 
 __version__ = "0.1.0"

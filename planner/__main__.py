@@ -1,3 +1,5 @@
+"""`python -m planner ...` (and `torchrun -m planner ...`): the lqplan command line."""
+
 import sys
 
 from .cli import main

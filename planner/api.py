@@ -1,6 +1,6 @@
 """The library API behind the CLI: profile a model, solve the ILP, write the plan and its reports.
 
-A training script can call `make_plan(...)` and then `planner.apply.apply_plan(model, plan)`."""
+A training script can call `make_plan(...)` and then `planner.train.apply_plan(model, plan)`."""
 
 from __future__ import annotations
 
@@ -15,17 +15,28 @@ from quant import SolverSettings, decompose
 from quant.decompose import _sqrt_weights, weighted_error
 
 from . import __version__
-from .budget import parse_budget
 from .devices import resolve_device
 from .errors import UserError
-from .fisher import compute_fisher, load_calib, load_fisher, save_fisher
-from .grid import GridPoint, make_grid
-from .ilp import DEFAULT_TIME_LIMIT, RTOL, InfeasibleBudget, solve
-from .models import discover_matrices, iter_matrices, planned_params, resolve_model, unplanned_bytes
-from .plan import Plan, PlanEntry
-from .profile import cache_folder, run_profile, save_table, settings_key
+from .model.discover import discover_matrices, planned_params
+from .model.resolve import resolve_model
+from .model.stream import iter_matrices
+from .plan.budget import resolve_budget
+from .plan.document import Plan, PlanEntry
+from .plan.ilp import (
+    DEFAULT_TIME_LIMIT,
+    RTOL,
+    error_budget_curve,
+    solve,
+    uniform_solutions,
+)
+from .profile.cache import cache_folder, settings_key
+from .profile.fisher import get_fisher
+from .profile.grid import GridPoint, make_grid
+from .profile.run import run_profile, save_table
+from .report.render import write_reports
 
 log = logging.getLogger("lqplan")
+
 
 DEFAULT_CACHE = Path(".lqplan-cache")
 
@@ -37,27 +48,6 @@ class PlanResult:
     stats: object
     paths: dict = field(default_factory=dict)
     comparison: dict | None = None
-
-
-def get_fisher(source, matrices, calib: str, cache_dir: Path, tokens: int, device, progress: bool):
-    """Fisher row/column weights for the calibration source, computed once and reused from the cache."""
-    text = load_calib(calib)
-    key = f"{text.name.replace('/', '_')[-40:]}-{text.digest}-{tokens}"
-    path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "fisher" / f"{key}.safetensors"
-    names = [m.name for m in matrices]
-    if path.exists():
-        weights = load_fisher(path)
-        if all(n in weights for n in names):
-            log.info("fisher: reusing %s", path)
-            return weights, key
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = lambda it: tqdm(it, desc="fisher", unit="batch", dynamic_ncols=True)  # noqa: E731
-    weights = compute_fisher(source.folder, names, text, max_tokens=tokens, device=str(device), progress=bar)
-    save_fisher(path, weights, {"calib": text.name, "digest": text.digest, "tokens": tokens})
-    return weights, key
 
 
 def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, budget_bits: int, method: dict,
@@ -73,21 +63,16 @@ def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, 
         if "method" in row.index and isinstance(row["method"], str):
             cfg["method"] = row["method"]
         point = GridPoint.from_dict({**cfg, "rank": int(row["rank"])})
-        shape = tuple(int(x) for x in info.shape)
-        entries.append(PlanEntry(info.name, shape, point, float(row["error"]), point.bits(shape) // 8))
-    params = planned_params(matrices)
-    total_bytes = sum(e.bytes for e in entries)
-    totals = {"params": params, "bits": total_bytes * 8, "bits_per_param": total_bytes * 8 / params,
-              "bytes": total_bytes, "model_bytes": total_bytes + unplanned, "unplanned_bytes": unplanned,
-              "error": sum(e.error for e in entries), "budget_bits": budget_bits}
+        entries.append(PlanEntry.of(info.name, info.shape, point, row["error"]))
     solver_info = {k: getattr(solution, k) for k in ("solver", "status", "proof", "objective", "bound", "gap",
                                                      "seconds") if hasattr(solution, k)}
     solver_info["mip_rel_tol"] = RTOL  # "optimal" means proven within this relative tolerance of the total error
-    return Plan(model={"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
-                       "architecture": (source.config.get("architectures") or ["?"])[0]},
-                budget={"spec": budget.spec, "kind": budget.kind, "value": budget.value, "bits": budget_bits},
-                matrices=entries, totals=totals, solver=solver_info, method=method,
-                created_by=f"lqplan {__version__}")
+    return Plan.from_entries(
+        {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
+         "architecture": (source.config.get("architectures") or ["?"])[0]},
+        {"spec": budget.spec, "kind": budget.kind, "value": budget.value, "bits": budget_bits}, entries,
+        unplanned_bytes=unplanned, budget_bits=budget_bits, solver=solver_info, method=method,
+        created_by=f"lqplan {__version__}")
 
 
 def weighted_plan_error(source, plan: Plan, fisher, weighted_decomposition: bool, iters: int,
@@ -110,63 +95,6 @@ def weighted_plan_error(source, plan: Plan, fisher, weighted_decomposition: bool
             low = d.a @ d.b.T
         total += weighted_error(w.float() - d.q.dequantize() - low, dr, dc)
     return total
-
-
-def _adapter_note(grid: list[GridPoint], shapes: list[tuple[int, int]], budget_bits: int, params: int) -> str:
-    """Why an infeasible budget is infeasible when adapters are the cause: what the grid's smallest rank costs on
-    this model and the largest rank that would still fit next to the cheapest quantization."""
-    lora = [p for p in grid if p.method == "lora"]
-    ranks = sorted({p.rank for p in lora})
-    if not ranks or ranks[0] == 0:
-        return ""
-    per_rank = sum(16 * (m + n) for m, n in shapes)  # 16-bit adapters: r·(m + n)·16 bits per matrix
-    configs = {p.config for p in lora}
-    quant_min = sum(min(c.matrix_bits(s, 0) for c in configs) for s in shapes)
-    note = (f"; rank-{ranks[0]} adapters alone cost {ranks[0] * per_rank / params:.4f} bits/param on this model "
-            f"(the cheapest quantization alone {quant_min / params:.4f})")
-    fit = (budget_bits - quant_min) // per_rank
-    if fit < 1:
-        return note + ("; not even rank-1 adapters fit beside it: raise the budget or add cheaper quantization "
-                       "(--bits 2, larger --blocks)")
-    top = 1 << (int(fit).bit_length() - 1)  # largest power of two that fits
-    example = ",".join(str(r) for r in (top // 2, top, top * 2) if r >= 1)
-    return note + f"; lower --ranks so the smallest is at most {fit} (e.g. --ranks {example})"
-
-
-def check_budget_feasible(grid: list[GridPoint], matrices, budget_bits: int, describe) -> int:
-    """Raise InfeasibleBudget before profiling when every matrix at its cheapest grid point exceeds the budget
-    (storage does not depend on the profile); return that smallest plan's bits."""
-    shapes = [tuple(int(x) for x in m.shape) for m in matrices]
-    min_bits = 0
-    for shape in shapes:
-        costs = [p.bits(shape) for p in grid if p.applies_to(shape)]
-        if not costs:
-            raise UserError(f"no grid point applies to a {shape[0]}x{shape[1]} matrix; widen the grid "
-                            "(--bits/--blocks/--ranks)")
-        min_bits += min(costs)
-    if budget_bits < min_bits:
-        params = sum(m * n for m, n in shapes)
-        raise InfeasibleBudget(f"the budget, {describe(budget_bits)}, is below the smallest possible plan for this "
-                               f"grid (every matrix at its cheapest configuration); raise it to at least "
-                               f"{describe(min_bits)}" + _adapter_note(grid, shapes, budget_bits, params),
-                               min_bits, budget_bits)
-    return min_bits
-
-
-def resolve_budget(source, matrices, grid, budget: str):
-    """The budget in bits for these matrices, checked against the grid's cheapest plan before any profiling (a
-    typo or an infeasible budget fails in a second, not after hours). Returns (Budget, bits, unplanned bytes,
-    describe(bits) -> the bit count in the user's unit)."""
-    budget_obj = parse_budget(budget)
-    unplanned = unplanned_bytes(source, matrices)
-    params = planned_params(matrices)
-    budget_bits = budget_obj.total_bits(params, unplanned)
-
-    def describe(bits: int) -> str:
-        return budget_obj.format_bits(bits, params, unplanned)
-
-    check_budget_feasible(grid, matrices, budget_bits, describe)
-    return budget_obj, budget_bits, unplanned, describe
 
 
 def fisher_comparison(source, matrices, table: pd.DataFrame, plan: Plan, fisher, grid, iters: int,
@@ -237,9 +165,6 @@ def make_plan(model: str | None = None, budget: str = "2.75bits", out_dir: str |
     paths["plan"] = out / "plan.json"
 
     if reports:
-        from .ilp import error_budget_curve, uniform_solutions
-        from .report import write_reports
-
         grid_bpp = sorted({round(b, 3) for b in (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.127, 4.5, 5.0)})
         curve_budgets = [int(b * planned_params(matrices)) for b in grid_bpp]
         try:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from planner.models import default_model_path
+from planner.model.resolve import default_model_path
 
 # One intra-op thread: the test tensors are small, and on the 2-core machine thread hand-offs cost more than they
 # save (measured: the numeric-core tests take 19 s with 1 thread, 38 s with 2 on an idle machine, and several
@@ -80,8 +80,8 @@ def encoder_plan_file(minilm_path, tmp_path_factory):
     from torch import nn
     from transformers import AutoModel
 
-    from planner.apply import explicit_plan
-    from planner.grid import GridPoint
+    from planner.profile.grid import GridPoint
+    from planner.train.apply import explicit_plan
     from quant import QuantConfig
 
     made = {}

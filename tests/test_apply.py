@@ -9,10 +9,17 @@ import torch
 from torch import nn
 from transformers import AutoModel
 
-from planner.apply import apply_plan, explicit_plan, memory_report, quant_layers, quantized_bytes, resolve_names
 from planner.errors import UserError
-from planner.grid import GridPoint
-from planner.models import fingerprint
+from planner.model.weights import fingerprint
+from planner.profile.grid import GridPoint
+from planner.train.apply import (
+    apply_plan,
+    explicit_plan,
+    memory_report,
+    quant_layers,
+    quantized_bytes,
+    resolve_names,
+)
 from quant import QuantConfig, decompose, quantize
 from quant.layers import QuantLoRALinear
 
@@ -312,8 +319,7 @@ def qalora_config(bits=2, g=64, scale_dtype="fp16"):
 
 
 def test_grid_points_carry_a_method_and_labels_stay_stable():
-    from planner.grid import make_grid
-
+    from planner.profile.grid import make_grid
     lora = make_grid("2,4", "64", "8,16")
     assert [p.label for p in lora] == ["nf2-b64-dq8/256-r8", "nf2-b64-dq8/256-r16", "nf4-b64-dq8/256-r8",
                                        "nf4-b64-dq8/256-r16"]  # the profile cache's keys: unchanged
@@ -342,8 +348,7 @@ def test_grid_points_carry_a_method_and_labels_stay_stable():
 
 
 def test_qalora_ranks_are_skipped_where_the_pooled_adapter_cannot_have_them():
-    from planner.grid import make_grid
-
+    from planner.profile.grid import make_grid
     grid = make_grid("2", ranks="4,8,16", method="qalora")
     ok = {(p.config.blocksize, p.rank) for p in grid if p.applies_to((384, 384))}
     assert ok == {(32, 4), (32, 8), (64, 4)}  # min(out, in/g): 12, 6, 3
@@ -374,8 +379,7 @@ def test_qalora_point_cost_is_what_the_layer_stores_byte_for_byte(shape, bits, g
 
 
 def test_plan_entries_carry_the_method_and_old_plans_read_as_lora(minilm_path):
-    from planner.plan import Plan
-
+    from planner.plan.document import Plan
     model = AutoModel.from_pretrained(minilm_path)
     names = encoder_names(model)[:2]
     points = {names[0]: GridPoint(qalora_config(), 4, "qalora"), names[1]: GridPoint(QuantConfig(bits=3), 8)}
@@ -432,7 +436,13 @@ def test_qalora_models_save_reload_and_export_to_peft_and_merged(mixed_qalora, b
 
     from peft import PeftModel
 
-    from planner.export import MANIFEST, export_merged, export_peft, load_quantized, save_quantized
+    from planner.train.export import (
+        MANIFEST,
+        export_merged,
+        export_peft,
+        load_quantized,
+        save_quantized,
+    )
     from quant import QALoRALinear
 
     model, plan, _ = mixed_qalora
@@ -548,9 +558,10 @@ def test_method_option_and_qlora_init_for_qalora_entries(minilm_path, minilm_wei
 
 
 def test_profile_table_has_qalora_rows_with_exact_costs(minilm_path, tmp_path):
-    from planner.grid import make_grid
-    from planner.models import discover_matrices, resolve_model
-    from planner.profile import run_profile
+    from planner.model.discover import discover_matrices
+    from planner.model.resolve import resolve_model
+    from planner.profile.grid import make_grid
+    from planner.profile.run import run_profile
     from quant import SolverSettings, qalora_decompose
 
     source = resolve_model(str(minilm_path))
@@ -594,7 +605,6 @@ def test_fisher_factors_are_balanced_for_training_and_the_product_is_kept(minilm
 
 def test_cli_grid_lists_qalora_points_with_their_exact_cost(capsys):
     from planner.cli import main
-
     assert main(["grid", "--method", "both", "--bits", "2", "--blocks", "64", "--groups", "64,128", "--ranks", "4",
                  "--shape", "384x384"]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 from safetensors.torch import load_file, save_file
 
-from conftest import subprocess_env
 from planner import cli, fsio
-from planner.grid import make_grid
+from planner.profile.grid import make_grid
 
 GRID = ["--bits", "4", "--blocks", "64", "--ranks", "0,4", "--iters", "1"]
 PREVIOUS = b'{"previous": "plan"}\n'  # a plan.json from an earlier run: no failing command may touch it

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from planner.budget import Budget, parse_budget
 from planner.errors import UserError
+from planner.plan.budget import Budget, parse_budget
 
 
 @pytest.mark.parametrize("spec, kind, value, unit", [

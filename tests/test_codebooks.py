@@ -6,7 +6,14 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from quant.codebooks import NF_OFFSET, codebook, int_codebook, nearest_code, nf_codebook, nf_construction
+from quant.codebooks import (
+    NF_OFFSET,
+    codebook,
+    int_codebook,
+    nearest_code,
+    nf_codebook,
+    nf_construction,
+)
 
 # bitsandbytes' NF4 table (METHODS.md), typed in here independently of quant/codebooks.py.
 BNB_NF4 = [

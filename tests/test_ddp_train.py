@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import REPO, subprocess_env
+
 from planner.cli import main
-from planner.train import CHECKPOINT, load_checkpoint
+from planner.train.checkpoint import CHECKPOINT, load_checkpoint
 
 STEPS = 4
 ARGS = ["--steps", str(STEPS), "--save-every", str(STEPS), "--grad-accum", "2", "--max-len", "16",
@@ -63,8 +63,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(plan_file, 
 
 def test_setup_distributed_refuses_a_malformed_torchrun_environment(monkeypatch):
     from planner.errors import UserError
-    from planner.train import setup_distributed
-
+    from planner.train.loop import setup_distributed
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(UserError, match="not integers"):
         setup_distributed("cpu")

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import subprocess_env
-from planner.distributed import (RankInfo, balance, launch_command, merge_entries, missing_costs, rank_device,
-                                 rank_info, strip_distributed, threads_per_rank)
+
+from planner.cli.launch import launch_command, strip_distributed
+from planner.dist import RankInfo, rank_device, rank_info, threads_per_rank
 from planner.errors import UserError
 from planner.fsio import write_json
-from planner.grid import make_grid
-from planner.models import MatrixInfo
+from planner.model.discover import MatrixInfo
+from planner.profile.distributed import balance, merge_entries, missing_costs
+from planner.profile.grid import make_grid
 
 TINY = ["--bits", "2,4", "--blocks", "64", "--ranks", "4", "--iters", "1", "--device", "cpu", "--quiet"]
 
@@ -141,15 +142,13 @@ def test_rank_info_threads_and_device():
 
 def test_cli_rejects_zero_processes(capsys):
     from planner.cli import main
-
     assert main(["profile", "--distributed", "0", *TINY]) == 2
     assert "--distributed 0" in capsys.readouterr().err
 
 
 def test_bad_input_fails_in_the_parent_before_torchrun_starts(capsys, monkeypatch, tmp_path):
-    import planner.distributed as d
+    import planner.cli.launch as d
     from planner.cli import main
-
     monkeypatch.setattr(d, "launch", lambda *a: pytest.fail("torchrun was started for bad input"))
     monkeypatch.chdir(tmp_path)
     assert main(["plan", "--budget", "0.5bits", "--distributed", "2", *TINY]) == 2
@@ -174,8 +173,9 @@ def _cache_values(cache: Path) -> dict:
 
 def test_two_gloo_ranks_match_one_process(tmp_path, minilm_path):
     from planner.cli import main
-    from planner.models import discover_matrices, resolve_model
-    from planner.profile import run_profile
+    from planner.model.discover import discover_matrices
+    from planner.model.resolve import resolve_model
+    from planner.profile.run import run_profile
     from quant import SolverSettings
 
     # The reference: one process, one intra-op thread like each of the 2 ranks on this 2-core machine (CPU float

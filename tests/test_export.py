@@ -9,11 +9,17 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from planner.apply import apply_plan, explicit_plan, quantized_bytes
 from planner.errors import UserError
-from planner.export import MANIFEST, export_merged, export_peft, load_quantized, save_quantized
-from planner.grid import GridPoint
-from planner.plan import Plan
+from planner.plan.document import Plan
+from planner.profile.grid import GridPoint
+from planner.train.apply import apply_plan, explicit_plan, quantized_bytes
+from planner.train.export import (
+    MANIFEST,
+    export_merged,
+    export_peft,
+    load_quantized,
+    save_quantized,
+)
 from quant import QuantConfig
 from quant.layers import QuantLoRALinear
 

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from planner import cli
-from planner.budget import BITS_UNITS, BYTE_UNITS, parse_budget
 from planner.errors import UserError
-from planner.grid import GridPoint, make_grid
-from planner.plan import SCHEMA, Plan, PlanEntry
+from planner.plan.budget import BITS_UNITS, BYTE_UNITS, parse_budget
+from planner.plan.document import SCHEMA, Plan, PlanEntry
+from planner.profile.grid import GridPoint, make_grid
 from quant.config import SUPPORTED_BITS, SUPPORTED_BLOCKS, QuantConfig
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,

@@ -24,7 +24,6 @@ def run(name: str, root: Path) -> dict[str, str]:
     """The files a run leaves that must not change: plan.json (minus the install path), profile.csv, the cache's
     relative file names (fingerprint / settings key / matrix)."""
     from planner.cli import main
-
     out, cache = root / name / "out", root / "cache"
     rc = main(["plan", *RUNS[name], "--out", str(out), "--cache", str(cache), "--quiet", "--no-report"])
     assert rc == 0

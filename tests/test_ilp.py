@@ -9,10 +9,17 @@ import pytest
 from scipy.optimize import linprog
 
 from planner.errors import UserError
-from planner.grid import make_grid
-from planner.ilp import (RTOL, InfeasibleBudget, SolutionError, _Instance, error_budget_curve, solve, uniform_solutions,
-                         verify)
-
+from planner.plan.ilp import (
+    RTOL,
+    InfeasibleBudget,
+    SolutionError,
+    _Instance,
+    error_budget_curve,
+    solve,
+    uniform_solutions,
+    verify,
+)
+from planner.profile.grid import make_grid
 
 # CBC ships inside the PuLP wheel; a PuLP unpacked without its solverdir (some GPU images) has none.
 SOLVERS = ("highs", pytest.param("cbc", marks=pytest.mark.skipif(not pulp.PULP_CBC_CMD(msg=False).available(),
@@ -300,7 +307,7 @@ def test_dp_is_exact_on_near_symmetric_instances():
 
 
 def test_dp_respects_its_size_limit(monkeypatch):
-    import planner.ilp as ilp
+    import planner.plan.ilp as ilp
 
     table = near_symmetric_table(layers=4)
     budget = int(4.0 * params_of(table))

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import subprocess_env
+
 from planner import cli
 
 MATRICES = 36  # all-MiniLM-L6-v2: 6 layers x 6 projections

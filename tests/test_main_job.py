@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import planner.api
+import planner.cli.commands
 from planner.cli import main
-from planner.ilp import uniform_solutions
-from planner.plan import SCHEMA, Plan
+from planner.plan.document import SCHEMA, Plan
+from planner.plan.ilp import uniform_solutions
 
 BUDGET = 2.75
 GRID = ["--bits", "2,3,4", "--blocks", "64", "--ranks", "4,8", "--iters", "1"]
@@ -32,7 +32,7 @@ _COUNTS = re.compile(r"^profile: (\d+)\b.*points computed.*?(\d+) from cache", r
 def _cli(*argv) -> tuple[int, str, object]:
     """Run the CLI in-process; return its exit code, stdout and the PlanResult make_plan returned."""
     seen = []
-    real = planner.api.make_plan
+    real = planner.cli.commands.make_plan
 
     def spy(*args, **kwargs):
         seen.append(real(*args, **kwargs))
@@ -40,7 +40,7 @@ def _cli(*argv) -> tuple[int, str, object]:
 
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.setattr(planner.api, "make_plan", spy)
+        mp.setattr(planner.cli.commands, "make_plan", spy)
         rc = main([str(a) for a in argv])
     return rc, out.getvalue(), (seen[-1] if seen else None)
 

@@ -14,10 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from planner import models
 from planner.errors import UserError
-from planner.models import (ALIASES, MatrixInfo, ModelSource, discover_matrices, iter_matrices, list_aliases,
-                            memory_table, planned_params, resolve_model, unplanned_bytes)
+from planner.model import resolve as models_resolve
+from planner.model import stream as models_stream
+from planner.model import weights as models_weights
+from planner.model.discover import (
+    MatrixInfo,
+    discover_matrices,
+    planned_params,
+    unplanned_bytes,
+)
+from planner.model.memory import memory_table
+from planner.model.resolve import ALIASES, ModelSource, list_aliases, resolve_model
+from planner.model.stream import iter_matrices
 from quant.config import QuantConfig
 
 LLAMA_KINDS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -52,9 +61,9 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_default_model_resolves_and_discovers_36_bert_matrices():
     src = resolve_model(None)
     assert isinstance(src, ModelSource)
-    assert src.name == "minilm" and src.folder == models.default_model_path()
+    assert src.name == "minilm" and src.folder == models_resolve.default_model_path()
     assert [p.name for p in src.files] == ["model.safetensors"]
-    assert src.config["model_type"] == "bert" and src.fingerprint == models.fingerprint(src.folder)
+    assert src.config["model_type"] == "bert" and src.fingerprint == models_weights.fingerprint(src.folder)
     assert resolve_model("minilm").fingerprint == src.fingerprint
 
     mats = discover_matrices(src)
@@ -75,7 +84,7 @@ def test_default_model_resolves_and_discovers_36_bert_matrices():
 
 def test_prefix_differences_between_skeleton_and_checkpoint(tmp_path):
     # skeleton BertForMaskedLM names modules "bert.encoder...", the checkpoint stores "encoder...": match by suffix
-    src_dir = models.default_model_path()
+    src_dir = models_resolve.default_model_path()
     folder = tmp_path / "mlm"
     folder.mkdir()
     (folder / "model.safetensors").symlink_to(src_dir / "model.safetensors")
@@ -132,7 +141,7 @@ def test_prefetch_keeps_at_most_two_matrices_alive_and_overlaps(tiny_llama, monk
     lock = threading.Lock()
     computing = threading.Event()
     overlapped = []
-    real_load = models._load_matrix
+    real_load = models_stream.load_matrix
 
     def counting_load(info, device, dtype):
         overlapped.append(computing.is_set())  # a read that starts while the caller computes = real prefetch
@@ -147,7 +156,7 @@ def test_prefetch_keeps_at_most_two_matrices_alive_and_overlaps(tiny_llama, monk
         weakref.finalize(t, dec)
         return t
 
-    monkeypatch.setattr(models, "_load_matrix", counting_load)
+    monkeypatch.setattr(models_stream, "load_matrix", counting_load)
     for m, w in iter_matrices(src, mats, prefetch=True):
         computing.set()
         time.sleep(0.01)  # the caller's "work"; the next read should happen now

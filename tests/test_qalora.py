@@ -11,7 +11,13 @@ from quant.blockwise import quantize, quantize_dequantize
 from quant.config import QuantConfig
 from quant.lowrank import SolverSettings
 from quant.qalora import (
-    QALoRALinear, adapter_weight, expand_groups, group_constant_lowrank, group_means, max_rank, qalora_decompose,
+    QALoRALinear,
+    adapter_weight,
+    expand_groups,
+    group_constant_lowrank,
+    group_means,
+    max_rank,
+    qalora_decompose,
     qalora_matrix_bits,
 )
 

@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from planner.grid import make_grid
-from planner.ilp import error_budget_curve, solve, uniform_solutions
-from planner.plan import Plan, PlanEntry
-from planner.report import allocation_frame, parse_name, write_reports
+from planner.plan.document import Plan, PlanEntry
+from planner.plan.ilp import error_budget_curve, solve, uniform_solutions
+from planner.profile.grid import make_grid
+from planner.report.render import allocation_frame, parse_name, write_reports
 
 SHAPES = {"attention.self.query": (64, 64), "intermediate.dense": (256, 64), "output.dense": (64, 256)}
 
@@ -38,15 +38,12 @@ def make_plan(table: pd.DataFrame, bpp: float):
     for name, label in sol.choice.items():
         shape = (int(shapes.loc[name, "m"]), int(shapes.loc[name, "n"]))
         point = points[label]
-        entries.append(PlanEntry(name, shape, point, float(errors[(name, label)]), point.bits(shape) // 8))
-    total_bytes = sum(e.bytes for e in entries)
-    plan = Plan(model={"name": "tiny-bert", "fingerprint": "abc"},
-                budget={"spec": f"{bpp}bits", "kind": "bits", "value": bpp, "bits": budget},
-                matrices=entries,
-                totals={"params": params, "bits": total_bytes * 8, "bits_per_param": total_bytes * 8 / params,
-                        "bytes": total_bytes, "error": sol.total_error},
-                solver={"name": sol.solver, "status": sol.status, "gap": sol.gap, "objective": sol.objective,
-                        "bound": sol.bound, "seconds": sol.seconds})
+        entries.append(PlanEntry.of(name, shape, point, errors[(name, label)]))
+    plan = Plan.from_entries({"name": "tiny-bert", "fingerprint": "abc"},
+                             {"spec": f"{bpp}bits", "kind": "bits", "value": bpp, "bits": budget}, entries,
+                             solver={"name": sol.solver, "status": sol.status, "gap": sol.gap,
+                                     "objective": sol.objective, "bound": sol.bound, "seconds": sol.seconds})
+    assert plan.totals["params"] == params and plan.totals["error"] == pytest.approx(sol.total_error)
     plan.validate()
     return plan, params
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from planner.cli import main
-from planner.models import discover_matrices, planned_params, resolve_model
-from planner.plan import Plan
+from planner.model.discover import discover_matrices, planned_params
+from planner.model.resolve import resolve_model
+from planner.plan.document import Plan
 
 LAYERS = 6
 HIDDEN, INTER, VOCAB = 512, 1376, 1000
@@ -36,9 +37,10 @@ PROBE = textwrap.dedent("""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    from planner.grid import make_grid
-    from planner.models import discover_matrices, resolve_model
-    from planner.profile import run_profile
+    from planner.profile.grid import make_grid
+    from planner.model.discover import discover_matrices
+    from planner.model.resolve import resolve_model
+    from planner.profile.run import run_profile
     from quant import SolverSettings
 
     def maxrss():

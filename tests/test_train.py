@@ -11,11 +11,15 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from planner.apply import apply_plan, explicit_plan
+from planner.corpus import real_text_splits
 from planner.errors import UserError
-from planner.evaluate import embedding_cosine, perplexity, real_text_splits
-from planner.grid import GridPoint
-from planner.train import DistillationTrainer, distill_loss, text_dataset, train
+from planner.profile.grid import GridPoint
+from planner.train.apply import apply_plan, explicit_plan
+from planner.train.data import text_dataset
+from planner.train.evaluate import embedding_cosine, perplexity
+from planner.train.hf import DistillationTrainer
+from planner.train.loop import train
+from planner.train.losses import distill_loss
 from quant import QuantConfig
 
 CONFIGS = [(2, 16), (3, 32), (4, 64), (8, 128), (4, 128), (3, 64), (2, 64), (4, 16)]
@@ -158,7 +162,7 @@ def test_sharded_evaluation_splits_the_work_and_sums_to_the_whole(tiny_llama, mi
                                                                   monkeypatch):
     """Under DDP each of 2 ranks scores every 2nd window (text) and the all-reduced sums give the 1-process value;
     simulated here by playing both ranks in turn and adding their partial sums as all_reduce would."""
-    from planner import evaluate
+    from planner.train import evaluate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     texts = splits["heldout"][:6]
@@ -228,9 +232,8 @@ def test_bf16_training_step_on_gpu(tiny_llama, tok, splits):
 
 
 def test_finetune_command_helper_end_to_end(tiny_llama, tok, tmp_path):
-    from planner.export import load_quantized
-    from planner.train import finetune
-
+    from planner.train.export import load_quantized
+    from planner.train.finetune import finetune
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     plan = explicit_plan(model, GridPoint(QuantConfig(bits=4, blocksize=64), 8), model_path=tiny_llama, iters=1)
     plan.save(tmp_path / "plan.json")
@@ -247,8 +250,7 @@ def test_finetune_command_helper_end_to_end(tiny_llama, tok, tmp_path):
     loaded, _ = load_quantized(tmp_path / "run" / "quantized")
     assert sum(p.requires_grad for p in loaded.parameters()) == 2 * len(plan.matrices)
     # `lqplan evaluate`'s library call scores the reloaded model exactly as the run's final evaluation did
-    from planner.evaluate import evaluate_quantized
-
+    from planner.train.evaluate import evaluate_quantized
     again = evaluate_quantized(tmp_path / "run" / "quantized", tiny_llama, eval_texts=4, max_len=32, tokenizer=tok)
     assert again["quantized"] == pytest.approx(result["after"], rel=1e-6)
     assert again["full_precision"] == pytest.approx(report["full_precision"], rel=1e-6)
@@ -257,7 +259,6 @@ def test_finetune_command_helper_end_to_end(tiny_llama, tok, tmp_path):
 # ---- the `lqplan train` / `lqplan evaluate` commands ---------------------------------------------------------
 def test_train_and_evaluate_commands_on_the_embedded_model(minilm_path, tmp_path, capsys):
     from planner.cli import main
-
     model = AutoModel.from_pretrained(minilm_path)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
     explicit_plan(model, mixed_point, model_path=minilm_path, names=names, iters=1).save(tmp_path / "plan.json")
@@ -290,7 +291,6 @@ def test_train_and_evaluate_commands_on_the_embedded_model(minilm_path, tmp_path
 def test_train_command_bad_input_is_one_line_and_writes_nothing(args, message, minilm_path, tiny_llama, tmp_path,
                                                                  capsys):
     from planner.cli import main
-
     model = AutoModel.from_pretrained(minilm_path)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")][:2]
     explicit_plan(model, mixed_point, model_path=minilm_path, names=names, iters=0).save(tmp_path / "plan.json")

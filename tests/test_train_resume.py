@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, subprocess_env
+
 from planner.cli import main
-from planner.train import CHECKPOINT, load_checkpoint
+from planner.train.checkpoint import CHECKPOINT, load_checkpoint
 
 STEPS, SAVE_EVERY = 8, 3  # checkpoints after steps 3, 6 and 8
 ARGS = ["--steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--batch-size", "2", "--grad-accum", "2",
@@ -26,17 +26,17 @@ CHILD = r"""
 import os, signal, sys
 import torch
 torch.set_num_threads(1)  # as the test process (conftest): the same float summation order
-import planner.train as T
+import planner.train.data as T
 
 mode, when = sys.argv[1], int(sys.argv[2])
 if mode == "micro":  # die when the when-th micro-batch is drawn (mid-step, mid-accumulation)
-    draw, calls = T._Batches.next, [0]
+    draw, calls = T.Batches.next, [0]
     def next_batch(self, device):
         calls[0] += 1
         if calls[0] == when:
             os.kill(os.getpid(), signal.SIGKILL)
         return draw(self, device)
-    T._Batches.next = next_batch
+    T.Batches.next = next_batch
 else:  # "save": die after the checkpoint of step `when` is fully written to its temp file, before the rename
     save = torch.save
     def save_then_die(obj, f, *args, **kwargs):

@@ -36,28 +36,44 @@ import numpy as np
 import pandas as pd
 import pulp
 
-from .errors import UserError
+from ..errors import UserError
 
 SOLVERS = ("highs", "cbc")
+
+
 DEFAULT_SOLVER = "highs"
+
+
 # Optimality is claimed within this relative tolerance of the total error (both solvers are asked for it).
 # 1e-6: far below the profile's own noise (the randomized solver is within 1% of exact LoftQ); 1e-9 made HiGHS
 # branch for minutes on some real 84-matrix profiles to separate plans that differ in the 9th digit.
 RTOL = 1e-6
+
+
 # Seconds the MIP may branch before the best plan found so far is returned with status "feasible" and its gap to
 # the LP bound: knapsacks over near-identical matrices (a model whose layers look alike) can branch for many
 # minutes to prove the last 1e-6, and a planner must not hang. None = no limit.
 DEFAULT_TIME_LIMIT = 60.0
+
+
 # Largest DP solved exactly: kept configurations x budget units (time: 0.55e9 cells/s measured on the 2-core
 # machine, so <= ~4 s) and its memory: a choice table per matrix left with a choice (one or two bytes per budget
 # unit) plus the working arrays over the budget.
 # The 70B-sized instances of bench/bench_ilp.py need 0.6-1.7e8 cells after fixing; the executor's 132M Llama at
 # 2.75 bits needed more than 2e8 on its H100 profile, where HiGHS then ran out its 60 s without a proof.
 DP_MAX_CELLS = 2_000_000_000
+
+
 DP_MAX_BYTES = 512 * 2**20
+
+
 # Bytes per budget unit of _solve_dp's float64 working arrays (best, new, a candidate slice) and boolean mask.
 _DP_WORK_BYTES_PER_UNIT = 3 * 8 + 1
+
+
 CURVE_TIME_LIMIT = 10.0  # per budget of the error-budget curve: a report, not a plan
+
+
 REQUIRED_COLUMNS = ("matrix", "label", "error", "storage_bits")
 
 
@@ -91,7 +107,6 @@ class Solution:
     pruned: dict = field(default_factory=dict)  # configs, dominated, fixed_by_bound, in_model
 
 
-# ---- preparation: validation, dominance, convex hulls ------------------------------------------------------------
 class _Instance:
     """The table reduced to undominated configurations, sorted deterministically, with each matrix's lower hull."""
 
@@ -237,7 +252,6 @@ def _default_describe(params: int | None) -> Callable[[int], str]:
     return describe
 
 
-# ---- solving -----------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _silence_fd1():
     """Send file descriptor 1 to /dev/null: highspy >= 1.16 prints a banner from C++ when the first Highs object
@@ -465,7 +479,6 @@ def verify(table: pd.DataFrame, solution: Solution, budget_bits: int) -> None:
                             f"its choices ({bits} bits, error {error})")
 
 
-# ---- comparisons -------------------------------------------------------------------------------------------------
 def uniform_solutions(table: pd.DataFrame, budget_bits: int) -> pd.DataFrame:
     """One row per label that every matrix has: its totals when used everywhere, and whether it fits the budget."""
     names = table["matrix"].astype(str).nunique()

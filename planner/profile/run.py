@@ -8,7 +8,6 @@ Each file holds every grid point computed so far for that matrix and is replaced
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,14 +17,20 @@ import pandas as pd
 import torch
 
 from quant import SolverSettings
-from quant.engine import ENGINE_VERSION, profile_matrix
+from quant.engine import profile_matrix
 
-from .devices import resolve_device
-from .errors import UserError
-from .fsio import remove_stale_temps, write_json
+from ..devices import resolve_device
+from ..errors import UserError
+from ..fsio import remove_stale_temps, write_json, write_text
+from ..model.stream import iter_matrices
+from .cache import cache_folder, cached_points, missing_points, safe_name, settings_key
 from .grid import GridPoint
 
 log = logging.getLogger("lqplan.profile")
+
+
+log = logging.getLogger("lqplan.profile")
+
 
 TABLE_COLUMNS = ["matrix", "m", "n", "label", "kind", "bits", "blocksize", "double_quant", "dq_bits", "dq_blocksize",
                  "dq_dtype", "scale_dtype", "asymmetric", "rank", "error", "error_unweighted", "quant_error",
@@ -52,44 +57,6 @@ class ProfileStats:
                 f"({self.seconds:.1f} s)")
 
 
-def settings_key(iters: int, solver: SolverSettings, fisher_key: str | None) -> str:
-    # The engine version is part of the key, so numbers from an older engine are never silently reused.
-    return f"T{iters}-{solver.key}-e{ENGINE_VERSION}-f{fisher_key or 'none'}"
-
-
-def _safe_name(name: str) -> str:
-    # Matrix names are dotted module paths; keep them readable but filesystem-safe.
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-
-
-def cache_folder(cache_dir: Path, fingerprint: str, key: str) -> Path:
-    fp = fingerprint.split(":")[-1][:24]
-    return Path(cache_dir) / fp / key
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        points = json.loads(path.read_text())["points"]
-    except FileNotFoundError:
-        return {}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError):
-        points = None
-    if not isinstance(points, dict) or not all(isinstance(v, dict) and "error" in v for v in points.values()):
-        log.warning("ignoring unreadable cache file %s (it will be recomputed)", path)
-        return {}
-    return points
-
-
-def cached_points(folder: Path, name: str) -> dict:
-    return _read_cache(folder / f"{_safe_name(name)}.json")
-
-
-def missing_points(folder: Path, info, grid: list[GridPoint]) -> list[GridPoint]:
-    """The grid points that apply to matrix `info` and are not in its cache file yet."""
-    have = cached_points(folder, info.name)
-    return [p for p in grid if p.label not in have and p.applies_to(info.shape)]
-
-
 def profile_one(name: str, shape, w: torch.Tensor, missing: list[GridPoint], iters: int, solver: SolverSettings,
                 fisher) -> dict:
     results = profile_matrix(w, [(p.config, p.rank, p.method) for p in missing], iters, fisher, solver)
@@ -106,7 +73,6 @@ def run_profile(source, matrices, grid: list[GridPoint], iters: int = 5, solver:
                 device: str = "auto", progress: bool = True, only: set[str] | None = None):
     """Profile `matrices` of `source` over `grid`; returns (table, stats). `only` restricts the matrices this
     process computes (distributed runs); the table still lists every matrix found in the cache."""
-    from .models import iter_matrices
 
     solver = solver or SolverSettings()
     dev = resolve_device(device)
@@ -150,7 +116,7 @@ def run_profile(source, matrices, grid: list[GridPoint], iters: int = 5, solver:
                     raise UserError(f"the Fisher weights have no entry for {info.name}; recompute them (--calib)")
             new = profile_one(info.name, info.shape, w, missing, iters, solver, weights)
             stats.compute_seconds += time.perf_counter() - t0
-            path = folder / f"{_safe_name(info.name)}.json"
+            path = folder / f"{safe_name(info.name)}.json"
             merged = {**cached_points(folder, info.name), **new}
             write_json(path, {"matrix": info.name, "shape": list(info.shape), "points": merged})
             stats.computed_points += len(new)
@@ -191,7 +157,6 @@ def build_table(folder: Path, matrices, grid: list[GridPoint]) -> pd.DataFrame:
 
 def save_table(table: pd.DataFrame, out_dir: Path, manifest: dict) -> tuple[Path, Path]:
     """profile.csv (deterministic text: same inputs give the same bytes) and profile.json beside it."""
-    from .fsio import write_text
 
     out_dir = Path(out_dir)
     csv_path, man_path = out_dir / "profile.csv", out_dir / "profile.json"
@@ -201,4 +166,3 @@ def save_table(table: pd.DataFrame, out_dir: Path, manifest: dict) -> tuple[Path
                 "sha256": hashlib.sha256(text.encode()).hexdigest()}
     write_json(man_path, manifest)
     return csv_path, man_path
-

@@ -12,15 +12,17 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
-from .fsio import write_bytes, write_text  # noqa: E402
-from .ilp import uniform_solutions  # noqa: E402
-from .plan import Plan  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from ..fsio import write_bytes, write_text
+from ..plan.document import Plan
+from ..plan.ilp import uniform_solutions
 
 _INT = re.compile(r"^\d+$")
+
 
 HOW_TO_READ = (
     ("Totals", "bits/param counts everything the plan stores for the planned matrices (quantized codes, scales, "
@@ -169,7 +171,11 @@ def _curve_plot(curve: pd.DataFrame | None, uniform: pd.DataFrame | None, plan: 
 
 
 GAP_ROW = "gap to LP relaxation bound (includes the integrality gap)"
+
+
 BOUND_ROW = "LP relaxation bound"
+
+
 _PROOFS = {"lp-bound": "the greedy plan meets the LP relaxation bound",
            "fixing": "reduced-cost fixing left one candidate per matrix",
            "mip": "the MIP solver's branch and bound",

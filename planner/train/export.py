@@ -23,17 +23,21 @@ from torch import nn
 
 from quant import QuantConfig
 from quant.blockwise import QuantizedTensor
-from quant.qalora import QALoRALinear
 from quant.layers import BUFFER_PREFIX, QuantLoRALinear
+from quant.qalora import QALoRALinear
 
-from . import __version__
+from .. import __version__
+from ..errors import UserError
+from ..fsio import atomic_path, write_json, write_text
+from ..plan.document import Plan
 from .apply import freeze_base, quant_layers, set_module
-from .errors import UserError
-from .fsio import atomic_path, write_json, write_text
-from .plan import Plan
 
 MANIFEST = "lqplan_manifest.json"
+
+
 SCHEMA = "lqplan.quantized/1"
+
+
 WEIGHTS = "model.safetensors"
 
 
@@ -85,7 +89,6 @@ def _config_json(model: nn.Module, dtype: torch.dtype | None = None) -> str:
     return config.to_json_string()
 
 
-# ---- quantized folder -----------------------------------------------------------------------------------------
 def save_quantized(model: nn.Module, plan: Plan, out_dir) -> Path:
     """Write the quantized model (packed storage, adapters, everything else) to `out_dir`; returns the folder."""
     layers = _check_layers(model)
@@ -199,7 +202,6 @@ def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> N
         raise UserError(f"{folder} does not fill {leftover[0]} (and {len(leftover) - 1} more); re-save the model")
 
 
-# ---- exports --------------------------------------------------------------------------------------------------
 def _plain_state(model: nn.Module, merge: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The persistent state dict of the equivalent plain model: quantized layers become `weight` (+ `bias`)."""
     layers = _check_layers(model)

@@ -19,14 +19,18 @@ from pathlib import Path
 
 from quant import QuantConfig
 
-from .errors import UserError
-from .fsio import write_json
-from .grid import GridPoint
+from ..errors import UserError
+from ..fsio import write_json
+from ..profile.grid import GridPoint
 
 SCHEMA = "lqplan.plan/1"
+
+
 # Wall-clock figures differ run to run; plan.json leaves them out so the same inputs give the same bytes
 # (the in-memory plan keeps them for the report).
 VOLATILE_SOLVER_KEYS = ("seconds",)
+
+
 _CONFIG_KEYS = ("kind", "bits", "blocksize", "double_quant", "dq_bits", "dq_blocksize", "dq_dtype", "scale_dtype",
                 "asymmetric")
 
@@ -43,6 +47,12 @@ class PlanEntry:
         cfg = self.point.config.to_dict()
         return {"name": self.name, "shape": list(self.shape), **{k: cfg[k] for k in _CONFIG_KEYS},
                 "rank": self.point.rank, "method": self.point.method, "error": self.error, "bytes": self.bytes}
+
+    @classmethod
+    def of(cls, name: str, shape, point: GridPoint, error: float) -> "PlanEntry":
+        """An entry whose bytes are its configuration's exact cost (the only value a valid plan accepts)."""
+        shape = (int(shape[0]), int(shape[1]))
+        return cls(name, shape, point, float(error), point.bits(shape) // 8)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PlanEntry":
@@ -63,6 +73,24 @@ class Plan:
     solver: dict = field(default_factory=dict)
     method: dict = field(default_factory=dict)
     created_by: str = "lqplan"
+
+    @classmethod
+    def from_entries(cls, model: dict, budget: dict, entries: list[PlanEntry], *, unplanned_bytes: int | None = None,
+                     budget_bits: int | None = None, solver: dict | None = None, method: dict | None = None,
+                     created_by: str = "lqplan") -> "Plan":
+        """The one way a plan is built: totals are computed from the entries (never passed in), so they add up.
+        `unplanned_bytes` (every tensor the plan does not cover) adds model_bytes; `budget_bits` is recorded."""
+        params = sum(e.shape[0] * e.shape[1] for e in entries)
+        total = sum(e.bytes for e in entries)
+        totals = {"params": params, "bits": total * 8, "bits_per_param": total * 8 / params if params else 0.0,
+                  "bytes": total}
+        if unplanned_bytes is not None:
+            totals.update(model_bytes=total + unplanned_bytes, unplanned_bytes=unplanned_bytes)
+        totals["error"] = sum(e.error for e in entries)
+        if budget_bits is not None:
+            totals["budget_bits"] = budget_bits
+        return cls(model=model, budget=budget, matrices=list(entries), totals=totals, solver=dict(solver or {}),
+                   method=dict(method or {}), created_by=created_by)
 
     # ---- lookups ---------------------------------------------------------------------------------------
     @property

@@ -1,4 +1,5 @@
-"""Memory budgets from the command line: bits per parameter ("2.75bits") or bytes of the whole model ("6GB").
+"""Memory budgets: parsed from the command line (bits per parameter, "2.75bits", or bytes of the whole model,
+"6GB"), turned into bits for a model's planned matrices and checked against the grid's cheapest plan.
 
 Accepted units (case-insensitive, optional space between number and unit):
   bits per planned parameter: bits, bit, bpw, bpp, bits/param, bits/weight
@@ -17,15 +18,26 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from .errors import UserError
+from ..errors import UserError
+from ..model.discover import planned_params, unplanned_bytes
+from ..profile.grid import GridPoint
+from .ilp import InfeasibleBudget
 
 BITS_UNITS = ("bits", "bit", "bpw", "bpp", "bits/param", "bits/weight")
+
+
 BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
 # Canonical spelling of each byte unit, for messages that quote the budget back in the user's unit.
 _BYTE_UNIT_NAMES = {"b": "B", "kb": "kB", "mb": "MB", "gb": "GB", "tb": "TB",
                     "kib": "KiB", "mib": "MiB", "gib": "GiB", "tib": "TiB"}
+
+
 _EXAMPLE = "e.g. --budget 2.75bits (bits per parameter) or --budget 6GB (bytes of the whole model)"
+
+
 _SPEC = re.compile(r"^\s*(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:nan|inf|infinity))"
                    r"\s*(?P<unit>[A-Za-z/]*)\s*$", re.IGNORECASE)
 
@@ -110,3 +122,60 @@ def parse_budget(spec: str) -> Budget:
         return Budget("bytes", float(exact_bytes), text.strip(), _BYTE_UNIT_NAMES[low], exact_bytes)
     known = ", ".join(BITS_UNITS + tuple(_BYTE_UNIT_NAMES.values()))
     raise UserError(f"budget {text!r} has unknown unit {unit!r}; use one of {known}; {_EXAMPLE}")
+
+
+def _adapter_note(grid: list[GridPoint], shapes: list[tuple[int, int]], budget_bits: int, params: int) -> str:
+    """Why an infeasible budget is infeasible when adapters are the cause: what the grid's smallest rank costs on
+    this model and the largest rank that would still fit next to the cheapest quantization."""
+    lora = [p for p in grid if p.method == "lora"]
+    ranks = sorted({p.rank for p in lora})
+    if not ranks or ranks[0] == 0:
+        return ""
+    per_rank = sum(16 * (m + n) for m, n in shapes)  # 16-bit adapters: r·(m + n)·16 bits per matrix
+    configs = {p.config for p in lora}
+    quant_min = sum(min(c.matrix_bits(s, 0) for c in configs) for s in shapes)
+    note = (f"; rank-{ranks[0]} adapters alone cost {ranks[0] * per_rank / params:.4f} bits/param on this model "
+            f"(the cheapest quantization alone {quant_min / params:.4f})")
+    fit = (budget_bits - quant_min) // per_rank
+    if fit < 1:
+        return note + ("; not even rank-1 adapters fit beside it: raise the budget or add cheaper quantization "
+                       "(--bits 2, larger --blocks)")
+    top = 1 << (int(fit).bit_length() - 1)  # largest power of two that fits
+    example = ",".join(str(r) for r in (top // 2, top, top * 2) if r >= 1)
+    return note + f"; lower --ranks so the smallest is at most {fit} (e.g. --ranks {example})"
+
+
+def check_budget_feasible(grid: list[GridPoint], matrices, budget_bits: int, describe) -> int:
+    """Raise InfeasibleBudget before profiling when every matrix at its cheapest grid point exceeds the budget
+    (storage does not depend on the profile); return that smallest plan's bits."""
+    shapes = [tuple(int(x) for x in m.shape) for m in matrices]
+    min_bits = 0
+    for shape in shapes:
+        costs = [p.bits(shape) for p in grid if p.applies_to(shape)]
+        if not costs:
+            raise UserError(f"no grid point applies to a {shape[0]}x{shape[1]} matrix; widen the grid "
+                            "(--bits/--blocks/--ranks)")
+        min_bits += min(costs)
+    if budget_bits < min_bits:
+        params = sum(m * n for m, n in shapes)
+        raise InfeasibleBudget(f"the budget, {describe(budget_bits)}, is below the smallest possible plan for this "
+                               f"grid (every matrix at its cheapest configuration); raise it to at least "
+                               f"{describe(min_bits)}" + _adapter_note(grid, shapes, budget_bits, params),
+                               min_bits, budget_bits)
+    return min_bits
+
+
+def resolve_budget(source, matrices, grid, budget: str):
+    """The budget in bits for these matrices, checked against the grid's cheapest plan before any profiling (a
+    typo or an infeasible budget fails in a second, not after hours). Returns (Budget, bits, unplanned bytes,
+    describe(bits) -> the bit count in the user's unit)."""
+    budget_obj = parse_budget(budget)
+    unplanned = unplanned_bytes(source, matrices)
+    params = planned_params(matrices)
+    budget_bits = budget_obj.total_bits(params, unplanned)
+
+    def describe(bits: int) -> str:
+        return budget_obj.format_bits(bits, params, unplanned)
+
+    check_budget_feasible(grid, matrices, budget_bits, describe)
+    return budget_obj, budget_bits, unplanned, describe

@@ -17,18 +17,24 @@ from quant import QALoRALinear, SolverSettings, decompose, qalora_decompose, qua
 from quant.layers import QuantLoRALinear
 from quant.qalora import balance_factors, useful_steps
 
-from .devices import resolve_device
-from .errors import UserError
-from .models import fingerprint as folder_fingerprint
-from .plan import Plan
+from ..devices import resolve_device
+from ..errors import UserError
+from ..model.weights import fingerprint as folder_fingerprint
+from ..plan.document import Plan, PlanEntry
+from ..profile.grid import GridPoint
 
 log = logging.getLogger("lqplan")
 
+
+log = logging.getLogger("lqplan")
+
+
 INITS = ("loftq", "qlora", "qalora")
+
+
 METHODS = ("lora", "qalora")
 
 
-# ---- small helpers --------------------------------------------------------------------------------------------
 def solver_from_key(key) -> SolverSettings:
     """SolverSettings from a plan's method.solver: a SolverSettings.key string ("exact", "rand-o32-p2-s0") or dict."""
     if key is None:
@@ -128,8 +134,6 @@ def explicit_plan(model: nn.Module, choose, *, model_path=None, fingerprint: str
     """A plan with configurations chosen by hand instead of by the ILP: a uniform baseline (choose = one GridPoint,
     e.g. QLoRA's NF4 b64 dq rank 64) or any rule (choose(index, name, shape) -> GridPoint). `names`: the module
     names to plan (default: every nn.Linear except an output head named lm_head). Errors are not profiled (0)."""
-    from .grid import GridPoint
-    from .plan import PlanEntry
 
     if fingerprint is None:
         if model_path is None:
@@ -145,19 +149,15 @@ def explicit_plan(model: nn.Module, choose, *, model_path=None, fingerprint: str
             raise UserError(f"{n!r} is not a linear layer of this model; pass names of nn.Linear modules")
         shape = tuple(linears[n].weight.shape)
         point = choose if isinstance(choose, GridPoint) else choose(i, n, shape)
-        entries.append(PlanEntry(n, shape, point, 0.0, point.bits(shape) // 8))
-    params = sum(e.shape[0] * e.shape[1] for e in entries)
-    total = sum(e.bytes for e in entries)
+        entries.append(PlanEntry.of(n, shape, point, 0.0))
     labels = sorted({e.point.label for e in entries})
-    return Plan(model={"name": name or type(model).__name__, "source": str(model_path or ""),
-                       "fingerprint": fingerprint, "architecture": type(model).__name__},
-                budget={"spec": "explicit", "kind": "explicit", "value": None, "bits": total * 8},
-                matrices=entries, totals={"params": params, "bits": total * 8, "bits_per_param": total * 8 / params,
-                                          "bytes": total, "error": 0.0},
-                method={"iters": iters, "explicit": labels})
+    return Plan.from_entries({"name": name or type(model).__name__, "source": str(model_path or ""),
+                              "fingerprint": fingerprint, "architecture": type(model).__name__},
+                             {"spec": "explicit", "kind": "explicit", "value": None,
+                              "bits": sum(e.bytes for e in entries) * 8},
+                             entries, method={"iters": iters, "explicit": labels})
 
 
-# ---- the executor ---------------------------------------------------------------------------------------------
 def _entry_methods(plan: Plan, method: str | None) -> dict[str, str]:
     """Plan entry name -> the method its layer is built with: the entry's own, or `method` for every entry."""
     if method is None:
@@ -170,7 +170,6 @@ def _entry_methods(plan: Plan, method: str | None) -> dict[str, str]:
             raise UserError(f"the plan has {len(mixed)} QA-LoRA entries (e.g. {mixed[0]}); method='lora' cannot "
                             "build them: pass method=None to follow the plan, or re-plan with --method lora")
     else:  # every entry must make a QA-LoRA layer, checked before the first layer of the model is replaced
-        from .grid import GridPoint
 
         for e in plan.matrices:
             point = GridPoint(e.point.config, e.point.rank, "qalora")  # UserError for a config QA-LoRA cannot use
@@ -283,7 +282,6 @@ def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: st
     return model
 
 
-# ---- memory truth ---------------------------------------------------------------------------------------------
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes of the planned matrices as the plan counts them: the quantized layers' packed buffers (codes, scales,
     zero-points, second-level scales and offset) plus their adapters at 16 bits per value (QA-LoRA layers: the

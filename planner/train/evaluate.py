@@ -8,43 +8,18 @@ the rest train), so held-out text is never seen by calibration or fine-tuning.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 
-from .distributed import all_sum, joined_shard
-from .errors import UserError
-
-_SENTENCE_END = re.compile(r"(?<=[.!?:])\s+")
-
-
-def _chunk(paragraph: str, max_chars: int) -> list[str]:
-    """Cut a long paragraph at sentence ends into pieces of at most ~max_chars (a single long sentence stays)."""
-    if len(paragraph) <= max_chars:
-        return [paragraph]
-    pieces, current = [], ""
-    for sentence in _SENTENCE_END.split(paragraph):
-        if current and len(current) + 1 + len(sentence) > max_chars:
-            pieces.append(current)
-            current = sentence
-        else:
-            current = f"{current} {sentence}".strip()
-    if current:
-        pieces.append(current)
-    return pieces
-
-
-def real_text_splits(max_chars: int = 1000) -> dict[str, list[str]]:
-    """{"train", "heldout", "calib"}: lists of paragraphs (>= 200 characters where the source allows, at most
-    ~max_chars, cut at sentence ends) of real English prose; deterministic. Some topics repeat paragraphs of
-    others, so paragraphs that also occur in the held-out split are removed from train and calib."""
-    from .fisher import pydoc_splits
-
-    splits = pydoc_splits()
-    held = set(splits["heldout"])
-    splits = {k: v if k == "heldout" else [p for p in v if p not in held] for k, v in splits.items()}
-    return {split: [piece for p in paras for piece in _chunk(p, max_chars)] for split, paras in splits.items()}
+from ..corpus import real_text_splits
+from ..devices import resolve_device
+from ..dist import all_sum, joined_shard
+from ..errors import UserError
+from ..model.weights import fingerprint
+from .data import detect_objective
+from .export import load_quantized
+from .losses import mean_pool
 
 
 def model_device(model) -> torch.device:
@@ -52,12 +27,6 @@ def model_device(model) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return next(model.buffers()).device
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of token states over non-padding tokens (sentence-transformers' pooling for all-MiniLM-L6-v2)."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
 
 
 def _check_texts(texts) -> list[str]:
@@ -166,9 +135,6 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
 
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from .devices import resolve_device
-    from .export import load_quantized
-
     if eval_texts < 1 or max_len < 2:
         raise UserError(f"eval_texts={eval_texts} and max_len={max_len} must be >= 1 and >= 2")
     dev = resolve_device(device)
@@ -177,7 +143,6 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
     if not source or not (Path(source) / "config.json").is_file():
         raise UserError(f"the full-precision model folder {source!r} was not found; pass --model <the Hugging Face "
                         "folder the plan was made for>")
-    from .models import fingerprint
 
     plan.check_model(fingerprint(source))  # another model would give meaningless numbers, not an error
     if tokenizer is None:
@@ -187,7 +152,6 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
             raise UserError(f"cannot load a tokenizer from {source} ({type(e).__name__}); pass --model with a "
                             "tokenizer") from None
     held = real_text_splits()["heldout"][:eval_texts]
-    from .train import detect_objective  # imported here: train imports this module
 
     causal = detect_objective(quantized) == "causal"
     loader = AutoModelForCausalLM if causal else AutoModel

@@ -12,61 +12,17 @@ column sums (the independence fit of a non-negative matrix); weights are floored
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .fsio import read_paragraphs, write_bytes
+from ..corpus import CalibText, load_calib
+from ..errors import UserError
+from ..fsio import write_bytes
 
-BUILTIN_SOURCES = ("pydoc",)
-
-
-@dataclass
-class CalibText:
-    name: str
-    texts: list[str]
-
-    @property
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for t in self.texts:
-            h.update(t.encode("utf-8") + b"\0")
-        return h.hexdigest()[:16]
-
-
-def pydoc_splits() -> dict[str, list[str]]:
-    """Real English prose shipped with every CPython (the language reference's topics), split by topic name:
-    every 5th topic (sorted) is held out for evaluation, every 5th starting at 1 is calibration, the rest train.
-    Each topic is cut into paragraphs of at least 200 characters."""
-    from pydoc_data.topics import topics
-
-    splits = {"train": [], "calib": [], "heldout": []}
-    for i, name in enumerate(sorted(topics)):
-        split = "heldout" if i % 5 == 0 else "calib" if i % 5 == 1 else "train"
-        para = ""
-        for line in topics[name].splitlines():
-            para = (para + " " + line.strip()).strip() if line.strip() else para
-            if not line.strip() and len(para) >= 200:
-                splits[split].append(para)
-                para = ""
-        if len(para) >= 40:
-            splits[split].append(para)
-    return splits
-
-
-def load_calib(spec: str) -> CalibText:
-    """`spec` is a built-in source name ("pydoc") or a path to a UTF-8 plain-text file (paragraphs split on
-    blank lines)."""
-    if spec in BUILTIN_SOURCES:
-        return CalibText("pydoc", pydoc_splits()["calib"])
-    path = Path(spec)
-    paragraphs = read_paragraphs(path, "calibration file", f"pass a UTF-8 text file or one of {BUILTIN_SOURCES}")
-    return CalibText(str(path), paragraphs)
+log = logging.getLogger("lqplan")
 
 
 def _find_params(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Parameter]:
@@ -179,3 +135,24 @@ def load_fisher(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         # a damaged cache entry is not the user's input: an empty result makes the caller recompute it
         logging.getLogger("lqplan.fisher").warning("ignoring unreadable Fisher cache %s (it will be recomputed)", path)
         return {}
+
+
+def get_fisher(source, matrices, calib: str, cache_dir: Path, tokens: int, device, progress: bool):
+    """Fisher row/column weights for the calibration source, computed once and reused from the cache."""
+    text = load_calib(calib)
+    key = f"{text.name.replace('/', '_')[-40:]}-{text.digest}-{tokens}"
+    path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "fisher" / f"{key}.safetensors"
+    names = [m.name for m in matrices]
+    if path.exists():
+        weights = load_fisher(path)
+        if all(n in weights for n in names):
+            log.info("fisher: reusing %s", path)
+            return weights, key
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = lambda it: tqdm(it, desc="fisher", unit="batch", dynamic_ncols=True)  # noqa: E731
+    weights = compute_fisher(source.folder, names, text, max_tokens=tokens, device=str(device), progress=bar)
+    save_fisher(path, weights, {"calib": text.name, "digest": text.digest, "tokens": tokens})
+    return weights, key

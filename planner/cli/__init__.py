@@ -1,0 +1,34 @@
+"""Command line: a thin layer over the library. Bad input -> one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ..errors import UserError
+from .commands import COMMANDS
+from .launch import cli_entry
+from .parser import build_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        if args.command in ("plan", "profile"):
+            code = cli_entry(args, list(sys.argv[1:] if argv is None else argv), COMMANDS[args.command])
+            if code is not None:
+                return code
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"lqplan: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lqplan: interrupted; finished work is cached, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """The `plan` console script: `plan --budget 2.75bits --model llama2-13b` == `lqplan plan ...`."""
+    return main(["plan", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,244 @@
+"""The verbs: each turns parsed arguments into one library call and prints its summary."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..api import make_plan
+from ..corpus import read_text_file
+from ..devices import resolve_device
+from ..errors import UserError
+from ..model.discover import discover_matrices
+from ..model.memory import memory_table
+from ..model.resolve import list_aliases, resolve_model
+from ..plan.budget import parse_budget
+from ..plan.document import Plan
+from ..plan.ilp import uniform_solutions
+from ..profile.cache import settings_key
+from ..profile.fisher import get_fisher
+from ..profile.grid import make_grid
+from ..profile.run import run_profile, save_table
+from ..report.render import proof_text, write_reports
+from ..train.evaluate import evaluate_quantized
+from ..train.finetune import finetune
+
+
+def grid_from_args(args):
+    return make_grid(args.bits, args.blocks, args.ranks, double_quant=not args.no_double_quant, method=args.method,
+                     groups=args.groups)
+
+
+def solver_from_args(args):
+    from quant import SolverSettings
+
+    return SolverSettings(method=args.svd)
+
+
+def _check_writable(folder, option: str) -> None:
+    """Fail before any work (and without creating anything) when `folder` could never be written."""
+    path = probe = Path(folder).expanduser()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent  # the nearest existing ancestor decides whether the folder can be created
+    if not probe.is_dir():
+        raise UserError(f"{option} {folder} cannot be created: {probe} is a file, not a folder; "
+                        f"choose another {option}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == path else f"cannot be created ({probe} is not writable)"
+        raise UserError(f"{option} {folder} {what}; choose a folder you can write to with {option}")
+
+
+def check_common_args(args) -> None:
+    _check_writable(args.out, "--out")
+    _check_writable(args.cache, "--cache")
+    if args.iters < 0:
+        raise UserError(f"--iters {args.iters} is negative; use 0 (plain quantization) to 5")
+    if args.calib_tokens <= 0:
+        raise UserError(f"--calib-tokens {args.calib_tokens} must be positive, e.g. 16384")
+
+
+def cmd_plan(args) -> int:
+    check_common_args(args)
+    parse_budget(args.budget)  # a typo fails here, before torch and the model are loaded
+    grid = grid_from_args(args)
+
+    res = make_plan(model=args.model, budget=args.budget, out_dir=args.out, grid=grid, iters=args.iters,
+                    solver=solver_from_args(args), calib=args.calib, calib_tokens=args.calib_tokens,
+                    ilp_solver=args.ilp_solver, cache_dir=args.cache, device=args.device, progress=not args.quiet,
+                    reports=not args.no_report, include_head=args.include_head,
+                    time_limit=args.time_limit or None)
+    t, s = res.plan.totals, res.plan.solver
+    print(f"plan: {len(res.plan.matrices)} matrices, {t['bits_per_param']:.4f} bits/param "
+          f"({t['bytes'] / 2**20:.2f} MiB planned, {t['model_bytes'] / 2**20:.2f} MiB model), "
+          f"error {t['error']:.6g}")
+
+    print(f"solver: {proof_text(s)}; gap to LP relaxation bound {s.get('gap', 0):.2e} "
+          f"(includes the integrality gap)")
+    if s.get("status") != "optimal":
+        print(f"solver: the time limit ({args.time_limit:g} s) stopped the proof; the plan is the best found, within "
+              f"the gap above of optimal. --time-limit 0 waits for the proof")
+    print(f"profile: {res.stats.summary()}")
+    if res.comparison:
+        c = res.comparison
+        print(f"fisher: weighted error {c['fisher_plan_weighted_error']:.6g} (Fisher plan) vs "
+              f"{c['plain_plan_weighted_error']:.6g} (data-free plan); {c['changed_matrices']} matrices differ")
+    for k, v in res.paths.items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    check_common_args(args)
+    source = resolve_model(args.model)
+    matrices = discover_matrices(source, include_head=args.include_head)
+    fisher = fkey = None
+    if args.calib:
+        fisher, fkey = get_fisher(source, matrices, args.calib, Path(args.cache), args.calib_tokens,
+                                  resolve_device(args.device), not args.quiet)
+    solver = solver_from_args(args)
+    table, stats = run_profile(source, matrices, grid_from_args(args), args.iters, solver, fisher, fkey, Path(args.cache),
+                               args.device, not args.quiet)
+    paths = save_table(table, Path(args.out), {"schema": "lqplan.profile/1", "model": source.name,
+                                               "fingerprint": source.fingerprint,
+                                               "settings": settings_key(args.iters, solver, fkey)})
+    print(f"profile: {len(table)} rows; {stats.summary()} -> {paths[0]}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    plan = Plan.load(args.plan)
+    folder = Path(args.plan).parent
+    out = Path(args.out) if args.out else folder
+    _check_writable(out, "--out")
+    csv = Path(args.profile) if args.profile else folder / "profile.csv"
+    if csv.is_dir():
+        csv = csv / "profile.csv"
+    table = _read_profile_csv(csv)
+    _check_profile_matches(plan, table, csv.with_name("profile.json"))
+    paths = write_reports(plan, table, out, None,
+                          uniform_solutions(table, int(plan.totals.get("budget_bits", plan.totals["bits"]))), None)
+    for k, v in paths.items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+def _read_profile_csv(csv: Path):
+    import pandas as pd
+
+    if not csv.is_file():
+        raise UserError(f"no profile table at {csv}; pass --profile with the profile.csv written by `lqplan plan` "
+                        "or `lqplan profile`")
+    try:
+        return pd.read_csv(csv)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise UserError(f"{csv} is not a readable profile table ({type(e).__name__}); re-create it with "
+                        "`lqplan profile`") from None
+
+
+def _check_profile_matches(plan, table, manifest: Path) -> None:
+    """The plan and the profile table must describe the same model (fingerprint in profile.json, matrix names)."""
+    import json
+
+    if manifest.is_file():
+        try:
+            man = json.loads(manifest.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, OSError):
+            raise UserError(f"{manifest} is not valid JSON; re-create the profile with `lqplan profile`") from None
+        model = man.get("model") if isinstance(man, dict) else None
+        fp = man.get("fingerprint") if isinstance(man, dict) else None
+        fp = fp or (model.get("fingerprint") if isinstance(model, dict) else None)
+        if fp and fp != plan.fingerprint:
+            raise UserError(f"the profile table {manifest.with_name('profile.csv')} is for another model (fingerprint "
+                            f"{str(fp).split(':')[-1][:12]}…) than the plan ({plan.model.get('name')!r}, "
+                            f"{plan.fingerprint.split(':')[-1][:12]}…); pass --profile with that plan's profile.csv")
+    if "matrix" not in table.columns:
+        raise UserError("the profile table has no 'matrix' column; re-create it with `lqplan profile`")
+    missing = sorted({e.name for e in plan.matrices} - set(table["matrix"].astype(str)))
+    if missing:
+        raise UserError(f"the profile table lacks {len(missing)} of the plan's matrices (e.g. {missing[0]}): it is "
+                        "for another model or grid; pass --profile with that plan's profile.csv")
+
+
+def cmd_grid(args) -> int:
+    grid = grid_from_args(args)
+    shape = None
+    if args.shape:
+        try:
+            m, n = (int(x) for x in args.shape.lower().split("x"))
+            if m <= 0 or n <= 0:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--shape {args.shape!r} is not MxN with positive integers, e.g. 5120x13824") from None
+        shape = (m, n)
+    print(f"{'label':32} {'bits/weight':>11}" + (f" {'bytes':>14} {'bits/param':>10}" if shape else ""))
+    for p in grid:
+        line = f"{p.label:32} {p.config.bits_per_weight:11.4f}"
+        if shape and not p.applies_to(shape):
+            line += f" {'n/a (rank > min(out, in/g))':>25}"
+        elif shape:
+            b = p.bits(shape)
+            line += f" {b // 8:14d} {b / (shape[0] * shape[1]):10.4f}"
+        print(line)
+    print(f"{len(grid)} configurations")
+    return 0
+
+
+def cmd_memory(args) -> int:
+    print(memory_table(args.model).to_string(index=False))
+    return 0
+
+
+def cmd_aliases(args) -> int:
+    for alias, hub in list_aliases().items():
+        print(f"{alias:16} {hub}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    for flag in ("steps", "batch_size", "grad_accum", "eval_texts"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    for flag in ("save_every", "eval_every", "warmup_steps"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 0 (0 = off)")
+    if args.max_len < 2:
+        raise UserError(f"--max-len {args.max_len} must be >= 2, e.g. 128")
+    if args.lr <= 0:
+        raise UserError(f"--lr {args.lr} must be positive, e.g. 2e-4")
+    _check_writable(args.out, "--out")  # before quantizing and training, not at the first checkpoint
+    texts = read_text_file(args.text) if args.text else None
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the weight-loading bars too
+    r = finetune(args.plan, args.model, args.out, init=args.init, method=args.method, steps=args.steps,
+                 batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, schedule=args.schedule,
+                 warmup_steps=args.warmup_steps, max_len=args.max_len,
+                 gradient_checkpointing=args.gradient_checkpointing, dropout=not args.no_dropout,
+                 eval_every=args.eval_every, eval_texts=args.eval_texts, texts=texts, device=args.device,
+                 progress=not args.quiet, save_every=args.save_every, resume=args.resume, seed=args.seed,
+                 save_model=not args.no_save)
+    if int(os.environ.get("RANK", "0")) == 0:
+        rate = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
+        print(f"train: {r['steps']} steps ({r['init']}) x global batch {r['global_batch']} on {r['device']} x "
+              f"{r['world_size']}; {r['metric']}: full precision {r['full_precision']:.4f}, before "
+              f"{r['before']:.4f}, after {r['after']:.4f}; {rate} tokens/s; peak memory "
+              f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})")
+        if r.get("resumed_from") is not None:
+            print(f"  resumed from the checkpoint at step {r['resumed_from']}")
+        print(f"  report: {Path(args.out) / 'train_report.md'}")
+        if r.get("saved"):
+            print(f"  quantized model: {r['saved']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    r = evaluate_quantized(args.quantized, args.model, eval_texts=args.eval_texts, max_len=args.max_len,
+                           device=args.device)
+    print(f"{r['metric']} on {r['texts']} held-out texts: quantized {r['quantized']:.4f}, "
+          f"full precision {r['full_precision']:.4f}")
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan, "profile": cmd_profile, "report": cmd_report, "grid": cmd_grid,
+            "memory": cmd_memory, "aliases": cmd_aliases, "train": cmd_train, "evaluate": cmd_evaluate}

@@ -1,0 +1,149 @@
+"""The argument parser of every verb, with the house error format (one line, exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  plan --budget 2.75bits --model llama2-13b
+  lqplan plan --budget 2.75bits                      # the embedded default model (all-MiniLM-L6-v2)
+  lqplan plan --budget 3bits --calib pydoc           # Fisher-weighted (LQ-LoRA data-aware)
+  lqplan plan --budget 6GB --model /path/to/hf-folder --bits 2,3,4 --ranks 64
+  lqplan memory --model /path/to/folder-with-config.json
+  lqplan report --plan lqplan-out/plan.json
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error format: one line on stderr naming the problem and the fix, exit code 2."""
+
+    def error(self, message: str):
+        hint = f"see `{self.prog} --help`"
+        if "expected one argument" in message:
+            hint = "a value starting with '-' must be attached with '=', e.g. --budget=VALUE; " + hint
+        self.exit(2, f"lqplan: error: {message}; {hint}\n")
+
+
+def _grid_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("grid and decomposition")
+    g.add_argument("--bits", default="2,3,4,8", help="NF code widths to consider (default: 2,3,4,8)")
+    g.add_argument("--blocks", default="16,32,64,128", help="first-level block sizes (default: 16,32,64,128)")
+    g.add_argument("--ranks", default="16,32,64", help="LoRA ranks (default: 16,32,64; 0 = no adapter)")
+    g.add_argument("--no-double-quant", action="store_true", help="store fp32 block scales instead of 8-bit ones")
+    g.add_argument("--method", choices=("lora", "qalora", "both"), default="lora",
+                   help="lora: NF configs with LoRA adapters (default); qalora: QA-LoRA points (asymmetric INT --bits "
+                        "in groups of --groups input columns, fp16 scale+zero, group-pooled adapters); both: the union")
+    g.add_argument("--groups", default="32,64,128", help="QA-LoRA group sizes g (default: 32,64,128)")
+    g.add_argument("--iters", type=int, default=5, help="LoftQ alternating iterations T (default 5; 0 = QLoRA)")
+    g.add_argument("--svd", choices=("randomized", "exact"), default="randomized",
+                   help="rank-r step: warm-started randomized subspace iteration (default) or exact SVD")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face folder, alias (see `lqplan aliases`) or hub id found in the local HF "
+                        "cache; default: the embedded all-MiniLM-L6-v2")
+    p.add_argument("--include-head", action="store_true", help="also plan the output head (lm_head)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--cache", default=".lqplan-cache", help="profile cache folder (default .lqplan-cache)")
+    p.add_argument("--out", default="lqplan-out", help="output folder (default lqplan-out)")
+    p.add_argument("--calib", default=None,
+                   help="Fisher calibration: a UTF-8 text file, or 'pydoc' (Python's reference prose, built in)")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--distributed", type=int, default=None, metavar="N",
+                   help="profile with N processes on this host (one per GPU) via torchrun; under torchrun itself "
+                        "the job's ranks are used (see docs/distributed.md)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lqplan", description="Memory-budget planner for quantized LoRA "
+                                     "fine-tuning (QLoRA / LoftQ / LQ-LoRA).", epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plan", help="profile, solve the ILP and write plan.json + reports",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", required=True, help="bits per planned parameter ('2.75bits') or model bytes "
+                   "('6GB', '6GiB', '500MB')")
+    p.add_argument("--ilp-solver", choices=("highs", "cbc"), default="highs",
+                   help="MIP solver through PuLP, for instances too large for the exact DP: HiGHS (default) or "
+                   "PuLP's bundled CBC")
+    p.add_argument("--time-limit", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="seconds the ILP may branch to prove optimality; then the best plan found is kept, marked "
+                   "'feasible' with its gap (default 60; 0 = no limit)")
+    p.add_argument("--no-report", action="store_true", help="write plan.json only")
+    _model_args(p)
+    _grid_args(p)
+
+    p = sub.add_parser("profile", help="profile only: decomposition error and cost for every matrix x config")
+    _model_args(p)
+    _grid_args(p)
+
+    p = sub.add_parser("report", help="(re)write reports from an existing plan and profile table")
+    p.add_argument("--plan", required=True, help="plan.json written by `lqplan plan`")
+    p.add_argument("--profile", default=None, help="profile.csv (default: beside the plan)")
+    p.add_argument("--out", default=None, help="output folder (default: the plan's folder)")
+
+    p = sub.add_parser("grid", help="list the configuration grid with bits per weight")
+    _grid_args(p)
+    p.add_argument("--shape", default=None, help="show exact storage for an MxN matrix, e.g. 5120x13824")
+
+    p = sub.add_parser("memory", help="dry run: memory of a model at uniform configs, from config.json alone")
+    p.add_argument("--model", default=None, help="folder with config.json (weights not needed), alias or default")
+
+    sub.add_parser("aliases", help="list model aliases and their hub ids")
+    _train_parsers(sub)
+    return parser
+
+
+def _train_parsers(sub) -> None:
+    p = sub.add_parser("train", help="apply a plan, fine-tune the adapters on real text, evaluate, save",
+                       description="Apply PLAN to its model, fine-tune the LoRA adapters (causal LMs: next-token "
+                       "loss; encoders: distillation of the full-precision model), evaluate before/after and the "
+                       "full-precision model, write train_report.md/.json and the quantized model to --out. "
+                       "Under torchrun (several processes) it trains data-parallel (DDP).")
+    p.add_argument("--plan", required=True, help="plan.json written by `lqplan plan`")
+    p.add_argument("--model", default=None, help="the model folder (default: the plan's model.source)")
+    p.add_argument("--init", choices=("loftq", "qlora"), default="loftq",
+                   help="adapters from the LoftQ/LQ-LoRA decomposition (default) or QLoRA's zero-product init")
+    p.add_argument("--method", choices=("lora", "qalora"), default=None,
+                   help="layer kind for every matrix (default: each plan entry's own; qalora = QA-LoRA)")
+    p.add_argument("--text", default=None, help="UTF-8 training text file (default: built-in pydoc prose)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--no-dropout", action="store_true", help="set the model's dropout probabilities to 0")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: before/after only)")
+    p.add_argument("--eval-texts", type=int, default=64, help="held-out paragraphs to evaluate on (default 64)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into --out (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt when it exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--out", default="lqplan-train", help="output folder (default lqplan-train)")
+    p.add_argument("--no-save", action="store_true", help="do not write the quantized model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("evaluate", help="evaluate a saved quantized model against its full-precision model")
+    p.add_argument("--quantized", required=True, help="folder written by `lqplan train` (OUT/quantized)")
+    p.add_argument("--model", default=None, help="full-precision model folder (default: the plan's model.source)")
+    p.add_argument("--eval-texts", type=int, default=64, help="held-out paragraphs (default 64)")
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--device", default="auto")
+
+
+def _seconds(text: str) -> float:
+    """argparse type for --time-limit: a number of seconds >= 0 (argparse turns the ValueError into a usage error)."""
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(text)
+    return value
+
+
+_seconds.__name__ = "seconds (a number >= 0)"  # argparse words its error with the type's name

@@ -1,0 +1,220 @@
+"""Which matrices a plan covers, read from the model's own structure (transformers builds the skeleton on the
+meta device from config.json) and matched to the safetensors keys.
+
+What a plan covers ("planned matrices"): every nn.Linear (and transformers' Conv1D, GPT-2 style, transposed
+to (out, in)) inside a numbered layer block -- the attention and MLP projections. Never planned: embeddings,
+norms, poolers, classifiers and other modules outside the layer blocks, matrices whose smaller side is below
+MIN_MATRIX_SIDE (e.g. MoE router gates, 8 x 4096), and the output head unless include_head=True (a head tied to
+the input embeddings stays unplanned even then: quantizing it would change the input embeddings too).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+from ..errors import UserError
+from .resolve import ModelSource
+from .weights import FLOAT_CODES, ST_DTYPES
+
+MIN_MATRIX_SIDE = 16  # smaller matrices are not worth a block-quantized code + adapter (router gates, tiny heads)
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class MatrixInfo:
+    """One planned matrix. shape is (out, in) as nn.Linear stores it; `transposed` marks a Conv1D tensor stored
+    (in, out), which iter_matrices transposes. layer is the first number in the module path (None outside blocks);
+    kind is the path after that number, e.g. "self_attn.q_proj" (the full name for a head)."""
+    name: str
+    tensor_key: str
+    file: Path
+    shape: tuple[int, int]
+    dtype: str
+    layer: int | None
+    kind: str
+    transposed: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+class _Linear(NamedTuple):
+    name: str
+    shape: tuple[int, int]  # (out, in)
+    transposed: bool        # stored (in, out): transformers' Conv1D
+    layer: int | None
+    kind: str
+    is_head: bool
+    tied: bool
+
+
+def load_config(where: str | os.PathLike | dict):
+    """A transformers config from a folder, a config.json path or a dict; None when transformers doesn't know
+    the architecture."""
+    from transformers import AutoConfig
+    try:
+        if isinstance(where, dict):
+            from transformers import CONFIG_MAPPING
+            d = dict(where)
+            return CONFIG_MAPPING[d.pop("model_type")].from_dict(d)
+        return AutoConfig.from_pretrained(str(where), local_files_only=True, trust_remote_code=False)
+    except (KeyError, ValueError, OSError, TypeError):
+        return None
+
+
+def build_skeleton(hf_config):
+    """The model on the meta device (no memory, no init); None if transformers can't build it."""
+    import torch
+    import transformers
+    candidates = []
+    for arch in getattr(hf_config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None and hasattr(cls, "_from_config"):
+            candidates.append(lambda c=cls: c._from_config(hf_config))
+    candidates.append(lambda: transformers.AutoModelForCausalLM.from_config(hf_config))
+    candidates.append(lambda: transformers.AutoModel.from_config(hf_config))
+    for make in candidates:
+        try:
+            with torch.device("meta"):
+                return make()
+        except Exception:  # noqa: BLE001 - any failure to build means "try the next class, then fall back"
+            continue
+    return None
+
+
+def _layer_and_kind(name: str) -> tuple[int | None, str]:
+    m = _LAYER_RE.search(name)
+    if m is None:
+        return None, name
+    return int(m.group(1)), name[m.end():] or name
+
+
+def skeleton_linears(model) -> list[_Linear]:
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            shape, transposed = tuple(mod.weight.shape), False
+        elif isinstance(mod, Conv1D):
+            shape, transposed = tuple(mod.weight.shape[::-1]), True
+        else:
+            continue
+        layer, kind = _layer_and_kind(name)
+        is_head = mod is head
+        if layer is None and not is_head:
+            continue  # pooler, classifier, projector: outside the layer blocks
+        tied = is_head and inp is not None and getattr(inp, "weight", None) is mod.weight
+        out.append(_Linear(name, shape, transposed, layer, kind, is_head, tied))
+    return out
+
+
+def _match_key(name: str, keys: set[str], by_tail: dict[str, list[str]]) -> str | None:
+    """The safetensors key of module `name`'s weight. Checkpoints differ from the skeleton by a base-model prefix
+    ("model.", "bert.", "transformer.") in either direction, so match by suffix when the exact key is absent."""
+    w = name + ".weight"
+    if w in keys:
+        return w
+    parts = w.split(".")
+    # strip only prefix components before the layer number: a tail without it could match another layer
+    first_number = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 2)
+    for drop in range(first_number + 1):
+        tail = ".".join(parts[drop:])
+        if drop and tail in keys:
+            return tail
+        hits = [k for k in by_tail.get(".".join(parts[-2:]), []) if k.endswith("." + tail)]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            return None
+    return None
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _fallback_matrices(source: ModelSource, include_head: bool) -> list[MatrixInfo]:
+    """For architectures transformers can't build: every 2-D float *.weight inside a numbered block with both
+    sides >= MIN_MATRIX_SIDE, minus embeddings and norms, as stored (assumed (out, in)), in natural key order."""
+    skip = re.compile(r"(embed|norm|(^|\.)ln|wte|wpe)", re.IGNORECASE)
+    out = []
+    for key in sorted(source.tensors, key=_natural_key):
+        e = source.tensors[key]
+        if len(e.shape) != 2 or not key.endswith(".weight") or e.dtype not in FLOAT_CODES or skip.search(key):
+            continue
+        name = key[: -len(".weight")]
+        layer, kind = _layer_and_kind(name)
+        is_head = include_head and name.split(".")[-1] in ("lm_head", "embed_out") and layer is None
+        if (layer is None and not is_head) or min(e.shape) < MIN_MATRIX_SIDE:
+            continue
+        out.append(MatrixInfo(name, key, e.file, (e.shape[0], e.shape[1]), ST_DTYPES[e.dtype], layer, kind))
+    return out
+
+
+def discover_matrices(source: ModelSource, include_head: bool = False) -> list[MatrixInfo]:
+    """The planned matrices of `source` in the model's own (layer-major) order; see the module docstring for
+    what is planned. Raises UserError when config.json and the weights disagree."""
+    hf_config = load_config(source.folder)
+    model = build_skeleton(hf_config) if hf_config is not None else None
+    if model is None:
+        found = _fallback_matrices(source, include_head)
+        if not found:
+            raise UserError(f"found no weight matrices in numbered layer blocks of {source.folder}; transformers "
+                            f"does not know model_type {source.config.get('model_type')!r}: upgrade transformers "
+                            f"or pass a supported model")
+        return found
+    keys = set(source.tensors)
+    by_tail: dict[str, list[str]] = {}
+    for k in keys:
+        by_tail.setdefault(".".join(k.split(".")[-2:]), []).append(k)
+    fix = "use the config.json that was saved with these weights"
+    out = []
+    used: dict[str, str] = {}
+    for lin in skeleton_linears(model):
+        if min(lin.shape) < MIN_MATRIX_SIDE:
+            continue
+        if lin.is_head and (not include_head or lin.tied):
+            continue
+        key = _match_key(lin.name, keys, by_tail)
+        if key is None:
+            if lin.is_head:
+                continue  # head tied in the checkpoint although the config doesn't say so: not stored separately
+            raise UserError(f"config.json of {source.name} has module {lin.name} but no tensor {lin.name}.weight "
+                            f"is in the safetensors files (config and weights disagree); {fix}")
+        if key in used:
+            raise UserError(f"modules {used[key]} and {lin.name} of config.json both map to tensor {key} "
+                            f"(config and weights disagree); {fix}")
+        used[key] = lin.name
+        e = source.tensors[key]
+        expect = lin.shape[::-1] if lin.transposed else lin.shape
+        if tuple(e.shape) != tuple(expect):
+            raise UserError(f"config.json of {source.name} disagrees with the weights: {key} is {list(e.shape)} in "
+                            f"{e.file.name} but the config implies {list(expect)}; {fix}")
+        if e.dtype not in FLOAT_CODES:
+            raise UserError(f"{key} is stored as {e.dtype}, not floating point (already quantized?); "
+                            f"use the original 16/32-bit checkpoint")
+        out.append(MatrixInfo(lin.name, key, e.file, lin.shape, ST_DTYPES[e.dtype], lin.layer, lin.kind,
+                              lin.transposed))
+    return out
+
+
+def planned_params(matrices: Sequence[MatrixInfo]) -> int:
+    """Weights covered by the plan."""
+    return sum(m.numel for m in matrices)
+
+
+def unplanned_bytes(source: ModelSource, matrices: Sequence[MatrixInfo]) -> int:
+    """Bytes of every tensor in the safetensors files that the plan does not cover, at its stored dtype
+    (embeddings, norms, biases, heads...): what a GB budget must hold besides the planned matrices."""
+    planned = {m.tensor_key for m in matrices}
+    return sum(e.nbytes for k, e in source.tensors.items() if k not in planned)

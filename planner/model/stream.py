@@ -1,0 +1,80 @@
+"""Streaming the planned matrices from safetensors, one at a time, optionally with the next one
+read on a background thread."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
+
+import torch
+
+from ..errors import UserError
+from .discover import MatrixInfo
+from .resolve import ModelSource
+
+
+def load_matrix(info: MatrixInfo, device, dtype):
+    import torch
+    from safetensors import safe_open
+    # opened per matrix: a handle kept open keeps every touched page of its mmap resident
+    with safe_open(str(info.file), framework="pt", device="cpu") as f:
+        t = f.get_tensor(info.tensor_key)
+    if info.transposed:
+        t = t.t()
+    t = t.to(device=device).to(dtype=dtype).contiguous()
+    # one reduction is the cheap test (NaN/Inf propagate through a sum); the exact check only confirms a hit
+    if not bool(t.sum(dtype=torch.float64).isfinite()) and not bool(t.isfinite().all()):
+        raise UserError(f"matrix {info.name} ({info.tensor_key} in {info.file}) contains NaN or Inf; the weights "
+                        f"are corrupt: re-download the model")
+    return t
+
+
+def iter_matrices(source: ModelSource, matrices: Sequence[MatrixInfo], device="cpu", dtype=None,
+                  prefetch: bool = False) -> Iterator[tuple[MatrixInfo, "torch.Tensor"]]:
+    """Yield (MatrixInfo, tensor (out, in) on `device` as `dtype`, default float32), reading one tensor at a time.
+
+    prefetch=True reads the next matrix on one background thread while the caller works on the current one. It
+    starts that read only once the matrix before the current one is freed, so at most two matrices are alive
+    (unless the caller keeps references itself)."""
+    import torch
+    dtype = torch.float32 if dtype is None else dtype
+    matrices = list(matrices)
+    files = set(source.files)
+    for m in matrices:
+        if m.file not in files:
+            raise UserError(f"matrix {m.name} comes from {m.file}, not from model {source.name}; "
+                            f"discover the matrices of this model with discover_matrices()")
+    if not prefetch:
+        for m in matrices:
+            yield m, load_matrix(m, device, dtype)
+        return
+
+    def load_after(gate: threading.Event, info: MatrixInfo):
+        gate.wait()
+        return load_matrix(info, device, dtype)
+
+    # freed[j] is set when the tensor of matrix j is garbage-collected; the read of matrix j waits for freed[j-2]
+    freed = [threading.Event() for _ in matrices]
+    ready = threading.Event()
+    ready.set()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lqplan-prefetch") as pool:
+        gate = ready
+        future = pool.submit(load_after, gate, matrices[0]) if matrices else None
+        try:
+            for i, m in enumerate(matrices):
+                gate.set()  # the caller is back for the next matrix: don't wait on tensors it chose to keep
+                t = future.result()
+                weakref.finalize(t, freed[i].set)
+                if i + 1 < len(matrices):
+                    gate = freed[i - 1] if i >= 1 else ready
+                    future = pool.submit(load_after, gate, matrices[i + 1])
+                else:
+                    future = None
+                yield m, t
+                del t
+        finally:
+            gate.set()  # an abandoned generator must not leave the worker waiting (shutdown joins it)
+            if future is not None:
+                future.cancel()

@@ -1,0 +1,7 @@
+"""The plan stage: budgets, the multiple-choice knapsack ILP and the versioned plan document."""
+
+from .budget import Budget, parse_budget, resolve_budget
+from .document import Plan, PlanEntry
+from .ilp import InfeasibleBudget, Solution, solve
+
+__all__ = ["Budget", "InfeasibleBudget", "Plan", "PlanEntry", "Solution", "parse_budget", "resolve_budget", "solve"]

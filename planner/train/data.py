@@ -1,0 +1,83 @@
+"""Training batches: causal LMs' contiguous token blocks, encoders' padded sentences; a seeded,
+resumable stream of global micro-batches split across data-parallel ranks."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..errors import UserError
+
+
+def causal_blocks(tokenizer, texts, max_len: int) -> torch.Tensor:
+    """All texts tokenized, joined by the tokenizer's end-of-text (or separator) token, cut into (N, max_len)."""
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            ids.append(sep)
+    n = len(ids) // max_len
+    if n == 0:
+        raise UserError(f"the training text has {len(ids)} tokens, fewer than one block of max_len={max_len}; "
+                        "pass more text or a smaller max_len")
+    return torch.tensor(ids[: n * max_len], dtype=torch.long).view(n, max_len)
+
+
+def detect_objective(model) -> str:
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")) or getattr(getattr(model, "config", None), "is_decoder", False):
+        return "causal"
+    return "distill"
+
+
+class Batches:
+    """Endless, seeded stream of global micro-batches (a reshuffle after each pass over the data); rank r of a
+    world of w keeps rows [r·batch_size, (r+1)·batch_size) of each. Its position is part of a checkpoint."""
+
+    def __init__(self, objective, tokenizer, texts, batch_size, max_len, seed, rank=0, world=1):
+        self.objective, self.tokenizer, self.batch_size, self.max_len = objective, tokenizer, batch_size, max_len
+        self.rank, self.world = rank, world
+        self.rng = random.Random(seed)
+        self.items = causal_blocks(tokenizer, texts, max_len) if objective == "causal" else list(texts)
+        self.order, self.pos = [], 0
+
+    def _indices(self, count):
+        out = []
+        while len(out) < count:
+            if self.pos >= len(self.order):
+                self.order = list(range(len(self.items)))
+                self.rng.shuffle(self.order)
+                self.pos = 0
+            out.append(self.order[self.pos])
+            self.pos += 1
+        return out
+
+    def next(self, device) -> tuple[dict, int, int]:
+        """(this rank's batch, non-padding tokens of the global micro-batch, its rows)."""
+        idx = self._indices(self.batch_size * self.world)
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        if self.objective == "causal":
+            ids = self.items[idx[mine]]
+            return ({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)},
+                    len(idx) * self.max_len, len(idx))
+        # Every rank tokenizes the whole global micro-batch: the same padding as a 1-process run, and its counts.
+        enc = self.tokenizer([self.items[i] for i in idx], padding=True, truncation=True, max_length=self.max_len,
+                             return_tensors="pt")
+        tokens = int(enc["attention_mask"].sum())
+        return {k: v[mine].to(device) for k, v in enc.items()}, tokens, len(idx)
+
+    def state(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self.order), "pos": self.pos}
+
+    def load_state(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order, self.pos = list(state["order"]), int(state["pos"])
+
+
+def text_dataset(tokenizer, texts, max_len: int = 128) -> list[dict]:
+    """Tokenized examples for a Trainer (pad them with transformers.DataCollatorWithPadding)."""
+    return [dict(tokenizer(t, truncation=True, max_length=max_len)) for t in texts if t and t.strip()]

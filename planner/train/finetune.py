@@ -1,0 +1,187 @@
+"""What `lqplan train` does: load the model, apply the plan, fine-tune, evaluate, report, save."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..corpus import real_text_splits
+from ..errors import UserError
+from ..fsio import write_json, write_text
+from ..model.weights import fingerprint
+from ..plan.document import Plan
+from .apply import INITS, apply_plan, quantized_bytes
+from .evaluate import embedding_cosine, perplexity
+from .export import save_quantized
+from .loop import setup_distributed, train
+
+
+def _no_dropout_config(config):
+    """The model's config with every dropout probability set to 0 (deterministic training, e.g. for comparing
+    loss curves across runs or process counts)."""
+    for key, value in config.to_dict().items():
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+    return config
+
+
+def peak_memory(device) -> dict:
+    """Peak memory so far: the CUDA allocator's peak on GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory_kind": "cuda_allocated"}
+    return {"peak_memory_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+            "peak_memory_kind": "process_rss"}
+
+
+def finetune(plan, model=None, out_dir=None, *, init: str = "loftq", steps: int = 100, batch_size: int = 8,
+             max_len: int = 128, lr: float = 2e-4, grad_accum: int = 1, gradient_checkpointing: bool = False,
+             device=None, eval_every: int = 0, eval_texts: int = 64, texts=None, tokenizer=None,
+             progress: bool = True, save_every: int = 0, resume: bool = False, seed: int = 0,
+             schedule: str = "constant", warmup_steps: int = 0, dropout: bool = True, save_model: bool = True,
+             method: str | None = None) -> dict:
+    """What `lqplan train` does: load the model folder (default: the plan's model.source), apply the plan,
+    fine-tune the adapters on the real-text train split (or `texts`), evaluate on held-out text before and after
+    and the full-precision model (perplexity for causal LMs, embedding cosine to the full-precision model for
+    encoders), and, with `out_dir`, write train_report.json + train_report.md and save the quantized model
+    (save_quantized) to out_dir/quantized. save_every / resume: checkpoints in out_dir (see train()).
+    dropout=False zeroes the model's dropout probabilities. method: apply_plan's layer method ("lora" |
+    "qalora"; None = each plan entry's own). Under torchrun it trains data-parallel and only
+    rank 0 writes. `tokenizer`: default, the folder's own. Returns the report (a dict, with the history)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if init not in INITS:
+        raise UserError(f"init={init!r} is not supported; use one of {INITS}")
+    if eval_texts < 1:
+        raise UserError(f"eval_texts={eval_texts} must be >= 1")
+    if (save_every or resume) and out_dir is None:
+        raise UserError("checkpoints (save_every/resume) need an output folder; pass out_dir=... (--out)")
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    folder = model or plan.model.get("source")
+    if not folder or not (Path(folder) / "config.json").is_file():
+        raise UserError(f"model folder {folder!r} not found; pass model=<the Hugging Face folder the plan was "
+                        "made for> (--model)")
+
+    plan.check_model(fingerprint(folder))  # before anything is loaded or written
+    import torch.distributed as dist
+
+    joined_here = dist.is_available() and not dist.is_initialized()
+    dist_info, dev = setup_distributed(device)
+    config = AutoConfig.from_pretrained(folder)
+    if not dropout:
+        config = _no_dropout_config(config)
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+    loader = AutoModelForCausalLM if causal else AutoModel
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load a tokenizer from {folder} ({type(e).__name__}); pass tokenizer=...") from None
+    splits = real_text_splits()
+    held = splits["heldout"][:eval_texts]
+    train_texts = texts if texts is not None else splits["train"]
+    teacher = None
+    if causal:
+        metric = "perplexity"
+        evaluate = lambda m: perplexity(m, tokenizer, held, max_len=max_len, stride=max(1, max_len // 2),  # noqa: E731
+                                        shard=True)
+        fp_model = loader.from_pretrained(folder, dtype=torch.float32).to(dev)
+        fp_metric = evaluate(fp_model)
+        del fp_model
+    else:
+        metric = "embedding_cosine"
+        teacher = AutoModel.from_pretrained(folder, dtype=torch.float32).to(dev).eval()
+        evaluate = lambda m: embedding_cosine(m, teacher, tokenizer, held, max_len=max_len, shard=True)  # noqa: E731
+        fp_metric = 1.0  # the full-precision model is the reference itself
+    student = loader.from_pretrained(folder, config=config, dtype=torch.float32)
+    torch.manual_seed(seed)  # zero-init (QLoRA) adapters draw lora_A at random: the same on every rank and rerun
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    extra = {} if method is None else {"method": method}  # None: apply_plan follows each plan entry's method
+    apply_plan(student, plan, model_path=folder, device=dev, init=init, progress=progress and dist_info.main, **extra)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    quantize_seconds = time.perf_counter() - t
+    out = None if out_dir is None else Path(out_dir)
+    t = time.perf_counter()
+    history = train(student, tokenizer, train_texts, objective="causal" if causal else "distill", teacher=teacher,
+                    steps=steps, batch_size=batch_size, max_len=max_len, lr=lr, grad_accum=grad_accum,
+                    gradient_checkpointing=gradient_checkpointing, eval_fn=evaluate, eval_every=eval_every,
+                    progress=progress, seed=seed, schedule=schedule, warmup_steps=warmup_steps,
+                    checkpoint_dir=out, save_every=save_every, resume=resume,
+                    run_tag={"plan_fingerprint": plan.fingerprint, "plan_bytes": plan.totals.get("bytes"),
+                             "init": init, "method": method, "dropout": dropout})
+    train_seconds = time.perf_counter() - t
+    evals = [h["eval"] for h in history if "eval" in h]
+    rates = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
+    steady = rates[min(3, len(rates) - 1):] if rates else []  # the first steps include warm-up
+    held_bytes = quantized_bytes(student)
+    result = {"schema": "lqplan.train-report/1", "model": str(folder), "architecture": type(student).__name__,
+              "device": str(dev), "world_size": dist_info.world, "init": init, "method": method, "metric": metric,
+              "full_precision": fp_metric, "before": evals[0], "after": evals[-1], "steps": steps,
+              "batch_size": batch_size, "grad_accum": grad_accum,
+              "global_batch": batch_size * dist_info.world * grad_accum, "max_len": max_len, "lr": lr,
+              "resumed_from": next((h["resumed_from"] for h in history if "resumed_from" in h), None),
+              "quantize_seconds": round(quantize_seconds, 3), "train_seconds": round(train_seconds, 3),
+              "tokens_per_s": statistics.median(steady) if steady else None, **peak_memory(dev),
+              "quantized_bytes": held_bytes, "plan_bytes": plan.totals.get("bytes"),
+              "bytes_match_plan": held_bytes == plan.totals.get("bytes"), "history": history}
+    if out is not None and dist_info.main:
+        if save_model:
+            try:
+                result["saved"] = str(save_quantized(student, plan, out / "quantized"))
+            except UserError as e:  # e.g. a model without a Hugging Face config: report it, keep the results
+                result["saved"] = None
+                result["not_saved"] = str(e)
+        write_report(result, out)
+    if dist_info.active and joined_here:
+        dist.barrier()  # every rank leaves after rank 0 has written
+        dist.destroy_process_group()
+    return result
+
+
+def _fmt_bytes(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def write_report(result: dict, out_dir) -> dict:
+    """train_report.json (everything, history included) and train_report.md (the summary table) in `out_dir`."""
+
+    out = Path(out_dir)
+    r = result
+    fmt = (lambda v: "-" if v is None else f"{v:.4f}")  # noqa: E731
+    losses = [h["loss"] for h in r["history"] if "loss" in h]
+    rate = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
+    lines = [
+        f"# Fine-tuning report ({r['init']}, {r['architecture']})", "",
+        f"Model `{r['model']}` on {r['device']} x {r['world_size']} process(es); {r['steps']} steps, global batch "
+        f"{r['global_batch']} sequences of <= {r['max_len']} tokens (batch {r['batch_size']} x "
+        f"{r['world_size']} ranks x {r['grad_accum']} accumulation), lr {r['lr']:g}.",
+        "", f"| metric ({r['metric']}) | value |", "|---|---|",
+        f"| full-precision model | {fmt(r['full_precision'])} |",
+        f"| quantized, before fine-tuning | {fmt(r['before'])} |",
+        f"| quantized, after fine-tuning | {fmt(r['after'])} |",
+        "", "| figure | value |", "|---|---|",
+        f"| training loss first -> last step | {fmt(losses[0] if losses else None)} -> "
+        f"{fmt(losses[-1] if losses else None)} |",
+        f"| quantization time | {r['quantize_seconds']:.2f} s |",
+        f"| training time (this process) | {r['train_seconds']:.2f} s |",
+        f"| tokens/s (median after warm-up) | {rate} |",
+        f"| peak memory ({r['peak_memory_kind']}) | {_fmt_bytes(r['peak_memory_bytes'])} |",
+        f"| quantized bytes held / plan | {r['quantized_bytes']:,} / {r['plan_bytes']:,} "
+        f"({'equal' if r['bytes_match_plan'] else 'DIFFERENT'}) |",
+    ]
+    if r.get("resumed_from") is not None:
+        lines.append(f"| resumed from checkpoint at step | {r['resumed_from']} |")
+    if r.get("saved"):
+        lines += ["", f"Quantized model saved to `{r['saved']}` (reload: planner.export.load_quantized)."]
+    elif r.get("not_saved"):
+        lines += ["", f"Quantized model not saved: {r['not_saved']}"]
+    write_json(out / "train_report.json", r)
+    write_text(out / "train_report.md", "\n".join(lines) + "\n")
+    return {"json": str(out / "train_report.json"), "md": str(out / "train_report.md")}
