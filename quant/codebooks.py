@@ -56,14 +56,19 @@ def codebook(kind: str, bits: int, asymmetric: bool = False, device=None) -> tor
     raise ValueError(f"unknown codebook kind {kind!r}; use 'nf' or 'int'")
 
 
+def midpoints(table: torch.Tensor) -> torch.Tensor:
+    """The decision boundaries between consecutive sorted codebook values, each the largest value of the table's
+    dtype not above the exact midpoint: x <= that boundary iff x <= the exact midpoint."""
+    # The exact midpoint of two fp32 values is a float64; an fp32 midpoint rounded up would send x equal to it
+    # to the farther value, so round each midpoint down to the largest fp32 not above it.
+    exact = (table[1:].double() + table[:-1].double()) / 2
+    mids = exact.to(table.dtype)
+    return torch.where(mids.double() > exact, torch.nextafter(mids, torch.full_like(mids, -float("inf"))), mids)
+
+
 def nearest_code(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook value for every element of x (uint8).
 
     bucketize against the midpoints equals argmin |x - t_j|, without the (numel x 2^k) temporary an argmin
     needs. Ties go to the lower value, as argmin's first-index rule does."""
-    # The exact midpoint of two fp32 values is a float64; an fp32 midpoint rounded up would send x equal to it
-    # to the farther value, so round each midpoint down to the largest fp32 not above it (x <= that iff x <= m).
-    exact = (table[1:].double() + table[:-1].double()) / 2
-    mids = exact.to(table.dtype)
-    mids = torch.where(mids.double() > exact, torch.nextafter(mids, torch.full_like(mids, -float("inf"))), mids)
-    return torch.bucketize(x, mids, right=False).to(torch.uint8)
+    return torch.bucketize(x, midpoints(table), right=False).to(torch.uint8)
