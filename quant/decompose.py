@@ -11,10 +11,10 @@ import torch
 
 from .blockwise import quantize
 from .config import QuantConfig
-from .loftq import LORA_NOISE, alternate, check_matrix, plain_quantization, requantize
+from .loftq import LORA_NOISE, alternate, check_matrix, plain_quantization, prepare, requantize
 from .lowrank import SolverSettings, exact_lowrank, randomized_lowrank
 from .results import Decomposition
-from .weighting import check_fisher, fisher_scales, weigh, weighted_error
+from .weighting import weigh, weighted_error
 
 def decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 5, fisher=None,
               solver: SolverSettings | None = None) -> Decomposition:
@@ -31,10 +31,7 @@ def decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 5, f
         raise ValueError(f"rank={rank} is invalid for a {m}x{n} matrix; use 0 <= rank <= {min(m, n)}")
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters={iters} is invalid; use an integer >= 0")
-    solver = solver or SolverSettings()
-    weights = check_fisher(fisher, (m, n))
-    w = w.float()
-    dr, dc = fisher_scales(weights, w.device)
+    w, dr, dc, solver = prepare(w, fisher, solver)
 
     if rank == 0 or iters == 0:
         q, err = plain_quantization(w, config, dr, dc)

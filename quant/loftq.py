@@ -14,7 +14,8 @@ import torch
 
 from .blockwise import QuantizedTensor, quantize, quantize_dequantize
 from .config import QuantConfig
-from .weighting import weighted_error
+from .lowrank import SolverSettings
+from .weighting import check_fisher, fisher_scales, weighted_error
 
 # Relative slack under which an error increase across LoftQ steps counts as float noise, not a regression.
 LORA_NOISE = 1e-6
@@ -36,6 +37,14 @@ def check_matrix(w: torch.Tensor) -> None:
         raise ValueError("decompose got an empty matrix")
     if not torch.isfinite(w).all():
         raise ValueError("weight matrix contains NaN or Inf values; fix or drop the matrix before decomposing")
+
+
+def prepare(w: torch.Tensor, fisher, solver: SolverSettings | None):
+    """The inputs of a one-matrix loop: (W in fp32, dr, dc, solver) with the Fisher weights checked and square-rooted
+    on W's device ((None, None) without), the solver defaulting to the randomized one."""
+    weights = check_fisher(fisher, tuple(w.shape))
+    w = w.float()
+    return (w, *fisher_scales(weights, w.device), solver or SolverSettings())
 
 
 def plain_quantization(w: torch.Tensor, config: QuantConfig, dr, dc) -> tuple[QuantizedTensor, float]:

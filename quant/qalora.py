@@ -42,10 +42,10 @@ from torch import nn
 from .blockwise import QuantizedTensor, quantize
 from .config import ADAPTER_BITS, QuantConfig
 from .layers import QuantLoRALinear
-from .loftq import alternate, check_matrix, plain_error, plain_quantization, requantize
+from .loftq import alternate, check_matrix, plain_error, plain_quantization, prepare, requantize
 from .lowrank import SolverSettings, exact_lowrank, randomized_lowrank
 from .results import QALoRADecomposition
-from .weighting import check_fisher, fisher_scales, weighted_error
+from .weighting import fisher_scales, weighted_error
 
 # Relative slack for comparing iterates, 100x LoRA's (quant.loftq.LORA_NOISE) and used for ties too: steps after the
 # first re-quantize shifted groups, which changes the error only by fp32 rounding of zero-points and codes flipping
@@ -181,10 +181,7 @@ def qalora_decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int
     check_rank(rank, (m, n), g)
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
         raise ValueError(f"iters={iters!r} is invalid; use an integer >= 0")
-    solver = solver or SolverSettings()
-    weights = check_fisher(fisher, (m, n))
-    w = w.float()
-    dr, dc = fisher_scales(weights, w.device)
+    w, dr, dc, solver = prepare(w, fisher, solver)
     if rank == 0 or iters == 0:
         q, err = plain_quantization(w, config, dr, dc)
         return QALoRADecomposition(q, torch.zeros(rank, n // g, device=w.device),
@@ -246,7 +243,7 @@ class QALoRALinear(QuantLoRALinear):
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, a: torch.Tensor | None = None,
                  b: torch.Tensor | None = None, rank: int | None = None, alpha: float | None = None,
-                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32):
+                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32, backend: str = "auto"):
         if not isinstance(q, QuantizedTensor):
             raise ValueError(f"QALoRALinear needs a QuantizedTensor, got {type(q).__name__}; quantize the weight first")
         check_qalora_config(q.config)
@@ -262,7 +259,7 @@ class QALoRALinear(QuantLoRALinear):
         rank = 0 if rank is None else rank
         check_rank(rank, (m, n), g)
         # The parent stores Q and bias; its adapter would have the wrong (r × in) shape, so it is built here.
-        super().__init__(q, bias, rank=0, dropout=dropout, adapter_dtype=adapter_dtype)
+        super().__init__(q, bias, rank=0, dropout=dropout, adapter_dtype=adapter_dtype, backend=backend)
         self.group_size = g
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
