@@ -16,7 +16,8 @@ from .codebooks import codebook, int_codebook, nearest_code
 from .config import QuantConfig
 from .packing import pack_codes, unpack_codes
 
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The torch dtype of each stored-dtype name a QuantConfig uses.
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -101,7 +102,7 @@ def _check_input(w: torch.Tensor) -> None:
 
 def cast_to(x: torch.Tensor, dtype_name: str) -> torch.Tensor:
     """x in the stored dtype a config names ("fp32", "fp16", "bf16"): the rounding scales get when stored."""
-    return x.to(_TORCH_DTYPES[dtype_name])
+    return x.to(TORCH_DTYPES[dtype_name])
 
 
 def decode_double_quant(scale_values: torch.Tensor, scale_scales: torch.Tensor, scale_offset: torch.Tensor,
