@@ -1,7 +1,8 @@
 """The profiler's fast path: the LoftQ / LQ-LoRA error of one matrix for many (config, rank) points at once.
 
 Same contract as quant.engine.profile_matrix (PointResult per point, in the order asked), same algorithm as
-quant.decompose with the randomized solver, re-arranged for throughput on a GPU:
+quant.decompose with the randomized solver (the same quant.loftq.alternate loop, with batched steps), re-arranged
+for throughput on a GPU:
 
 - chains of equal rank (hence equal basis width) run as one batch: every matrix product, orthonormalisation and
   small eigenproblem is one batched call over all configurations, so a 13B-sized matrix costs a few dozen
