@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -72,9 +71,9 @@ def main(argv=None):
             found[(vpp, warps)] = us
         best = min(found, key=found.get)
         default = found[(triton_dequant._VALUES_PER_PROGRAM, 4)]
-        os.environ["LQPLAN_DEQUANT"] = "compile"
+        layer.backend = "compile"
         compiled = timed(lambda: layer.dequantize(torch.bfloat16), args.iters)
-        del os.environ["LQPLAN_DEQUANT"]
+        layer.backend = "auto"
         row = {"shape": label, "bits": bits, "bytes_moved": moved, "triton_default_us": default,
                "triton_best_us": found[best], "triton_best": {"values_per_program": best[0], "num_warps": best[1]},
                "compile_us": compiled, "sweep_us": {f"{v}/{n}": t for (v, n), t in found.items()}}

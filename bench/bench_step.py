@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from planner.devices import resolve_device  # noqa: E402
 from quant import QuantConfig  # noqa: E402
 from quant.blockwise import quantize  # noqa: E402
-from quant.layers import QuantLoRALinear, dequant_backend  # noqa: E402
+from quant.layers import QuantLoRALinear, dequant_backend, set_backend  # noqa: E402
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 MIXED = {"q": 3, "k": 2, "v": 4, "o": 3, "gate": 2, "up": 3, "down": 4}
@@ -130,19 +129,15 @@ def build(variant, n_blocks, dims, rank, device):
 
 
 def backend_runs(backend, device):
-    """Whether LQPLAN_DEQUANT=backend really runs that backend for the benchmark's configurations here."""
-    os.environ["LQPLAN_DEQUANT"] = backend
-    try:
-        return all(dequant_backend(device, QuantConfig("nf", bits, 64, double_quant=True)) == backend
-                   for bits in set(MIXED.values()))
-    finally:
-        del os.environ["LQPLAN_DEQUANT"]
+    """Whether the dequant backend really runs for the benchmark's configurations here."""
+    return all(dequant_backend(device, QuantConfig("nf", bits, 64, double_quant=True), backend) == backend
+               for bits in set(MIXED.values()))
 
 
-def select_backend(variant):
-    """Set LQPLAN_DEQUANT to the backend named in an lqplan variant ("lqplan-nf4[triton]"); anchors name none."""
+def select_backend(model, variant):
+    """Set the dequant backend named in an lqplan variant ("lqplan-nf4[triton]") on its layers; anchors name none."""
     if variant.endswith("]"):
-        os.environ["LQPLAN_DEQUANT"] = variant[variant.index("[") + 1:-1]
+        set_backend(model, variant[variant.index("[") + 1:-1])
 
 
 def sync(device):
@@ -245,10 +240,10 @@ def main(argv=None):
         gc.collect()
         before = cuda_bytes(device)
         models[variant] = build(variant, args.blocks, dims, args.rank, device)
+        select_backend(models[variant], variant)
         rows[variant] = {"resident_bytes": cuda_bytes(device) - before, "rounds_s": []}
     for r in range(args.repeats):
         for variant in variants:
-            select_backend(variant)
             if r == 0 and device.type == "cuda":
                 base = cuda_bytes(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -258,7 +253,6 @@ def main(argv=None):
             rows[variant]["rounds_s"].append(secs)
     if device.type == "cuda":
         for variant in variants:
-            select_backend(variant)
             rows[variant]["kernel_ms"] = kernel_ms_per_step(models[variant], x, args.steps, device)
     for variant in variants:
         row = rows[variant]

@@ -68,7 +68,7 @@ from planner.train.apply import apply_plan, quantized_bytes, trainable_parameter
 from planner.train.evaluate import sentence_embeddings  # noqa: E402
 from planner.train.loop import train  # noqa: E402
 from quant import NF4_QLORA, SolverSettings  # noqa: E402
-from quant.decompose import _sqrt_weights  # noqa: E402
+from quant.weighting import fisher_scales  # noqa: E402
 
 SCHEMA = "lqplan.quality/1"
 ARMS = ("qlora", "loftq", "ilp", "ilp_fisher", "qalora")
@@ -213,7 +213,7 @@ def measure_errors(model, plan: Plan, teacher, fisher) -> dict:
         res = w - model.get_submodule(e.name).merged_weight()
         total += float(res.double().pow(2).sum())
         rows, cols = fisher[e.name]
-        dr, dc = _sqrt_weights(rows).to(w.device), _sqrt_weights(cols).to(w.device)
+        dr, dc = fisher_scales((rows, cols), w.device)
         weighted += float((dr[:, None] * res * dc[None, :]).double().pow(2).sum())
     return {"total_error": total, "fisher_error": weighted}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from quant import SolverSettings, decompose
-from quant.decompose import _sqrt_weights, weighted_error
+from quant.weighting import fisher_scales, weighted_error
 
 from . import __version__
 from .devices import resolve_device
@@ -36,8 +36,6 @@ from .profile.run import run_profile, save_table
 from .report.render import write_reports
 
 log = logging.getLogger("lqplan")
-
-
 DEFAULT_CACHE = Path(".lqplan-cache")
 
 
@@ -84,7 +82,7 @@ def weighted_plan_error(source, plan: Plan, fisher, weighted_decomposition: bool
         e = plan.by_name()[info.name]
         rows, cols = fisher[info.name]
         weights = (rows, cols) if weighted_decomposition else None
-        dr, dc = _sqrt_weights(rows).to(w.device), _sqrt_weights(cols).to(w.device)
+        dr, dc = fisher_scales((rows, cols), w.device)
         if e.point.method == "qalora":
             from quant.qalora import adapter_weight, qalora_decompose, useful_steps
 

@@ -1,10 +1,13 @@
-"""Which torch device to run on: 'auto', a device name or a torch.device in, a checked torch.device out."""
+"""Which torch device to run on: 'auto', a device name or a torch.device in, a checked torch.device out; and which
+dequant backend the quantized layers use ($LQPLAN_DEQUANT, read here at the edge, never inside quant/)."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+
+from quant.layers import DEQUANT_BACKENDS
 
 from .errors import UserError
 
@@ -22,3 +25,11 @@ def resolve_device(device=None) -> torch.device:
         raise UserError(f"--device {device} asked for CUDA but no CUDA device is available; use --device cpu "
                         "(device='cpu' from Python)")
     return dev
+
+
+def dequant_backend_from_env() -> str:
+    """$LQPLAN_DEQUANT (auto when unset): triton|compile|eager forces that dequant backend where it can run."""
+    choice = os.environ.get("LQPLAN_DEQUANT", "auto")
+    if choice not in DEQUANT_BACKENDS:
+        raise UserError(f"LQPLAN_DEQUANT={choice!r} is not one of {', '.join(DEQUANT_BACKENDS)}; unset it for auto")
+    return choice

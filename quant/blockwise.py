@@ -16,7 +16,8 @@ from .codebooks import codebook, int_codebook, nearest_code
 from .config import QuantConfig
 from .packing import pack_codes, unpack_codes
 
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The torch dtype of each stored-dtype name a QuantConfig uses.
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -65,8 +66,7 @@ class QuantizedTensor:
         nblocks2 = math.ceil(nblocks / cfg.dq_blocksize)
         table2 = int_codebook(cfg.dq_bits, device=self.device)
         codes2 = unpack_codes(self.scale_codes, cfg.dq_bits, nblocks2 * cfg.dq_blocksize)
-        s = table2[codes2.long()].view(nblocks2, cfg.dq_blocksize) * self.scale_scales.float()[:, None]
-        return s.reshape(-1)[:nblocks] + self.scale_offset.float()
+        return decode_double_quant(table2[codes2.long()], self.scale_scales, self.scale_offset, cfg, nblocks)
 
     def codes_unpacked(self) -> torch.Tensor:
         """Codes as a (nblocks, blocksize) uint8 tensor."""
@@ -100,24 +100,35 @@ def _check_input(w: torch.Tensor) -> None:
         raise ValueError("weight tensor contains NaN or Inf values; fix or drop the matrix before quantizing")
 
 
-def _store(x: torch.Tensor, dtype_name: str) -> torch.Tensor:
-    return x.to(_TORCH_DTYPES[dtype_name])
+def cast_to(x: torch.Tensor, dtype_name: str) -> torch.Tensor:
+    """x in the stored dtype a config names ("fp32", "fp16", "bf16"): the rounding scales get when stored."""
+    return x.to(TORCH_DTYPES[dtype_name])
 
 
-def _double_quantize(absmax: torch.Tensor, cfg: QuantConfig):
-    """Quantize the first-level scales minus their mean to dq_bits in blocks of dq_blocksize (QLoRA)."""
+def decode_double_quant(scale_values: torch.Tensor, scale_scales: torch.Tensor, scale_offset: torch.Tensor,
+                        cfg: QuantConfig, nblocks: int) -> torch.Tensor:
+    """The fp32 first-level scales of double-quantized storage, from the values of its scale codes (flat, whole
+    second-level blocks): code value · second-level scale + offset, in that order (the Triton kernel's too)."""
+    s = scale_values.view(-1, cfg.dq_blocksize) * scale_scales.float()[:, None]
+    return s.reshape(-1)[:nblocks] + scale_offset.float()
+
+
+def double_quantize(absmax: torch.Tensor, cfg: QuantConfig):
+    """Quantize the first-level scales minus their mean to dq_bits in blocks of dq_blocksize (QLoRA).
+
+    Returns the packed scale codes, the second-level scales (dq_dtype), the offset and the fp32 scales as stored."""
     nblocks = absmax.numel()
     nblocks2 = math.ceil(nblocks / cfg.dq_blocksize)
     offset = absmax.mean()
     centered = torch.zeros(nblocks2 * cfg.dq_blocksize, device=absmax.device, dtype=torch.float32)
     centered[:nblocks] = absmax - offset
     centered = centered.view(nblocks2, cfg.dq_blocksize)
-    s2 = _store(centered.abs().amax(dim=1), cfg.dq_dtype)
+    s2 = cast_to(centered.abs().amax(dim=1), cfg.dq_dtype)
     s2f = s2.float()
     table2 = int_codebook(cfg.dq_bits, device=absmax.device)
     normalized = torch.where(s2f[:, None] > 0, centered / s2f[:, None].clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     codes2 = nearest_code(normalized, table2)
-    stored_scales = (table2[codes2.long()] * s2f[:, None]).reshape(-1)[:nblocks] + offset
+    stored_scales = decode_double_quant(table2[codes2.long()], s2, offset, cfg, nblocks)
     return pack_codes(codes2, cfg.dq_bits), s2, offset.reshape(()), stored_scales
 
 
@@ -133,18 +144,18 @@ def _quantize_blocks(w: torch.Tensor, cfg: QuantConfig):
     zero_f = None
     if cfg.asymmetric:
         lo, hi = blocks.amin(dim=1), blocks.amax(dim=1)
-        zeros = _store(lo, cfg.scale_dtype)
-        scales = _store(hi - lo, cfg.scale_dtype)
+        zeros = cast_to(lo, cfg.scale_dtype)
+        scales = cast_to(hi - lo, cfg.scale_dtype)
         scale_f, zero_f = scales.float(), zeros.float()
         stored.update(scales=scales, zeros=zeros)
         centered = blocks - zero_f[:, None]
     else:
         absmax = blocks.abs().amax(dim=1)
         if cfg.double_quant:
-            scale_codes, s2, offset, scale_f = _double_quantize(absmax, cfg)
+            scale_codes, s2, offset, scale_f = double_quantize(absmax, cfg)
             stored.update(scale_codes=scale_codes, scale_scales=s2, scale_offset=offset)
         else:
-            scales = _store(absmax, cfg.scale_dtype)
+            scales = cast_to(absmax, cfg.scale_dtype)
             scale_f = scales.float()
             stored.update(scales=scales)
         centered = blocks

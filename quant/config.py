@@ -43,19 +43,15 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"quantization kind {self.kind!r} is not supported; use one of {KINDS}")
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}")
-        if self.blocksize not in SUPPORTED_BLOCKS:
-            raise ValueError(f"blocksize={self.blocksize} is not supported; use one of {SUPPORTED_BLOCKS}")
-        if self.scale_dtype not in SCALE_DTYPE_BYTES:
-            raise ValueError(f"scale_dtype={self.scale_dtype!r} is not supported; use one of {tuple(SCALE_DTYPE_BYTES)}")
+        choices = [("bits", SUPPORTED_BITS), ("blocksize", SUPPORTED_BLOCKS), ("scale_dtype", tuple(SCALE_DTYPE_BYTES))]
         if self.double_quant:
-            if self.dq_bits not in SUPPORTED_BITS:
-                raise ValueError(f"dq_bits={self.dq_bits} is not supported; use one of {SUPPORTED_BITS}")
-            if self.dq_blocksize not in SUPPORTED_BLOCKS:
-                raise ValueError(f"dq_blocksize={self.dq_blocksize} is not supported; use one of {SUPPORTED_BLOCKS}")
-            if self.dq_dtype not in SCALE_DTYPE_BYTES:
-                raise ValueError(f"dq_dtype={self.dq_dtype!r} is not supported; use one of {tuple(SCALE_DTYPE_BYTES)}")
+            choices += [("dq_bits", SUPPORTED_BITS), ("dq_blocksize", SUPPORTED_BLOCKS),
+                        ("dq_dtype", tuple(SCALE_DTYPE_BYTES))]
+        for name, allowed in choices:
+            value = getattr(self, name)
+            if value not in allowed:
+                shown = repr(value) if isinstance(value, str) else value
+                raise ValueError(f"{name}={shown} is not supported; use one of {allowed}")
         if self.asymmetric and self.kind != "int":
             raise ValueError("asymmetric (zero-point) quantization needs kind='int'; NF codebooks are symmetric")
         if self.asymmetric and self.double_quant:

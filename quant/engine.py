@@ -4,28 +4,21 @@ copy and the Fisher scaling across configurations. Returns numbers only (no pack
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
 from .config import QuantConfig
-from .blockwise import quantize_dequantize
-from .decompose import _sqrt_weights, check_fisher, check_matrix, decompose, weighted_error
+from .decompose import decompose
+from .fastgrid import profile_grid
+from .loftq import check_matrix, plain_error
 from .lowrank import SolverSettings
+from .qalora import qalora_point_errors
+from .results import PointResult
+from .weighting import check_fisher, fisher_scales
 
 # Bumped whenever the numbers the engine returns for the same inputs change (the profile cache keys on it).
 # 1: exact/per-point decompositions; 2: randomized points batched per rank by quant.fastgrid.
 ENGINE_VERSION = 2
-
-
-@dataclass(frozen=True)
-class PointResult:
-    error: float  # (Fisher-weighted if weights were given) squared Frobenius error of the best iterate
-    error_unweighted: float  # plain squared Frobenius error of the same iterate
-    quant_error: float  # weighted error of plain quantization q(W), no adapter (T = 0)
-    best_iter: int
-    regressed: bool
-    seconds: float
 
 
 def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None,
@@ -39,15 +32,11 @@ def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None
     check_matrix(w)
     check_fisher(fisher, tuple(w.shape))
     w = w.float()
-    dr = dc = None
-    if fisher is not None:
-        dr, dc = _sqrt_weights(fisher[0]).to(w.device), _sqrt_weights(fisher[1]).to(w.device)
+    dr, dc = fisher_scales(fisher, w.device)
     plain_cache: dict[QuantConfig, float] = {}
     fast = {}
     if solver is None or solver.method == "randomized":
         # The randomized solver runs batched over the grid (quant.fastgrid): same contract, within 1% of exact LoftQ.
-        from .fastgrid import profile_grid
-
         lora = list(dict.fromkeys((p[0], p[1]) for p in points if (*p, "lora")[2] == "lora"))
         fast = dict(zip(lora, profile_grid(w, lora, iters, fisher, solver))) if lora else {}
     out = []
@@ -58,8 +47,6 @@ def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None
             continue
         t0 = time.perf_counter()
         if method == "qalora":
-            from .qalora import qalora_point_errors
-
             r = qalora_point_errors(w, config, rank, iters, fisher, solver)
             if w.is_cuda:
                 torch.cuda.synchronize(w.device)
@@ -70,7 +57,7 @@ def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None
             raise ValueError(f"point method {method!r} is not supported; use 'lora' or 'qalora'")
         d = decompose(w, config, rank, iters, fisher, solver)
         if config not in plain_cache:
-            plain_cache[config] = d.errors[0] if (rank == 0 or iters == 0) else _plain_error(w, config, dr, dc)
+            plain_cache[config] = d.errors[0] if (rank == 0 or iters == 0) else plain_error(w, config, dr, dc)
         if dr is None:
             unweighted = d.error
         else:
@@ -80,7 +67,3 @@ def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None
         out.append(PointResult(d.error, unweighted, plain_cache[config], d.best_iter, d.regressed,
                                time.perf_counter() - t0))
     return out
-
-
-def _plain_error(w, config, dr, dc) -> float:
-    return weighted_error(w - quantize_dequantize(w, config), dr, dc)

@@ -1,7 +1,8 @@
 """The profiler's fast path: the LoftQ / LQ-LoRA error of one matrix for many (config, rank) points at once.
 
 Same contract as quant.engine.profile_matrix (PointResult per point, in the order asked), same algorithm as
-quant.decompose with the randomized solver, re-arranged for throughput on a GPU:
+quant.decompose with the randomized solver (the same quant.loftq.alternate loop, with batched steps), re-arranged
+for throughput on a GPU:
 
 - chains of equal rank (hence equal basis width) run as one batch: every matrix product, orthonormalisation and
   small eigenproblem is one batched call over all configurations, so a 13B-sized matrix costs a few dozen
@@ -26,11 +27,13 @@ from collections import OrderedDict
 
 import torch
 
-from .blockwise import _double_quantize, _store, quantize_dequantize
-from .codebooks import codebook
+from .blockwise import cast_to, double_quantize, quantize_dequantize
+from .codebooks import codebook, midpoints
 from .config import QuantConfig
-from .decompose import NOISE, _sqrt_weights, check_fisher, check_matrix
+from .loftq import LORA_NOISE, alternate, check_matrix, pick_best
 from .lowrank import SolverSettings
+from .results import PointResult
+from .weighting import check_fisher, fisher_scales, weigh
 
 # Default cap on the batch's residual stack (chains x m x n fp32), the dominant memory of a batch.
 CPU_BATCH_BYTES = 256 << 20
@@ -41,13 +44,6 @@ CUDA_BATCH_FRACTION = 0.25  # of the free device memory
 FULL_WIDTH_FRACTION = 0.25
 
 
-def _midpoints(table: torch.Tensor) -> torch.Tensor:
-    # The same rounding as codebooks.nearest_code (each midpoint rounded down to fp32), so codes match bit for bit.
-    exact = (table[1:].double() + table[:-1].double()) / 2
-    mids = exact.to(table.dtype)
-    return torch.where(mids.double() > exact, torch.nextafter(mids, torch.full_like(mids, -float("inf"))), mids)
-
-
 class _Quantizer:
     """q(x) for one config, equal to blockwise.quantize_dequantize(x, config) bit for bit."""
 
@@ -55,7 +51,7 @@ class _Quantizer:
         self.config = config
         self.fallback = config.asymmetric  # min/max zero-point path: rare in grids, keep the reference code
         table = codebook(config.kind, config.bits, config.asymmetric, device=device)
-        self.table, self.mids = table, _midpoints(table)
+        self.table, self.mids = table, midpoints(table)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -70,9 +66,9 @@ class _Quantizer:
             blocks = x.reshape(-1, bs)
         absmax = torch.linalg.vector_norm(blocks, ord=float("inf"), dim=1)
         if cfg.double_quant:
-            scale = _double_quantize(absmax, cfg)[3]
+            scale = double_quantize(absmax, cfg)[3]
         else:
-            scale = _store(absmax, cfg.scale_dtype).float()
+            scale = cast_to(absmax, cfg.scale_dtype).float()
         # A zero scale dequantizes every code to 0, so dividing by 1 there gives the reference's values.
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         codes = torch.bucketize(blocks / safe[:, None], self.mids, out_int32=True)
@@ -146,8 +142,6 @@ def profile_grid(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: 
     `solver` must be randomized: its seed, oversampling and power iterations (first step) are used.
     warm_power_iters: power iterations in steps 2..iters (default min(1, solver.power_iters)).
     batch_bytes: memory for one batch of chains (default: a quarter of free CUDA memory, 256 MiB on CPU)."""
-    from .engine import PointResult
-
     check_matrix(w)
     weights = check_fisher(fisher, tuple(w.shape))
     solver = solver or SolverSettings()
@@ -168,12 +162,7 @@ def profile_grid(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: 
 
     w = w.float()
     device = w.device
-    dr = dc = None
-    if weights is not None:
-        dr, dc = _sqrt_weights(weights[0]).to(device), _sqrt_weights(weights[1]).to(device)
-
-    def weigh(r):
-        return r if dr is None else r * dr[:, None] * dc[None, :]
+    dr, dc = fisher_scales(weights, device)
 
     quantizers: dict[QuantConfig, _Quantizer] = {}
     for config, _ in points:
@@ -187,7 +176,7 @@ def profile_grid(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: 
         if config not in plain:
             t0 = time.perf_counter()
             r = w - quantizers[config](w)
-            err = _sq_norms(weigh(r)[None])
+            err = _sq_norms(weigh(r, dr, dc)[None])
             unw = err if dr is None else _sq_norms(r[None])
             plain[config] = (float(err[0]), float(unw[0]), time.perf_counter() - t0)
         return plain[config]
@@ -214,45 +203,55 @@ def profile_grid(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: 
             batch = configs[lo:lo + cap]
             t0 = time.perf_counter()
             errs, unws, quant_err = _run_chains(w, [quantizers[c] for c in batch], rank, iters, omega, cold_p,
-                                                warm, weigh, dr, dc)
+                                                warm, dr, dc)
             errs, unws, quant_err = errs.cpu().tolist(), unws.cpu().tolist(), quant_err.cpu().tolist()
             secs = (time.perf_counter() - t0) / len(batch)
             for i, config in enumerate(batch):
-                e = errs[i]
-                best = min(range(iters), key=lambda t: (e[t], t))
-                regressed = any(e[t] > min(e[:t]) * (1 + NOISE) for t in range(1, iters))
-                results[(config, rank)] = PointResult(e[best], unws[i][best], quant_err[i], best + 1, regressed, secs)
+                best, regressed = pick_best(errs[i], LORA_NOISE)
+                results[(config, rank)] = PointResult(errs[i][best], unws[i][best], quant_err[i], best + 1, regressed,
+                                                      secs)
     return [results[(c, r)] for c, r in points]
 
 
-def _run_chains(w, quantizers, rank, iters, omega, cold_p, warm_p, weigh, dr, dc):
-    """LoftQ chains of one rank, one per quantizer, batched. Returns per-chain errors (k, iters) weighted and
-    unweighted (float64, on the device) and the weighted error of q(W) (k,)."""
+def _run_chains(w, quantizers, rank, iters, omega, cold_p, warm_p, dr, dc):
+    """LoftQ chains of one rank, one per quantizer, batched through quant.loftq.alternate. Returns per-chain errors
+    (k, iters) weighted and unweighted (float64, on the device) and the weighted error of q(W) (k,)."""
     k = len(quantizers)
     m, n = w.shape
     t = torch.empty(k, m, n, device=w.device, dtype=torch.float32)
-    errs, unws = [], []
-    a = b = start = None
-    quant_err = None
-    for step in range(iters):
+    start = quant_err = None
+
+    def quantize_step(low):
+        nonlocal quant_err
         for i, quant in enumerate(quantizers):
-            target = w if a is None else torch.addmm(w, a[i], b[i].T, alpha=-1)
+            target = w if low is None else torch.addmm(w, low[2][i], low[3][i].T, alpha=-1)
             t[i] = w - quant(target)
             if dr is not None:
                 t[i] *= dr[:, None]
                 t[i] *= dc[None, :]
         if quant_err is None:
             quant_err = _sq_norms(t)  # step 1 quantizes W itself: this is q(W)'s error
+        return None, t  # no iterate is kept: the profiler needs the numbers only
+
+    def lowrank_step(t):
+        # (weighted factors, unweighted factors): the weighted ones measure the error, the others feed the next step.
+        nonlocal start
         y = _subspace(t, omega if start is None else start, cold_p if start is None else warm_p)
         a_w, b_w, start = _rayleigh_ritz(t, y, rank)
-        errs.append(_sq_norms(torch.baddbmm(t, a_w, b_w.transpose(-1, -2), alpha=-1)))
         if dr is None:
-            a, b = a_w, b_w
-            unws.append(errs[-1])
-        else:
-            a, b = a_w / dr[:, None], b_w / dc[:, None]
-            # Undo the weighting of t in place: t becomes the plain residual W − Q for the unweighted error.
-            t /= dr[:, None]
-            t /= dc[None, :]
-            unws.append(_sq_norms(torch.baddbmm(t, a, b.transpose(-1, -2), alpha=-1)))
+            return a_w, b_w, a_w, b_w
+        return a_w, b_w, a_w / dr[:, None], b_w / dc[:, None]
+
+    def measure(t, low):
+        a_w, b_w, a, b = low
+        err = _sq_norms(torch.baddbmm(t, a_w, b_w.transpose(-1, -2), alpha=-1))
+        if dr is None:
+            return err, err
+        # Undo the weighting of t in place: t becomes the plain residual W − Q for the unweighted error.
+        t /= dr[:, None]
+        t /= dc[None, :]
+        return err, _sq_norms(torch.baddbmm(t, a, b.transpose(-1, -2), alpha=-1))
+
+    trace = alternate(iters, quantize_step, lowrank_step, measure, regress_noise=LORA_NOISE, keep_best=False)
+    errs, unws = zip(*trace.errors)
     return torch.stack(errs, 1), torch.stack(unws, 1), quant_err

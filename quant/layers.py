@@ -4,28 +4,26 @@ The quantized storage lives in registered buffers holding raw bytes (uint8), so 
 carry it, while `.to(dtype)` / `.half()` cannot touch it (module casts only change floating tensors). The weight
 is dequantized on the fly in the compute dtype; a custom autograd function re-dequantizes it in backward instead
 of keeping a 16/32-bit copy per layer alive for the whole step, so training memory stays near the packed size.
+Which implementation dequantizes (Triton kernel, torch.compile, eager) is each layer's explicit `backend` setting
+(set_backend sets it model-wide); nothing here reads the environment.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blockwise import QuantizedTensor
-from .codebooks import codebook
+from .blockwise import TORCH_DTYPES, QuantizedTensor, decode_double_quant
+from .codebooks import code_table, flat_codebook, lookup
 from .config import ADAPTER_BITS, QuantConfig
 from . import triton_dequant
-from .packing import unpack_codes
 
 # Which stored dtype each QuantizedTensor field has (None: depends on the config).
 _FIELD_DTYPES = {"codes": torch.uint8, "scale_codes": torch.uint8, "scale_offset": torch.float32}
-_NAMED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BUFFER_PREFIX = "q_"
 
 
@@ -33,33 +31,12 @@ def _field_dtype(config: QuantConfig, field: str) -> torch.dtype:
     if field in _FIELD_DTYPES:
         return _FIELD_DTYPES[field]
     if field == "scale_scales":
-        return _NAMED_DTYPES[config.dq_dtype]
-    return _NAMED_DTYPES[config.scale_dtype]  # scales, zeros
+        return TORCH_DTYPES[config.dq_dtype]
+    return TORCH_DTYPES[config.scale_dtype]  # scales, zeros
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-@functools.lru_cache(maxsize=None)
-def code_table(kind: str, bits: int, asymmetric: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Values of the codes in one packed byte: (256, 8/bits) for 2/4/8 bits, so a byte indexes its codes' values
-    directly without unpacking; (2^3, 1) for 3-bit codes, which straddle bytes and are unpacked first. Cached per
-    device and dtype: the forward pass runs once per layer and step."""
-    table = codebook(kind, bits, asymmetric, device=device).to(dtype)
-    if bits == 3:
-        return table[:, None]
-    shifts = torch.arange(8 // bits, device=device, dtype=torch.int32) * bits
-    byte_codes = (torch.arange(256, device=device, dtype=torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
-    return table[byte_codes]
-
-
-def lookup(packed: torch.Tensor, bits: int, count: int, table: torch.Tensor) -> torch.Tensor:
-    """The values (flat) of the first `count` codes in `packed`, with `table` from code_table. The gather is
-    F.embedding, several times faster on CPU than advanced indexing."""
-    if bits == 3:
-        packed = unpack_codes(packed, 3, count)
-    return F.embedding(packed.int(), table).reshape(-1)[:count]
 
 
 def _dequant_codes_eager(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, bits: int, blocksize: int,
@@ -93,13 +70,17 @@ def _compiled_for(bits: int, blocksize: int, dtype: torch.dtype):
 DEQUANT_BACKENDS = ("auto", "triton", "compile", "eager")
 
 
-def dequant_backend(device: torch.device, config: QuantConfig) -> str:
+def check_backend(name: str) -> str:
+    if name not in DEQUANT_BACKENDS:
+        raise ValueError(f"dequant backend {name!r} is not one of {', '.join(DEQUANT_BACKENDS)}")
+    return name
+
+
+def dequant_backend(device: torch.device, config: QuantConfig, choice: str = "auto") -> str:
     """Which implementation dequantizes a layer of `config` on `device`: the Triton kernel where it runs and handles
-    the configuration, else torch.compile on CUDA, else eager. LQPLAN_DEQUANT=triton|compile|eager forces one
-    (where it can run; the benchmarks compare them side by side), auto is the default."""
-    choice = os.environ.get("LQPLAN_DEQUANT", "auto")
-    if choice not in DEQUANT_BACKENDS:
-        raise ValueError(f"LQPLAN_DEQUANT={choice!r} is not one of {', '.join(DEQUANT_BACKENDS)}; unset it for auto")
+    the configuration, else torch.compile on CUDA, else eager. choice="triton"|"compile"|"eager" forces one (where it
+    can run; the benchmarks compare them side by side); "auto" picks the fastest that runs."""
+    check_backend(choice)
     triton_ok = triton_dequant.available(device) and triton_dequant.supports(config)
     compile_ok = device.type == "cuda" and not config.asymmetric and not _COMPILED.get("failed")
     if choice in ("auto", "triton") and triton_ok:
@@ -123,24 +104,20 @@ def _dequant_codes(codes, table, scales, bits, blocksize, out_features, in_featu
         return _dequant_codes_eager(codes, table, scales, bits, blocksize, out_features, in_features, dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def flat_codebook(kind: str, bits: int, device: torch.device) -> torch.Tensor:
-    """The 2^bits fp32 codebook values on `device`, cached: the Triton kernel indexes it by code."""
-    return codebook(kind, bits, False, device=device).float().contiguous()
-
-
 class QuantLoRALinear(nn.Module):
     """y = x·dequant(Q)ᵀ + bias + scaling · lora_B(lora_A(dropout(x))).
 
     Built from a QuantizedTensor and a decomposition W ≈ Q + A·Bᵀ (A: out x r, B: in x r): lora_B = A / scaling,
     lora_A = Bᵀ, so scaling · lora_B · lora_A equals A·Bᵀ (exactly when scaling is a power of two, e.g. the
     default alpha = rank). `a=None` gives QLoRA's initialisation: lora_A Kaiming-uniform as PEFT, lora_B zero.
-    Only lora_A / lora_B are parameters (trainable); Q and bias are frozen buffers. rank 0: no adapter."""
+    Only lora_A / lora_B are parameters (trainable); Q and bias are frozen buffers. rank 0: no adapter.
+    backend: which dequant implementation runs (dequant_backend's choice; set_backend sets it model-wide)."""
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, a: torch.Tensor | None = None,
                  b: torch.Tensor | None = None, rank: int | None = None, alpha: float | None = None,
-                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32):
+                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32, backend: str = "auto"):
         super().__init__()
+        self.backend = check_backend(backend)
         if not isinstance(q, QuantizedTensor) or len(q.shape) != 2:
             raise ValueError("QuantLoRALinear needs a 2-D QuantizedTensor (out, in); quantize the weight matrix first")
         if (a is None) != (b is None):
@@ -216,12 +193,12 @@ class QuantLoRALinear(nn.Module):
     # ---- math ------------------------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The frozen weight (out, in) in `dtype`, equal to QuantizedTensor.dequantize().to(dtype) whichever
-        backend computes it (dequant_backend: the Triton kernel, torch.compile or eager)."""
+        backend computes it (dequant_backend for self.backend: the Triton kernel, torch.compile or eager)."""
         cfg = self.config
         numel = self.out_features * self.in_features
         nblocks = cfg.num_blocks(numel)
         device = self.q_codes.device
-        backend = dequant_backend(device, cfg)
+        backend = dequant_backend(device, cfg, self.backend)
         if backend == "triton":
             return triton_dequant.dequantize(self.q_codes, flat_codebook(cfg.kind, cfg.bits, device), cfg,
                                              (self.out_features, self.in_features), dtype, **self.kernel_scales())
@@ -229,9 +206,8 @@ class QuantLoRALinear(nn.Module):
         if cfg.double_quant:
             nblocks2 = math.ceil(nblocks / cfg.dq_blocksize)
             table2 = code_table("int", cfg.dq_bits, False, device, torch.float32)
-            scales = lookup(self.q_scale_codes, cfg.dq_bits, nblocks2 * cfg.dq_blocksize, table2)
-            scales = scales.view(nblocks2, cfg.dq_blocksize) * self._field("scale_scales").float()[:, None]
-            scales = scales.reshape(-1)[:nblocks] + self._field("scale_offset")
+            values = lookup(self.q_scale_codes, cfg.dq_bits, nblocks2 * cfg.dq_blocksize, table2)
+            scales = decode_double_quant(values, self._field("scale_scales"), self._field("scale_offset"), cfg, nblocks)
         else:
             scales = self._field("scales").float()
         if cfg.asymmetric:
@@ -284,6 +260,15 @@ class QuantLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, quant={self.config.label}, "
                 f"rank={self.rank}, scaling={self.scaling:g}, bias={self.bias is not None}")
+
+
+def set_backend(model: nn.Module, name: str) -> int:
+    """Set the dequant backend of every quantized layer in `model` (the model itself included); returns how many."""
+    check_backend(name)
+    found = [m for m in model.modules() if isinstance(m, QuantLoRALinear)]
+    for layer in found:
+        layer.backend = name
+    return len(found)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -35,20 +35,22 @@ error unchanged while L grows by that same correction and the zero-points drift 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .blockwise import QuantizedTensor, quantize, quantize_dequantize
+from .blockwise import QuantizedTensor, quantize
 from .config import ADAPTER_BITS, QuantConfig
-from .decompose import _sqrt_weights, check_fisher, check_matrix, weighted_error
 from .layers import QuantLoRALinear
+from .loftq import alternate, check_matrix, plain_error, plain_quantization, prepare, requantize
 from .lowrank import SolverSettings, exact_lowrank, randomized_lowrank
+from .results import QALoRADecomposition
+from .weighting import fisher_scales, weighted_error
 
-# Relative slack for comparing iterates: steps after the first re-quantize shifted groups, which changes the
-# error only by fp32 rounding of zero-points and codes flipping at ties (measured up to ~1e-5 on MiniLM at 8 bits).
-NOISE = 1e-4
+# Relative slack for comparing iterates, 100x LoRA's (quant.loftq.LORA_NOISE) and used for ties too: steps after the
+# first re-quantize shifted groups, which changes the error only by fp32 rounding of zero-points and codes flipping
+# at ties (measured up to ~1e-5 on MiniLM at 8 bits). Kept as it is: the kept iterate, hence profiled numbers, hang on it.
+QALORA_NOISE = 1e-4
 
 
 # ---- validation ---------------------------------------------------------------------------------------------
@@ -164,26 +166,6 @@ def adapter_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, group_size: int, 
 
 
 # ---- decomposition ------------------------------------------------------------------------------------------
-@dataclass
-class QALoRADecomposition:
-    q: QuantizedTensor
-    lora_a: torch.Tensor  # (r, in/g): acts on the pooled input
-    lora_b: torch.Tensor  # (out, r)
-    error: float  # ‖W − Q − lora_B·lora_A·E/g‖²_F of the returned iterate (Fisher-weighted when weights were given)
-    errors: list[float] = field(default_factory=list)  # per iteration (index 0: plain quantization when iters=0)
-    best_iter: int = 0  # 1-based iteration returned (0: plain quantization)
-    regressed: bool = False  # a step increased the error beyond float noise; the best iterate is returned
-
-    # decompose()'s naming, so that QALoRALinear(d.q, bias, d.a, d.b) reads as QuantLoRALinear(d.q, bias, d.a, d.b).
-    @property
-    def a(self) -> torch.Tensor:  # (out, r)
-        return self.lora_b
-
-    @property
-    def b(self) -> torch.Tensor:  # (in/g, r)
-        return self.lora_a.T
-
-
 def qalora_decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 1,
                      solver: SolverSettings | None = None, fisher=None) -> QALoRADecomposition:
     """LoftQ-style initialisation for QA-LoRA: Q ← q(W − L), L ← best rank-r group-constant fit of W − Q.
@@ -199,40 +181,30 @@ def qalora_decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int
     check_rank(rank, (m, n), g)
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
         raise ValueError(f"iters={iters!r} is invalid; use an integer >= 0")
-    solver = solver or SolverSettings()
-    weights = check_fisher(fisher, (m, n))
-    w = w.float()
-    dr = dc = None
-    if weights is not None:
-        dr, dc = _sqrt_weights(weights[0]).to(w.device), _sqrt_weights(weights[1]).to(w.device)
-    lora_a = torch.zeros(rank, n // g, device=w.device)
-    lora_b = torch.zeros(m, rank, device=w.device)
+    w, dr, dc, solver = prepare(w, fisher, solver)
     if rank == 0 or iters == 0:
-        q = quantize(w, config)
-        err = weighted_error(w - q.dequantize(), dr, dc)
-        return QALoRADecomposition(q, lora_a, lora_b, err, [err], 0, False)
+        q, err = plain_quantization(w, config, dr, dc)
+        return QALoRADecomposition(q, torch.zeros(rank, n // g, device=w.device),
+                                   torch.zeros(m, rank, device=w.device), err, [err], 0, False)
 
     generator = torch.Generator(device=w.device).manual_seed(solver.seed)
-    low = torch.zeros_like(w)
-    start = None
-    best = None
-    errors: list[float] = []
-    regressed = False
-    for t in range(1, iters + 1):
-        target_q = w - low
-        residual = w - quantize_dequantize(target_q, config)
+    start = None  # the randomized solver's warm start
+
+    def lowrank_step(residual):
+        nonlocal start
         lora_b, lora_a, start = group_constant_lowrank(residual, g, rank, solver, start, generator, dr, dc)
-        low = adapter_weight(lora_a, lora_b, g)
-        err = weighted_error(residual - low, dr, dc)
-        if errors and err > min(errors) * (1 + NOISE):
-            regressed = True
-        errors.append(err)
-        # Ties within float noise keep the earlier iterate: later ones only move mass from zero-points to L.
-        if best is None or err < best[3] * (1 - NOISE):
-            best = (target_q, lora_a, lora_b, err, t)
-    target_q, lora_a, lora_b, err, t = best
+        return lora_a, lora_b, adapter_weight(lora_a, lora_b, g)
+
+    def measure(residual, low):
+        return weighted_error(residual - low[2], dr, dc)
+
+    # Ties within float noise keep the earlier iterate: later ones only move mass from zero-points to L.
+    trace = alternate(iters, requantize(w, config, lambda low: low[2]), lowrank_step, measure,
+                      regress_noise=QALORA_NOISE, tie_noise=QALORA_NOISE)
+    target_q, (lora_a, lora_b, _) = trace.best
     # Packing once at the end: quantize() is deterministic, so this is the storage of the returned iterate.
-    return QALoRADecomposition(quantize(target_q, config), lora_a, lora_b, err, errors, t, regressed)
+    return QALoRADecomposition(quantize(target_q, config), lora_a, lora_b, trace.errors[trace.best_iter - 1],
+                               trace.errors, trace.best_iter, trace.regressed)
 
 
 def useful_steps(iters: int) -> int:
@@ -254,13 +226,7 @@ def qalora_point_errors(w: torch.Tensor, config: QuantConfig, rank: int, iters: 
     w = w.float()
     recon = dec.q.dequantize() + adapter_weight(dec.lora_a, dec.lora_b, config.blocksize)
     unweighted = float((w - recon).double().pow(2).sum())
-    if dec.best_iter == 0:
-        plain = dec.error
-    else:
-        dr = dc = None
-        if fisher is not None:
-            dr, dc = _sqrt_weights(fisher[0]).to(w.device), _sqrt_weights(fisher[1]).to(w.device)
-        plain = weighted_error(w - quantize_dequantize(w, config), dr, dc)
+    plain = dec.error if dec.best_iter == 0 else plain_error(w, config, *fisher_scales(fisher, w.device))
     return {"error": dec.error, "error_unweighted": unweighted, "quant_error": plain, "best_iter": dec.best_iter,
             "regressed": dec.regressed}
 
@@ -277,7 +243,7 @@ class QALoRALinear(QuantLoRALinear):
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, a: torch.Tensor | None = None,
                  b: torch.Tensor | None = None, rank: int | None = None, alpha: float | None = None,
-                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32):
+                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32, backend: str = "auto"):
         if not isinstance(q, QuantizedTensor):
             raise ValueError(f"QALoRALinear needs a QuantizedTensor, got {type(q).__name__}; quantize the weight first")
         check_qalora_config(q.config)
@@ -293,7 +259,7 @@ class QALoRALinear(QuantLoRALinear):
         rank = 0 if rank is None else rank
         check_rank(rank, (m, n), g)
         # The parent stores Q and bias; its adapter would have the wrong (r × in) shape, so it is built here.
-        super().__init__(q, bias, rank=0, dropout=dropout, adapter_dtype=adapter_dtype)
+        super().__init__(q, bias, rank=0, dropout=dropout, adapter_dtype=adapter_dtype, backend=backend)
         self.group_size = g
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)

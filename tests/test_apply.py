@@ -302,10 +302,10 @@ def test_compiled_cuda_dequant_is_bit_identical_to_eager(bits, monkeypatch):
     w = torch.randn(640, 1000, generator=torch.Generator().manual_seed(bits)).cuda()  # 640000: not a block multiple
     layer = QuantLoRALinear(quantize(w, QuantConfig("nf", bits, 64)))
     for dtype in (torch.bfloat16, torch.float32):
-        monkeypatch.setenv("LQPLAN_DEQUANT", "compile")
-        assert layers.dequant_backend(w.device, layer.config) == "compile"
+        layer.backend = "compile"
+        assert layers.dequant_backend(w.device, layer.config, layer.backend) == "compile"
         fused = layer.dequantize(dtype)
-        monkeypatch.setenv("LQPLAN_DEQUANT", "eager")
+        layer.backend = "eager"
         eager = layer.dequantize(dtype)
         assert torch.equal(fused, eager)
         assert torch.equal(eager.float(), layer.quantized().dequantize().to(dtype).float())

@@ -13,7 +13,7 @@ import torch
 
 from quant import QuantConfig, triton_dequant
 from quant.blockwise import quantize
-from quant.layers import QuantLoRALinear, dequant_backend, flat_codebook
+from quant.layers import QuantLoRALinear, dequant_backend, flat_codebook, set_backend
 
 HAVE_TRITON = triton_dequant._triton() is not None
 CUDA = torch.cuda.is_available()
@@ -30,8 +30,8 @@ def device(monkeypatch):
 
 
 def dequant_with(layer, backend, dtype, monkeypatch):
-    monkeypatch.setenv("LQPLAN_DEQUANT", backend)
-    assert dequant_backend(layer.q_codes.device, layer.config) == backend, f"{backend} did not run"
+    layer.backend = backend
+    assert dequant_backend(layer.q_codes.device, layer.config, backend) == backend, f"{backend} did not run"
     return layer.dequantize(dtype)
 
 
@@ -99,8 +99,7 @@ def test_forward_and_backward_through_the_kernel_equal_eager(device, monkeypatch
     x = torch.randn(5, 64, generator=gen).to(device)
     results = {}
     for backend in ("eager", "triton"):
-        monkeypatch.setenv("LQPLAN_DEQUANT", backend)
-        layer = QuantLoRALinear(q.to(device), a=a.to(device), b=b.to(device))
+        layer = QuantLoRALinear(q.to(device), a=a.to(device), b=b.to(device), backend=backend)
         xi = x.clone().requires_grad_(True)
         out = layer(xi)
         out.square().sum().backward()
@@ -126,21 +125,42 @@ def test_backend_falls_back_where_the_kernel_cannot_run(monkeypatch):
     cpu = torch.device("cpu")
     cfg = QuantConfig("nf", 4, 64, double_quant=True)
     for forced in ("auto", "triton", "compile", "eager"):
-        monkeypatch.setenv("LQPLAN_DEQUANT", forced)
-        assert dequant_backend(cpu, cfg) == "eager"  # no GPU, no interpreter: only eager runs on the CPU
-    monkeypatch.setenv("LQPLAN_DEQUANT", "auto")
-    assert dequant_backend(cpu, QuantConfig("nf", 4, 64, double_quant=True, dq_bits=4)) == "eager"
+        assert dequant_backend(cpu, cfg, forced) == "eager"  # no GPU, no interpreter: only eager runs on the CPU
+    assert dequant_backend(cpu, QuantConfig("nf", 4, 64, double_quant=True, dq_bits=4), "auto") == "eager"
 
 
 @needs_triton
 def test_auto_prefers_the_kernel_and_declines_unsupported_configs(device, monkeypatch):
-    monkeypatch.setenv("LQPLAN_DEQUANT", "auto")
-    assert dequant_backend(device, QuantConfig("nf", 2, 16)) == "triton"
+    assert dequant_backend(device, QuantConfig("nf", 2, 16), "auto") == "triton"
     asym = QuantConfig("int", 2, 64, double_quant=False, asymmetric=True, scale_dtype="fp16")
-    assert dequant_backend(device, asym) == "eager"
+    assert dequant_backend(device, asym, "auto") == "eager"
 
 
-def test_a_misspelled_backend_is_named_with_the_choices(monkeypatch):
-    monkeypatch.setenv("LQPLAN_DEQUANT", "trition")
+def test_a_misspelled_backend_is_named_with_the_choices():
     with pytest.raises(ValueError, match="'trition' is not one of auto, triton, compile, eager"):
-        dequant_backend(torch.device("cpu"), QuantConfig("nf", 4, 64))
+        dequant_backend(torch.device("cpu"), QuantConfig("nf", 4, 64), "trition")
+    with pytest.raises(ValueError, match="'trition' is not one of"):
+        QuantLoRALinear(quantize(torch.randn(4, 64), QuantConfig("nf", 4, 64)), backend="trition")
+
+
+def test_set_backend_sets_every_quantized_layer_of_a_model():
+    q = quantize(torch.randn(8, 64), QuantConfig("nf", 4, 64))
+    model = torch.nn.Sequential(QuantLoRALinear(q), torch.nn.ReLU(), QuantLoRALinear(q, backend="eager"))
+    assert [m.backend for m in model if isinstance(m, QuantLoRALinear)] == ["auto", "eager"]
+    assert set_backend(model, "compile") == 2
+    assert [m.backend for m in model if isinstance(m, QuantLoRALinear)] == ["compile", "compile"]
+    with pytest.raises(ValueError, match="not one of"):
+        set_backend(model, "fast")
+
+
+def test_the_planner_reads_lqplan_dequant_once_at_the_edge(monkeypatch):
+    from planner.devices import dequant_backend_from_env
+    from planner.errors import UserError
+
+    monkeypatch.delenv("LQPLAN_DEQUANT", raising=False)
+    assert dequant_backend_from_env() == "auto"
+    monkeypatch.setenv("LQPLAN_DEQUANT", "eager")
+    assert dequant_backend_from_env() == "eager"
+    monkeypatch.setenv("LQPLAN_DEQUANT", "trition")
+    with pytest.raises(UserError, match="LQPLAN_DEQUANT='trition' is not one of auto, triton, compile, eager"):
+        dequant_backend_from_env()

@@ -21,8 +21,6 @@ from .resolve import ModelSource
 from .weights import FLOAT_CODES, ST_DTYPES
 
 MIN_MATRIX_SIDE = 16  # smaller matrices are not worth a block-quantized code + adapter (router gates, tiny heads)
-
-
 _LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 

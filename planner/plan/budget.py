@@ -36,8 +36,6 @@ _BYTE_UNIT_NAMES = {"b": "B", "kb": "kB", "mb": "MB", "gb": "GB", "tb": "TB",
 
 
 _EXAMPLE = "e.g. --budget 2.75bits (bits per parameter) or --budget 6GB (bytes of the whole model)"
-
-
 _SPEC = re.compile(r"^\s*(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:nan|inf|infinity))"
                    r"\s*(?P<unit>[A-Za-z/]*)\s*$", re.IGNORECASE)
 

@@ -39,8 +39,6 @@ import pulp
 from ..errors import UserError
 
 SOLVERS = ("highs", "cbc")
-
-
 DEFAULT_SOLVER = "highs"
 
 
@@ -62,18 +60,12 @@ DEFAULT_TIME_LIMIT = 60.0
 # The 70B-sized instances of bench/bench_ilp.py need 0.6-1.7e8 cells after fixing; the executor's 132M Llama at
 # 2.75 bits needed more than 2e8 on its H100 profile, where HiGHS then ran out its 60 s without a proof.
 DP_MAX_CELLS = 2_000_000_000
-
-
 DP_MAX_BYTES = 512 * 2**20
 
 
 # Bytes per budget unit of _solve_dp's float64 working arrays (best, new, a candidate slice) and boolean mask.
 _DP_WORK_BYTES_PER_UNIT = 3 * 8 + 1
-
-
 CURVE_TIME_LIMIT = 10.0  # per budget of the error-budget curve: a report, not a plan
-
-
 REQUIRED_COLUMNS = ("matrix", "label", "error", "storage_bits")
 
 

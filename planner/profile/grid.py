@@ -15,20 +15,10 @@ from quant.qalora import check_qalora_config, max_rank, qalora_matrix_bits
 from ..errors import UserError
 
 DEFAULT_BITS = (2, 3, 4, 8)
-
-
 DEFAULT_BLOCKS = (16, 32, 64, 128)
-
-
 DEFAULT_RANKS = (16, 32, 64)
-
-
 METHODS = ("lora", "qalora")
-
-
 GRID_METHODS = ("lora", "qalora", "both")
-
-
 DEFAULT_GROUPS = (32, 64, 128)  # QA-LoRA group sizes g
 
 

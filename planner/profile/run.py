@@ -27,8 +27,6 @@ from .cache import cache_folder, cached_points, missing_points, safe_name, setti
 from .grid import GridPoint
 
 log = logging.getLogger("lqplan.profile")
-
-
 log = logging.getLogger("lqplan.profile")
 
 

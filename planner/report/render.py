@@ -171,8 +171,6 @@ def _curve_plot(curve: pd.DataFrame | None, uniform: pd.DataFrame | None, plan: 
 
 
 GAP_ROW = "gap to LP relaxation bound (includes the integrality gap)"
-
-
 BOUND_ROW = "LP relaxation bound"
 
 

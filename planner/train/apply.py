@@ -14,24 +14,18 @@ import torch
 from torch import nn
 
 from quant import QALoRALinear, SolverSettings, decompose, qalora_decompose, quantize
-from quant.layers import QuantLoRALinear
+from quant.layers import QuantLoRALinear, set_backend
 from quant.qalora import balance_factors, useful_steps
 
-from ..devices import resolve_device
+from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
 from ..model.weights import fingerprint as folder_fingerprint
 from ..plan.document import Plan, PlanEntry
 from ..profile.grid import GridPoint
 
 log = logging.getLogger("lqplan")
-
-
 log = logging.getLogger("lqplan")
-
-
 INITS = ("loftq", "qlora", "qalora")
-
-
 METHODS = ("lora", "qalora")
 
 
@@ -236,6 +230,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: st
         raise UserError(f"init={init!r} is not supported; use one of {INITS}")
     if not isinstance(plan, Plan):
         raise UserError(f"apply_plan needs a planner.plan.Plan, got {type(plan).__name__}; load one with Plan.load")
+    backend = dequant_backend_from_env()
     if init == "qalora":
         if method not in (None, "qalora"):
             raise UserError(f"init='qalora' with method={method!r} contradict each other; pass method='qalora', "
@@ -276,6 +271,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: st
             del w
         set_module(model, name, layer)
         del linear
+    set_backend(model, backend)
     model.to(dev)
     freeze_base(model)
     log.info("applied plan: %d matrices quantized (%s) on %s", len(mapping), init, dev)

@@ -10,8 +10,6 @@ import torch
 from ..errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
-
-
 CHECKPOINT_SCHEMA = "lqplan.train-checkpoint/1"
 
 

@@ -27,17 +27,14 @@ from quant.layers import BUFFER_PREFIX, QuantLoRALinear
 from quant.qalora import QALoRALinear
 
 from .. import __version__
+from ..devices import dequant_backend_from_env
 from ..errors import UserError
 from ..fsio import atomic_path, write_json, write_text
 from ..plan.document import Plan
 from .apply import freeze_base, quant_layers, set_module
 
 MANIFEST = "lqplan_manifest.json"
-
-
 SCHEMA = "lqplan.quantized/1"
-
-
 WEIGHTS = "model.safetensors"
 
 
@@ -147,6 +144,7 @@ def load_quantized(folder, device=None) -> tuple[nn.Module, Plan]:
     except (OSError, FileNotFoundError) as e:
         raise UserError(f"cannot read the weights of {folder}: {e}; re-save the model") from None
     model = _skeleton(folder, manifest["architecture"])
+    backend = dequant_backend_from_env()
     for name, info in manifest["layers"].items():
         prefix = name + "."
         config = QuantConfig.from_dict(info["config"])
@@ -158,7 +156,7 @@ def load_quantized(folder, device=None) -> tuple[nn.Module, Plan]:
         q = QuantizedTensor(config, tuple(info["shape"]), **fields)
         cls = QALoRALinear if info.get("method") == "qalora" else QuantLoRALinear  # folders before QA-LoRA: lora
         layer = cls(q, tensors.pop(prefix + "bias", None), rank=info["rank"], alpha=info["alpha"],
-                    dropout=info["dropout"])
+                    dropout=info["dropout"], backend=backend)
         # The raw fields went in as uint8 and QuantLoRALinear keeps uint8 views: identical bytes.
         if info["rank"]:
             layer.lora_A = nn.Parameter(tensors.pop(prefix + "lora_A"))

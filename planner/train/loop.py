@@ -50,8 +50,6 @@ from .evaluate import model_device
 from .losses import causal_step_loss, distill_step_loss
 
 log = logging.getLogger("lqplan")
-
-
 OBJECTIVES = ("auto", "causal", "distill")
 
 
