@@ -29,6 +29,7 @@ from planner.model.discover import discover_matrices  # noqa: E402
 from planner.model.resolve import resolve_model  # noqa: E402
 from planner.profile.grid import make_grid  # noqa: E402
 from planner.profile.run import run_profile  # noqa: E402
+from planner.profile.settings import ProfileSettings  # noqa: E402
 
 LLAMA2_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40, "num_key_value_heads": 40}
 TINY = {"hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4, "num_key_value_heads": 4}
@@ -138,7 +139,7 @@ def main(argv=None):
           f"x {len(grid)} grid points, T={args.iters}", flush=True)
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
-        table, stats = run_profile(source, matrices, grid, iters=args.iters, cache_dir=Path(cache) / "run",
+        table, stats = run_profile(source, matrices, ProfileSettings(grid, args.iters), cache_dir=Path(cache) / "run",
                                    device=args.device, progress=False)
         wall = time.perf_counter() - t0
         points = len(table)
@@ -156,7 +157,7 @@ def main(argv=None):
                 else matrices[:7]
             with StageTimer(device) as timer:
                 t0 = time.perf_counter()
-                run_profile(source, first, grid, iters=args.iters, cache_dir=Path(cache) / "staged",
+                run_profile(source, first, ProfileSettings(grid, args.iters), cache_dir=Path(cache) / "staged",
                             device=args.device, progress=False)
                 staged = time.perf_counter() - t0
             stages = dict(timer.seconds)

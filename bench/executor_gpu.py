@@ -217,9 +217,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     from transformers import AutoTokenizer
 
-    from planner.api import (
-        make_plan,  # the lead's planner API; imported late so --help works without it
-    )
+    from planner.api import make_plan  # imported late so --help works without it
+    from planner.profile.settings import ProfileSettings
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -247,8 +246,8 @@ def main(argv=None) -> dict:
     for budget in [b.strip() for b in args.budgets.split(",") if b.strip()]:
         t = time.perf_counter()
         phase(f"planning {budget}")
-        result = make_plan(model=str(folder), budget=budget, out_dir=work / f"plan-{budget}", grid=grid,
-                           iters=args.iters, cache_dir=work / "cache", device=str(device), progress=not args.quiet,
+        result = make_plan(str(folder), budget, ProfileSettings(grid, args.iters), out_dir=work / f"plan-{budget}",
+                           cache_dir=work / "cache", device=str(device), progress=not args.quiet,
                            reports=False)
         plan_seconds[budget] = round(time.perf_counter() - t, 1)
         plan_stats[budget] = {"profile": result.stats.summary(), "profile_seconds": round(result.stats.seconds, 1),

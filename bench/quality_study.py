@@ -47,10 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.corpus import (
-    load_calib,  # noqa: E402
-    real_text_splits,  # noqa: E402
-)
+from planner.corpus import load_calib, real_text_splits  # noqa: E402
 from planner.devices import resolve_device  # noqa: E402
 from planner.errors import UserError  # noqa: E402
 from planner.fsio import write_bytes, write_json, write_text  # noqa: E402
@@ -58,15 +55,13 @@ from planner.model.discover import discover_matrices, planned_params  # noqa: E4
 from planner.model.resolve import resolve_model  # noqa: E402
 from planner.plan.document import Plan, PlanEntry  # noqa: E402
 from planner.plan.ilp import InfeasibleBudget, solve, uniform_solutions  # noqa: E402
-from planner.profile.fisher import (
-    compute_fisher,  # noqa: E402
-    get_fisher,  # noqa: E402
-)
+from planner.profile.fisher import compute_fisher, get_fisher  # noqa: E402
 from planner.profile.grid import GridPoint, make_grid  # noqa: E402
 from planner.profile.run import run_profile  # noqa: E402
 from planner.train.apply import apply_plan, quantized_bytes, trainable_parameters  # noqa: E402
 from planner.train.evaluate import sentence_embeddings  # noqa: E402
 from planner.train.loop import train  # noqa: E402
+from planner.profile.settings import ProfileSettings  # noqa: E402
 from quant import NF4_QLORA, SolverSettings  # noqa: E402
 from quant.weighting import fisher_scales  # noqa: E402
 
@@ -476,10 +471,10 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, progress: bool
         fkey = f"quick-{settings.calib_tokens}"
     else:
         fisher, fkey = get_fisher(source, matrices, "pydoc", cache_dir, settings.calib_tokens, dev, progress)
-    free, _ = run_profile(source, matrices, lora_grid + qalora_grid, settings.iters, solver, None, None, cache_dir,
-                          str(dev), progress)
-    weighted, _ = run_profile(source, matrices, lora_grid, settings.iters, solver, fisher, fkey, cache_dir, str(dev),
-                              progress)
+    free, _ = run_profile(source, matrices, ProfileSettings(lora_grid + qalora_grid, settings.iters, solver),
+                          cache_dir=cache_dir, device=str(dev), progress=progress)
+    weighted, _ = run_profile(source, matrices, ProfileSettings(lora_grid, settings.iters, solver), fisher, fkey,
+                              cache_dir=cache_dir, device=str(dev), progress=progress)
     profile_seconds = time.perf_counter() - t0
     log(f"profile: {len(free)} data-free + {len(weighted)} Fisher rows in {profile_seconds:.1f} s")
 

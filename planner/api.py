@@ -8,19 +8,20 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
-from quant import SolverSettings, decompose
+from quant.methods import get_method
 from quant.weighting import fisher_scales, weighted_error
 
 from . import __version__
 from .devices import resolve_device
 from .errors import UserError
 from .model.discover import discover_matrices, planned_params
-from .model.resolve import resolve_model
+from .model.resolve import ModelSource, resolve_model
 from .model.stream import iter_matrices
-from .plan.budget import resolve_budget
+from .plan.budget import Budget, resolve_budget
 from .plan.document import Plan, PlanEntry
 from .plan.ilp import (
     DEFAULT_TIME_LIMIT,
@@ -29,10 +30,11 @@ from .plan.ilp import (
     solve,
     uniform_solutions,
 )
-from .profile.cache import cache_folder, settings_key
+from .profile.cache import cache_folder
 from .profile.fisher import get_fisher
-from .profile.grid import GridPoint, make_grid
+from .profile.grid import GridPoint
 from .profile.run import run_profile, save_table
+from .profile.settings import ProfileSettings
 from .report.render import write_reports
 
 log = logging.getLogger("lqplan")
@@ -73,8 +75,8 @@ def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, 
         created_by=f"lqplan {__version__}")
 
 
-def weighted_plan_error(source, plan: Plan, fisher, weighted_decomposition: bool, iters: int,
-                        solver: SolverSettings, device) -> float:
+def weighted_plan_error(source, plan: Plan, fisher, weighted_decomposition: bool, settings: ProfileSettings,
+                        device) -> float:
     """Fisher-weighted error of a plan's configurations, decomposed with or without the weights."""
     infos = [m for m in discover_matrices(source) if m.name in plan.by_name()]
     total = 0.0
@@ -83,33 +85,49 @@ def weighted_plan_error(source, plan: Plan, fisher, weighted_decomposition: bool
         rows, cols = fisher[info.name]
         weights = (rows, cols) if weighted_decomposition else None
         dr, dc = fisher_scales((rows, cols), w.device)
-        if e.point.method == "qalora":
-            from quant.qalora import adapter_weight, qalora_decompose, useful_steps
-
-            d = qalora_decompose(w, e.point.config, e.point.rank, useful_steps(iters), solver, weights)
-            low = adapter_weight(d.lora_a, d.lora_b, e.point.config.blocksize)
-        else:
-            d = decompose(w, e.point.config, e.point.rank, iters, weights, solver)
-            low = d.a @ d.b.T
-        total += weighted_error(w.float() - d.q.dequantize() - low, dr, dc)
+        kind = get_method(e.point.method)
+        q, a, b = kind.decompose(w, e.point.config, e.point.rank, settings.iters, settings.solver, weights)
+        total += weighted_error(w.float() - q.dequantize() - kind.dense(a, b, e.point.config), dr, dc)
     return total
 
 
-def fisher_comparison(source, matrices, table: pd.DataFrame, plan: Plan, fisher, grid, iters: int,
-                      solver: SolverSettings, budget_obj, budget_bits: int, method: dict, unplanned: int, dev,
-                      cache_dir: Path, progress: bool, ilp_solver: str, describe,
-                      time_limit: float | None = DEFAULT_TIME_LIMIT) -> dict:
+@dataclass(frozen=True)
+class _Job:
+    """One make_plan call's resolved inputs, so the steps below take one value instead of fifteen."""
+    source: ModelSource
+    matrices: list
+    settings: ProfileSettings
+    budget: Budget
+    budget_bits: int
+    unplanned: int
+    describe: Callable[[int], str]
+    cache_dir: Path
+    device: str
+    progress: bool
+    ilp_solver: str
+    time_limit: float | None
+
+    def profile(self, fisher=None, fisher_key=None):
+        return run_profile(self.source, self.matrices, self.settings, fisher, fisher_key, cache_dir=self.cache_dir,
+                           device=self.device, progress=self.progress)
+
+    def plan(self, table: pd.DataFrame, method: dict) -> Plan:
+        solution = solve(table, self.budget_bits, solver=self.ilp_solver, describe=self.describe,
+                         time_limit=self.time_limit)
+        return plan_from_solution(self.source, self.matrices, table, solution, self.budget, self.budget_bits, method,
+                                  self.unplanned)
+
+
+def fisher_comparison(job: _Job, table: pd.DataFrame, plan: Plan, fisher) -> dict:
     """The data-free plan for the same budget and grid, and both plans' Fisher-weighted and plain errors."""
-    plain_table, _ = run_profile(source, matrices, grid, iters, solver, None, None, Path(cache_dir), str(dev),
-                                 progress)
-    plain_solution = solve(plain_table, budget_bits, solver=ilp_solver, describe=describe, time_limit=time_limit)
-    plain_plan = plan_from_solution(source, matrices, plain_table, plain_solution, budget_obj, budget_bits,
-                                    {**method, "fisher": None}, unplanned)
+    plain_table, _ = job.profile()
+    plain_plan = job.plan(plain_table, {**plan.method, "fisher": None})
     unweighted = table.set_index(["matrix", "label"])["error_unweighted"]
     plain_by_name = plain_plan.by_name()
     return {
         "fisher_plan_weighted_error": plan.totals["error"],
-        "plain_plan_weighted_error": weighted_plan_error(source, plain_plan, fisher, False, iters, solver, dev),
+        "plain_plan_weighted_error": weighted_plan_error(job.source, plain_plan, fisher, False, job.settings,
+                                                         job.device),
         "fisher_plan_unweighted_error": float(sum(unweighted[(e.name, e.point.label)] for e in plan.matrices)),
         "plain_plan_unweighted_error": plain_plan.totals["error"],
         "plain_plan_bits_per_param": plain_plan.totals["bits_per_param"],
@@ -118,47 +136,53 @@ def fisher_comparison(source, matrices, table: pd.DataFrame, plan: Plan, fisher,
     }
 
 
-def make_plan(model: str | None = None, budget: str = "2.75bits", out_dir: str | Path = "lqplan-out",
-              grid: list[GridPoint] | None = None, iters: int = 5, solver: SolverSettings | None = None,
-              calib: str | None = None, calib_tokens: int = 16384, ilp_solver: str = "highs",
-              cache_dir: str | Path = DEFAULT_CACHE, device: str = "auto", progress: bool = True,
-              reports: bool = True, include_head: bool = False,
-              time_limit: float | None = DEFAULT_TIME_LIMIT) -> PlanResult:
-    """Profile → plan → report for one model and budget. Returns the plan, the profile table, the profile's
-    ProfileStats (points computed vs cached) and, with `calib`, the comparison with the data-free plan."""
+def profile_manifest(source, settings: ProfileSettings, fisher_key: str | None, cache_dir: Path,
+                     model: dict | None = None) -> dict:
+    """profile.json's header, the same for `lqplan plan` and `lqplan profile`: the model as plan.json names it,
+    the settings key and the cache folder the numbers came from."""
+    key = settings.cache_key(fisher_key)
+    model = model or {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
+                      "architecture": (source.config.get("architectures") or ["?"])[0]}
+    return {"schema": "lqplan.profile/1", "model": model, "fingerprint": source.fingerprint, "settings": key,
+            "cache": str(cache_folder(Path(cache_dir), source.fingerprint, key)),
+            "grid": [p.to_dict() for p in settings.grid], "iters": settings.iters, "solver": settings.solver.key}
+
+
+def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", settings: ProfileSettings | None = None,
+              *, out_dir: str | Path = "lqplan-out", ilp_solver: str = "highs",
+              time_limit: float | None = DEFAULT_TIME_LIMIT, cache_dir: str | Path = DEFAULT_CACHE,
+              device: str = "auto", progress: bool = True, reports: bool = True) -> PlanResult:
+    """Profile → plan → report for one model and budget. `settings`: the grid, LoftQ iterations, solver, Fisher
+    calibration (default ProfileSettings()). Returns the plan, the profile table, the profile's ProfileStats
+    (points computed vs cached) and, with a calibration source, the comparison with the data-free plan."""
     t0 = time.perf_counter()
+    settings = settings or ProfileSettings()
     source = resolve_model(model)
-    matrices = discover_matrices(source, include_head=include_head)
-    grid = grid or make_grid()
-    solver = solver or SolverSettings()
-    dev = resolve_device(device)
-    budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, grid, budget)
+    matrices = discover_matrices(source, include_head=settings.include_head)
+    dev = str(resolve_device(device))
+    budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, settings.grid, budget)
+    job = _Job(source, matrices, settings.data_free(), budget_obj, budget_bits, unplanned, describe,
+               Path(cache_dir), dev, progress, ilp_solver, time_limit)
 
     fisher, fkey = (None, None)
-    if calib:
-        fisher, fkey = get_fisher(source, matrices, calib, Path(cache_dir), calib_tokens, dev, progress)
-    table, stats = run_profile(source, matrices, grid, iters, solver, fisher, fkey, Path(cache_dir), str(dev),
-                               progress)
-    solution = solve(table, budget_bits, solver=ilp_solver, describe=describe, time_limit=time_limit)
-    method = {"iters": iters, "solver": solver.key, "grid": [p.label for p in grid],
-              "fisher": None if fisher is None else {"source": calib, "key": fkey, "tokens": calib_tokens}}
-    plan = plan_from_solution(source, matrices, table, solution, budget_obj, budget_bits, method, unplanned)
+    if settings.calib:
+        fisher, fkey = get_fisher(source, matrices, settings.calib, job.cache_dir, settings.calib_tokens, dev,
+                                  progress)
+    table, stats = job.profile(fisher, fkey)
+    method = {**settings.method_record(), "fisher": None if fisher is None else
+              {"source": settings.calib, "key": fkey, "tokens": settings.calib_tokens}}
+    plan = job.plan(table, method)
 
     comparison = None
     if fisher is not None:
-        comparison = fisher_comparison(source, matrices, table, plan, fisher, grid, iters, solver, budget_obj,
-                                       budget_bits, method, unplanned, dev, Path(cache_dir), progress, ilp_solver,
-                                       describe, time_limit)
+        comparison = fisher_comparison(job, table, plan, fisher)
         plan.method["fisher"]["comparison"] = comparison  # in plan.json too, so `lqplan report` can show it
 
     out = Path(out_dir)
     paths = {}
-    manifest = {"schema": "lqplan.profile/1", "model": plan.model, "fingerprint": source.fingerprint,
-                "settings": settings_key(iters, solver, fkey),
-                "cache": str(cache_folder(Path(cache_dir), source.fingerprint, settings_key(iters, solver, fkey))),
-                "grid": [p.to_dict() for p in grid], "iters": iters, "solver": solver.key}
     # The profile first, the plan last: a plan.json on disk always has its profile beside it.
-    paths["profile"], paths["profile_manifest"] = save_table(table, out, manifest)
+    paths["profile"], paths["profile_manifest"] = save_table(
+        table, out, profile_manifest(source, settings, fkey, job.cache_dir, plan.model))
     plan.save(out / "plan.json")
     paths["plan"] = out / "plan.json"
 

@@ -8,7 +8,12 @@ from .codebooks import int_codebook, nf_codebook
 from .config import NF4_QLORA, QuantConfig
 from .decompose import Decomposition, decompose
 from .lowrank import SolverSettings
-from .qalora import QALoRADecomposition, QALoRALinear, qalora_decompose, qalora_matrix_bits
+from .qalora import (
+    QALoRADecomposition,
+    QALoRALinear,
+    qalora_decompose,
+    qalora_matrix_bits,
+)
 
 __all__ = [
     "NF4_QLORA", "Decomposition", "QALoRADecomposition", "QALoRALinear", "QuantConfig", "QuantizedTensor",

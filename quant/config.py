@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_BLOCKS = (16, 32, 64, 128, 256)

@@ -11,10 +11,18 @@ import torch
 
 from .blockwise import quantize
 from .config import QuantConfig
-from .loftq import LORA_NOISE, alternate, check_matrix, plain_quantization, prepare, requantize
+from .loftq import (
+    LORA_NOISE,
+    alternate,
+    check_matrix,
+    plain_quantization,
+    prepare,
+    requantize,
+)
 from .lowrank import SolverSettings, exact_lowrank, randomized_lowrank
 from .results import Decomposition
 from .weighting import weigh, weighted_error
+
 
 def decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 5, fisher=None,
               solver: SolverSettings | None = None) -> Decomposition:

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_dequant
 from .blockwise import TORCH_DTYPES, QuantizedTensor, decode_double_quant
 from .codebooks import code_table, flat_codebook, lookup
 from .config import ADAPTER_BITS, QuantConfig
-from . import triton_dequant
 
 # Which stored dtype each QuantizedTensor field has (None: depends on the config).
 _FIELD_DTYPES = {"codes": torch.uint8, "scale_codes": torch.uint8, "scale_offset": torch.float32}

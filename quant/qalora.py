@@ -42,7 +42,14 @@ from torch import nn
 from .blockwise import QuantizedTensor, quantize
 from .config import ADAPTER_BITS, QuantConfig
 from .layers import QuantLoRALinear
-from .loftq import alternate, check_matrix, plain_error, plain_quantization, prepare, requantize
+from .loftq import (
+    alternate,
+    check_matrix,
+    plain_error,
+    plain_quantization,
+    prepare,
+    requantize,
+)
 from .lowrank import SolverSettings, exact_lowrank, randomized_lowrank
 from .results import QALoRADecomposition
 from .weighting import fisher_scales, weighted_error

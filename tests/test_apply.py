@@ -562,12 +562,13 @@ def test_profile_table_has_qalora_rows_with_exact_costs(minilm_path, tmp_path):
     from planner.model.resolve import resolve_model
     from planner.profile.grid import make_grid
     from planner.profile.run import run_profile
+    from planner.profile.settings import ProfileSettings
     from quant import SolverSettings, qalora_decompose
 
     source = resolve_model(str(minilm_path))
     infos = [m for m in discover_matrices(source) if m.name.startswith("encoder.layer.0.")][:1]  # query 384x384
     grid = make_grid("2", "64", "4,8", method="both", groups="32,64")
-    table, stats = run_profile(source, infos, grid, iters=2, solver=SolverSettings(method="exact"),
+    table, stats = run_profile(source, infos, ProfileSettings(grid, 2, SolverSettings(method="exact")),
                                cache_dir=tmp_path, device="cpu", progress=False)
     assert list(table["label"]) == ["nf2-b64-dq8/256-r4", "nf2-b64-dq8/256-r8", "qalora-int2-b32-sfp16-asym-r4",
                                     "qalora-int2-b32-sfp16-asym-r8", "qalora-int2-b64-sfp16-asym-r4"]  # g64 r8 > 6
@@ -579,7 +580,7 @@ def test_profile_table_has_qalora_rows_with_exact_costs(minilm_path, tmp_path):
     w = AutoModel.from_pretrained(minilm_path).get_submodule(infos[0].name).weight.detach()
     d = qalora_decompose(w, qalora_config(2, 64), 4, 1, SolverSettings(method="exact"))
     assert row["error"] == pytest.approx(d.error, rel=1e-6) and row["storage_bits"] == 8 * 49_200
-    again, stats2 = run_profile(source, infos, grid, iters=2, solver=SolverSettings(method="exact"),
+    again, stats2 = run_profile(source, infos, ProfileSettings(grid, 2, SolverSettings(method="exact")),
                                 cache_dir=tmp_path, device="cpu", progress=False)
     assert stats2.computed_points == 0 and again.equals(table)  # the skipped point is not "missing" forever
 

@@ -176,6 +176,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path, minilm_path):
     from planner.model.discover import discover_matrices
     from planner.model.resolve import resolve_model
     from planner.profile.run import run_profile
+    from planner.profile.settings import ProfileSettings
     from quant import SolverSettings
 
     # The reference: one process, one intra-op thread like each of the 2 ranks on this 2-core machine (CPU float
@@ -188,7 +189,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path, minilm_path):
     source = resolve_model(None)
     matrices = discover_matrices(source)
     done = {m.name for m in matrices[:5]}
-    run_profile(source, matrices, make_grid("2,4", "64", "4"), 1, SolverSettings(), cache_dir=tmp_path / "c2",
+    run_profile(source, matrices, ProfileSettings(make_grid("2,4", "64", "4"), 1, SolverSettings()), cache_dir=tmp_path / "c2",
                 device="cpu", progress=False, only=done)
 
     env = subprocess_env()

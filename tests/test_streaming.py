@@ -41,6 +41,7 @@ PROBE = textwrap.dedent("""
     from planner.model.discover import discover_matrices
     from planner.model.resolve import resolve_model
     from planner.profile.run import run_profile
+    from planner.profile.settings import ProfileSettings
     from quant import SolverSettings
 
     def maxrss():
@@ -54,11 +55,11 @@ PROBE = textwrap.dedent("""
     grid = make_grid("2,3", "64", "4")
     warm = 0
     for layer in (0, 1):
-        _, stats = run_profile(src, mats, grid, 1, SolverSettings(), cache_dir=cache, device="cpu", progress=False,
+        _, stats = run_profile(src, mats, ProfileSettings(grid, 1, SolverSettings()), cache_dir=cache, device="cpu", progress=False,
                                only={m.name for m in mats if m.layer == layer})
         warm += stats.computed_points
     base = maxrss()
-    table, stats = run_profile(src, mats, grid, 1, SolverSettings(), cache_dir=cache, device="cpu",
+    table, stats = run_profile(src, mats, ProfileSettings(grid, 1, SolverSettings()), cache_dir=cache, device="cpu",
                                progress=False)
     peak = maxrss()
     from safetensors.torch import load_file

@@ -6,7 +6,7 @@ import logging
 import sys
 
 from ..errors import UserError
-from .commands import COMMANDS
+from .commands import COMMANDS, prepare
 from .launch import cli_entry
 from .parser import build_parser
 
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         if args.command in ("plan", "profile"):
+            prepare(args)  # bad input fails here, once, before torchrun or the model
             code = cli_entry(args, list(sys.argv[1:] if argv is None else argv), COMMANDS[args.command])
             if code is not None:
                 return code

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..api import make_plan
+from quant import SolverSettings
+
+from ..api import make_plan, profile_manifest
 from ..corpus import read_text_file
 from ..devices import resolve_device
 from ..errors import UserError
@@ -15,10 +17,10 @@ from ..model.resolve import list_aliases, resolve_model
 from ..plan.budget import parse_budget
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
-from ..profile.cache import settings_key
 from ..profile.fisher import get_fisher
 from ..profile.grid import make_grid
 from ..profile.run import run_profile, save_table
+from ..profile.settings import ProfileSettings
 from ..report.render import proof_text, write_reports
 from ..train.evaluate import evaluate_quantized
 from ..train.finetune import finetune
@@ -29,10 +31,15 @@ def grid_from_args(args):
                      groups=args.groups)
 
 
-def solver_from_args(args):
-    from quant import SolverSettings
-
-    return SolverSettings(method=args.svd)
+def prepare(args) -> None:
+    """Check `plan` / `profile` arguments and parse them once, before torch or the model is loaded: the output
+    folders must be writable, the settings valid and the budget readable. The parsed values ride on `args`
+    (args.settings, args.budget_spec) for this process and for every torchrun rank alike."""
+    _check_writable(args.out, "--out")
+    _check_writable(args.cache, "--cache")
+    args.settings = ProfileSettings(grid_from_args(args), args.iters, SolverSettings(method=args.svd), args.calib,
+                                    args.calib_tokens, args.include_head)
+    args.budget_spec = parse_budget(args.budget) if args.command == "plan" else None
 
 
 def _check_writable(folder, option: str) -> None:
@@ -48,25 +55,10 @@ def _check_writable(folder, option: str) -> None:
         raise UserError(f"{option} {folder} {what}; choose a folder you can write to with {option}")
 
 
-def check_common_args(args) -> None:
-    _check_writable(args.out, "--out")
-    _check_writable(args.cache, "--cache")
-    if args.iters < 0:
-        raise UserError(f"--iters {args.iters} is negative; use 0 (plain quantization) to 5")
-    if args.calib_tokens <= 0:
-        raise UserError(f"--calib-tokens {args.calib_tokens} must be positive, e.g. 16384")
-
-
 def cmd_plan(args) -> int:
-    check_common_args(args)
-    parse_budget(args.budget)  # a typo fails here, before torch and the model are loaded
-    grid = grid_from_args(args)
-
-    res = make_plan(model=args.model, budget=args.budget, out_dir=args.out, grid=grid, iters=args.iters,
-                    solver=solver_from_args(args), calib=args.calib, calib_tokens=args.calib_tokens,
-                    ilp_solver=args.ilp_solver, cache_dir=args.cache, device=args.device, progress=not args.quiet,
-                    reports=not args.no_report, include_head=args.include_head,
-                    time_limit=args.time_limit or None)
+    res = make_plan(args.model, args.budget_spec, args.settings, out_dir=args.out, ilp_solver=args.ilp_solver,
+                    time_limit=args.time_limit or None, cache_dir=args.cache, device=args.device,
+                    progress=not args.quiet, reports=not args.no_report)
     t, s = res.plan.totals, res.plan.solver
     print(f"plan: {len(res.plan.matrices)} matrices, {t['bits_per_param']:.4f} bits/param "
           f"({t['bytes'] / 2**20:.2f} MiB planned, {t['model_bytes'] / 2**20:.2f} MiB model), "
@@ -88,19 +80,16 @@ def cmd_plan(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    check_common_args(args)
+    settings = args.settings
     source = resolve_model(args.model)
-    matrices = discover_matrices(source, include_head=args.include_head)
+    matrices = discover_matrices(source, include_head=settings.include_head)
     fisher = fkey = None
-    if args.calib:
-        fisher, fkey = get_fisher(source, matrices, args.calib, Path(args.cache), args.calib_tokens,
+    if settings.calib:
+        fisher, fkey = get_fisher(source, matrices, settings.calib, Path(args.cache), settings.calib_tokens,
                                   resolve_device(args.device), not args.quiet)
-    solver = solver_from_args(args)
-    table, stats = run_profile(source, matrices, grid_from_args(args), args.iters, solver, fisher, fkey, Path(args.cache),
-                               args.device, not args.quiet)
-    paths = save_table(table, Path(args.out), {"schema": "lqplan.profile/1", "model": source.name,
-                                               "fingerprint": source.fingerprint,
-                                               "settings": settings_key(args.iters, solver, fkey)})
+    table, stats = run_profile(source, matrices, settings, fisher, fkey, cache_dir=Path(args.cache),
+                               device=args.device, progress=not args.quiet)
+    paths = save_table(table, Path(args.out), profile_manifest(source, settings, fkey, Path(args.cache)))
     print(f"profile: {len(table)} rows; {stats.summary()} -> {paths[0]}")
     return 0
 

@@ -16,33 +16,30 @@ from ..errors import UserError
 from ..fsio import write_json
 from ..model.discover import discover_matrices
 from ..model.resolve import resolve_model
-from ..plan.budget import parse_budget, resolve_budget
+from ..plan.budget import resolve_budget
 from ..profile.distributed import profile_distributed, share_fisher
-from .commands import check_common_args, grid_from_args, solver_from_args
 
 
 def run_cli_distributed(args, command: Callable) -> int:
     """`lqplan plan|profile` inside a torchrun job: the profile is spread over the ranks, then rank 0 runs the
     ordinary command, which finds every point in the cache."""
 
-    _check_args(args)  # a typo should fail before the long profile
-    grid, solver = grid_from_args(args), solver_from_args(args)
+    settings = args.settings
     ctx = init(args.device)
     try:
         source = resolve_model(args.model)
-        matrices = discover_matrices(source, include_head=args.include_head)
-        if args.command == "plan":
-            resolve_budget(source, matrices, grid, args.budget)  # infeasible: fail now, not after the profile
+        matrices = discover_matrices(source, include_head=settings.include_head)
+        if args.command == "plan":  # infeasible: fail now, not after the profile
+            resolve_budget(source, matrices, settings.grid, args.budget_spec)
         progress = not args.quiet
         variants = [(None, None)]
-        if args.calib:
-            variants = [share_fisher(ctx, source, matrices, args.calib, Path(args.cache), args.calib_tokens,
-                                     progress)]
+        if settings.calib:
+            variants = [share_fisher(ctx, source, matrices, settings, Path(args.cache), progress)]
             if args.command == "plan":
                 variants.append((None, None))  # make_plan also solves the data-free plan for its comparison
         summaries = []
         for fisher, fkey in variants:
-            s = profile_distributed(ctx, source, matrices, grid, args.iters, solver, fisher, fkey, Path(args.cache),
+            s = profile_distributed(ctx, source, matrices, settings.data_free(), fisher, fkey, Path(args.cache),
                                     progress)
             if s is not None:
                 summaries.append(s)
@@ -108,7 +105,6 @@ def cli_entry(args, argv: Sequence[str], command: Callable) -> int | None:
         raise UserError(f"--distributed {n} is not a process count; use 2 or more (one per GPU), or leave it out")
     if n == 1:
         return None
-    _check_args(args)  # bad input fails here, once, not in every rank
     _check_inputs(args)
     return launch(argv, n)
 
@@ -118,16 +114,8 @@ def _check_inputs(args) -> None:
     add its own traceback): the model, the budget against the grid's cheapest plan, the calibration text."""
 
     source = resolve_model(args.model)
-    matrices = discover_matrices(source, include_head=args.include_head)
+    matrices = discover_matrices(source, include_head=args.settings.include_head)
     if args.command == "plan":
-        resolve_budget(source, matrices, grid_from_args(args), args.budget)
-    if args.calib:
-        load_calib(args.calib)
-
-
-def _check_args(args) -> None:
-    check_common_args(args)
-    grid_from_args(args)
-    solver_from_args(args)
-    if args.command == "plan":
-        parse_budget(args.budget)
+        resolve_budget(source, matrices, args.settings.grid, args.budget_spec)
+    if args.settings.calib:
+        load_calib(args.settings.calib)

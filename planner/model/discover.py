@@ -206,6 +206,27 @@ def discover_matrices(source: ModelSource, include_head: bool = False) -> list[M
     return out
 
 
+def is_causal_lm(config) -> bool:
+    """Whether a model is a causal (decoder) LM, decided here for every stage (Fisher loss, fine-tuning objective,
+    evaluation metric). `config`: a transformers config or a config.json dict. The architectures string decides
+    when present (…ForCausalLM, GPT-2's …LMHeadModel); a config without one (Gemma 3 saved from a GGUF, say) is
+    causal when transformers' auto mapping has a causal-LM class for its model_type and no masked-LM one (BERT has
+    both: BertLMHeadModel exists, but a plain BERT config is an encoder's)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    architectures = get("architectures") or []
+    if architectures:
+        return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if get("is_decoder", False):
+        return True
+    kind = get("model_type")
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
 def planned_params(matrices: Sequence[MatrixInfo]) -> int:
     """Weights covered by the plan."""
     return sum(m.numel for m in matrices)

@@ -163,11 +163,11 @@ def check_budget_feasible(grid: list[GridPoint], matrices, budget_bits: int, des
     return min_bits
 
 
-def resolve_budget(source, matrices, grid, budget: str):
+def resolve_budget(source, matrices, grid, budget: "str | Budget"):
     """The budget in bits for these matrices, checked against the grid's cheapest plan before any profiling (a
     typo or an infeasible budget fails in a second, not after hours). Returns (Budget, bits, unplanned bytes,
     describe(bits) -> the bit count in the user's unit)."""
-    budget_obj = parse_budget(budget)
+    budget_obj = budget if isinstance(budget, Budget) else parse_budget(budget)
     unplanned = unplanned_bytes(source, matrices)
     params = planned_params(matrices)
     budget_bits = budget_obj.total_bits(params, unplanned)

@@ -1,8 +1,8 @@
 """The profile stage: every planned matrix x every grid configuration, decomposed, measured and cached."""
 
-from .cache import settings_key
 from .fisher import compute_fisher, get_fisher
 from .grid import GridPoint, make_grid
 from .run import ProfileStats, run_profile
+from .settings import ProfileSettings
 
-__all__ = ["GridPoint", "ProfileStats", "compute_fisher", "get_fisher", "make_grid", "run_profile", "settings_key"]
+__all__ = ["GridPoint", "ProfileStats", "compute_fisher", "get_fisher", "make_grid", "run_profile", "ProfileSettings"]

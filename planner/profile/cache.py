@@ -7,17 +7,9 @@ import json
 import logging
 from pathlib import Path
 
-from quant import SolverSettings
-from quant.engine import ENGINE_VERSION
-
 from .grid import GridPoint
 
 log = logging.getLogger("lqplan.profile")
-
-
-def settings_key(iters: int, solver: SolverSettings, fisher_key: str | None) -> str:
-    # The engine version is part of the key, so numbers from an older engine are never silently reused.
-    return f"T{iters}-{solver.key}-e{ENGINE_VERSION}-f{fisher_key or 'none'}"
 
 
 def safe_name(name: str) -> str:
@@ -47,7 +39,6 @@ def cached_points(folder: Path, name: str) -> dict:
     return _read_cache(folder / f"{safe_name(name)}.json")
 
 
-def missing_points(folder: Path, info, grid: list[GridPoint]) -> list[GridPoint]:
-    """The grid points that apply to matrix `info` and are not in its cache file yet."""
-    have = cached_points(folder, info.name)
+def missing_points(have: dict, info, grid) -> list[GridPoint]:
+    """The grid points that apply to matrix `info` and are not among its cached points `have` yet."""
     return [p for p in grid if p.label not in have and p.applies_to(info.shape)]

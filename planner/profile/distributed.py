@@ -27,9 +27,10 @@ from typing import Mapping
 from ..dist import Context, broadcast
 from ..errors import UserError
 from ..fsio import write_json
-from .cache import cache_folder, cached_points, missing_points, safe_name, settings_key
+from .cache import cache_folder, cached_points, missing_points, safe_name
 from .fisher import get_fisher
 from .run import run_profile
+from .settings import ProfileSettings
 
 
 def balance(costs: Mapping[str, float], world: int) -> list[list[str]]:
@@ -60,19 +61,19 @@ def missing_costs(folder: Path, matrices, grid) -> dict[str, int]:
     out = {}
     for info in matrices:
         # the same rule as run_profile (it is the same function): points a matrix cannot take are never computed
-        missing = len(missing_points(folder, info, grid))
+        missing = len(missing_points(cached_points(folder, info.name), info, grid))
         if missing:
             out[info.name] = info.shape[0] * info.shape[1] * missing
     return out
 
 
-def share_fisher(ctx: Context, source, matrices, calib: str, cache_dir: Path, tokens: int, progress: bool):
+def share_fisher(ctx: Context, source, matrices, settings: ProfileSettings, cache_dir: Path, progress: bool):
     """Fisher weights computed (or loaded from the cache) once, by rank 0, and sent to every rank: no two processes
     write the same cache file, and hosts need not share the cache folder."""
-
     result = None
     if ctx.info.rank == 0:
-        result = get_fisher(source, matrices, calib, Path(cache_dir), tokens, ctx.device, progress)
+        result = get_fisher(source, matrices, settings.calib, Path(cache_dir), settings.calib_tokens, ctx.device,
+                            progress)
     return broadcast(result, ctx.info.rank)
 
 
@@ -121,7 +122,7 @@ def merge_entries(folder: Path, entries: Mapping[str, dict]) -> int:
     return written
 
 
-def profile_distributed(ctx: Context, source, matrices, grid, iters: int, solver, fisher, fisher_key,
+def profile_distributed(ctx: Context, source, matrices, settings: ProfileSettings, fisher, fisher_key,
                         cache_dir: Path, progress: bool = True) -> DistributedSummary | None:
     """Profile the matrices still missing from the cache across all ranks; rank 0 returns a summary once every rank's
     results are in its cache, the other ranks return None."""
@@ -131,11 +132,11 @@ def profile_distributed(ctx: Context, source, matrices, grid, iters: int, solver
 
     t0 = time.perf_counter()
     rank, world = ctx.info.rank, ctx.info.world
-    key = settings_key(iters, solver, fisher_key)
+    key = settings.cache_key(fisher_key)
     folder = cache_folder(Path(cache_dir), source.fingerprint, key)
     assignment = None
     if rank == 0:
-        costs = missing_costs(folder, matrices, grid)
+        costs = missing_costs(folder, matrices, settings.grid)
         shares = balance(costs, world)
         assignment = (source.fingerprint, shares, [sum(costs[n] for n in s) for s in shares])
     fingerprint, shares, loads = broadcast(assignment, rank)
@@ -144,8 +145,8 @@ def profile_distributed(ctx: Context, source, matrices, grid, iters: int, solver
                         f"{source.fingerprint.split(':')[-1][:12]}… vs {fingerprint.split(':')[-1][:12]}…); give every "
                         f"host an identical copy of the model")
     mine = shares[rank]
-    _, stats = run_profile(source, matrices, grid, iters, solver, fisher, fisher_key, Path(cache_dir), ctx.device,
-                           progress and rank == 0, only=set(mine))
+    _, stats = run_profile(source, matrices, settings, fisher, fisher_key, cache_dir=Path(cache_dir),
+                           device=ctx.device, progress=progress and rank == 0, only=set(mine))
     # Every matrix of this share goes to rank 0, also those this host's own cache already held: rank 0 may not
     # share that cache folder.
     entries = {}

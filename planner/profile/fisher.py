@@ -21,6 +21,7 @@ import torch
 from ..corpus import CalibText, load_calib
 from ..errors import UserError
 from ..fsio import write_bytes
+from ..model.discover import is_causal_lm
 
 log = logging.getLogger("lqplan")
 
@@ -62,7 +63,7 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
         raise UserError(f"cannot load the tokenizer from {folder} ({type(e).__name__}); Fisher calibration needs "
                         "the model's tokenizer files in the folder, or run without --calib") from None
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    causal = is_causal_lm(config)
     cls = AutoModelForCausalLM if causal else AutoModel
     model = cls.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32).to(device)
     params = _find_params(model, names)

@@ -10,14 +10,15 @@ import itertools
 from dataclasses import dataclass
 
 from quant import QuantConfig
-from quant.qalora import check_qalora_config, max_rank, qalora_matrix_bits
+from quant.methods import METHODS as ADAPTER_METHODS
+from quant.methods import get_method
 
 from ..errors import UserError
 
 DEFAULT_BITS = (2, 3, 4, 8)
 DEFAULT_BLOCKS = (16, 32, 64, 128)
 DEFAULT_RANKS = (16, 32, 64)
-METHODS = ("lora", "qalora")
+METHODS = tuple(ADAPTER_METHODS)
 GRID_METHODS = ("lora", "qalora", "both")
 DEFAULT_GROUPS = (32, 64, 128)  # QA-LoRA group sizes g
 
@@ -39,11 +40,10 @@ class GridPoint:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"grid point method {self.method!r} is not supported; use one of {METHODS}")
-        if self.method == "qalora":
-            try:
-                check_qalora_config(self.config)
-            except ValueError as e:
-                raise UserError(str(e)) from None
+        try:
+            get_method(self.method).check_config(self.config)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     @property
     def label(self) -> str:
@@ -55,21 +55,15 @@ class GridPoint:
         """Whether this point is profiled for a matrix of `shape`. LoRA points: always (a rank above min(shape) is
         an error the profiler reports). QA-LoRA points: only when in % g == 0 and rank <= min(out, in/g) — the
         grid's QA-LoRA ranks are skipped where the pooled adapter cannot have them."""
-        if self.method == "lora":
-            return True
-        m, n = (int(x) for x in shape)
-        g = self.config.blocksize
-        return n % g == 0 and self.rank <= max_rank((m, n), g)
+        return get_method(self.method).applies_to(self.config, tuple(shape), self.rank)
 
     def bits(self, shape: tuple[int, int]) -> int:
         """Exact plan cost in bits of one (out, in) matrix at this point: quantized storage as stored plus 16-bit
         adapters, r·(m + n) for LoRA and r·(m + n/g) for QA-LoRA's pooled lora_A."""
-        if self.method == "qalora":
-            try:
-                return qalora_matrix_bits(self.config, tuple(shape), self.rank)
-            except ValueError as e:
-                raise UserError(f"{self.label} does not apply to a {shape[0]}x{shape[1]} matrix: {e}") from None
-        return self.config.matrix_bits(shape, self.rank)
+        try:
+            return get_method(self.method).matrix_bits(self.config, tuple(shape), self.rank)
+        except ValueError as e:
+            raise UserError(f"{self.label} does not apply to a {shape[0]}x{shape[1]} matrix: {e}") from None
 
     def to_dict(self) -> dict:
         return {**self.config.to_dict(), "rank": self.rank, "method": self.method}

@@ -23,10 +23,10 @@ from ..devices import resolve_device
 from ..errors import UserError
 from ..fsio import remove_stale_temps, write_json, write_text
 from ..model.stream import iter_matrices
-from .cache import cache_folder, cached_points, missing_points, safe_name, settings_key
+from .cache import cache_folder, cached_points, missing_points, safe_name
 from .grid import GridPoint
+from .settings import ProfileSettings
 
-log = logging.getLogger("lqplan.profile")
 log = logging.getLogger("lqplan.profile")
 
 
@@ -66,27 +66,28 @@ def profile_one(name: str, shape, w: torch.Tensor, missing: list[GridPoint], ite
     return out
 
 
-def run_profile(source, matrices, grid: list[GridPoint], iters: int = 5, solver: SolverSettings | None = None,
-                fisher: dict | None = None, fisher_key: str | None = None, cache_dir: Path = Path(".lqplan-cache"),
-                device: str = "auto", progress: bool = True, only: set[str] | None = None):
-    """Profile `matrices` of `source` over `grid`; returns (table, stats). `only` restricts the matrices this
-    process computes (distributed runs); the table still lists every matrix found in the cache."""
-
-    solver = solver or SolverSettings()
+def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None = None,
+                fisher_key: str | None = None, *, cache_dir: Path = Path(".lqplan-cache"), device: str = "auto",
+                progress: bool = True, only: set[str] | None = None):
+    """Profile `matrices` of `source` over `settings.grid`; returns (table, stats). `fisher` (name -> row/column
+    weights) and its `fisher_key` make the profile Fisher-weighted. `only` restricts the matrices this process
+    computes (distributed runs); the table still lists every matrix found in the cache."""
+    grid, iters, solver = settings.grid, settings.iters, settings.solver
     dev = resolve_device(device)
-    folder = cache_folder(cache_dir, source.fingerprint, settings_key(iters, solver, fisher_key))
+    folder = cache_folder(cache_dir, source.fingerprint, settings.cache_key(fisher_key))
     stats = ProfileStats(matrices=len(matrices),
                          points=sum(1 for info in matrices for p in grid if p.applies_to(info.shape)))
     t_start = time.perf_counter()
     if folder.exists():
         remove_stale_temps(folder)  # leftovers of a killed run's half-written files
 
+    have = {info.name: cached_points(folder, info.name) for info in matrices}  # each cache file is read once
     todo = []
     for info in matrices:
         if only is not None and info.name not in only:
             continue
         # QA-LoRA points whose rank the matrix's pooled adapter cannot have are skipped (no row in the table).
-        missing = missing_points(folder, info, grid)
+        missing = missing_points(have[info.name], info, grid)
         for p in missing:
             if p.rank > min(info.shape):
                 raise UserError(f"grid rank {p.rank} is larger than matrix {info.name} {tuple(info.shape)} allows "
@@ -115,8 +116,8 @@ def run_profile(source, matrices, grid: list[GridPoint], iters: int = 5, solver:
             new = profile_one(info.name, info.shape, w, missing, iters, solver, weights)
             stats.compute_seconds += time.perf_counter() - t0
             path = folder / f"{safe_name(info.name)}.json"
-            merged = {**cached_points(folder, info.name), **new}
-            write_json(path, {"matrix": info.name, "shape": list(info.shape), "points": merged})
+            have[info.name] = {**have[info.name], **new}
+            write_json(path, {"matrix": info.name, "shape": list(info.shape), "points": have[info.name]})
             stats.computed_points += len(new)
             stats.computed_matrices.append(info.name)
             del w
@@ -129,17 +130,17 @@ def run_profile(source, matrices, grid: list[GridPoint], iters: int = 5, solver:
             bar.close()
     stats.seconds = time.perf_counter() - t_start
     log.info("profile: %s", stats.summary())
-    return build_table(folder, matrices, grid), stats
+    return build_table(have, matrices, grid), stats
 
 
-def build_table(folder: Path, matrices, grid: list[GridPoint]) -> pd.DataFrame:
-    """The profile table (one row per matrix x grid point, in model order then grid order) from the cache."""
+def build_table(have: dict[str, dict], matrices, grid) -> pd.DataFrame:
+    """The profile table (one row per matrix x grid point, in model order then grid order) from each matrix's
+    cached points `have[name]`."""
     rows = []
     for info in matrices:
-        have = cached_points(folder, info.name)
         m, n = info.shape
         for p in grid:
-            r = have.get(p.label)
+            r = have[info.name].get(p.label)
             if r is None:
                 continue
             cfg = p.config

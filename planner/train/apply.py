@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant import QALoRALinear, SolverSettings, decompose, qalora_decompose, quantize
+from quant import SolverSettings, quantize
 from quant.layers import QuantLoRALinear, set_backend
-from quant.qalora import balance_factors, useful_steps
+from quant.methods import get_method
+from quant.qalora import balance_factors
 
 from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
@@ -23,7 +24,6 @@ from ..model.weights import fingerprint as folder_fingerprint
 from ..plan.document import Plan, PlanEntry
 from ..profile.grid import GridPoint
 
-log = logging.getLogger("lqplan")
 log = logging.getLogger("lqplan")
 INITS = ("loftq", "qlora", "qalora")
 METHODS = ("lora", "qalora")
@@ -177,27 +177,18 @@ def _entry_methods(plan: Plan, method: str | None) -> dict[str, str]:
 def _build_layer(entry, method: str, w: torch.Tensor, bias, init: str, iters: int, weights, alpha, dropout: float,
                  solver: SolverSettings, adapter_dtype: torch.dtype) -> QuantLoRALinear:
     """The quantized layer of one plan entry from its fp32 weight `w` (on the target device)."""
-    rank = entry.point.rank
+    rank, config, kind = entry.point.rank, entry.point.config, get_method(method)
     zero_init = init == "qlora" or rank == 0 or iters == 0  # LoftQ with 0 steps is QLoRA's initialisation
-    if method == "qalora":
-        try:
-            if zero_init:
-                return QALoRALinear(quantize(w, entry.point.config), bias, rank=rank, alpha=alpha, dropout=dropout,
-                                    adapter_dtype=adapter_dtype)
-            d = qalora_decompose(w, entry.point.config, rank, useful_steps(iters), solver, weights)
-            return QALoRALinear(d.q, bias, d.a, d.b, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
-        except ValueError as e:
-            raise UserError(f"cannot build a QA-LoRA layer for {entry.name}: {e}") from None
-    if zero_init:
-        return QuantLoRALinear(quantize(w, entry.point.config), bias, rank=rank, alpha=alpha, dropout=dropout,
-                               adapter_dtype=adapter_dtype)
     try:
-        d = decompose(w, entry.point.config, rank, iters, weights, solver)
+        if zero_init:
+            return kind.layer(quantize(w, config), bias, rank=rank, alpha=alpha, dropout=dropout,
+                              adapter_dtype=adapter_dtype)
+        q, a, b = kind.decompose(w, config, rank, iters, solver, weights)
+        if weights is not None and kind.balance_weighted:
+            a, b = balance_factors(a, b)  # the product is kept exactly
+        return kind.layer(q, bias, a, b, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
     except ValueError as e:
-        raise UserError(f"cannot decompose {entry.name}: {e}") from None
-    # Fisher-weighted factors are badly scaled for training (see balance_factors); the product is kept exactly.
-    a, b = balance_factors(d.a, d.b) if weights is not None else (d.a, d.b)
-    return QuantLoRALinear(d.q, bias, a, b, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
+        raise UserError(f"cannot build a {kind.title} layer for {entry.name}: {e}") from None
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: str | None = None, device=None,

@@ -8,6 +8,7 @@ import random
 import torch
 
 from ..errors import UserError
+from ..model.discover import is_causal_lm
 
 
 def causal_blocks(tokenizer, texts, max_len: int) -> torch.Tensor:
@@ -26,10 +27,10 @@ def causal_blocks(tokenizer, texts, max_len: int) -> torch.Tensor:
 
 
 def detect_objective(model) -> str:
-    name = type(model).__name__
-    if name.endswith(("ForCausalLM", "LMHeadModel")) or getattr(getattr(model, "config", None), "is_decoder", False):
-        return "causal"
-    return "distill"
+    """"causal" for a causal LM (planner.model.discover.is_causal_lm) loaded with its LM head, else "distill"."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    causal = head is not None and is_causal_lm(getattr(model, "config", None) or {})
+    return "causal" if causal else "distill"
 
 
 class Batches:

@@ -16,8 +16,8 @@ from ..corpus import real_text_splits
 from ..devices import resolve_device
 from ..dist import all_sum, joined_shard
 from ..errors import UserError
+from ..model.discover import is_causal_lm
 from ..model.weights import fingerprint
-from .data import detect_objective
 from .export import load_quantized
 from .losses import mean_pool
 
@@ -153,7 +153,7 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
                             "tokenizer") from None
     held = real_text_splits()["heldout"][:eval_texts]
 
-    causal = detect_objective(quantized) == "causal"
+    causal = is_causal_lm(quantized.config)
     loader = AutoModelForCausalLM if causal else AutoModel
     fp = loader.from_pretrained(source, dtype=torch.float32).to(dev).eval()
     if causal:

@@ -24,6 +24,7 @@ from torch import nn
 from quant import QuantConfig
 from quant.blockwise import QuantizedTensor
 from quant.layers import BUFFER_PREFIX, QuantLoRALinear
+from quant.methods import get_method, method_of
 from quant.qalora import QALoRALinear
 
 from .. import __version__
@@ -45,8 +46,6 @@ def _check_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
     return layers
 
 
-def _method(layer: QuantLoRALinear) -> str:
-    return "qalora" if isinstance(layer, QALoRALinear) else "lora"
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -95,7 +94,7 @@ def save_quantized(model: nn.Module, plan: Plan, out_dir) -> Path:
         "schema": SCHEMA, "created_by": f"lqplan {__version__}", "architecture": type(model).__name__,
         "weights": WEIGHTS, "aliases": aliases,
         "layers": {name: {"config": layer.config.to_dict(), "shape": [layer.out_features, layer.in_features],
-                          "method": _method(layer), "rank": layer.rank, "alpha": layer.alpha,
+                          "method": method_of(layer).name, "rank": layer.rank, "alpha": layer.alpha,
                           "dropout": layer.dropout_p,
                           "bias": layer.bias is not None,
                           "adapter_dtype": None if not layer.rank else str(layer.lora_A.dtype).removeprefix("torch.")}
@@ -154,7 +153,10 @@ def load_quantized(folder, device=None) -> tuple[nn.Module, Plan]:
             if raw is not None:
                 fields[field] = raw  # raw bytes; QuantLoRALinear stores bytes as they are
         q = QuantizedTensor(config, tuple(info["shape"]), **fields)
-        cls = QALoRALinear if info.get("method") == "qalora" else QuantLoRALinear  # folders before QA-LoRA: lora
+        try:
+            cls = get_method(info.get("method") or "lora").layer  # folders written before QA-LoRA: lora
+        except ValueError as e:
+            raise UserError(f"{folder}: layer {name}: {e}; re-save the model with save_quantized") from None
         layer = cls(q, tensors.pop(prefix + "bias", None), rank=info["rank"], alpha=info["alpha"],
                     dropout=info["dropout"], backend=backend)
         # The raw fields went in as uint8 and QuantLoRALinear keeps uint8 views: identical bytes.

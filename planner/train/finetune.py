@@ -12,6 +12,7 @@ import torch
 from ..corpus import real_text_splits
 from ..errors import UserError
 from ..fsio import write_json, write_text
+from ..model.discover import is_causal_lm
 from ..model.weights import fingerprint
 from ..plan.document import Plan
 from .apply import INITS, apply_plan, quantized_bytes
@@ -73,7 +74,7 @@ def finetune(plan, model=None, out_dir=None, *, init: str = "loftq", steps: int 
     config = AutoConfig.from_pretrained(folder)
     if not dropout:
         config = _no_dropout_config(config)
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+    causal = is_causal_lm(config)
     loader = AutoModelForCausalLM if causal else AutoModel
     if tokenizer is None:
         try:
