@@ -1,0 +1,54 @@
+"""TrainSettings rejects every bad value in one line (library and `lqplan train`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.errors import UserError
+from planner.train.settings import TrainSettings
+
+NAN, INF = float("nan"), float("inf")
+
+BAD = [  # (keyword arguments, the message's words)
+    ({"steps": 0}, "--steps 0 must be >= 1"),
+    ({"steps": 2.5}, "--steps 2.5 must be a whole number >= 1"),
+    ({"steps": True}, "--steps True must be a whole number >= 1"),
+    ({"batch_size": 0}, "--batch-size 0 must be >= 1"),
+    ({"grad_accum": 0}, "--grad-accum 0 must be >= 1"),
+    ({"eval_texts": 0}, "--eval-texts 0 must be >= 1"),
+    ({"log_every": 0}, "log_every=0 must be >= 1"),
+    ({"max_len": 1}, "--max-len 1 must be >= 2"),
+    ({"warmup_steps": -1}, "--warmup-steps -1 must be >= 0 (0 = off)"),
+    ({"save_every": -1}, "--save-every -1 must be >= 0 (0 = off)"),
+    ({"eval_every": -1}, "--eval-every -1 must be >= 0 (0 = off)"),
+    ({"lr": NAN}, "--lr nan must be a finite positive number, e.g. 2e-4"),
+    ({"lr": INF}, "--lr inf must be a finite positive number"),
+    ({"lr": -1.0}, "--lr -1.0 must be a finite positive number"),
+    ({"lr": 0.0}, "--lr 0.0 must be a finite positive number"),
+    ({"lr": "2e-4"}, "--lr '2e-4' must be a finite positive number"),
+    ({"weight_decay": NAN}, "weight_decay=nan must be a finite number >= 0"),
+    ({"weight_decay": -0.1}, "weight_decay=-0.1 must be a finite number >= 0"),
+    ({"max_grad_norm": INF}, "max_grad_norm=inf must be a finite number >= 0"),
+    ({"schedule": "linear"}, "--schedule 'linear' is not supported; use one of"),
+    ({"init": "random"}, "--init 'random' is not supported; use one of"),
+    ({"method": "dora"}, "--method 'dora' is not supported; use one of"),
+    ({"bf16": "yes"}, "bf16='yes' is not supported"),
+    ({"seed": "0"}, "--seed '0' must be a whole number"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD, ids=[f"{k}={v!r}" for (kw, _) in BAD for k, v in kw.items()])
+def test_each_bad_setting_is_one_line(kwargs, message):
+    with pytest.raises(UserError) as e:
+        TrainSettings(**kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_good_settings_are_frozen_and_keyed_for_resume():
+    s = TrainSettings(lr=1e-3, max_grad_norm=None, schedule="cosine", steps=7, method="qalora", init="qlora")
+    with pytest.raises(AttributeError):
+        s.lr = 1.0  # frozen: the settings a run started with are the ones it reports and checkpoints
+    assert s.resume_key()["steps"] == 7  # a cosine run's LR curve depends on it
+    assert "steps" not in TrainSettings().resume_key()  # a constant-LR run may be extended
+    with pytest.raises(UserError, match="need an output folder"):
+        TrainSettings(save_every=2).check_checkpoint_folder(None)
