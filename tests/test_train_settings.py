@@ -1,9 +1,10 @@
-"""TrainSettings rejects every bad value in one line (library and `lqplan train`)."""
+"""TrainSettings rejects every bad value in one line (library and `lqplan train`, before anything is written)."""
 
 from __future__ import annotations
 
 import pytest
 
+from planner.cli import main
 from planner.errors import UserError
 from planner.train.settings import TrainSettings
 
@@ -52,3 +53,31 @@ def test_good_settings_are_frozen_and_keyed_for_resume():
     assert "steps" not in TrainSettings().resume_key()  # a constant-LR run may be extended
     with pytest.raises(UserError, match="need an output folder"):
         TrainSettings(save_every=2).check_checkpoint_folder(None)
+
+
+CLI_BAD = [
+    (["--steps", "0"], "--steps 0 must be >= 1"),
+    (["--lr", "nan"], "--lr nan must be a finite positive number, e.g. 2e-4"),
+    (["--lr", "inf"], "--lr inf must be a finite positive number"),
+    (["--lr", "-1"], "--lr -1.0 must be a finite positive number"),
+    (["--max-len", "1"], "--max-len 1 must be >= 2"),
+    (["--grad-accum", "0"], "--grad-accum 0 must be >= 1"),
+    (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    (["--warmup-steps", "-1"], "--warmup-steps -1 must be >= 0"),
+    (["--save-every", "-1"], "--save-every -1 must be >= 0"),
+    (["--eval-every", "-1"], "--eval-every -1 must be >= 0"),
+    (["--eval-texts", "0"], "--eval-texts 0 must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("args, message", CLI_BAD, ids=[" ".join(a) for a, _ in CLI_BAD])
+def test_train_command_refuses_bad_settings_before_writing(args, message, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")  # never read: the settings fail first
+    out = tmp_path / "out"
+    assert main(["train", "--plan", str(plan), "--out", str(out), "--quiet", *args]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lqplan: error: ") and message in err, err
+    assert "Traceback" not in captured.err + captured.out
+    assert not out.exists()
