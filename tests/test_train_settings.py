@@ -1,11 +1,16 @@
-"""TrainSettings rejects every bad value in one line (library and `lqplan train`, before anything is written)."""
+"""TrainSettings rejects every bad value in one line (library and `lqplan train`, before anything is written), and a
+run whose loss turns non-finite stops with one line, keeps its last good checkpoint and saves no model."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
+import planner.train.loop as loop
 from planner.cli import main
 from planner.errors import UserError
+from planner.train.checkpoint import CHECKPOINT, load_checkpoint
 from planner.train.settings import TrainSettings
 
 NAN, INF = float("nan"), float("inf")
@@ -81,3 +86,29 @@ def test_train_command_refuses_bad_settings_before_writing(args, message, tmp_pa
     assert len(err.splitlines()) == 1 and err.startswith("lqplan: error: ") and message in err, err
     assert "Traceback" not in captured.err + captured.out
     assert not out.exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(encoder_plan_file, tmp_path,
+                                                                            monkeypatch, capsys):
+    real, calls = loop.distill_step_loss, []
+
+    def nan_at_step_2(*args, **kwargs):  # one micro-batch per step: the second call is step 2
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * NAN if len(calls) == 2 else loss
+
+    monkeypatch.setattr(loop, "distill_step_loss", nan_at_step_2)
+    plan, out = encoder_plan_file(3), tmp_path / "run"
+    capsys.readouterr()  # making the plan may have shown a weight-loading bar
+    code = main(["train", "--plan", str(plan), "--out", str(out), "--steps", "4", "--save-every", "1",
+                 "--batch-size", "2", "--max-len", "16", "--eval-texts", "2", "--lr", "2e-3", "--quiet",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "the training loss became non-finite (nan) at step 2" in err, err
+    assert "lower --lr" in err
+    state = load_checkpoint(out / CHECKPOINT)
+    assert state["step"] == 1  # the step-2 state was never written over it
+    assert [h["step"] for h in state["history"] if "loss" in h] == [1]
+    assert all(math.isfinite(float(v.abs().max())) for v in state["adapters"].values())
+    assert not (out / "quantized").exists() and not (out / "train_report.json").exists()

@@ -6,7 +6,8 @@ Objectives:
             loss = MSE between student and teacher last hidden states over non-padding tokens
                    + (1 − cosine) between their mean-pooled sentence embeddings.
 AdamW over the trainable (adapter) parameters only, gradient accumulation, optional gradient checkpointing,
-bf16 autocast on GPU, a tqdm bar with loss and tokens/s, and a periodic evaluation callback.
+bf16 autocast on GPU, a tqdm bar with loss and tokens/s, and a periodic evaluation callback. A non-finite loss
+stops the run (UserError) before its optimizer step, so no checkpoint or saved model ever holds that state.
 
 Crash safety: with `checkpoint_dir` and save_every, the TrainState (adapters, optimizer, LR scheduler, step, data
 position, history, RNG states) is written atomically (temp + rename) to checkpoint_dir/checkpoint.pt; resume=True
@@ -145,7 +146,7 @@ def train(model, tokenizer, texts, settings: TrainSettings | None = None, *, obj
 
     eval_fn(model) -> float is called before training, every `eval_every` steps and after the last step.
     Returns the history: one dict per logged step {step, loss, tokens_per_s, lr, [eval]}; step 0 holds the
-    initial evaluation.
+    initial evaluation. A non-finite loss stops the run with a UserError before that step changes anything.
     checkpoint_dir + save_every=N: a checkpoint every N steps and after the last; resume=True continues from
     checkpoint_dir/checkpoint.pt when it exists (settings and `run_tag` must match the run that wrote it).
     Under torchrun the model must already be on this rank's device (setup_distributed() gives it)."""
@@ -190,6 +191,9 @@ def train(model, tokenizer, texts, settings: TrainSettings | None = None, *, obj
         for step in range(state.step + 1, s.steps + 1):
             start = time.perf_counter()
             loss, tokens = accumulate(fwd, data, s.grad_accum)
+            if not math.isfinite(loss):  # before the optimizer step: no checkpoint or model gets this state
+                raise UserError(f"the training loss became non-finite ({loss}) at step {step}; lower --lr (now "
+                                f"{s.lr:g}) or add --warmup-steps, and train again")
             if s.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()
