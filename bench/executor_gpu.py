@@ -48,6 +48,7 @@ from planner.train.apply import (  # noqa: E402
 from planner.train.evaluate import perplexity  # noqa: E402
 from planner.train.finetune import peak_memory  # noqa: E402
 from planner.train.loop import train  # noqa: E402
+from planner.train.settings import TrainSettings  # noqa: E402
 from quant import NF4_QLORA  # noqa: E402
 
 RANDOM_NOTE = ("the weights are a seeded random initialisation of a Llama architecture{pre}, not a released "
@@ -76,9 +77,10 @@ def build_model(folder: Path, args, tok, texts, device) -> dict:
     if args.pretrain_steps:
         model.to(device)
         t = time.perf_counter()
-        hist = train(model, tok, texts, objective="causal", steps=args.pretrain_steps, batch_size=args.batch_size,
-                     max_len=args.seq_len, lr=args.pretrain_lr, warmup_steps=min(50, args.pretrain_steps // 5),
-                     schedule="cosine", progress=not args.quiet, seed=args.seed)
+        pretrain = TrainSettings(steps=args.pretrain_steps, batch_size=args.batch_size, max_len=args.seq_len,
+                                 lr=args.pretrain_lr, warmup_steps=min(50, args.pretrain_steps // 5),
+                                 schedule="cosine", seed=args.seed)
+        hist = train(model, tok, texts, pretrain, objective="causal", progress=not args.quiet)
         info.update(pretrain_seconds=round(time.perf_counter() - t, 1), pretrain_final_loss=hist[-1]["loss"])
         model.to("cpu")
     model.save_pretrained(folder, safe_serialization=True)
@@ -119,9 +121,9 @@ def run_arm(name: str, plan, init: str, folder: Path, args, tok, splits, device,
         base_alloc = torch.cuda.memory_allocated(device)
     # Fine-tuning text the pre-training never saw (the calib split): on the memorised train split the adapters
     # only overfit further and held-out perplexity rises for every arm, which measures nothing about quantization.
-    history = train(model, tok, splits[args.finetune_split], objective="causal", steps=args.steps, batch_size=args.batch_size,
-                    max_len=args.seq_len, lr=args.lr, grad_accum=args.grad_accum,
-                    gradient_checkpointing=args.grad_ckpt, progress=not args.quiet, seed=args.seed)
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, max_len=args.seq_len, lr=args.lr,
+                             grad_accum=args.grad_accum, gradient_checkpointing=args.grad_ckpt, seed=args.seed)
+    history = train(model, tok, splits[args.finetune_split], settings, objective="causal", progress=not args.quiet)
     # CUDA: the allocator's peak during training; CPU: the process's peak resident set (everything so far)
     train_peak = peak_memory(device)["peak_memory_bytes"]
     phase(f"{name}: fine-tuned {args.steps} steps")

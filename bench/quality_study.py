@@ -62,6 +62,7 @@ from planner.train.apply import apply_plan, quantized_bytes, trainable_parameter
 from planner.train.evaluate import sentence_embeddings  # noqa: E402
 from planner.train.loop import train  # noqa: E402
 from planner.profile.settings import ProfileSettings  # noqa: E402
+from planner.train.settings import TrainSettings  # noqa: E402
 from quant import NF4_QLORA, SolverSettings  # noqa: E402
 from quant.weighting import fisher_scales  # noqa: E402
 
@@ -229,9 +230,10 @@ def run_arm(plan: Plan, arm: Arm, seed: int, ctx: dict, settings: Settings, solv
         cos = evaluate(model)
         out.update(cos_before=cos, cos_after=None, loss_first=None, loss_last=None)
     elif trainable_parameters(model):
-        history = train(model, ctx["tokenizer"], ctx["train"], objective="distill", teacher=ctx["teacher"],
-                        steps=settings.steps, batch_size=settings.batch_size, max_len=settings.max_len,
-                        lr=settings.lr, eval_fn=evaluate, seed=seed, progress=False)
+        train_settings = TrainSettings(steps=settings.steps, batch_size=settings.batch_size, max_len=settings.max_len,
+                                       lr=settings.lr, seed=seed)
+        history = train(model, ctx["tokenizer"], ctx["train"], train_settings, objective="distill",
+                        teacher=ctx["teacher"], eval_fn=evaluate, progress=False)
         evals = [h["eval"] for h in history if "eval" in h]
         losses = [h["loss"] for h in history if "loss" in h]
         out.update(cos_before=evals[0], cos_after=evals[-1], loss_first=losses[0], loss_last=losses[-1])

@@ -63,7 +63,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(plan_file, 
 
 def test_setup_distributed_refuses_a_malformed_torchrun_environment(monkeypatch):
     from planner.errors import UserError
-    from planner.train.loop import setup_distributed
+    from planner.train.parallel import setup_distributed
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(UserError, match="not integers"):
         setup_distributed("cpu")

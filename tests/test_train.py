@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -19,6 +20,7 @@ from planner.train.data import text_dataset
 from planner.train.evaluate import embedding_cosine, perplexity
 from planner.train.hf import DistillationTrainer
 from planner.train.loop import train
+from planner.train.settings import TrainSettings
 from planner.train.losses import distill_loss
 from quant import QuantConfig
 
@@ -85,9 +87,9 @@ def test_distillation_lowers_loss_and_raises_heldout_cosine(minilm_path, tok, te
     model, _ = quantized_minilm(minilm_path)
     held = splits["heldout"][:24]
     before = embedding_cosine(model, teacher, tok, held, max_len=64)
-    history = train(model, tok, splits["train"], teacher=teacher, steps=16, batch_size=8, max_len=32, lr=2e-3,
-                    eval_fn=lambda m: embedding_cosine(m, teacher, tok, held[:8], max_len=64), eval_every=8,
-                    progress=False)
+    history = train(model, tok, splits["train"], TrainSettings(steps=16, batch_size=8, max_len=32, lr=2e-3,
+                                                               eval_every=8), teacher=teacher,
+                    eval_fn=lambda m: embedding_cosine(m, teacher, tok, held[:8], max_len=64), progress=False)
     after = embedding_cosine(model, teacher, tok, held, max_len=64)
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 16
@@ -101,12 +103,12 @@ def test_distillation_lowers_loss_and_raises_heldout_cosine(minilm_path, tok, te
 def test_train_rejects_bad_input(minilm_path, tok, teacher):
     plain = AutoModel.from_pretrained(minilm_path)
     with pytest.raises(UserError, match="teacher"):
-        train(plain, tok, ["some text"], objective="distill", steps=1, progress=False)
+        train(plain, tok, ["some text"], TrainSettings(steps=1), objective="distill", progress=False)
     plain.requires_grad_(False)
     with pytest.raises(UserError, match="trainable"):
-        train(plain, tok, ["some text"], teacher=teacher, steps=1, progress=False)
+        train(plain, tok, ["some text"], TrainSettings(steps=1), teacher=teacher, progress=False)
     with pytest.raises(UserError, match="objective"):
-        train(plain, tok, ["some text"], objective="mlm", steps=1, progress=False)
+        train(plain, tok, ["some text"], TrainSettings(steps=1), objective="mlm", progress=False)
 
 
 def test_hf_trainer_trains_adapters_and_leaves_the_base_alone(minilm_path, tok, teacher, splits, tmp_path):
@@ -191,7 +193,8 @@ def test_causal_finetune_lowers_loss_and_perplexity(tiny_llama, tok, splits):
     model, _ = quantized_llama(tiny_llama)
     held = splits["heldout"][:4]
     before = perplexity(model, tok, held, max_len=128, stride=64)
-    history = train(model, tok, splits["train"][:200], steps=15, batch_size=4, max_len=64, lr=1e-2, progress=False)
+    history = train(model, tok, splits["train"][:200], TrainSettings(steps=15, batch_size=4, max_len=64, lr=1e-2),
+                    progress=False)
     after = perplexity(model, tok, held, max_len=128, stride=64)
     losses = [h["loss"] for h in history]
     assert sum(losses[-3:]) < sum(losses[:3])
@@ -201,9 +204,10 @@ def test_causal_finetune_lowers_loss_and_perplexity(tiny_llama, tok, splits):
 def test_gradient_checkpointing_gives_the_same_step(tiny_llama, tok, splits):
     model, _ = quantized_llama(tiny_llama)
     twin = copy.deepcopy(model)
-    kwargs = dict(steps=1, batch_size=2, max_len=32, lr=1e-3, progress=False, seed=3)
-    h1 = train(model, tok, splits["train"][:50], **kwargs)
-    h2 = train(twin, tok, splits["train"][:50], gradient_checkpointing=True, grad_accum=1, **kwargs)
+    settings = TrainSettings(steps=1, batch_size=2, max_len=32, lr=1e-3, seed=3)
+    h1 = train(model, tok, splits["train"][:50], settings, progress=False)
+    checkpointed = dataclasses.replace(settings, gradient_checkpointing=True, grad_accum=1)
+    h2 = train(twin, tok, splits["train"][:50], checkpointed, progress=False)
     assert h1[0]["loss"] == pytest.approx(h2[0]["loss"], rel=1e-6)
     for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
@@ -214,9 +218,10 @@ def test_gradient_accumulation_averages_micro_batches(tiny_llama, tok, splits):
     twin = copy.deepcopy(model)
     texts = splits["train"][:50]
     # one step of 4 sequences == one step of 2 micro-batches of 2 (same stream of sequences, same seed)
-    h1 = train(model, tok, texts, steps=1, batch_size=4, max_len=32, lr=1e-3, progress=False, max_grad_norm=None)
-    h2 = train(twin, tok, texts, steps=1, batch_size=2, grad_accum=2, max_len=32, lr=1e-3, progress=False,
-               max_grad_norm=None)
+    h1 = train(model, tok, texts, TrainSettings(steps=1, batch_size=4, max_len=32, lr=1e-3, max_grad_norm=None),
+               progress=False)
+    h2 = train(twin, tok, texts, TrainSettings(steps=1, batch_size=2, grad_accum=2, max_len=32, lr=1e-3,
+                                               max_grad_norm=None), progress=False)
     assert h1[0]["loss"] == pytest.approx(h2[0]["loss"], rel=1e-5)
     for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
@@ -227,7 +232,7 @@ def test_bf16_training_step_on_gpu(tiny_llama, tok, splits):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     plan = explicit_plan(model, GridPoint(QuantConfig(bits=4, blocksize=64), 8), model_path=tiny_llama, iters=1)
     apply_plan(model, plan, device="cuda", progress=False)
-    history = train(model, tok, splits["train"][:50], steps=2, batch_size=2, max_len=32, progress=False)
+    history = train(model, tok, splits["train"][:50], TrainSettings(steps=2, batch_size=2, max_len=32), progress=False)
     assert all(math.isfinite(h["loss"]) for h in history)
 
 
@@ -237,8 +242,8 @@ def test_finetune_command_helper_end_to_end(tiny_llama, tok, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     plan = explicit_plan(model, GridPoint(QuantConfig(bits=4, blocksize=64), 8), model_path=tiny_llama, iters=1)
     plan.save(tmp_path / "plan.json")
-    result = finetune(tmp_path / "plan.json", model=tiny_llama, out_dir=tmp_path / "run", steps=6, batch_size=2,
-                      max_len=32, lr=1e-2, eval_texts=4, tokenizer=tok, progress=False)
+    result = finetune(tmp_path / "plan.json", TrainSettings(steps=6, batch_size=2, max_len=32, lr=1e-2, eval_texts=4),
+                      model=tiny_llama, out_dir=tmp_path / "run", tokenizer=tok, progress=False)
     assert result["metric"] == "perplexity" and result["after"] < result["before"]
     assert result["quantized_bytes"] == plan.totals["bytes"]
     report = json.loads((tmp_path / "run" / "train_report.json").read_text())

@@ -24,6 +24,7 @@ from ..profile.settings import ProfileSettings
 from ..report.render import proof_text, write_reports
 from ..train.evaluate import evaluate_quantized
 from ..train.finetune import finetune
+from ..train.settings import TrainSettings
 
 
 def grid_from_args(args):
@@ -183,30 +184,26 @@ def cmd_aliases(args) -> int:
     return 0
 
 
+def train_settings(args) -> TrainSettings:
+    """The `lqplan train` flags as TrainSettings (which rejects a bad value in one line, before any work)."""
+    return TrainSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                         schedule=args.schedule, warmup_steps=args.warmup_steps, max_len=args.max_len,
+                         gradient_checkpointing=args.gradient_checkpointing, dropout=not args.no_dropout,
+                         eval_every=args.eval_every, eval_texts=args.eval_texts, save_every=args.save_every,
+                         resume=args.resume, seed=args.seed, init=args.init, method=args.method,
+                         save_model=not args.no_save)
+
+
 def cmd_train(args) -> int:
-    for flag in ("steps", "batch_size", "grad_accum", "eval_texts"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
-    for flag in ("save_every", "eval_every", "warmup_steps"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 0 (0 = off)")
-    if args.max_len < 2:
-        raise UserError(f"--max-len {args.max_len} must be >= 2, e.g. 128")
-    if args.lr <= 0:
-        raise UserError(f"--lr {args.lr} must be positive, e.g. 2e-4")
+    settings = train_settings(args)
     _check_writable(args.out, "--out")  # before quantizing and training, not at the first checkpoint
     texts = read_text_file(args.text) if args.text else None
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the weight-loading bars too
-    r = finetune(args.plan, args.model, args.out, init=args.init, method=args.method, steps=args.steps,
-                 batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, schedule=args.schedule,
-                 warmup_steps=args.warmup_steps, max_len=args.max_len,
-                 gradient_checkpointing=args.gradient_checkpointing, dropout=not args.no_dropout,
-                 eval_every=args.eval_every, eval_texts=args.eval_texts, texts=texts, device=args.device,
-                 progress=not args.quiet, save_every=args.save_every, resume=args.resume, seed=args.seed,
-                 save_model=not args.no_save)
+    r = finetune(args.plan, settings, model=args.model, out_dir=args.out, texts=texts, device=args.device,
+                 progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         rate = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
         print(f"train: {r['steps']} steps ({r['init']}) x global batch {r['global_batch']} on {r['device']} x "

@@ -15,10 +15,12 @@ from ..fsio import write_json, write_text
 from ..model.discover import is_causal_lm
 from ..model.weights import fingerprint
 from ..plan.document import Plan
-from .apply import INITS, apply_plan, quantized_bytes
+from .apply import apply_plan, quantized_bytes
 from .evaluate import embedding_cosine, perplexity
 from .export import save_quantized
-from .loop import setup_distributed, train
+from .loop import train
+from .parallel import setup_distributed
+from .settings import TrainSettings
 
 
 def _no_dropout_config(config):
@@ -38,28 +40,21 @@ def peak_memory(device) -> dict:
             "peak_memory_kind": "process_rss"}
 
 
-def finetune(plan, model=None, out_dir=None, *, init: str = "loftq", steps: int = 100, batch_size: int = 8,
-             max_len: int = 128, lr: float = 2e-4, grad_accum: int = 1, gradient_checkpointing: bool = False,
-             device=None, eval_every: int = 0, eval_texts: int = 64, texts=None, tokenizer=None,
-             progress: bool = True, save_every: int = 0, resume: bool = False, seed: int = 0,
-             schedule: str = "constant", warmup_steps: int = 0, dropout: bool = True, save_model: bool = True,
-             method: str | None = None) -> dict:
-    """What `lqplan train` does: load the model folder (default: the plan's model.source), apply the plan,
-    fine-tune the adapters on the real-text train split (or `texts`), evaluate on held-out text before and after
-    and the full-precision model (perplexity for causal LMs, embedding cosine to the full-precision model for
-    encoders), and, with `out_dir`, write train_report.json + train_report.md and save the quantized model
-    (save_quantized) to out_dir/quantized. save_every / resume: checkpoints in out_dir (see train()).
-    dropout=False zeroes the model's dropout probabilities. method: apply_plan's layer method ("lora" |
-    "qalora"; None = each plan entry's own). Under torchrun it trains data-parallel and only
-    rank 0 writes. `tokenizer`: default, the folder's own. Returns the report (a dict, with the history)."""
+def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir=None, texts=None, tokenizer=None,
+             device=None, progress: bool = True) -> dict:
+    """What `lqplan train` does: load the model folder (default: the plan's model.source), apply the plan
+    (settings.init, settings.method: apply_plan's layer method, None = each plan entry's own), fine-tune the
+    adapters on the real-text train split (or `texts`), evaluate on settings.eval_texts held-out paragraphs before
+    and after and the full-precision model (perplexity for causal LMs, embedding cosine to the full-precision model
+    for encoders), and, with `out_dir`, write train_report.json + train_report.md and, with settings.save_model,
+    save the quantized model (save_quantized) to out_dir/quantized. save_every / resume: checkpoints in out_dir
+    (see train()). settings.dropout=False zeroes the model's dropout probabilities. Under torchrun it trains
+    data-parallel and only rank 0 writes. `tokenizer`: default, the folder's own. Returns the report (a dict, with
+    the history)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    if init not in INITS:
-        raise UserError(f"init={init!r} is not supported; use one of {INITS}")
-    if eval_texts < 1:
-        raise UserError(f"eval_texts={eval_texts} must be >= 1")
-    if (save_every or resume) and out_dir is None:
-        raise UserError("checkpoints (save_every/resume) need an output folder; pass out_dir=... (--out)")
+    s = settings if settings is not None else TrainSettings()
+    s.check_checkpoint_folder(out_dir)  # before anything is loaded
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     folder = model or plan.model.get("source")
     if not folder or not (Path(folder) / "config.json").is_file():
@@ -72,7 +67,7 @@ def finetune(plan, model=None, out_dir=None, *, init: str = "loftq", steps: int 
     joined_here = dist.is_available() and not dist.is_initialized()
     dist_info, dev = setup_distributed(device)
     config = AutoConfig.from_pretrained(folder)
-    if not dropout:
+    if not s.dropout:
         config = _no_dropout_config(config)
     causal = is_causal_lm(config)
     loader = AutoModelForCausalLM if causal else AutoModel
@@ -82,58 +77,56 @@ def finetune(plan, model=None, out_dir=None, *, init: str = "loftq", steps: int 
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load a tokenizer from {folder} ({type(e).__name__}); pass tokenizer=...") from None
     splits = real_text_splits()
-    held = splits["heldout"][:eval_texts]
+    held = splits["heldout"][:s.eval_texts]
     train_texts = texts if texts is not None else splits["train"]
     teacher = None
     if causal:
         metric = "perplexity"
-        evaluate = lambda m: perplexity(m, tokenizer, held, max_len=max_len, stride=max(1, max_len // 2),  # noqa: E731
-                                        shard=True)
+        evaluate = lambda m: perplexity(m, tokenizer, held, max_len=s.max_len,  # noqa: E731
+                                        stride=max(1, s.max_len // 2), shard=True)
         fp_model = loader.from_pretrained(folder, dtype=torch.float32).to(dev)
         fp_metric = evaluate(fp_model)
         del fp_model
     else:
         metric = "embedding_cosine"
         teacher = AutoModel.from_pretrained(folder, dtype=torch.float32).to(dev).eval()
-        evaluate = lambda m: embedding_cosine(m, teacher, tokenizer, held, max_len=max_len, shard=True)  # noqa: E731
+        evaluate = lambda m: embedding_cosine(m, teacher, tokenizer, held, max_len=s.max_len, shard=True)  # noqa: E731
         fp_metric = 1.0  # the full-precision model is the reference itself
     student = loader.from_pretrained(folder, config=config, dtype=torch.float32)
-    torch.manual_seed(seed)  # zero-init (QLoRA) adapters draw lora_A at random: the same on every rank and rerun
+    torch.manual_seed(s.seed)  # zero-init (QLoRA) adapters draw lora_A at random: the same on every rank and rerun
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t = time.perf_counter()
-    extra = {} if method is None else {"method": method}  # None: apply_plan follows each plan entry's method
-    apply_plan(student, plan, model_path=folder, device=dev, init=init, progress=progress and dist_info.main, **extra)
+    extra = {} if s.method is None else {"method": s.method}  # None: apply_plan follows each plan entry's method
+    apply_plan(student, plan, model_path=folder, device=dev, init=s.init, progress=progress and dist_info.main,
+               **extra)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     quantize_seconds = time.perf_counter() - t
     out = None if out_dir is None else Path(out_dir)
     t = time.perf_counter()
-    history = train(student, tokenizer, train_texts, objective="causal" if causal else "distill", teacher=teacher,
-                    steps=steps, batch_size=batch_size, max_len=max_len, lr=lr, grad_accum=grad_accum,
-                    gradient_checkpointing=gradient_checkpointing, eval_fn=evaluate, eval_every=eval_every,
-                    progress=progress, seed=seed, schedule=schedule, warmup_steps=warmup_steps,
-                    checkpoint_dir=out, save_every=save_every, resume=resume,
+    history = train(student, tokenizer, train_texts, s, objective="causal" if causal else "distill", teacher=teacher,
+                    eval_fn=evaluate, progress=progress, checkpoint_dir=out,
                     run_tag={"plan_fingerprint": plan.fingerprint, "plan_bytes": plan.totals.get("bytes"),
-                             "init": init, "method": method, "dropout": dropout})
+                             "init": s.init, "method": s.method, "dropout": s.dropout})
     train_seconds = time.perf_counter() - t
     evals = [h["eval"] for h in history if "eval" in h]
     rates = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
     steady = rates[min(3, len(rates) - 1):] if rates else []  # the first steps include warm-up
     held_bytes = quantized_bytes(student)
     result = {"schema": "lqplan.train-report/1", "model": str(folder), "architecture": type(student).__name__,
-              "device": str(dev), "world_size": dist_info.world, "init": init, "method": method, "metric": metric,
-              "full_precision": fp_metric, "before": evals[0], "after": evals[-1], "steps": steps,
-              "batch_size": batch_size, "grad_accum": grad_accum,
-              "global_batch": batch_size * dist_info.world * grad_accum, "max_len": max_len, "lr": lr,
+              "device": str(dev), "world_size": dist_info.world, "init": s.init, "method": s.method,
+              "metric": metric, "full_precision": fp_metric, "before": evals[0], "after": evals[-1], "steps": s.steps,
+              "batch_size": s.batch_size, "grad_accum": s.grad_accum,
+              "global_batch": s.batch_size * dist_info.world * s.grad_accum, "max_len": s.max_len, "lr": s.lr,
               "resumed_from": next((h["resumed_from"] for h in history if "resumed_from" in h), None),
               "quantize_seconds": round(quantize_seconds, 3), "train_seconds": round(train_seconds, 3),
               "tokens_per_s": statistics.median(steady) if steady else None, **peak_memory(dev),
               "quantized_bytes": held_bytes, "plan_bytes": plan.totals.get("bytes"),
               "bytes_match_plan": held_bytes == plan.totals.get("bytes"), "history": history}
     if out is not None and dist_info.main:
-        if save_model:
+        if s.save_model:
             try:
                 result["saved"] = str(save_quantized(student, plan, out / "quantized"))
             except UserError as e:  # e.g. a model without a Hugging Face config: report it, keep the results
