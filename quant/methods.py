@@ -35,6 +35,7 @@ class AdapterMethod:
     check_config: Callable[[QuantConfig], None]  # ValueError for a quantizer the method cannot use
     matrix_bits: Callable[[QuantConfig, tuple[int, int], int], int]  # exact storage + 16-bit adapters
     applies_to: Callable[[QuantConfig, tuple[int, int], int], bool]
+    adapter_params: Callable[[QuantConfig, tuple[int, int], int], int]
     # (w, config, rank, iters, solver, fisher) -> (Q, a, b) with W ≈ Q + dense(a, b)
     decompose: Callable[..., tuple[QuantizedTensor, torch.Tensor, torch.Tensor]]
     dense: Callable[[torch.Tensor, torch.Tensor, QuantConfig], torch.Tensor]
@@ -61,11 +62,13 @@ LORA = AdapterMethod(
     name="lora", title="LoRA", layer=QuantLoRALinear, check_config=lambda config: None,
     matrix_bits=lambda config, shape, rank: config.matrix_bits(shape, rank),
     applies_to=lambda config, shape, rank: True,  # a rank above min(shape) is an error the profiler reports
+    adapter_params=lambda config, shape, rank: rank * (shape[0] + shape[1]),
     decompose=_lora_decompose, dense=lambda a, b, config: a @ b.T, balance_weighted=True)
 
 QALORA = AdapterMethod(
     name="qalora", title="QA-LoRA", layer=QALoRALinear, check_config=check_qalora_config, matrix_bits=qalora_matrix_bits,
     applies_to=_qalora_applies, decompose=_qalora_decompose,
+    adapter_params=lambda config, shape, rank: rank * (shape[0] + shape[1] // config.blocksize),
     # QALoRALinear's (a, b) are (lora_B, lora_Aᵀ): the pooled adapter's dense form expands lora_A over the groups
     dense=lambda a, b, config: adapter_weight(b.T, a, config.blocksize), balance_weighted=False)
 

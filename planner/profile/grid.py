@@ -65,6 +65,10 @@ class GridPoint:
         except ValueError as e:
             raise UserError(f"{self.label} does not apply to a {shape[0]}x{shape[1]} matrix: {e}") from None
 
+    def adapter_params(self, shape: tuple[int, int]) -> int:
+        """Trainable adapter values of one (out, in) matrix at this point (the plan counts each at 16 bits)."""
+        return get_method(self.method).adapter_params(self.config, tuple(shape), self.rank)
+
     def to_dict(self) -> dict:
         return {**self.config.to_dict(), "rank": self.rank, "method": self.method}
 

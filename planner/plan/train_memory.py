@@ -1,0 +1,142 @@
+"""The fine-tune's peak GPU memory, predicted term by term from the model's config and a plan: packed weights,
+unplanned tensors at the training dtype, adapters (parameters, gradients and optimizer states at their dtypes),
+activations per layer with and without gradient checkpointing, logits and loss, CUDA workspace.
+
+The activation terms count the tensors autograd saves in lqplan's training step (bf16 autocast, the fused
+quantized-LoRA linear, which saves its input and the rank-r product but never the weight; SDPA attention) for a
+Llama-family decoder layer, per token: two RMSNorm inputs in fp32 (4h each) and their bf16 outputs (2h each),
+q (2h), k and v (2·kv each), the attention output (2h) and its log-sum-exp (4 per head), the MLP's gate, up,
+SiLU and product outputs (2i each) and each adapter's rank-r product (2r); fp32 adapters add one bf16 copy of
+their factors per layer. tests/test_train_memory.py checks these byte counts exactly against autograd's saved
+tensors on the CPU; the GPU's transient terms (loss backward, workspace) are measured (reports/memory.md)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import UserError
+
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
+# optimizer state bytes per adapter parameter: AdamW keeps two moments at the parameter's dtype (fp32 here);
+# bitsandbytes' 8-bit AdamW keeps two 8-bit moments (its block-wise scales are < 1% more); SGD without momentum none
+STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2, "sgd": 0}
+ADAPTER_DTYPES = {"fp32": 4, "bf16": 2}
+# cuBLAS keeps its workspace between GEMMs; measured on the H200 with torch 2.11 (reports/memory.md)
+CUDA_WORKSPACE = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    """The fine-tune the memory is for: sequences per micro-batch, tokens per sequence, activation checkpointing,
+    the optimizer and the adapters' dtype while training."""
+    batch: int = 1
+    seq_len: int = 512
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    adapter_dtype: str = "fp32"
+
+    def __post_init__(self):
+        for name in ("batch", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UserError(f"--{'train-batch' if name == 'batch' else 'seq-len'} {v} must be a whole number "
+                                ">= 1, e.g. 4 and 512")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer {self.optimizer} is not supported; use one of {OPTIMIZERS}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise UserError(f"--adapter-dtype {self.adapter_dtype} is not supported; use one of "
+                            f"{tuple(ADAPTER_DTYPES)}")
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def bytes_per_adapter_param(self) -> int:
+        """Parameter + gradient at the adapter dtype + optimizer state."""
+        return 2 * ADAPTER_DTYPES[self.adapter_dtype] + STATE_BYTES[self.optimizer]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_dim: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Architecture":
+        try:
+            h, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            kv_heads = int(config.get("num_key_value_heads") or heads)
+            return cls(h, int(config["intermediate_size"]), int(config["num_hidden_layers"]), heads,
+                       h // heads * kv_heads, int(config["vocab_size"]))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            raise UserError("config.json lacks a decoder's sizes (hidden_size, intermediate_size, num_hidden_layers, "
+                            "num_attention_heads, vocab_size): the training-memory model covers decoder LMs") from None
+
+
+def layer_activation_bytes(arch: Architecture, tokens: int, ranks: list[int]) -> int:
+    """Bytes autograd saves for one decoder layer of `tokens` tokens whose adapters have `ranks`."""
+    h, i, kv = arch.hidden, arch.intermediate, arch.kv_dim
+    per_token = 2 * (4 * h + 4) + 2 * 2 * h + 2 * h + 2 * 2 * kv + 2 * h + 4 * arch.heads + 4 * 2 * i
+    return tokens * (per_token + 2 * sum(ranks))
+
+
+def head_bytes(arch: Architecture, tokens: int) -> int:
+    """The final norm's saved fp32 input, the logits (bf16 and the fp32 log-softmax the loss saves), the labels,
+    and the loss backward's two fp32 logit-sized gradients, all alive at the start of backward."""
+    return tokens * ((4 * arch.hidden + 4) + (2 + 4) * arch.vocab + 8 + 2 * 4 * arch.vocab)
+
+
+def predict(config: dict, plan_entries, unplanned_train_bytes: int, shape: TrainShape) -> dict:
+    """The predicted peak and its terms (bytes). `plan_entries`: PlanEntry-like objects (name, shape, point);
+    `unplanned_train_bytes`: every tensor the plan does not cover, at its training dtype."""
+    arch = Architecture.from_config(config)
+    packed = adapter_params = 0
+    ranks_by_layer: dict[int, list[int]] = {}
+    for e in plan_entries:
+        params = e.point.adapter_params(e.shape)
+        packed += e.point.bits(e.shape) // 8 - 2 * params
+        adapter_params += params
+        ranks_by_layer.setdefault(_layer_of(e.name), []).append(e.point.rank)
+    # fp32 adapters are cast to bf16 in every layer's forward and the copies are saved for backward
+    copy_bytes = 2 * adapter_params // max(1, arch.layers) if shape.adapter_dtype != "bf16" else 0
+    per_layer = [layer_activation_bytes(arch, shape.tokens, ranks_by_layer.get(k, [])) + copy_bytes
+                 for k in range(arch.layers)]
+    if shape.gradient_checkpointing:
+        # each layer keeps only its input; one layer's activations are rebuilt at a time in backward
+        activations = arch.layers * 2 * arch.hidden * shape.tokens + max(per_layer, default=0)
+    else:
+        activations = sum(per_layer)
+    terms = {"packed_weights": packed, "unplanned_tensors": unplanned_train_bytes,
+             "adapter_params": adapter_params * ADAPTER_DTYPES[shape.adapter_dtype],
+             "adapter_grads": adapter_params * ADAPTER_DTYPES[shape.adapter_dtype],
+             "optimizer_states": adapter_params * STATE_BYTES[shape.optimizer],
+             "activations": activations, "logits_and_loss": head_bytes(arch, shape.tokens),
+             "cuda_workspace": CUDA_WORKSPACE}
+    return {"shape": shape.to_dict(), "terms": terms, "peak_bytes": sum(terms.values()),
+            "adapter_params": adapter_params}
+
+
+def _layer_of(name: str) -> int:
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return -1
+
+
+def fixed_bytes(config: dict, unplanned_train_bytes: int, shape: TrainShape, ranks_hint: int) -> int:
+    """What the fine-tune needs besides the planned matrices' packed storage and adapter training state, for a
+    budget in GPU bytes: unplanned tensors, activations (with adapters of rank `ranks_hint` for their rank-r
+    products), logits and loss, workspace."""
+    arch = Architecture.from_config(config)
+    per_layer = layer_activation_bytes(arch, shape.tokens, [ranks_hint] * 7)
+    activations = (arch.layers * 2 * arch.hidden * shape.tokens + per_layer if shape.gradient_checkpointing
+                   else arch.layers * per_layer)
+    return unplanned_train_bytes + activations + head_bytes(arch, shape.tokens) + CUDA_WORKSPACE

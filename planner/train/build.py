@@ -1,0 +1,159 @@
+"""Models built straight from the safetensors shards, never from a full-precision copy in memory.
+
+build_student(): the quantized student. Its skeleton is made without memory (accelerate's init_empty_weights);
+each planned matrix is read from its shard, decomposed and packed on the device one at a time (the device holds
+the packed model plus one matrix in fp32 and the decomposition's workspace; the host one tensor), and every other
+tensor (embeddings, norms, head, biases) is loaded once, at its training dtype, onto the device.
+
+streamed_reference(): the full-precision model for evaluation with one decoder layer on the device at a time:
+every numbered layer block is loaded from its shard just before it runs and released after it, so a 13B model's
+reference perplexity needs a few GB of device memory instead of 52 GB."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+
+from quant import SolverSettings
+from quant.layers import set_backend
+from quant.methods import get_method
+
+from ..errors import UserError
+from ..model.discover import MatrixInfo, discover_matrices
+from ..model.resolve import ModelSource
+from ..model.stream import load_matrix
+from ..plan.document import Plan
+from .apply import build_layer, freeze_base, set_module
+
+
+def checkpoint_key(name: str, keys) -> str | None:
+    """The safetensors key of model tensor `name`: the same name, or the one key that differs from it by a
+    base-model prefix in either direction ("model.", "bert.", ...)."""
+    if name in keys:
+        return name
+    hits = [k for k in keys if k.endswith("." + name) or name.endswith("." + k)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def skeleton(config, causal: bool) -> nn.Module:
+    """The model of `config` with every parameter on the meta device (no memory); buffers computed at init (rotary
+    frequencies, position ids) stay real."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+    return model.eval()
+
+
+def load_tensors(model: nn.Module, source: ModelSource, names: list[str], device, dtype: torch.dtype | None) -> None:
+    """Fill model tensors `names` (state names) from the checkpoint, one shard open at a time; floating tensors
+    become `dtype` (None: as stored), others keep their dtype."""
+    by_file = defaultdict(list)
+    for name in names:
+        key = checkpoint_key(name, source.tensors)
+        if key is None:
+            raise UserError(f"the model folder {source.folder} has no tensor for {name}; config.json and the "
+                            "weights disagree: use the config.json saved with these weights")
+        by_file[source.tensors[key].file].append((name, key))
+    for file, pairs in by_file.items():
+        # opened per shard: a handle kept open keeps every touched page of its mmap resident
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name, key in pairs:
+                t = f.get_tensor(key)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                set_module_tensor_to_device(model, name, device, value=t)
+
+
+def _meta_names(model: nn.Module) -> list[str]:
+    seen, out = set(), []
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if t.is_meta and id(t) not in seen:
+            seen.add(id(t))
+            out.append(name)
+    return out
+
+
+def _planned_infos(source: ModelSource, plan: Plan) -> dict[str, MatrixInfo]:
+    infos = {m.name: m for m in discover_matrices(source, include_head=True)}
+    missing = [e.name for e in plan.matrices if e.name not in infos]
+    if missing:
+        raise UserError(f"planned matrix {missing[0]!r} is not a planned matrix of {source.folder}; apply the plan "
+                        "to the model it was made for")
+    for e in plan.matrices:
+        if tuple(infos[e.name].shape) != tuple(e.shape):
+            raise UserError(f"planned matrix {e.name!r} has shape {list(e.shape)} in the plan but "
+                            f"{list(infos[e.name].shape)} in the model; re-plan for this model")
+    return infos
+
+
+def build_student(source: ModelSource, plan: Plan, config, *, causal: bool, device, dtype: torch.dtype,
+                  methods: dict[str, str], init: str = "loftq", iters: int = 5, fisher: dict | None = None,
+                  alpha: float | None = None, dropout: float = 0.0, solver: SolverSettings | None = None,
+                  adapter_dtype: torch.dtype = torch.float32, backend: str = "auto", progress=None) -> nn.Module:
+    """The quantized student of `plan` for the model in `source`, built on `device` (see the module docstring).
+    `methods`: plan entry name -> layer method; `dtype`: the training dtype of the unplanned tensors;
+    `progress`: an optional wrapper of the entries' iterable (a progress bar)."""
+    infos = _planned_infos(source, plan)
+    model = skeleton(config, causal)
+    solver = solver or SolverSettings()
+    entries = progress(plan.matrices) if progress else plan.matrices
+    for entry in entries:
+        info = infos[entry.name]
+        w = load_matrix(info, device, torch.float32)
+        bias_key = info.tensor_key.removesuffix("weight") + "bias"
+        bias = None
+        if bias_key in source.tensors:
+            with safe_open(str(source.tensors[bias_key].file), framework="pt", device="cpu") as f:
+                bias = f.get_tensor(bias_key).to(device, torch.float32)
+        weights = None if fisher is None else tuple(t.to(device) for t in fisher[entry.name])
+        with torch.no_grad():
+            layer = build_layer(entry, get_method(methods[entry.name]), w, bias, init, iters, weights, alpha,
+                                dropout, solver, adapter_dtype)
+        del w
+        set_module(model, entry.name, layer)
+    load_tensors(model, source, _meta_names(model), device, dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # a tied head shares the input embeddings loaded above
+    model.to(device)  # the buffers computed at init
+    freeze_base(model)
+    set_backend(model, backend)
+    return model
+
+
+def layer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The numbered layer blocks (children of a ModuleList) that hold most of a transformer's weights."""
+    return [(f"{name}.{i}" if name else str(i), block) for name, mod in model.named_modules()
+            if isinstance(mod, nn.ModuleList) for i, block in enumerate(mod)]
+
+
+def streamed_reference(source: ModelSource, config, *, causal: bool, device, dtype=torch.float32) -> nn.Module:
+    """The full-precision model in `dtype` whose layer blocks are loaded onto `device` just before they run and
+    released after (forward hooks); everything outside the blocks is loaded once. For inference only."""
+    model = skeleton(config, causal)
+    blocks = layer_blocks(model)
+    inside = tuple(name + "." for name, _ in blocks)
+    load_tensors(model, source, [n for n in _meta_names(model) if not n.startswith(inside)], device, dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for name, block in blocks:
+        names = [f"{name}.{n}" for n in _meta_names(block)]
+
+        def fetch(module, args, names=names):
+            load_tensors(model, source, names, device, dtype)
+
+        def release(module, args, output, names=names):
+            for n in names:
+                set_module_tensor_to_device(model, n, "meta")
+
+        block.register_forward_pre_hook(fetch)
+        block.register_forward_hook(release)
+    for name, buf in model.named_buffers():
+        if not buf.is_meta:
+            set_module_tensor_to_device(model, name, device, value=buf)
+    return model
