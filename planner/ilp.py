@@ -11,11 +11,14 @@ Before the solver sees it, the instance is made small without changing its optim
 4. reduced-cost fixing: x(i,c) = 1 forces objective >= bound + rc(i,c) (rc: Lagrangian reduced cost at lambda), so
    every configuration with bound + rc > incumbent is dropped; only the few near the lambda-tangent remain;
 5. what is left is solved exactly by dynamic programming over the budget (in units of the gcd of the storage
-   steps) when that table is small enough (DP_MAX_CELLS, DP_MAX_BYTES), else by the MIP solver below with a
-   time limit. The DP
+   steps): planner.mckp's sparse DP keeps only the budget positions where the best error changes and drops those
+   whose error plus the LP bound of the remaining matrices cannot reach a target that widens from the LP bound to
+   the incumbent; it gives the same plan as the dense table (_solve_dp, used when the sparse lists outgrow the
+   limits but the table fits). Past DP_MAX_CELLS / DP_MAX_BYTES the MIP solver below runs with a time limit. The DP
    is hand-written because branch and bound stalls on the instances real models give: layers whose matrices
    have nearly equal errors make millions of near-equivalent plans, and HiGHS and CBC both ran out a 60 s limit
-   on a 132M Llama's 84 matrices (gap 1e-3 left), where the DP takes well under a second and is exact.
+   on a 132M Llama's 84 matrices (gap 1e-3 left), where the DP takes well under a second and is exact; on
+   near-symmetric 13B/70B tables (bench/bench_ilp.py) the sparse DP proves the optimum in about 2 s at most.
 MIP solver: HiGHS, the one that meets issue 5's target (proven optimal in <= 5 s on 2 cores) on every 70B-sized
 instance measured (bench/bench_ilp.py, 560 x 48): 1.5-2.0 s with steps 1-4 and 3.5 s without, where CBC took 0.55 s,
 8.2 s and 4.7 s on three seeds/budgets with them and 16 s without; CBC (issue 3's choice) stays available as solver="cbc".
@@ -36,6 +39,7 @@ import numpy as np
 import pandas as pd
 import pulp
 
+from . import mckp
 from .errors import UserError
 
 SOLVERS = ("highs", "cbc")
@@ -48,7 +52,8 @@ RTOL = 1e-6
 # the LP bound: knapsacks over near-identical matrices (a model whose layers look alike) can branch for many
 # minutes to prove the last 1e-6, and a planner must not hang. None = no limit.
 DEFAULT_TIME_LIMIT = 60.0
-# Largest DP solved exactly: kept configurations x budget units (time: 0.55e9 cells/s measured on the 2-core
+# Largest DP solved exactly: (state, configuration) evaluations of one sparse-DP round, or for the dense table kept
+# configurations x budget units (time: 0.55e9 cells/s measured on the 2-core
 # machine, so <= ~4 s) and its memory: a choice table per matrix left with a choice (one or two bytes per budget
 # unit) plus the working arrays over the budget.
 # The 70B-sized instances of bench/bench_ilp.py need 0.6-1.7e8 cells after fixing; the executor's 132M Llama at
@@ -86,7 +91,9 @@ class Solution:
     solver: str
     seconds: float
     budget_bits: int
-    proof: str = ""  # what proved optimality: "lp-bound", "fixing" (one candidate left per matrix), "dp" or "mip"
+    # what proved optimality: "lp-bound", "fixing" (one candidate left per matrix), "dp" (exact DP over the budget,
+    # bound-pruned sparse states or the dense table) or "mip"
+    proof: str = ""
     multiplier: float = 0.0  # Lagrange multiplier of the budget row: error reduction per extra bit at the margin
     pruned: dict = field(default_factory=dict)  # configs, dominated, fixed_by_bound, in_model
 
@@ -351,6 +358,25 @@ def _spans(mats: np.ndarray) -> tuple[list[int], list[int]]:
     return np.concatenate(([0], bounds)).tolist(), np.concatenate((bounds, [len(mats)])).tolist()
 
 
+def _solve_exact(inst: _Instance, restricted, rc: np.ndarray | None, incumbent: np.ndarray,
+                 bound: float) -> np.ndarray | None:
+    """The optimum by planner.mckp's bounded sparse DP (same plan as _solve_dp, far less work), else by _solve_dp
+    when the sparse lists outgrow the limits but the dense table fits; None when neither fits."""
+    rows, mats, ds, de, cap = restricted
+    at = np.searchsorted(rows, incumbent)  # the incumbent's rows are kept, so each is found
+    base = math.fsum(inst.e[rows[ds == 0]].tolist())  # each matrix's first kept row has the only zero shift
+    rc_kept = np.zeros(len(rows)) if rc is None else rc[rows]
+    try:
+        best, _ = mckp.solve(ds, de, rc_kept, list(zip(*_spans(mats))), cap, lower=bound - base,
+                             upper=math.fsum(de[at].tolist()), scale=math.fsum(inst.e[incumbent].tolist()),
+                             max_cells=DP_MAX_CELLS, max_bytes=DP_MAX_BYTES)
+        out = np.empty(len(inst.names), dtype=np.int64)
+        out[mats[best]] = rows[best]
+        return out
+    except mckp.TooLarge:
+        return _solve_dp(inst, restricted) if _dp_fits(restricted) else None
+
+
 def _solve_mip(inst: _Instance, restricted, incumbent: np.ndarray, solver: str, threads: int,
                time_limit: float | None, gap_abs: float) -> tuple[np.ndarray, str]:
     rows, mats, ds, de, cap = restricted
@@ -423,8 +449,8 @@ def solve(table: pd.DataFrame, budget_bits: int, solver: str = DEFAULT_SOLVER, t
             status, proof = "optimal", "fixing"
         else:
             restricted = _restricted(inst, keep, budget_bits)
-            if exact_dp and _dp_fits(restricted):
-                best = _solve_dp(inst, restricted)
+            best = _solve_exact(inst, restricted, rc if fix_by_bound else None, rows, bound) if exact_dp else None
+            if best is not None:
                 if math.fsum(inst.e[best].tolist()) < incumbent_error:  # on a float tie the incumbent stays
                     rows = best
                 status, proof = "optimal", "dp"
@@ -481,13 +507,24 @@ def uniform_solutions(table: pd.DataFrame, budget_bits: int) -> pd.DataFrame:
     return out.sort_values(["total_bits", "label"], kind="mergesort", ignore_index=True)
 
 
+def lp_curve(inst: _Instance, budgets_bits) -> np.ndarray:
+    """The LP relaxation's optimum at every budget, in one pass (mckp.hull_curve); NaN below the smallest plan."""
+    return mckp.hull_curve(inst.min_bits, math.fsum(inst.e[inst.start].tolist()), inst.inc_ds, inst.inc_de,
+                           budgets_bits)
+
+
 def error_budget_curve(table: pd.DataFrame, budgets_bits: list[int], solver: str = DEFAULT_SOLVER,
                        threads: int = 2, time_limit: float | None = CURVE_TIME_LIMIT) -> pd.DataFrame:
-    """Re-solve at each budget (the table is prepared once); infeasible budgets get status "infeasible"."""
+    """The LP curve (lp_bound, one pass) and the exact optimum at each budget (the table is prepared once, the
+    exact DP solves each point; the time-limited MIP only where the DP's limits are exceeded); infeasible budgets
+    get status "infeasible"."""
     inst = _Instance(table)
+    budgets = sorted(int(x) for x in budgets_bits)
+    lp = lp_curve(inst, budgets)
     rows = []
-    for b in sorted(int(x) for x in budgets_bits):
-        row = {"budget_bits": b, "budget_bits_per_param": b / inst.params if inst.params else math.nan}
+    for b, lp_b in zip(budgets, lp.tolist()):
+        row = {"budget_bits": b, "budget_bits_per_param": b / inst.params if inst.params else math.nan,
+               "lp_bound": lp_b}
         try:
             sol = solve(table, b, solver=solver, threads=threads, time_limit=time_limit, _instance=inst)
         except InfeasibleBudget:
