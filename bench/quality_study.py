@@ -58,10 +58,10 @@ from planner.plan.ilp import InfeasibleBudget, solve, uniform_solutions  # noqa:
 from planner.profile.fisher import compute_fisher, get_fisher  # noqa: E402
 from planner.profile.grid import GridPoint, make_grid  # noqa: E402
 from planner.profile.run import run_profile  # noqa: E402
+from planner.profile.settings import ProfileSettings  # noqa: E402
 from planner.train.apply import apply_plan, quantized_bytes, trainable_parameters  # noqa: E402
 from planner.train.evaluate import sentence_embeddings  # noqa: E402
 from planner.train.loop import train  # noqa: E402
-from planner.profile.settings import ProfileSettings  # noqa: E402
 from planner.train.settings import TrainSettings  # noqa: E402
 from quant import NF4_QLORA, SolverSettings  # noqa: E402
 from quant.weighting import fisher_scales  # noqa: E402

@@ -1,5 +1,6 @@
-"""Rank-r factorisations R ≈ A·Bᵀ: exact truncated SVD, and a randomized subspace iteration that can be
-warm-started from the previous call's right singular vectors (the LoftQ loop changes R only a little per step)."""
+"""Rank-r factorisations R ≈ A·Bᵀ: exact truncated SVD, a randomized subspace iteration that can be
+warm-started from the previous call's right singular vectors (the LoftQ loop changes R only a little per step),
+and the exact power-of-two rebalancing of a factor pair."""
 
 from __future__ import annotations
 
@@ -63,3 +64,19 @@ def randomized_lowrank(r: torch.Tensor, rank: int, settings: SolverSettings, sta
     u_s, s, vh = torch.linalg.svd(small, full_matrices=False)
     a, b = _split(y @ u_s, s, vh, rank)
     return a, b, vh.T.contiguous()
+
+
+def balance_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each rank-one component of a·bᵀ (a: m × r, b: n × r) by a power of two so that its two factors have
+    about equal norms; the product is unchanged bit for bit (power-of-two scaling is exact in floating point).
+
+    Why: Fisher-weighted factors D_r⁻¹U√Σ and D_c⁻¹V√Σ inherit the weights' absolute scale (LQ-LoRA's row weights
+    are mean squared gradients, ~1e-8 on MiniLM), leaving one factor ~1e4 times the other; Adam then moves the tiny
+    factor by ~lr per step, a huge relative change amplified by the big one (measured: held-out teacher cosine
+    0.90 -> 0.55 in 3 steps at lr 5e-4)."""
+    na, nb = a.float().norm(dim=0), b.float().norm(dim=0)
+    ok = (na > 0) & (nb > 0)
+    exponent = torch.where(ok, torch.round(0.5 * torch.log2(torch.where(ok, nb / na, torch.ones_like(na)))),
+                           torch.zeros_like(na))
+    scale = torch.exp2(exponent).to(a.dtype)
+    return (a * scale).contiguous(), (b / scale.to(b.dtype)).contiguous()

@@ -50,7 +50,7 @@ from .loftq import (
     prepare,
     requantize,
 )
-from .lowrank import SolverSettings, exact_lowrank, randomized_lowrank
+from .lowrank import SolverSettings, balance_factors, exact_lowrank, randomized_lowrank
 from .results import QALoRADecomposition
 from .weighting import fisher_scales, weighted_error
 
@@ -149,22 +149,6 @@ def group_constant_lowrank(r: torch.Tensor, group_size: int, rank: int, solver: 
     # a·bᵀ = √g·M_r and lora_B·lora_A must be g·M_r: scale each factor by g^(1/4).
     root = group_size ** 0.25
     return (a * root).contiguous(), (b.T * root).contiguous(), start
-
-
-def balance_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rescale each rank-one component of a·bᵀ (a: m × r, b: n × r) by a power of two so that its two factors have
-    about equal norms; the product is unchanged bit for bit (power-of-two scaling is exact in floating point).
-
-    Why: Fisher-weighted factors D_r⁻¹U√Σ and D_c⁻¹V√Σ inherit the weights' absolute scale (LQ-LoRA's row weights
-    are mean squared gradients, ~1e-8 on MiniLM), leaving one factor ~1e4 times the other; Adam then moves the tiny
-    factor by ~lr per step, a huge relative change amplified by the big one (measured: held-out teacher cosine
-    0.90 -> 0.55 in 3 steps at lr 5e-4)."""
-    na, nb = a.float().norm(dim=0), b.float().norm(dim=0)
-    ok = (na > 0) & (nb > 0)
-    exponent = torch.where(ok, torch.round(0.5 * torch.log2(torch.where(ok, nb / na, torch.ones_like(na)))),
-                           torch.zeros_like(na))
-    scale = torch.exp2(exponent).to(a.dtype)
-    return (a * scale).contiguous(), (b / scale.to(b.dtype)).contiguous()
 
 
 def adapter_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, group_size: int, scaling: float = 1.0) -> torch.Tensor:

@@ -13,12 +13,12 @@ from planner.plan.ilp import (
     RTOL,
     InfeasibleBudget,
     SolutionError,
-    _Instance,
     error_budget_curve,
     solve,
     uniform_solutions,
     verify,
 )
+from planner.plan.instance import Instance
 from planner.profile.grid import make_grid
 
 # CBC ships inside the PuLP wheel; a PuLP unpacked without its solverdir (some GPU images) has none.
@@ -131,7 +131,7 @@ def test_dominance_pruning_keeps_the_right_configs():
         "storage_bits": [12, 10, 10, 8, 15, 8],
         "error": [5.0, 5.0, 5.0, 9.0, 4.0, 9.5],
     })
-    inst = _Instance(table)
+    inst = Instance(table)
     assert list(inst.label) == ["small", "tie-a", "large"]
     assert inst.n_dominated == 3
     assert solve(table, 11).choice == {"a": "tie-a"}
@@ -196,7 +196,7 @@ def test_beats_every_fitting_uniform_config(solver):
 
 def test_gap_is_zero_when_the_lp_is_integral():
     table = minilm_like_table(layers=2)
-    inst = _Instance(table)
+    inst = Instance(table)
     # a budget exactly at a hull breakpoint: the LP solution takes whole steps only
     budget = inst.min_bits + int(inst.inc_cum[len(inst.inc_cum) // 2])
     sol = solve(table, budget)

@@ -400,7 +400,7 @@ def test_profile_matrix_dispatches_qalora_points(minilm_weights, weighted):
 
 
 def test_balance_factors_keeps_the_product_bit_for_bit():
-    from quant.qalora import balance_factors
+    from quant.lowrank import balance_factors
 
     torch.manual_seed(7)
     a = torch.randn(40, 5) * 1e4  # Fisher-weighted factors: D_r⁻¹U√Σ with row weights ~1e-8 ...

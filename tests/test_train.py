@@ -20,8 +20,8 @@ from planner.train.data import text_dataset
 from planner.train.evaluate import embedding_cosine, perplexity
 from planner.train.hf import DistillationTrainer
 from planner.train.loop import train
-from planner.train.settings import TrainSettings
 from planner.train.losses import distill_loss
+from planner.train.settings import TrainSettings
 from quant import QuantConfig
 
 CONFIGS = [(2, 16), (3, 32), (4, 64), (8, 128), (4, 128), (3, 64), (2, 64), (4, 16)]

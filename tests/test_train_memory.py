@@ -8,12 +8,18 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from planner.plan.train_memory import (ADAPTER_DTYPES, STATE_BYTES, Architecture, TrainShape, head_bytes,
-                                       layer_activation_bytes, predict)
-from planner.profile.grid import GridPoint
-from planner.train.apply import explicit_plan
-from planner.train.apply import apply_plan
 from planner.errors import UserError
+from planner.plan.train_memory import (
+    ADAPTER_DTYPES,
+    STATE_BYTES,
+    Architecture,
+    TrainShape,
+    head_bytes,
+    layer_activation_bytes,
+    predict,
+)
+from planner.profile.grid import GridPoint
+from planner.train.apply import apply_plan, explicit_plan
 from quant import QuantConfig
 
 RANKS = {"q_proj": 8, "k_proj": 4, "v_proj": 8, "o_proj": 0, "gate_proj": 16, "up_proj": 4, "down_proj": 8}

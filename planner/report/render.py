@@ -177,7 +177,7 @@ BOUND_ROW = "LP relaxation bound"
 _PROOFS = {"lp-bound": "the greedy plan meets the LP relaxation bound",
            "fixing": "reduced-cost fixing left one candidate per matrix",
            "mip": "the MIP solver's branch and bound",
-           "dp": "exact dynamic program over the budget after reduced-cost fixing"}
+           "dp": "exact dynamic program over the budget after reduced-cost fixing, states pruned by LP bounds"}
 
 
 def proof_text(s: dict) -> str | None:

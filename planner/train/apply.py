@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from quant import SolverSettings, quantize
 from quant.layers import QuantLoRALinear, set_backend
+from quant.lowrank import balance_factors
 from quant.methods import get_method
-from quant.qalora import balance_factors
 
 from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
@@ -56,15 +57,25 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A layer a plan can quantize: nn.Linear, or transformers' Conv1D (GPT-2), which stores its weight (in, out)."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def out_in(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out, in), the orientation plans, quantized layers and nn.Linear use."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
 def resolve_names(model: nn.Module, plan: Plan) -> dict[str, str]:
     """Plan entry name -> module name in `model`. Exact names win; otherwise one module whose name ends with the
     entry's (plan made on the base model, applied to a wrapper) or whose name the entry ends with (the reverse)."""
     modules = dict(model.named_modules())
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in modules.items() if is_linear(m)]
     mapping = {}
     for entry in plan.matrices:
         name = entry.name
-        if name in modules and isinstance(modules[name], nn.Linear):
+        if name in modules and is_linear(modules[name]):
             found = [name]
         else:
             found = [n for n in linears if n.endswith("." + name) or name.endswith("." + n)]
@@ -79,9 +90,9 @@ def resolve_names(model: nn.Module, plan: Plan) -> dict[str, str]:
             raise UserError(f"planned matrix {name!r} matches several layers ({', '.join(found[:4])}); "
                             "use full module names in the plan")
         linear = modules[found[0]]
-        if tuple(linear.weight.shape) != tuple(entry.shape):
+        if tuple(out_in(linear).shape) != tuple(entry.shape):
             raise UserError(f"planned matrix {name!r} has shape {list(entry.shape)} in the plan but "
-                            f"{list(linear.weight.shape)} in the model; re-plan for this model")
+                            f"{list(out_in(linear).shape)} in the model; re-plan for this model")
         mapping[name] = found[0]
     targets = list(mapping.values())
     if len(set(targets)) != len(targets):
@@ -134,14 +145,14 @@ def explicit_plan(model: nn.Module, choose, *, model_path=None, fingerprint: str
             raise UserError("explicit_plan needs model_path=<hf folder> or fingerprint=... to tie the plan to "
                             "the model")
         fingerprint = folder_fingerprint(model_path)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if is_linear(m)}
     if names is None:
         names = [n for n in linears if n.rpartition(".")[2] != "lm_head"]
     entries = []
     for i, n in enumerate(names):
         if n not in linears:
             raise UserError(f"{n!r} is not a linear layer of this model; pass names of nn.Linear modules")
-        shape = tuple(linears[n].weight.shape)
+        shape = tuple(out_in(linears[n]).shape)
         point = choose if isinstance(choose, GridPoint) else choose(i, n, shape)
         entries.append(PlanEntry.of(n, shape, point, 0.0))
     labels = sorted({e.point.label for e in entries})
@@ -174,7 +185,7 @@ def _entry_methods(plan: Plan, method: str | None) -> dict[str, str]:
     return {e.name: method for e in plan.matrices}
 
 
-def _build_layer(entry, method: str, w: torch.Tensor, bias, init: str, iters: int, weights, alpha, dropout: float,
+def build_layer(entry, method: str, w: torch.Tensor, bias, init: str, iters: int, weights, alpha, dropout: float,
                  solver: SolverSettings, adapter_dtype: torch.dtype) -> QuantLoRALinear:
     """The quantized layer of one plan entry from its fp32 weight `w` (on the target device)."""
     rank, config, kind = entry.point.rank, entry.point.config, get_method(method)
@@ -252,12 +263,12 @@ def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: st
         name = mapping[entry.name]
         linear = model.get_submodule(name)
         with torch.no_grad():
-            w = linear.weight.detach().to(dev, torch.float32)
+            w = out_in(linear).detach().to(dev, torch.float32)
             bias = None if linear.bias is None else linear.bias.detach().to(dev)
             weights = None
             if fisher is not None:
                 weights = tuple(t.to(dev) for t in fisher[entry.name])
-            layer = _build_layer(entry, methods[entry.name], w, bias, init, iters, weights, alpha, dropout, solver,
+            layer = build_layer(entry, methods[entry.name], w, bias, init, iters, weights, alpha, dropout, solver,
                                  adapter_dtype)
             del w
         set_module(model, name, layer)

@@ -21,7 +21,6 @@ from torch import nn
 
 from quant import SolverSettings
 from quant.layers import set_backend
-from quant.methods import get_method
 
 from ..errors import UserError
 from ..model.discover import MatrixInfo, discover_matrices
@@ -113,8 +112,8 @@ def build_student(source: ModelSource, plan: Plan, config, *, causal: bool, devi
                 bias = f.get_tensor(bias_key).to(device, torch.float32)
         weights = None if fisher is None else tuple(t.to(device) for t in fisher[entry.name])
         with torch.no_grad():
-            layer = build_layer(entry, get_method(methods[entry.name]), w, bias, init, iters, weights, alpha,
-                                dropout, solver, adapter_dtype)
+            layer = build_layer(entry, methods[entry.name], w, bias, init, iters, weights, alpha, dropout, solver,
+                                adapter_dtype)
         del w
         set_module(model, entry.name, layer)
     load_tensors(model, source, _meta_names(model), device, dtype)
