@@ -18,7 +18,7 @@ from quant.weighting import fisher_scales, weighted_error
 from . import __version__
 from .devices import resolve_device
 from .errors import UserError
-from .model.discover import discover_matrices, planned_params
+from .model.discover import discover_matrices, planned_params, unplanned_bytes
 from .model.resolve import ModelSource, resolve_model
 from .model.stream import iter_matrices
 from .plan.budget import Budget, resolve_budget
@@ -30,6 +30,7 @@ from .plan.ilp import (
     solve,
     uniform_solutions,
 )
+from .plan.train_memory import TrainShape, fixed_bytes, predict, training_table
 from .profile.cache import cache_folder
 from .profile.fisher import get_fisher
 from .profile.grid import GridPoint
@@ -106,13 +107,15 @@ class _Job:
     progress: bool
     ilp_solver: str
     time_limit: float | None
+    train: TrainShape | None = None  # set: the budget is the fine-tune's peak GPU memory
 
     def profile(self, fisher=None, fisher_key=None):
         return run_profile(self.source, self.matrices, self.settings, fisher, fisher_key, cache_dir=self.cache_dir,
                            device=self.device, progress=self.progress)
 
     def plan(self, table: pd.DataFrame, method: dict) -> Plan:
-        solution = solve(table, self.budget_bits, solver=self.ilp_solver, describe=self.describe,
+        costs = table if self.train is None else training_table(table, self.settings.grid, self.train)
+        solution = solve(costs, self.budget_bits, solver=self.ilp_solver, describe=self.describe,
                          time_limit=self.time_limit)
         return plan_from_solution(self.source, self.matrices, table, solution, self.budget, self.budget_bits, method,
                                   self.unplanned)
@@ -148,21 +151,48 @@ def profile_manifest(source, settings: ProfileSettings, fisher_key: str | None, 
             "grid": [p.to_dict() for p in settings.grid], "iters": settings.iters, "solver": settings.solver.key}
 
 
+def training_budget(source, matrices, settings: ProfileSettings, budget: Budget, train: TrainShape):
+    """A bytes budget read as the fine-tune's peak GPU memory: (Budget, bits left for the planned matrices'
+    training cost, describe(bits), the fixed terms)."""
+    if budget.kind != "bytes":
+        raise UserError(f"--train-batch/--seq-len make the budget the fine-tune's GPU memory, so it must be in "
+                        f"bytes, not {budget.spec!r}; pass e.g. --budget 24GB")
+    # embeddings, norms and head are held at bf16, the training dtype on a GPU
+    unplanned_train = unplanned_bytes(source, matrices, float_bytes=2)
+    ranks = max((p.rank for p in settings.grid), default=0)
+    fixed = fixed_bytes(source.config, unplanned_train, train, ranks)
+    if fixed >= budget.value:
+        raise UserError(f"the fine-tune's memory besides the planned matrices (activations, logits, unplanned tensors "
+                        f"at bf16, workspace) is {fixed / 1e9:.2f} GB, more than the budget {budget.spec!r}; add "
+                        "--gradient-checkpointing, lower --train-batch or --seq-len, or raise the budget")
+    params = planned_params(matrices)
+    bits = budget.total_bits(params, fixed)
+    return budget, bits, lambda b: budget.format_bits(b, params, fixed), {
+        "fixed_bytes": fixed, "unplanned_train_bytes": unplanned_train}
+
+
 def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", settings: ProfileSettings | None = None,
               *, out_dir: str | Path = "lqplan-out", ilp_solver: str = "highs",
               time_limit: float | None = DEFAULT_TIME_LIMIT, cache_dir: str | Path = DEFAULT_CACHE,
-              device: str = "auto", progress: bool = True, reports: bool = True) -> PlanResult:
+              device: str = "auto", progress: bool = True, reports: bool = True,
+              train: TrainShape | None = None) -> PlanResult:
     """Profile → plan → report for one model and budget. `settings`: the grid, LoftQ iterations, solver, Fisher
-    calibration (default ProfileSettings()). Returns the plan, the profile table, the profile's ProfileStats
-    (points computed vs cached) and, with a calibration source, the comparison with the data-free plan."""
+    calibration (default ProfileSettings()). `train`: the fine-tune (batch, sequence length, checkpointing,
+    optimizer, adapter dtype) whose peak GPU memory a bytes budget then means (planner.plan.train_memory): the
+    ILP spends what the fixed terms leave on packed weights and adapter training state, and plan.json's budget
+    records the prediction. Returns the plan, the profile table, the profile's ProfileStats (points computed vs
+    cached) and, with a calibration source, the comparison with the data-free plan."""
     t0 = time.perf_counter()
     settings = settings or ProfileSettings()
     source = resolve_model(model)
     matrices = discover_matrices(source, include_head=settings.include_head)
     dev = str(resolve_device(device))
     budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, settings.grid, budget)
+    fixed = None
+    if train is not None:
+        budget_obj, budget_bits, describe, fixed = training_budget(source, matrices, settings, budget_obj, train)
     job = _Job(source, matrices, settings.data_free(), budget_obj, budget_bits, unplanned, describe,
-               Path(cache_dir), dev, progress, ilp_solver, time_limit)
+               Path(cache_dir), dev, progress, ilp_solver, time_limit, train)
 
     fisher, fkey = (None, None)
     if settings.calib:
@@ -172,6 +202,10 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
     method = {**settings.method_record(), "fisher": None if fisher is None else
               {"source": settings.calib, "key": fkey, "tokens": settings.calib_tokens}}
     plan = job.plan(table, method)
+    if train is not None:
+        prediction = predict(source.config, plan.matrices, fixed["unplanned_train_bytes"], train)
+        plan.budget["train"] = {**train.to_dict(), "fixed_bytes": fixed["fixed_bytes"],
+                                "predicted_peak_bytes": prediction["peak_bytes"], "terms": prediction["terms"]}
 
     comparison = None
     if fisher is not None:

@@ -11,12 +11,13 @@ from ..api import make_plan, profile_manifest
 from ..corpus import read_text_file
 from ..devices import resolve_device
 from ..errors import UserError
-from ..model.discover import discover_matrices
+from ..model.discover import discover_matrices, unplanned_bytes
 from ..model.memory import memory_table
 from ..model.resolve import list_aliases, resolve_model
 from ..plan.budget import parse_budget
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
+from ..plan.train_memory import TrainShape, predict
 from ..profile.fisher import get_fisher
 from ..profile.grid import make_grid
 from ..profile.run import run_profile, save_table
@@ -41,6 +42,15 @@ def prepare(args) -> None:
     args.settings = ProfileSettings(grid_from_args(args), args.iters, SolverSettings(method=args.svd), args.calib,
                                     args.calib_tokens, args.include_head)
     args.budget_spec = parse_budget(args.budget) if args.command == "plan" else None
+    args.train_shape = train_shape(args) if args.command == "plan" else None
+
+
+def train_shape(args) -> TrainShape | None:
+    """The fine-tune a training-memory budget or prediction is for; None without --train-batch."""
+    if args.train_batch is None:
+        return None
+    return TrainShape(args.train_batch, args.seq_len, args.gradient_checkpointing, args.optimizer,
+                      args.adapter_dtype)
 
 
 def _check_writable(folder, option: str) -> None:
@@ -59,7 +69,7 @@ def _check_writable(folder, option: str) -> None:
 def cmd_plan(args) -> int:
     res = make_plan(args.model, args.budget_spec, args.settings, out_dir=args.out, ilp_solver=args.ilp_solver,
                     time_limit=args.time_limit or None, cache_dir=args.cache, device=args.device,
-                    progress=not args.quiet, reports=not args.no_report)
+                    progress=not args.quiet, reports=not args.no_report, train=args.train_shape)
     t, s = res.plan.totals, res.plan.solver
     print(f"plan: {len(res.plan.matrices)} matrices, {t['bits_per_param']:.4f} bits/param "
           f"({t['bytes'] / 2**20:.2f} MiB planned, {t['model_bytes'] / 2**20:.2f} MiB model), "
@@ -173,8 +183,32 @@ def cmd_grid(args) -> int:
     return 0
 
 
+def _fmt(v) -> str:
+    return "skipped" if v is None else f"{v:.4f}"
+
+
 def cmd_memory(args) -> int:
+    if args.plan:
+        return memory_of_plan(args)
     print(memory_table(args.model).to_string(index=False))
+    return 0
+
+
+def memory_of_plan(args) -> int:
+    """`lqplan memory --plan P --train-batch N ...`: the fine-tune's predicted peak GPU memory, term by term."""
+    plan = Plan.load(args.plan)
+    source = resolve_model(args.model or plan.model.get("source"))
+    plan.check_model(source.fingerprint)
+    shape = train_shape(args) or TrainShape(1, args.seq_len, args.gradient_checkpointing, args.optimizer,
+                                            args.adapter_dtype)
+    planned = {e.name for e in plan.matrices}
+    matrices = [m for m in discover_matrices(source, include_head=True) if m.name in planned]
+    p = predict(source.config, plan.matrices, unplanned_bytes(source, matrices, float_bytes=2), shape)
+    ckpt = "on" if shape.gradient_checkpointing else "off"
+    print(f"predicted peak GPU memory of the fine-tune: {p['peak_bytes'] / 2**30:.2f} GiB (batch {shape.batch} x "
+          f"{shape.seq_len} tokens, checkpointing {ckpt}, {shape.optimizer}, {shape.adapter_dtype} adapters)")
+    for term, value in p["terms"].items():
+        print(f"  {term:18} {value / 2**30:9.3f} GiB")
     return 0
 
 
@@ -191,7 +225,8 @@ def train_settings(args) -> TrainSettings:
                          gradient_checkpointing=args.gradient_checkpointing, dropout=not args.no_dropout,
                          eval_every=args.eval_every, eval_texts=args.eval_texts, save_every=args.save_every,
                          resume=args.resume, seed=args.seed, init=args.init, method=args.method,
-                         save_model=not args.no_save)
+                         save_model=not args.no_save, optimizer=args.optimizer, adapter_dtype=args.adapter_dtype,
+                         reference=not args.no_reference)
 
 
 def cmd_train(args) -> int:
@@ -203,13 +238,17 @@ def cmd_train(args) -> int:
 
         hf_logging.disable_progress_bar()  # the weight-loading bars too
     r = finetune(args.plan, settings, model=args.model, out_dir=args.out, texts=texts, device=args.device,
-                 progress=not args.quiet)
+                 progress=not args.quiet, cache_dir=args.cache)
     if int(os.environ.get("RANK", "0")) == 0:
         rate = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
         print(f"train: {r['steps']} steps ({r['init']}) x global batch {r['global_batch']} on {r['device']} x "
-              f"{r['world_size']}; {r['metric']}: full precision {r['full_precision']:.4f}, before "
+              f"{r['world_size']}; {r['metric']}: full precision {_fmt(r['full_precision'])}, before "
               f"{r['before']:.4f}, after {r['after']:.4f}; {rate} tokens/s; peak memory "
-              f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})")
+              f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']}, from process start)")
+        predicted = (r.get("predicted_memory") or {}).get("peak_bytes")
+        if predicted and r["peak_memory_kind"] == "cuda_allocated":
+            print(f"  memory model: predicted peak {predicted / 2**20:.0f} MiB, measured "
+                  f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_bytes'] / predicted:.3f}x)")
         if r.get("resumed_from") is not None:
             print(f"  resumed from the checkpoint at step {r['resumed_from']}")
         print(f"  report: {Path(args.out) / 'train_report.md'}")

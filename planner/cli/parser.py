@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..plan.train_memory import ADAPTER_DTYPES, OPTIMIZERS
+
 EXAMPLES = """examples:
   plan --budget 2.75bits --model llama2-13b
   lqplan plan --budget 2.75bits                      # the embedded default model (all-MiniLM-L6-v2)
@@ -56,6 +58,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "the job's ranks are used (see docs/distributed.md)")
 
 
+def _train_shape_args(p: argparse.ArgumentParser, title: str) -> None:
+    g = p.add_argument_group("training memory", title)
+    g.add_argument("--train-batch", type=int, default=None, metavar="N", help="sequences per micro-batch")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adapter optimizer (default adamw)")
+    g.add_argument("--adapter-dtype", choices=tuple(ADAPTER_DTYPES), default="fp32",
+                   help="the adapters' dtype while training (default fp32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lqplan", description="Memory-budget planner for quantized LoRA "
                                      "fine-tuning (QLoRA / LoftQ / LQ-LoRA).", epilog=EXAMPLES,
@@ -76,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="write plan.json only")
     _model_args(p)
     _grid_args(p)
+    _train_shape_args(p, "with --train-batch the budget (in bytes) is the fine-tune's peak GPU memory")
 
     p = sub.add_parser("profile", help="profile only: decomposition error and cost for every matrix x config")
     _model_args(p)
@@ -90,8 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     _grid_args(p)
     p.add_argument("--shape", default=None, help="show exact storage for an MxN matrix, e.g. 5120x13824")
 
-    p = sub.add_parser("memory", help="dry run: memory of a model at uniform configs, from config.json alone")
+    p = sub.add_parser("memory", help="dry run: memory of a model at uniform configs, from config.json alone; "
+                       "with --plan, the fine-tune's predicted peak GPU memory term by term")
     p.add_argument("--model", default=None, help="folder with config.json (weights not needed), alias or default")
+    p.add_argument("--plan", default=None, help="plan.json: predict its fine-tune's peak GPU memory")
+    _train_shape_args(p, "the fine-tune that --plan's prediction is for")
 
     sub.add_parser("aliases", help="list model aliases and their hub ids")
     _train_parsers(sub)
@@ -128,6 +144,13 @@ def _train_parsers(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--out", default="lqplan-train", help="output folder (default lqplan-train)")
     p.add_argument("--no-save", action="store_true", help="do not write the quantized model")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="adamw (default), sgd, or bitsandbytes' adamw8bit / paged_adamw8bit (pip install -e '.[bnb]')")
+    p.add_argument("--adapter-dtype", choices=tuple(ADAPTER_DTYPES), default="fp32",
+                   help="the adapters' dtype while training (default fp32; bf16 halves their memory)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the full-precision model's metric (otherwise streamed layer by layer and cached)")
+    p.add_argument("--cache", default=".lqplan-cache", help="cache folder for the reference metric")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("evaluate", help="evaluate a saved quantized model against its full-precision model")

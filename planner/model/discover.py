@@ -10,6 +10,7 @@ the input embeddings stays unplanned even then: quantizing it would change the i
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -232,8 +233,10 @@ def planned_params(matrices: Sequence[MatrixInfo]) -> int:
     return sum(m.numel for m in matrices)
 
 
-def unplanned_bytes(source: ModelSource, matrices: Sequence[MatrixInfo]) -> int:
-    """Bytes of every tensor in the safetensors files that the plan does not cover, at its stored dtype
-    (embeddings, norms, biases, heads...): what a GB budget must hold besides the planned matrices."""
+def unplanned_bytes(source: ModelSource, matrices: Sequence[MatrixInfo], float_bytes: int | None = None) -> int:
+    """Bytes of every tensor in the safetensors files that the plan does not cover (embeddings, norms, biases,
+    heads...): what a GB budget must hold besides the planned matrices. At the stored dtype, or with floating
+    tensors at `float_bytes` per value (the dtype a fine-tune holds them in)."""
     planned = {m.tensor_key for m in matrices}
-    return sum(e.nbytes for k, e in source.tensors.items() if k not in planned)
+    return sum(math.prod(e.shape) * float_bytes if float_bytes and e.dtype in FLOAT_CODES else e.nbytes
+               for k, e in source.tensors.items() if k not in planned)

@@ -124,6 +124,22 @@ def predict(config: dict, plan_entries, unplanned_train_bytes: int, shape: Train
             "adapter_params": adapter_params}
 
 
+def train_cost_bits(point, shape, train: TrainShape) -> int:
+    """A configuration's cost in a training-memory budget: its packed storage plus its adapter's parameters,
+    gradients and optimizer states at their training dtypes (the plan's own accounting counts adapters at 16 bits)."""
+    params = point.adapter_params(shape)
+    return point.bits(shape) - 16 * params + 8 * params * train.bytes_per_adapter_param
+
+
+def training_table(table, grid, train: TrainShape):
+    """The profile table with storage_bits replaced by each configuration's training cost (train_cost_bits)."""
+    points = {p.label: p for p in grid}
+    out = table.copy()
+    out["storage_bits"] = [train_cost_bits(points[label], (int(m), int(n)), train)
+                           for label, m, n in zip(table["label"], table["m"], table["n"])]
+    return out
+
+
 def _layer_of(name: str) -> int:
     for part in name.split("."):
         if part.isdigit():

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from ..corpus import CalibText, load_calib
 from ..errors import UserError
@@ -26,7 +27,7 @@ from ..model.discover import is_causal_lm
 log = logging.getLogger("lqplan")
 
 
-def _find_params(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Parameter]:
+def _find_modules(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
     modules = dict(model.named_modules())
     out = {}
     for name in names:
@@ -37,7 +38,7 @@ def _find_params(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn
         if mod is None or not hasattr(mod, "weight"):
             raise UserError(f"planned matrix {name} not found in the model for Fisher calibration; "
                             "re-run discovery with this model")
-        out[name] = mod.weight
+        out[name] = mod
     return out
 
 
@@ -66,7 +67,8 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
     causal = is_causal_lm(config)
     cls = AutoModelForCausalLM if causal else AutoModel
     model = cls.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32).to(device)
-    params = _find_params(model, names)
+    modules_of = _find_modules(model, names)
+    params = {n: m.weight for n, m in modules_of.items()}
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():
@@ -107,6 +109,8 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
     out = {}
     for n, s in sums.items():
         f = s / counted
+        if isinstance(modules_of[n], Conv1D):
+            f = f.t()  # GPT-2's Conv1D stores (in, out); the plan's rows are output features
         mean = f.mean().clamp_min(torch.finfo(torch.float32).tiny)
         out[n] = (f.mean(dim=1).cpu(), (f.mean(dim=0) / mean).cpu())
     return out

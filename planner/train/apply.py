@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -202,6 +203,48 @@ def build_layer(entry, method: str, w: torch.Tensor, bias, init: str, iters: int
         raise UserError(f"cannot build a {kind.title} layer for {entry.name}: {e}") from None
 
 
+@dataclass(frozen=True)
+class LayerRecipe:
+    """How each plan entry's layer is built, settled once: its method, the initialisation, LoftQ's iterations and
+    solver, and the Fisher weights (name -> (rows, cols)) for LQ-LoRA's weighted decomposition."""
+    methods: dict
+    init: str
+    iters: int
+    solver: SolverSettings
+    fisher: dict | None = None
+
+    @classmethod
+    def of(cls, plan: Plan, init: str = "loftq", method: str | None = None, iters: int | None = None,
+           solver: SolverSettings | None = None, fisher: dict | None = None) -> "LayerRecipe":
+        if init not in INITS:
+            raise UserError(f"init={init!r} is not supported; use one of {INITS}")
+        if init == "qalora":
+            if method not in (None, "qalora"):
+                raise UserError(f"init='qalora' with method={method!r} contradict each other; pass method='qalora', "
+                                "init='loftq'")
+            method, init = "qalora", "loftq"
+        if fisher is None and plan.method.get("fisher") and init == "loftq":
+            log.warning("the plan was made with Fisher weights; pass fisher=... to decompose the same way")
+        if fisher is not None:
+            missing = [e.name for e in plan.matrices if e.name not in fisher]
+            if missing:
+                raise UserError(f"fisher weights lack {len(missing)} planned matrices (e.g. {missing[0]}); compute "
+                                "them for this plan's model or pass fisher=None")
+        return cls(_entry_methods(plan, method), init, int(plan.method.get("iters", 5) if iters is None else iters),
+                   solver or solver_from_key(plan.method.get("solver")), fisher)
+
+    def layer(self, entry, w: torch.Tensor, bias, alpha, dropout: float, adapter_dtype: torch.dtype):
+        weights = None if self.fisher is None else tuple(t.to(w.device) for t in self.fisher[entry.name])
+        return build_layer(entry, self.methods[entry.name], w, bias, self.init, self.iters, weights, alpha, dropout,
+                           self.solver, adapter_dtype)
+
+    def progress(self, entries):
+        from tqdm.auto import tqdm
+
+        kinds = "+".join(sorted(set(self.methods.values())))
+        return tqdm(entries, desc=f"quantize ({kinds}, {self.init})", unit="matrix", dynamic_ncols=True)
+
+
 def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: str | None = None, device=None,
                init: str = "loftq", iters: int | None = None, fisher: dict | None = None, alpha: float | None = None,
                dropout: float = 0.0, solver: SolverSettings | None = None,
@@ -228,36 +271,14 @@ def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: st
     quantized_bytes(). The plan's fingerprint must match the model (model_path / fingerprint / model.name_or_path).
     Quantization runs on `device` (default: CUDA when available), one matrix at a time; the model ends there.
     """
-    if init not in INITS:
-        raise UserError(f"init={init!r} is not supported; use one of {INITS}")
     if not isinstance(plan, Plan):
         raise UserError(f"apply_plan needs a planner.plan.Plan, got {type(plan).__name__}; load one with Plan.load")
+    r = LayerRecipe.of(plan, init, method, iters, solver, fisher)
     backend = dequant_backend_from_env()
-    if init == "qalora":
-        if method not in (None, "qalora"):
-            raise UserError(f"init='qalora' with method={method!r} contradict each other; pass method='qalora', "
-                            "init='loftq'")
-        method, init = "qalora", "loftq"
-    methods = _entry_methods(plan, method)
     check_fingerprint(model, plan, model_path, fingerprint)
     dev = resolve_device(device)
     mapping = resolve_names(model, plan)
-    iters = int(plan.method.get("iters", 5) if iters is None else iters)
-    solver = solver or solver_from_key(plan.method.get("solver"))
-    if fisher is None and plan.method.get("fisher") and init == "loftq":
-        log.warning("the plan was made with Fisher weights; pass fisher=... to apply_plan to decompose the same way")
-    if fisher is not None:
-        missing = [e.name for e in plan.matrices if e.name not in fisher]
-        if missing:
-            raise UserError(f"fisher weights lack {len(missing)} planned matrices (e.g. {missing[0]}); compute them "
-                            "for this plan's model or pass fisher=None")
-
-    entries = plan.matrices
-    if progress:
-        from tqdm.auto import tqdm
-
-        kinds = "+".join(sorted(set(methods.values())))
-        entries = tqdm(entries, desc=f"quantize ({kinds}, {init})", unit="matrix", dynamic_ncols=True)
+    entries = r.progress(plan.matrices) if progress else plan.matrices
     model.requires_grad_(False)
     for entry in entries:
         name = mapping[entry.name]
@@ -265,18 +286,14 @@ def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: st
         with torch.no_grad():
             w = out_in(linear).detach().to(dev, torch.float32)
             bias = None if linear.bias is None else linear.bias.detach().to(dev)
-            weights = None
-            if fisher is not None:
-                weights = tuple(t.to(dev) for t in fisher[entry.name])
-            layer = build_layer(entry, methods[entry.name], w, bias, init, iters, weights, alpha, dropout, solver,
-                                 adapter_dtype)
+            layer = r.layer(entry, w, bias, alpha, dropout, adapter_dtype)
             del w
         set_module(model, name, layer)
         del linear
     set_backend(model, backend)
     model.to(dev)
     freeze_base(model)
-    log.info("applied plan: %d matrices quantized (%s) on %s", len(mapping), init, dev)
+    log.info("applied plan: %d matrices quantized (%s) on %s", len(mapping), r.init, dev)
     return model
 
 

@@ -3,11 +3,7 @@
 build_student(): the quantized student. Its skeleton is made without memory (accelerate's init_empty_weights);
 each planned matrix is read from its shard, decomposed and packed on the device one at a time (the device holds
 the packed model plus one matrix in fp32 and the decomposition's workspace; the host one tensor), and every other
-tensor (embeddings, norms, head, biases) is loaded once, at its training dtype, onto the device.
-
-streamed_reference(): the full-precision model for evaluation with one decoder layer on the device at a time:
-every numbered layer block is loaded from its shard just before it runs and released after it, so a 13B model's
-reference perplexity needs a few GB of device memory instead of 52 GB."""
+tensor (embeddings, norms, head, biases) is loaded once, at its training dtype, onto the device."""
 
 from __future__ import annotations
 
@@ -19,7 +15,6 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 
-from quant import SolverSettings
 from quant.layers import set_backend
 
 from ..errors import UserError
@@ -27,7 +22,7 @@ from ..model.discover import MatrixInfo, discover_matrices
 from ..model.resolve import ModelSource
 from ..model.stream import load_matrix
 from ..plan.document import Plan
-from .apply import build_layer, freeze_base, set_module
+from .apply import LayerRecipe, freeze_base, set_module
 
 
 def checkpoint_key(name: str, keys) -> str | None:
@@ -46,6 +41,8 @@ def skeleton(config, causal: bool) -> nn.Module:
 
     with init_empty_weights(include_buffers=False):
         model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # a tied head is then the input embeddings' tensor: nothing to load for it
     return model.eval()
 
 
@@ -66,10 +63,10 @@ def load_tensors(model: nn.Module, source: ModelSource, names: list[str], device
                 t = f.get_tensor(key)
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
-                set_module_tensor_to_device(model, name, device, value=t)
+                set_module_tensor_to_device(model, name, device, value=t, dtype=t.dtype)
 
 
-def _meta_names(model: nn.Module) -> list[str]:
+def meta_names(model: nn.Module) -> list[str]:
     seen, out = set(), []
     for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         if t.is_meta and id(t) not in seen:
@@ -91,17 +88,15 @@ def _planned_infos(source: ModelSource, plan: Plan) -> dict[str, MatrixInfo]:
     return infos
 
 
-def build_student(source: ModelSource, plan: Plan, config, *, causal: bool, device, dtype: torch.dtype,
-                  methods: dict[str, str], init: str = "loftq", iters: int = 5, fisher: dict | None = None,
-                  alpha: float | None = None, dropout: float = 0.0, solver: SolverSettings | None = None,
-                  adapter_dtype: torch.dtype = torch.float32, backend: str = "auto", progress=None) -> nn.Module:
-    """The quantized student of `plan` for the model in `source`, built on `device` (see the module docstring).
-    `methods`: plan entry name -> layer method; `dtype`: the training dtype of the unplanned tensors;
-    `progress`: an optional wrapper of the entries' iterable (a progress bar)."""
+def build_student(source: ModelSource, plan: Plan, config, recipe: LayerRecipe, *, causal: bool, device,
+                  dtype: torch.dtype, alpha: float | None = None, dropout: float = 0.0,
+                  adapter_dtype: torch.dtype = torch.float32, backend: str = "auto",
+                  progress: bool = False) -> nn.Module:
+    """The quantized student of `plan` for the model in `source`, built on `device` (see the module docstring),
+    each layer as `recipe` says; `dtype`: the training dtype of the unplanned tensors."""
     infos = _planned_infos(source, plan)
     model = skeleton(config, causal)
-    solver = solver or SolverSettings()
-    entries = progress(plan.matrices) if progress else plan.matrices
+    entries = recipe.progress(plan.matrices) if progress else plan.matrices
     for entry in entries:
         info = infos[entry.name]
         w = load_matrix(info, device, torch.float32)
@@ -110,49 +105,14 @@ def build_student(source: ModelSource, plan: Plan, config, *, causal: bool, devi
         if bias_key in source.tensors:
             with safe_open(str(source.tensors[bias_key].file), framework="pt", device="cpu") as f:
                 bias = f.get_tensor(bias_key).to(device, torch.float32)
-        weights = None if fisher is None else tuple(t.to(device) for t in fisher[entry.name])
         with torch.no_grad():
-            layer = build_layer(entry, methods[entry.name], w, bias, init, iters, weights, alpha, dropout, solver,
-                                adapter_dtype)
+            layer = recipe.layer(entry, w, bias, alpha, dropout, adapter_dtype)
         del w
         set_module(model, entry.name, layer)
-    load_tensors(model, source, _meta_names(model), device, dtype)
+    load_tensors(model, source, meta_names(model), device, dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied head shares the input embeddings loaded above
     model.to(device)  # the buffers computed at init
     freeze_base(model)
     set_backend(model, backend)
-    return model
-
-
-def layer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The numbered layer blocks (children of a ModuleList) that hold most of a transformer's weights."""
-    return [(f"{name}.{i}" if name else str(i), block) for name, mod in model.named_modules()
-            if isinstance(mod, nn.ModuleList) for i, block in enumerate(mod)]
-
-
-def streamed_reference(source: ModelSource, config, *, causal: bool, device, dtype=torch.float32) -> nn.Module:
-    """The full-precision model in `dtype` whose layer blocks are loaded onto `device` just before they run and
-    released after (forward hooks); everything outside the blocks is loaded once. For inference only."""
-    model = skeleton(config, causal)
-    blocks = layer_blocks(model)
-    inside = tuple(name + "." for name, _ in blocks)
-    load_tensors(model, source, [n for n in _meta_names(model) if not n.startswith(inside)], device, dtype)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    for name, block in blocks:
-        names = [f"{name}.{n}" for n in _meta_names(block)]
-
-        def fetch(module, args, names=names):
-            load_tensors(model, source, names, device, dtype)
-
-        def release(module, args, output, names=names):
-            for n in names:
-                set_module_tensor_to_device(model, n, "meta")
-
-        block.register_forward_pre_hook(fetch)
-        block.register_forward_hook(release)
-    for name, buf in model.named_buffers():
-        if not buf.is_meta:
-            set_module_tensor_to_device(model, name, device, value=buf)
     return model

@@ -1,7 +1,9 @@
-"""What `lqplan train` does: load the model, apply the plan, fine-tune, evaluate, report, save."""
+"""What `lqplan train` does: build the quantized student from the shards, fine-tune, evaluate against the streamed
+full-precision reference, report memory peaks beside the memory model's prediction, save."""
 
 from __future__ import annotations
 
+import math
 import resource
 import statistics
 import time
@@ -10,17 +12,24 @@ from pathlib import Path
 import torch
 
 from ..corpus import real_text_splits
+from ..devices import dequant_backend_from_env
 from ..errors import UserError
 from ..fsio import write_json, write_text
-from ..model.discover import is_causal_lm
-from ..model.weights import fingerprint
+from ..model.discover import discover_matrices, is_causal_lm
+from ..model.resolve import resolve_model
+from ..model.weights import FLOAT_CODES
 from ..plan.document import Plan
-from .apply import apply_plan, quantized_bytes
+from ..plan.train_memory import TrainShape, predict
+from .apply import LayerRecipe, quantized_bytes
+from .build import build_student
 from .evaluate import embedding_cosine, perplexity
 from .export import save_quantized
 from .loop import train
 from .parallel import setup_distributed
+from .reference import reference_perplexity
 from .settings import TrainSettings
+
+ADAPTER_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _no_dropout_config(config):
@@ -33,25 +42,47 @@ def _no_dropout_config(config):
 
 
 def peak_memory(device) -> dict:
-    """Peak memory so far: the CUDA allocator's peak on GPU, else the process's peak resident set size."""
+    """Peaks from process start (never reset, so no spike is hidden): the CUDA allocator's allocated and reserved
+    bytes on a GPU, and the host's max resident set size. peak_memory_bytes is the GPU's allocated peak on a GPU,
+    else the host RSS peak."""
+    rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     if device.type == "cuda":
-        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory_kind": "cuda_allocated"}
-    return {"peak_memory_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
-            "peak_memory_kind": "process_rss"}
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory_kind": "cuda_allocated",
+                "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)), "host_max_rss_bytes": rss}
+    return {"peak_memory_bytes": rss, "peak_memory_kind": "process_rss", "host_max_rss_bytes": rss}
+
+
+def training_dtype(device, s: TrainSettings) -> torch.dtype:
+    """What the unplanned tensors (embeddings, norms, head) are held in: bf16 under bf16 autocast, else fp32."""
+    bf16 = device.type == "cuda" if s.bf16 == "auto" else bool(s.bf16)
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def predicted_memory(source, plan: Plan, s: TrainSettings, dtype: torch.dtype) -> dict | None:
+    """The training-memory model's prediction for this run (decoders; None where the model has no decoder sizes)."""
+    planned = {e.name for e in plan.matrices}
+    infos = {m.tensor_key for m in discover_matrices(source, include_head=True) if m.name in planned}
+    unplanned = sum(math.prod(e.shape) * dtype.itemsize if e.dtype in FLOAT_CODES else e.nbytes
+                    for k, e in source.tensors.items() if k not in infos)
+    shape = TrainShape(s.batch_size, s.max_len, s.gradient_checkpointing, s.optimizer, s.adapter_dtype)
+    try:
+        return predict(source.config, plan.matrices, unplanned, shape)
+    except UserError:
+        return None
 
 
 def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir=None, texts=None, tokenizer=None,
-             device=None, progress: bool = True) -> dict:
-    """What `lqplan train` does: load the model folder (default: the plan's model.source), apply the plan
-    (settings.init, settings.method: apply_plan's layer method, None = each plan entry's own), fine-tune the
+             device=None, progress: bool = True, cache_dir=None) -> dict:
+    """What `lqplan train` does: build the quantized student straight from the model folder's shards (default
+    folder: the plan's model.source; planner.train.build: never the full-precision model in memory), fine-tune the
     adapters on the real-text train split (or `texts`), evaluate on settings.eval_texts held-out paragraphs before
-    and after and the full-precision model (perplexity for causal LMs, embedding cosine to the full-precision model
-    for encoders), and, with `out_dir`, write train_report.json + train_report.md and, with settings.save_model,
-    save the quantized model (save_quantized) to out_dir/quantized. save_every / resume: checkpoints in out_dir
-    (see train()). settings.dropout=False zeroes the model's dropout probabilities. Under torchrun it trains
-    data-parallel and only rank 0 writes. `tokenizer`: default, the folder's own. Returns the report (a dict, with
-    the history)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    and after and the full-precision model (perplexity for causal LMs, streamed layer by layer and cached in
+    `cache_dir`; embedding cosine to the full-precision teacher for encoders), and, with `out_dir`, write
+    train_report.json + train_report.md and, with settings.save_model, the quantized model (save_quantized) to
+    out_dir/quantized. Memory peaks are from process start: after building the student and at the end, next to
+    the training-memory model's prediction. Under torchrun it trains data-parallel and only rank 0 writes.
+    `tokenizer`: default, the folder's own. Returns the report (a dict, with the history)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     s = settings if settings is not None else TrainSettings()
     s.check_checkpoint_folder(out_dir)  # before anything is loaded
@@ -60,8 +91,9 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     if not folder or not (Path(folder) / "config.json").is_file():
         raise UserError(f"model folder {folder!r} not found; pass model=<the Hugging Face folder the plan was "
                         "made for> (--model)")
-
-    plan.check_model(fingerprint(folder))  # before anything is loaded or written
+    source = resolve_model(folder)
+    plan.check_model(source.fingerprint)  # before anything is loaded or written
+    recipe = LayerRecipe.of(plan, s.init, s.method)
     import torch.distributed as dist
 
     joined_here = dist.is_available() and not dist.is_initialized()
@@ -70,7 +102,6 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     if not s.dropout:
         config = _no_dropout_config(config)
     causal = is_causal_lm(config)
-    loader = AutoModelForCausalLM if causal else AutoModel
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -79,31 +110,30 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     splits = real_text_splits()
     held = splits["heldout"][:s.eval_texts]
     train_texts = texts if texts is not None else splits["train"]
-    teacher = None
+    teacher, fp_metric, window = None, None, dict(max_len=s.max_len, stride=max(1, s.max_len // 2))
     if causal:
         metric = "perplexity"
-        evaluate = lambda m: perplexity(m, tokenizer, held, max_len=s.max_len,  # noqa: E731
-                                        stride=max(1, s.max_len // 2), shard=True)
-        fp_model = loader.from_pretrained(folder, dtype=torch.float32).to(dev)
-        fp_metric = evaluate(fp_model)
-        del fp_model
+        evaluate = lambda m: perplexity(m, tokenizer, held, shard=True, **window)  # noqa: E731
+        if s.reference:
+            fp_metric = reference_perplexity(source, config, tokenizer, held, device=dev, cache_dir=cache_dir,
+                                             **window)
     else:
         metric = "embedding_cosine"
         teacher = AutoModel.from_pretrained(folder, dtype=torch.float32).to(dev).eval()
         evaluate = lambda m: embedding_cosine(m, teacher, tokenizer, held, max_len=s.max_len, shard=True)  # noqa: E731
         fp_metric = 1.0  # the full-precision model is the reference itself
-    student = loader.from_pretrained(folder, config=config, dtype=torch.float32)
     torch.manual_seed(s.seed)  # zero-init (QLoRA) adapters draw lora_A at random: the same on every rank and rerun
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t = time.perf_counter()
-    extra = {} if s.method is None else {"method": s.method}  # None: apply_plan follows each plan entry's method
-    apply_plan(student, plan, model_path=folder, device=dev, init=s.init, progress=progress and dist_info.main,
-               **extra)
+    dtype = training_dtype(dev, s)
+    student = build_student(source, plan, config, recipe, causal=causal, device=dev, dtype=dtype,
+                            adapter_dtype=ADAPTER_TORCH[s.adapter_dtype], backend=dequant_backend_from_env(),
+                            progress=progress and dist_info.main)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
     quantize_seconds = time.perf_counter() - t
+    apply_peaks = peak_memory(dev)
     out = None if out_dir is None else Path(out_dir)
     t = time.perf_counter()
     history = train(student, tokenizer, train_texts, s, objective="causal" if causal else "distill", teacher=teacher,
@@ -120,9 +150,12 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
               "metric": metric, "full_precision": fp_metric, "before": evals[0], "after": evals[-1], "steps": s.steps,
               "batch_size": s.batch_size, "grad_accum": s.grad_accum,
               "global_batch": s.batch_size * dist_info.world * s.grad_accum, "max_len": s.max_len, "lr": s.lr,
+              "gradient_checkpointing": s.gradient_checkpointing, "optimizer": s.optimizer,
+              "adapter_dtype": s.adapter_dtype,
               "resumed_from": next((h["resumed_from"] for h in history if "resumed_from" in h), None),
               "quantize_seconds": round(quantize_seconds, 3), "train_seconds": round(train_seconds, 3),
               "tokens_per_s": statistics.median(steady) if steady else None, **peak_memory(dev),
+              "apply_peaks": apply_peaks, "predicted_memory": predicted_memory(source, plan, s, dtype),
               "quantized_bytes": held_bytes, "plan_bytes": plan.totals.get("bytes"),
               "bytes_match_plan": held_bytes == plan.totals.get("bytes"), "history": history}
     if out is not None and dist_info.main:
@@ -148,7 +181,7 @@ def write_report(result: dict, out_dir) -> dict:
 
     out = Path(out_dir)
     r = result
-    fmt = (lambda v: "-" if v is None else f"{v:.4f}")  # noqa: E731
+    fmt = (lambda v: "-" if v is None else f"{v:.4f}")  # noqa: E731  (None: the reference was skipped)
     losses = [h["loss"] for h in r["history"] if "loss" in h]
     rate = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
     lines = [
@@ -166,7 +199,12 @@ def write_report(result: dict, out_dir) -> dict:
         f"| quantization time | {r['quantize_seconds']:.2f} s |",
         f"| training time (this process) | {r['train_seconds']:.2f} s |",
         f"| tokens/s (median after warm-up) | {rate} |",
-        f"| peak memory ({r['peak_memory_kind']}) | {_fmt_bytes(r['peak_memory_bytes'])} |",
+        f"| peak memory from process start ({r['peak_memory_kind']}) | {_fmt_bytes(r['peak_memory_bytes'])} |",
+        f"| peak memory after building the student | {_fmt_bytes(r['apply_peaks']['peak_memory_bytes'])} |",
+        f"| GPU reserved peak / host max RSS | {_fmt_bytes(r.get('peak_reserved_bytes'))} / "
+        f"{_fmt_bytes(r['host_max_rss_bytes'])} |",
+        f"| predicted training peak (memory model) | "
+        f"{_fmt_bytes((r.get('predicted_memory') or {}).get('peak_bytes'))} |",
         f"| quantized bytes held / plan | {r['quantized_bytes']:,} / {r['plan_bytes']:,} "
         f"({'equal' if r['bytes_match_plan'] else 'DIFFERENT'}) |",
     ]

@@ -137,6 +137,22 @@ def resume(state: TrainState, path: Path, info: RankInfo, device) -> None:
         clean_stale_temps(path.parent)
 
 
+def make_optimizer(s: TrainSettings, params):
+    """torch's AdamW or SGD, or bitsandbytes' 8-bit (optionally paged) AdamW, whose moments take 2 bytes per
+    adapter parameter instead of 8 (an optional extra: pip install -e ".[bnb]")."""
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError(f"--optimizer {s.optimizer} needs bitsandbytes: pip install -e \".[bnb]\" (a CUDA machine), "
+                        "or use --optimizer adamw") from None
+    cls = bnb.optim.PagedAdamW8bit if s.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=s.lr, weight_decay=s.weight_decay)
+
+
 def train(model, tokenizer, texts, settings: TrainSettings | None = None, *, objective: str = "auto", teacher=None,
           eval_fn=None, progress: bool = True, checkpoint_dir=None, run_tag: dict | None = None,
           find_unused_parameters: bool = False) -> list[dict]:
@@ -170,7 +186,7 @@ def train(model, tokenizer, texts, settings: TrainSettings | None = None, *, obj
     adapters = {names[id(p)]: p for p in params}
     identity = {"objective": objective, "world": info.world, "texts": len(texts),
                 "adapters": [[n, list(p.shape)] for n, p in adapters.items()], **s.resume_key(), **(run_tag or {})}
-    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    optimizer = make_optimizer(s, params)
     state = TrainState(adapters, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s)), data, identity)
     ckpt = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT
     if s.resume and ckpt is not None:

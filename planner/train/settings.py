@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..plan.train_memory import ADAPTER_DTYPES, OPTIMIZERS
 from .apply import INITS, METHODS
 
 SCHEDULES = ("constant", "cosine")
@@ -68,6 +69,9 @@ class TrainSettings:
     init: str = "loftq"
     method: str | None = None  # apply_plan's layer method; None = each plan entry's own
     save_model: bool = True
+    adapter_dtype: str = "fp32"  # the adapters' dtype while training (the plan counts them at 16 bits either way)
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes) | sgd
+    reference: bool = True  # evaluate the full-precision model too (streamed, cached)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_texts", "log_every"):
@@ -85,6 +89,8 @@ class TrainSettings:
         _choice("init", self.init, INITS)
         _choice("method", self.method, (None, *METHODS))
         _choice("bf16", self.bf16, ("auto", True, False))
+        _choice("adapter_dtype", self.adapter_dtype, tuple(ADAPTER_DTYPES))
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
 
     def check_checkpoint_folder(self, folder) -> None:
         """save_every / resume write and read checkpoints in `folder`, so they need one."""
@@ -96,6 +102,8 @@ class TrainSettings:
         order and the LR curve depend on them)."""
         key = {name: getattr(self, name) for name in ("batch_size", "grad_accum", "max_len", "lr", "weight_decay",
                                                       "max_grad_norm", "warmup_steps", "schedule", "seed")}
+        if (self.adapter_dtype, self.optimizer) != ("fp32", "adamw"):  # older checkpoints lack them: defaults
+            key.update(adapter_dtype=self.adapter_dtype, optimizer=self.optimizer)
         if self.schedule == "cosine":
             key["steps"] = self.steps  # the schedule's shape depends on it; a constant-LR run may be extended
         return key

@@ -1,0 +1,80 @@
+"""The full-precision model's metric on held-out text without the full-precision model in memory: the model runs
+with one layer block on the device at a time (each block is loaded from its shard just before it runs and
+released after, so a 13B model's reference perplexity needs a few GB of device memory instead of 52 GB), and the
+result is cached by model fingerprint and evaluation-text digest, so it is computed once per model and text."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_module_tensor_to_device
+from torch import nn
+
+from ..fsio import write_json
+from ..model.resolve import ModelSource
+from .build import load_tensors, meta_names, skeleton
+from .evaluate import perplexity
+
+
+def layer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The numbered layer blocks (children of a ModuleList) that hold most of a transformer's weights."""
+    return [(f"{name}.{i}" if name else str(i), block) for name, mod in model.named_modules()
+            if isinstance(mod, nn.ModuleList) for i, block in enumerate(mod)]
+
+
+def streamed_reference(source: ModelSource, config, *, causal: bool, device, dtype=torch.float32) -> nn.Module:
+    """The full-precision model in `dtype` whose layer blocks are loaded onto `device` just before they run and
+    released after (forward hooks); everything outside the blocks is loaded once. For inference only."""
+    model = skeleton(config, causal)
+    blocks = layer_blocks(model)
+    inside = tuple(name + "." for name, _ in blocks)
+    load_tensors(model, source, [n for n in meta_names(model) if not n.startswith(inside)], device, dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for name, block in blocks:
+        names = [f"{name}.{n}" for n in meta_names(block)]
+
+        def fetch(module, args, names=names):
+            load_tensors(model, source, names, device, dtype)
+
+        def release(module, args, output, names=names):
+            for n in names:
+                set_module_tensor_to_device(model, n, "meta")
+
+        block.register_forward_pre_hook(fetch)
+        block.register_forward_hook(release)
+    for name, buf in model.named_buffers():
+        if not buf.is_meta:
+            set_module_tensor_to_device(model, name, device, value=buf)
+    return model
+
+
+
+def text_digest(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def reference_perplexity(source: ModelSource, config, tokenizer, texts: list[str], *, max_len: int, stride: int,
+                         device, cache_dir=None) -> float:
+    """The full-precision (fp32) model's perplexity on `texts`, streamed layer by layer and cached in
+    cache_dir/<fingerprint>/reference/ by the text's digest and the window settings."""
+    key = f"ppl-{text_digest(texts)}-L{max_len}-S{stride}-fp32"
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "reference" / f"{key}.json"
+        try:
+            return float(json.loads(path.read_text())["perplexity"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # missing or unreadable: compute it
+    model = streamed_reference(source, config, causal=True, device=device)
+    # the same window batches as the quantized model's evaluation, so the figures compare like for like
+    value = perplexity(model, tokenizer, texts, max_len=max_len, stride=stride, device=device)
+    if path is not None:
+        write_json(path, {"perplexity": value, "texts": len(texts), "max_len": max_len, "stride": stride})
+    return value
