@@ -57,11 +57,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokenizer", default=None, help="folder with the tokenizer files (default: the embedded MiniLM)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    src = default_model_path()
+    src = Path(args.tokenizer) if args.tokenizer else default_model_path()
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy(src / name, out / name)

@@ -81,6 +81,12 @@ def cmd_plan(args) -> int:
         print(f"solver: the time limit ({args.time_limit:g} s) stopped the proof; the plan is the best found, within "
               f"the gap above of optimal. --time-limit 0 waits for the proof")
     print(f"profile: {res.stats.summary()}")
+    train = res.plan.budget.get("train")
+    if train:
+        print(f"memory: the fine-tune (batch {train['batch']} x {train['seq_len']}, checkpointing "
+              f"{'on' if train['gradient_checkpointing'] else 'off'}) is predicted to peak at "
+              f"{train['predicted_peak_bytes'] / 1e9:.2f} GB of the {res.plan.budget['spec']} budget "
+              f"(`lqplan memory --plan` prints the terms)")
     if res.comparison:
         c = res.comparison
         print(f"fisher: weighted error {c['fisher_plan_weighted_error']:.6g} (Fisher plan) vs "

@@ -60,7 +60,7 @@ def load_tensors(model: nn.Module, source: ModelSource, names: list[str], device
         # opened per shard: a handle kept open keeps every touched page of its mmap resident
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name, key in pairs:
-                t = f.get_tensor(key)
+                t = f.get_tensor(key).to(device)  # cast on the device: a GPU converts far faster than the host
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
                 set_module_tensor_to_device(model, name, device, value=t, dtype=t.dtype)
