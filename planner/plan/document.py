@@ -216,7 +216,5 @@ def _recomputed_totals(plan: Plan, stored: dict) -> dict:
     """The totals a reader shows: recomputed from the entries (as Plan.from_entries computes them), with only
     what the entries cannot tell (the unplanned bytes, the budget) taken from the document."""
     unplanned, budget_bits = stored.get("unplanned_bytes"), stored.get("budget_bits")
-    if budget_bits is None and _is_int(plan.budget.get("bits")):
-        budget_bits = plan.budget["bits"]
     return Plan.from_entries(plan.model, plan.budget, plan.matrices, unplanned_bytes=unplanned,
                              budget_bits=budget_bits).totals
