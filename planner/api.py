@@ -4,6 +4,7 @@ A training script can call `make_plan(...)` and then `planner.train.apply_plan(m
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from quant.weighting import fisher_scales, weighted_error
 from . import __version__
 from .devices import resolve_device
 from .errors import UserError
+from .fsio import write_json
 from .model.discover import discover_matrices, planned_params, unplanned_bytes
 from .model.resolve import ModelSource, resolve_model
 from .model.stream import iter_matrices
@@ -67,6 +69,9 @@ def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, 
         entries.append(PlanEntry.of(info.name, info.shape, point, row["error"]))
     solver_info = {k: getattr(solution, k) for k in ("solver", "status", "proof", "objective", "bound", "gap",
                                                      "seconds") if hasattr(solution, k)}
+    if solver_info.get("proof") not in (None, "", "mip"):
+        # the MIP solver did not run: name what proved the plan (dp, lp-bound, fixing), not the unused MIP solver
+        solver_info["solver"] = solver_info["proof"]
     solver_info["mip_rel_tol"] = RTOL  # "optimal" means proven within this relative tolerance of the total error
     return Plan.from_entries(
         {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
@@ -221,17 +226,45 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
     paths["plan"] = out / "plan.json"
 
     if reports:
-        grid_bpp = sorted({round(b, 3) for b in (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.127, 4.5, 5.0)})
-        curve_budgets = [int(b * planned_params(matrices)) for b in grid_bpp]
-        try:
-            curve = error_budget_curve(table, curve_budgets)
-        except UserError:
-            curve = None
+        curve = budget_curve(table, planned_params(matrices))
         uniform = uniform_solutions(table, budget_bits)
         extra = {"profile_seconds": round(stats.seconds, 2), "computed_points": stats.computed_points,
                  "cached_points": stats.cached_points, "computed_matrices": len(stats.computed_matrices),
                  "total_seconds": round(time.perf_counter() - t0, 2)}
+        # timings stay out of plan.json (same inputs, same bytes); `lqplan report` shows them again from here
+        seconds = {"solver_seconds": plan.solver["seconds"]} if "seconds" in plan.solver else {}
+        write_json(out / RUN_STATS, {**extra, **seconds})
+        paths["run_stats"] = out / RUN_STATS
         if comparison:
             extra["fisher_comparison"] = comparison
         paths.update(write_reports(plan, table, out, curve, uniform, extra))
     return PlanResult(plan, table, stats, paths, comparison)
+
+
+CURVE_BITS_PER_PARAM = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.127, 4.5, 5.0)
+RUN_STATS = "run.json"
+
+
+def budget_curve(table: pd.DataFrame, params: int) -> pd.DataFrame | None:
+    """The reports' error-budget curve: the ILP re-solved at CURVE_BITS_PER_PARAM (None when it cannot be)."""
+    budgets = [int(b * params) for b in sorted({round(b, 3) for b in CURVE_BITS_PER_PARAM})]
+    try:
+        return error_budget_curve(table, budgets)
+    except UserError:
+        return None
+
+
+def read_run_stats(folder: Path) -> dict:
+    """The run statistics `make_plan` left beside a plan (run.json), or {} when there are none readable: they
+    only decorate the report, so a damaged file is skipped with a warning rather than refused."""
+    path = Path(folder) / RUN_STATS
+    if not path.is_file():
+        return {}
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        stats = None
+    if not isinstance(stats, dict) or not all(isinstance(v, (int, float, str)) for v in stats.values()):
+        log.warning("ignoring unreadable run statistics %s", path)
+        return {}
+    return stats

@@ -68,6 +68,8 @@ def atomic_path(path: str | os.PathLike):
         os.close(fd)
     try:
         yield Path(tmp)
+        # again: a writer may have replaced the temp file with one of its own (safetensors' save_file does, 0600)
+        os.chmod(tmp, _FILE_MODE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

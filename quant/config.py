@@ -60,7 +60,7 @@ class QuantConfig:
     # ---- cost -------------------------------------------------------------------------------------------
     @property
     def bits_per_weight(self) -> float:
-        """Nominal bits per weight (METHODS.md): k + scale bits / B (+ second-level scale bits / (B*B2)).
+        """Nominal bits per weight (docs/formulas.md): k + scale bits / B (+ second-level scale bits / (B*B2)).
 
         Exact for tensors whose size is a multiple of B*B2; `storage_bytes` adds padding and the per-tensor offset."""
         k, b = self.bits, self.blocksize

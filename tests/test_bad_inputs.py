@@ -205,7 +205,7 @@ CASES = {
     "model-unknown-alias": (lambda c: c.plan(model="llama9-1b"), None, ["'llama9-1b' is neither", "known alias"]),
     "model-alias-not-cached": (lambda c: c.plan(model="llama2-7b"),
                                lambda mp, c: mp.setenv("HF_HUB_CACHE", str(c.tmp / "empty-hub")),
-                               ["not in the local Hugging Face cache", "huggingface-cli download"]),
+                               ["not in the local Hugging Face cache", "`hf download"]),
     "model-missing-folder": (lambda c: c.plan(model=str(c.tmp / "no" / "such" / "model")), None,
                              ["neither an existing folder", "--model /path/to/hf-folder"]),
     "model-is-a-file": (lambda c: c.plan(model=c.file("weights.txt", b"x")), None, ["is a file", "pass the folder"]),

@@ -15,7 +15,7 @@ from quant.codebooks import (
     nf_construction,
 )
 
-# bitsandbytes' NF4 table (METHODS.md), typed in here independently of quant/codebooks.py.
+# bitsandbytes' NF4 table (docs/formulas.md), typed in here independently of quant/codebooks.py.
 BNB_NF4 = [
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -36,7 +36,7 @@ def test_nf4_construction_reproduces_the_published_table():
 
 
 def _nf_by_formula(bits: int) -> torch.Tensor:
-    """METHODS.md's formula in float64, independent of the implementation's fp32 path."""
+    """docs/formulas.md's formula in float64, independent of the implementation's fp32 path."""
     half = 2 ** (bits - 1)
     pos = norm.ppf(torch.linspace(NF_OFFSET, 0.5, half + 1, dtype=torch.float64)[:-1].numpy())
     neg = -norm.ppf(torch.linspace(NF_OFFSET, 0.5, half, dtype=torch.float64)[:-1].numpy())

@@ -301,13 +301,13 @@ def test_missing_model_errors_name_what_where_and_fix(tmp_path, monkeypatch):
         resolve_model("llama2-13b")
     msg = str(e.value)
     assert "meta-llama/Llama-2-13b-hf" in msg and str(tmp_path / "empty-hub") in msg
-    assert "huggingface-cli download meta-llama/Llama-2-13b-hf" in msg and "--model" in msg and "\n" not in msg
+    assert "`hf download meta-llama/Llama-2-13b-hf" in msg and "--model" in msg and "\n" not in msg
 
     with pytest.raises(UserError, match=r"'llama9-1t'.*alias.*--model /path/to/hf-folder"):
         resolve_model("llama9-1t")
     with pytest.raises(UserError, match=r"'\./no/such/folder'.*--model"):
         resolve_model("./no/such/folder")
-    with pytest.raises(UserError, match=r"someorg/somemodel.*huggingface-cli download someorg/somemodel"):
+    with pytest.raises(UserError, match=r"someorg/somemodel.*`hf download someorg/somemodel"):
         resolve_model("someorg/somemodel")
 
 

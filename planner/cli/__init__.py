@@ -26,8 +26,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lqplan: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lqplan: interrupted; finished work is cached, rerun the same command to resume", file=sys.stderr)
+        print(f"lqplan: interrupted; {_RESUME.get(args.command, 'nothing was written')}", file=sys.stderr)
         return 130
+
+
+# What survives a Ctrl-C, per verb: only the profile is cached; training resumes only from checkpoints it wrote.
+_RESUME = {
+    "plan": "finished matrices are cached in --cache, rerun the same command to resume",
+    "profile": "finished matrices are cached in --cache, rerun the same command to resume",
+    "train": "training resumes only from a checkpoint: rerun with --resume if --save-every wrote one to --out, "
+             "otherwise it starts over",
+}
 
 
 def plan_main(argv: list[str] | None = None) -> int:

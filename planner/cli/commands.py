@@ -7,7 +7,7 @@ from pathlib import Path
 
 from quant import SolverSettings
 
-from ..api import make_plan, profile_manifest
+from ..api import budget_curve, make_plan, profile_manifest, read_run_stats
 from ..corpus import read_text_file
 from ..devices import resolve_device
 from ..errors import UserError
@@ -22,6 +22,7 @@ from ..profile.fisher import get_fisher
 from ..profile.grid import make_grid
 from ..profile.run import run_profile, save_table
 from ..profile.settings import ProfileSettings
+from ..profile.table import read_profile_csv
 from ..report.render import proof_text, write_reports
 from ..train.evaluate import evaluate_quantized
 from ..train.finetune import finetune
@@ -42,6 +43,10 @@ def prepare(args) -> None:
     args.settings = ProfileSettings(grid_from_args(args), args.iters, SolverSettings(method=args.svd), args.calib,
                                     args.calib_tokens, args.include_head)
     args.budget_spec = parse_budget(args.budget) if args.command == "plan" else None
+    if args.quiet and args.calib:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the Fisher model's weight-loading bar: --quiet means no bars at all
     args.train_shape = train_shape(args) if args.command == "plan" else None
 
 
@@ -119,30 +124,22 @@ def cmd_report(args) -> int:
     csv = Path(args.profile) if args.profile else folder / "profile.csv"
     if csv.is_dir():
         csv = csv / "profile.csv"
-    table = _read_profile_csv(csv)
+    table = read_profile_csv(csv)
     _check_profile_matches(plan, table, csv.with_name("profile.json"))
-    paths = write_reports(plan, table, out, None,
-                          uniform_solutions(table, int(plan.totals.get("budget_bits", plan.totals["bits"]))), None)
+    budget_bits = plan.totals.get("budget_bits", plan.budget.get("bits", plan.totals["bits"]))
+    stats = read_run_stats(folder)
+    if "solver_seconds" in stats:  # a timing: kept out of plan.json, shown in the totals as the first render did
+        plan.solver["seconds"] = stats.pop("solver_seconds")
+    paths = write_reports(plan, table, out, budget_curve(table, plan.totals["params"]),
+                          uniform_solutions(table, budget_bits), stats)
     for k, v in paths.items():
         print(f"  {k}: {v}")
     return 0
 
 
-def _read_profile_csv(csv: Path):
-    import pandas as pd
-
-    if not csv.is_file():
-        raise UserError(f"no profile table at {csv}; pass --profile with the profile.csv written by `lqplan plan` "
-                        "or `lqplan profile`")
-    try:
-        return pd.read_csv(csv)
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise UserError(f"{csv} is not a readable profile table ({type(e).__name__}); re-create it with "
-                        "`lqplan profile`") from None
-
-
 def _check_profile_matches(plan, table, manifest: Path) -> None:
-    """The plan and the profile table must describe the same model (fingerprint in profile.json, matrix names)."""
+    """The plan and the profile table must describe the same model (fingerprint in profile.json, matrix names and
+    shapes)."""
     import json
 
     if manifest.is_file():
@@ -157,12 +154,16 @@ def _check_profile_matches(plan, table, manifest: Path) -> None:
             raise UserError(f"the profile table {manifest.with_name('profile.csv')} is for another model (fingerprint "
                             f"{str(fp).split(':')[-1][:12]}…) than the plan ({plan.model.get('name')!r}, "
                             f"{plan.fingerprint.split(':')[-1][:12]}…); pass --profile with that plan's profile.csv")
-    if "matrix" not in table.columns:
-        raise UserError("the profile table has no 'matrix' column; re-create it with `lqplan profile`")
-    missing = sorted({e.name for e in plan.matrices} - set(table["matrix"].astype(str)))
+    missing = sorted({e.name for e in plan.matrices} - set(table["matrix"]))
     if missing:
         raise UserError(f"the profile table lacks {len(missing)} of the plan's matrices (e.g. {missing[0]}): it is "
                         "for another model or grid; pass --profile with that plan's profile.csv")
+    shapes = table.drop_duplicates("matrix").set_index("matrix")[["m", "n"]]
+    for e in plan.matrices:
+        m, n = (int(x) for x in shapes.loc[e.name])
+        if e.shape != (m, n):
+            raise UserError(f"plan entry {e.name} has shape {list(e.shape)} but the profile measured it as {[m, n]} "
+                            "(the plan was edited or is for another model); re-create it with `lqplan plan`")
 
 
 def cmd_grid(args) -> int:
@@ -179,8 +180,9 @@ def cmd_grid(args) -> int:
     print(f"{'label':32} {'bits/weight':>11}" + (f" {'bytes':>14} {'bits/param':>10}" if shape else ""))
     for p in grid:
         line = f"{p.label:32} {p.config.bits_per_weight:11.4f}"
-        if shape and not p.applies_to(shape):
-            line += f" {'n/a (rank > min(out, in/g))':>25}"
+        if shape and (not p.applies_to(shape) or p.rank > min(shape)):
+            why = "rank > min(out, in)" if p.method == "lora" else "rank > min(out, in/g) or in % g != 0"
+            line += f" {'n/a (' + why + ')':>25}"
         elif shape:
             b = p.bits(shape)
             line += f" {b // 8:14d} {b / (shape[0] * shape[1]):10.4f}"

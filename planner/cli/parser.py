@@ -8,8 +8,8 @@ from ..plan.train_memory import ADAPTER_DTYPES, OPTIMIZERS
 
 EXAMPLES = """examples:
   plan --budget 2.75bits --model llama2-13b
-  lqplan plan --budget 2.75bits                      # the embedded default model (all-MiniLM-L6-v2)
-  lqplan plan --budget 3bits --calib pydoc           # Fisher-weighted (LQ-LoRA data-aware)
+  lqplan plan --budget 2.75bits --ranks 8,16,32      # the embedded default model (all-MiniLM-L6-v2, 384 wide)
+  lqplan plan --budget 3bits --ranks 8,16,32 --calib pydoc   # Fisher-weighted (LQ-LoRA data-aware)
   lqplan plan --budget 6GB --model /path/to/hf-folder --bits 2,3,4 --ranks 64
   lqplan memory --model /path/to/folder-with-config.json
   lqplan report --plan lqplan-out/plan.json
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="profile, solve the ILP and write plan.json + reports",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", required=True, help="bits per planned parameter ('2.75bits') or model bytes "
-                   "('6GB', '6GiB', '500MB')")
+                   "('6GB', '6GiB', '500MB'; a lower-case final b, as in '6Gb', is refused: bits or bytes?)")
     p.add_argument("--ilp-solver", choices=("highs", "cbc"), default="highs",
                    help="MIP solver through PuLP, for instances too large for the exact DP: HiGHS (default) or "
                    "PuLP's bundled CBC")

@@ -30,11 +30,14 @@ def _config_source(model) -> tuple[object, str]:
     p = Path(model).expanduser()
     if p.is_dir() or p.is_file():
         target = p if p.is_file() else p / "config.json"
+        if target.is_dir():
+            raise UserError(f"{target} is a folder, not a file; restore the model's config.json")
         if not target.exists():
             raise UserError(f"{p} has no config.json; pass the model folder or its config.json")
         try:
-            json.loads(target.read_text())
-        except ValueError:
+            if not isinstance(json.loads(target.read_text()), dict):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError, OSError, RecursionError):
             raise UserError(f"{target} is not valid JSON; pass the model's config.json") from None
         return load_config(target), p.name
     text = str(model)

@@ -71,7 +71,8 @@ def hf_cache_dir() -> Path:
 
 def _download_hint(hub_id: str, config_only: bool = False) -> str:
     what = f"{hub_id} config.json" if config_only else hub_id
-    return (f"run `huggingface-cli download {what}` on a machine with network (and copy the cache), "
+    # huggingface_hub 1.x ships the `hf` command; `huggingface-cli` is gone
+    return (f"run `hf download {what}` on a machine with network (and copy the cache), "
             f"or pass --model /path/to/hf-folder")
 
 
@@ -102,8 +103,12 @@ def _weight_files(folder: Path, name_hint: str) -> tuple[list[Path], dict[str, T
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
             raise UserError(f"{index} is not a valid safetensors index (no weight_map); {name_hint}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v.endswith(".safetensors")
+                                                       and Path(v).name == v for v in weight_map.values()):
+            raise UserError(f"{index}: weight_map must map each tensor name to a shard file name "
+                            f"(\"...-00001-of-0000N.safetensors\") in the same folder; {name_hint}")
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (folder / n).exists()]
         if missing:
@@ -134,6 +139,8 @@ def _weight_files(folder: Path, name_hint: str) -> tuple[list[Path], dict[str, T
 def _load_folder(folder: Path, name: str, hub_id: str | None) -> ModelSource:
     hint = _download_hint(hub_id) if hub_id else "re-download the model or pass --model /path/to/complete/hf-folder"
     cfg_path = folder / "config.json"
+    if cfg_path.is_dir():
+        raise UserError(f"{cfg_path} is a folder, not a file; restore the model's config.json, or {hint}")
     if not cfg_path.exists():
         raise UserError(f"{folder} has no config.json, so its architecture is unknown; copy the model's config.json "
                         f"next to the weights, or {hint}")
@@ -141,7 +148,7 @@ def _load_folder(folder: Path, name: str, hub_id: str | None) -> ModelSource:
         config = json.loads(cfg_path.read_text())
         if not isinstance(config, dict):
             raise ValueError
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError):
         raise UserError(f"{cfg_path} is not valid JSON; restore the model's config.json, or {hint}") from None
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?") if isinstance(

@@ -1,5 +1,5 @@
-"""safetensors files: one header parser (checked against the file's size) and the model
-fingerprint built from it."""
+"""safetensors files: one header parser (checked against the file's size) and the model fingerprint (every byte
+of config.json and the weights)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import UserError
+from .digests import file_digests
 
 # safetensors dtype code -> torch dtype name; only floating types can be planned
 ST_DTYPES = {
@@ -35,38 +36,33 @@ class TensorEntry(NamedTuple):
     nbytes: int
 
 
-def _safetensors_header(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise UserError(f"{path} is not a safetensors file (too short); re-download or re-save the model")
-        (n,) = struct.unpack("<Q", raw)
-        header = f.read(n)
-        if len(header) != n:
-            raise UserError(f"{path} is truncated (header cut off); re-download or re-save the model")
-        return header
+def _config_identity(cfg: Path) -> bytes:
+    """config.json as canonical JSON (key order and whitespace do not change a model's identity)."""
+    fix = "restore the model's config.json (the one saved with the weights)"
+    if not cfg.is_file():
+        raise UserError(f"{cfg} is a folder, not a file; {fix}") if cfg.is_dir() else UserError(
+            f"{cfg.parent} has no config.json, so its architecture is unknown; {fix}")
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise UserError(f"{cfg} is not valid JSON (empty or corrupt); {fix}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {cfg}: {e.strerror or e}; {fix}") from None
+    return json.dumps(config, sort_keys=True).encode()
 
 
 def fingerprint(folder: str | Path) -> str:
-    """A model's identity: sha256 over config.json and every safetensors header (names, dtypes, shapes,
-    offsets), each file's size and its first and last MiB of tensor data. Reading all weights of a 13B model
-    to hash them would take minutes; this takes milliseconds and still changes when any file does."""
+    """A model's identity: sha256 over config.json (canonical JSON) and, per safetensors file in name order, its
+    name and the sha256 of every byte in it. Any change to any tensor changes it, so a profile cached for other
+    weights is never reused. Files are hashed in parallel at disk speed, and each file's digest is memoized by
+    (path, size, mtime, ctime, inode) in a small JSON file (planner.model.digests), so a rerun on unchanged files
+    reads only their stat."""
     folder = Path(folder)
     h = hashlib.sha256()
-    cfg = folder / "config.json"
-    if cfg.exists():
-        h.update(json.dumps(json.loads(cfg.read_text()), sort_keys=True).encode())
+    h.update(_config_identity(folder / "config.json"))
     files = sorted(folder.glob("*.safetensors"))
-    for p in files:
-        header = _safetensors_header(p)
-        size = p.stat().st_size
-        h.update(p.name.encode() + header + str(size).encode())
-        with open(p, "rb") as f:
-            start = 8 + len(header)
-            f.seek(start)
-            h.update(f.read(1 << 20))
-            f.seek(max(start, size - (1 << 20)))
-            h.update(f.read(1 << 20))
+    for p, digest in zip(files, file_digests(files)):
+        h.update(p.name.encode() + b"\0" + digest.encode() + b"\0")
     return "sha256:" + h.hexdigest()
 
 
@@ -92,12 +88,13 @@ def read_header_table(path: Path) -> dict[str, TensorEntry]:
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{path} has an unreadable safetensors header (corrupt file); {fix}") from None
     data_size = size - 8 - n
-    table = {}
+    table, used = {}, 0
     for key, meta in header.items():
         if key == "__metadata__":
             continue
         try:
-            code, shape, (start, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
+            code, shape = meta["dtype"], tuple(int(s) for s in meta["shape"])
+            start, end = (int(x) for x in meta["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: tensor {key!r} has a malformed header entry (corrupt file); {fix}") from None
         if end > data_size:
@@ -110,4 +107,9 @@ def read_header_table(path: Path) -> dict[str, TensorEntry]:
             raise UserError(f"{path}: tensor {key!r} ({code} {list(shape)}) should take {numel * _ST_ITEMSIZE[code]} "
                             f"bytes but its offsets span {end - start} (corrupt file); {fix}")
         table[key] = TensorEntry(path, code, shape, end - start)
+        used = max(used, end)
+    if used != data_size:  # safetensors refuses such a file when it opens it; say so before any work
+        raise UserError(f"{path} has {data_size - used} bytes after its tensor data (corrupt, or another file was "
+                        f"appended); {fix}")
     return table
+

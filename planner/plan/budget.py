@@ -1,13 +1,14 @@
 """Memory budgets: parsed from the command line (bits per parameter, "2.75bits", or bytes of the whole model,
 "6GB"), turned into bits for a model's planned matrices and checked against the grid's cheapest plan.
 
-Accepted units (case-insensitive, optional space between number and unit):
-  bits per planned parameter: bits, bit, bpw, bpp, bits/param, bits/weight
-  bytes of the whole model:   B, kB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of 1024);
-                              a lone lower-case "b" is refused as ambiguous (bit or byte?)
+Accepted units (optional space between number and unit):
+  bits per planned parameter: bits, bit, bpw, bpp, bits/param, bits/weight (any case)
+  bytes of the whole model:   B, kB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of 1024); the prefix
+                              in any case, the final B upper-case: "b", "Gb" or "mib" is refused as ambiguous
+                              (bits or bytes?)
 The number may use a decimal point and an exponent ("6e9B", "2.5e-1GB"). A number without a unit is refused:
-"2.75" could mean bits or gigabytes. A bits budget covers the planned matrices only, adapters included (METHODS.md);
-a bytes budget covers the model as it sits in memory: planned matrices at their configurations plus every
+"2.75" could mean bits or gigabytes. A bits budget covers the planned matrices only, adapters included
+(16-bit LoRA factors, r·(m + n)·16 bits per m×n matrix; docs/formulas.md); a bytes budget covers the model as it sits in memory: planned matrices at their configurations plus every
 unplanned tensor (embeddings, norms, biases) at its own dtype.
 """
 
@@ -57,7 +58,8 @@ class Budget:
     def total_bits(self, planned_params: int, unplanned_bytes: int = 0) -> int:
         """Bits available to the planned matrices (quantized weights, scales and 16-bit adapters)."""
         if planned_params <= 0:
-            raise UserError("the model has no planned matrices; check the --include/--exclude patterns")
+            raise UserError("the model has no planned matrices; pass a model with linear layers in numbered blocks "
+                            "(or --include-head)")
         if self.kind == "bits":
             return math.floor(self._exact * planned_params)
         budget_bytes = math.floor(self._exact)
@@ -107,6 +109,11 @@ def parse_budget(spec: str) -> Budget:
     if unit == "b":
         raise UserError(f"budget {text!r}: lower-case 'b' is ambiguous; write {num}B for bytes or {num}bits for "
                         "bits per parameter")
+    if unit.lower() in BYTE_UNITS and unit.endswith("b"):
+        # "60Gb" is gigabits in the usual notation; reading it as gigabytes would plan 8x the memory
+        raise UserError(f"budget {text!r}: a lower-case 'b' in {unit!r} reads as bits, not bytes; write "
+                        f"{num}{_BYTE_UNIT_NAMES[unit.lower()]} for bytes or {num}bits for bits "
+                        "per parameter")
     exact = Fraction(num)  # from the decimal text, so 2.85bits * params is not subject to float rounding
     low = unit.lower()
     if low in BITS_UNITS:

@@ -14,6 +14,7 @@ have no method key and read as "lora".
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,12 +57,41 @@ class PlanEntry:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PlanEntry":
+        """An entry as plan.json stores it, every field checked: integers are JSON integers (3.0 is not a bit
+        width: it would become the label nf3.0), the rank fits the shape, the error is finite and >= 0."""
+        name = d["name"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"matrix name {name!r} is not a non-empty string")
+        for key in _INT_KEYS:
+            if key in d and not _is_int(d[key]):
+                raise ValueError(f"matrix {name!r}: {key}={d[key]!r} is not an integer")
         cfg = QuantConfig.from_dict({k: d[k] for k in _CONFIG_KEYS if k in d})
-        point = GridPoint(cfg, int(d["rank"]), str(d.get("method", "lora")))
-        shape = tuple(int(x) for x in d["shape"])
-        if len(shape) != 2:
-            raise ValueError(f"matrix {d['name']!r} has shape {list(shape)}; a planned matrix is 2-D")
-        return cls(str(d["name"]), shape, point, float(d["error"]), int(d["bytes"]))
+        if not _is_int(d["rank"]) or d["rank"] < 0:
+            raise ValueError(f"matrix {name!r}: rank={d['rank']!r} is not an integer >= 0")
+        method = d.get("method", "lora")
+        if not isinstance(method, str):
+            raise ValueError(f"matrix {name!r}: method={method!r} is not a string")
+        point = GridPoint(cfg, d["rank"], method)
+        shape = d["shape"]
+        if not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(x) and x > 0 for x in shape):
+            raise ValueError(f"matrix {name!r} has shape {shape!r}; a planned matrix is [out, in] with both > 0")
+        shape = (shape[0], shape[1])
+        if point.rank > min(shape) or not point.applies_to(shape):
+            raise ValueError(f"matrix {name!r}: rank {point.rank} ({point.method}) does not fit its shape "
+                             f"{list(shape)} (at most min(out, in) for LoRA, min(out, in/g) for QA-LoRA)")
+        error = d["error"]
+        if isinstance(error, bool) or not isinstance(error, (int, float)) or not math.isfinite(error) or error < 0:
+            raise ValueError(f"matrix {name!r}: error={error!r} is not a finite number >= 0")
+        if not _is_int(d["bytes"]):
+            raise ValueError(f"matrix {name!r}: bytes={d['bytes']!r} is not an integer")
+        return cls(name, shape, point, float(error), d["bytes"])
+
+
+_INT_KEYS = ("bits", "blocksize", "dq_bits", "dq_blocksize")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -127,11 +157,15 @@ class Plan:
             raise UserError(f"plan schema {schema!r} is not supported (this lqplan reads {SCHEMA!r}); "
                             "re-plan with this version")
         try:
+            if not isinstance(d["matrices"], list) or not d["matrices"]:
+                raise ValueError("it lists no matrices")
+            stored = dict(d["totals"])
             plan = cls(model=dict(d["model"]), budget=dict(d["budget"]),
-                       matrices=[PlanEntry.from_dict(m) for m in d["matrices"]], totals=dict(d["totals"]),
+                       matrices=[PlanEntry.from_dict(m) for m in d["matrices"]], totals=stored,
                        solver=dict(d.get("solver", {})), method=dict(d.get("method", {})),
                        created_by=str(d.get("created_by", "lqplan")))
             plan.validate()  # inside the try: a wrong type in a checked field is malformed input, not a crash
+            plan.totals = _recomputed_totals(plan, stored)
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise UserError(f"the plan is malformed ({type(e).__name__}: {e}); re-create it with `lqplan plan`") from None
         return plan
@@ -165,6 +199,22 @@ class Plan:
                 raise UserError(f"plan entry {e.name}: bytes={e.bytes} but its configuration costs {expect}; "
                                 "the plan was edited or is corrupt; re-create it")
         total = sum(e.bytes for e in self.matrices)
-        if "bytes" in self.totals and int(self.totals["bytes"]) != total:
-            raise UserError(f"plan totals.bytes={self.totals['bytes']} but the matrices add up to {total}; "
-                            "re-create the plan")
+        for key, value in (("bytes", total), ("bits", 8 * total),
+                           ("params", sum(e.shape[0] * e.shape[1] for e in self.matrices))):
+            if key in self.totals and self.totals[key] != value:
+                raise UserError(f"plan totals.{key}={self.totals[key]!r} but the matrices add up to {value}; "
+                                "re-create the plan")
+        fp = self.model.get("fingerprint", "")
+        if not isinstance(fp, str):
+            raise UserError(f"plan model.fingerprint {fp!r} is not a string; re-create the plan")
+        for where, key in ((self.totals, "unplanned_bytes"), (self.totals, "budget_bits"), (self.budget, "bits")):
+            if key in where and not (_is_int(where[key]) and where[key] >= 0):
+                raise UserError(f"plan {key}={where[key]!r} is not an integer >= 0; re-create the plan")
+
+
+def _recomputed_totals(plan: Plan, stored: dict) -> dict:
+    """The totals a reader shows: recomputed from the entries (as Plan.from_entries computes them), with only
+    what the entries cannot tell (the unplanned bytes, the budget) taken from the document."""
+    unplanned, budget_bits = stored.get("unplanned_bytes"), stored.get("budget_bits")
+    return Plan.from_entries(plan.model, plan.budget, plan.matrices, unplanned_bytes=unplanned,
+                             budget_bits=budget_bits).totals

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from .grid import GridPoint
@@ -29,10 +30,29 @@ def _read_cache(path: Path) -> dict:
         return {}
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError):
         points = None
-    if not isinstance(points, dict) or not all(isinstance(v, dict) and "error" in v for v in points.values()):
+    if not isinstance(points, dict) or not all(_complete(v) for v in points.values()):
         log.warning("ignoring unreadable cache file %s (it will be recomputed)", path)
         return {}
     return points
+
+
+# Every field the profile table takes from a cached point (run.build_table), with the check its value must pass.
+POINT_FIELDS = {
+    "error": lambda v: _number(v) and math.isfinite(v) and v >= 0,
+    "error_unweighted": lambda v: _number(v) and math.isfinite(v) and v >= 0,
+    "quant_error": lambda v: _number(v) and (math.isnan(v) or v >= 0),
+    "best_iter": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "regressed": lambda v: isinstance(v, bool),
+}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _complete(point) -> bool:
+    """A cached point a table can be built from; anything less makes the whole file unreadable (recomputed)."""
+    return isinstance(point, dict) and all(k in point and ok(point[k]) for k, ok in POINT_FIELDS.items())
 
 
 def cached_points(folder: Path, name: str) -> dict:

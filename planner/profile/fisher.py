@@ -63,18 +63,6 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
         raise UserError(f"cannot load the tokenizer from {folder} ({type(e).__name__}); Fisher calibration needs "
                         "the model's tokenizer files in the folder, or run without --calib") from None
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    causal = is_causal_lm(config)
-    cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32).to(device)
-    modules_of = _find_modules(model, names)
-    params = {n: m.weight for n, m in modules_of.items()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batches, tokens = [], 0
@@ -87,6 +75,21 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
             break
     if not batches:
         raise UserError("the calibration text produced no tokens; pass a longer --calib file")
+    if tokens < max_tokens:  # plan.json records --calib-tokens: it must be what the Fisher weights were made from
+        raise UserError(f"--calib-tokens {max_tokens} is more than the calibration text holds ({tokens} tokens at "
+                        f"{seq_len} per paragraph); pass --calib-tokens {tokens} or fewer, or a longer --calib file")
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    causal = is_causal_lm(config)
+    cls = AutoModelForCausalLM if causal else AutoModel
+    model = cls.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32).to(device)
+    modules_of = _find_modules(model, names)
+    params = {n: m.weight for n, m in modules_of.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
     model.train()  # dropout on: SimCSE needs it; for causal LMs it matches the fine-tuning regime
     torch.manual_seed(0)

@@ -159,7 +159,9 @@ def save_table(table: pd.DataFrame, out_dir: Path, manifest: dict) -> tuple[Path
 
     out_dir = Path(out_dir)
     csv_path, man_path = out_dir / "profile.csv", out_dir / "profile.json"
-    text = table.to_csv(index=False, float_format="%.10g", lineterminator="\n")
+    # floats as repr writes them (shortest text that reads back exactly): `lqplan report` re-renders from this file
+    # and must show the numbers the plan was made from, not ten-digit roundings of them
+    text = table.to_csv(index=False, lineterminator="\n")
     write_text(csv_path, text)
     manifest = {**manifest, "rows": len(table), "columns": list(table.columns),
                 "sha256": hashlib.sha256(text.encode()).hexdigest()}

@@ -111,7 +111,7 @@ def check_fingerprint(model: nn.Module, plan: Plan, model_path=None, fingerprint
             folder = guess if guess and (Path(guess) / "config.json").is_file() else None
         if folder is None:
             raise UserError("cannot tell which model folder this model came from; pass model_path=<hf folder> or "
-                            "fingerprint=planner.models.fingerprint(folder) to apply_plan")
+                            "fingerprint=planner.model.weights.fingerprint(folder) to apply_plan")
         if not (Path(folder) / "config.json").is_file():
             raise UserError(f"model_path {folder} is not a Hugging Face model folder (no config.json); "
                             "pass the folder the plan was made from")

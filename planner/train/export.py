@@ -42,7 +42,7 @@ WEIGHTS = "model.safetensors"
 def _check_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
     layers = quant_layers(model)
     if not layers:
-        raise UserError("the model has no quantized layers; run planner.apply.apply_plan(model, plan) first")
+        raise UserError("the model has no quantized layers; run planner.train.apply_plan(model, plan) first")
     return layers
 
 
@@ -113,10 +113,11 @@ def _read_manifest(folder: Path) -> dict:
         raise UserError(f"{folder} is not an lqplan quantized folder (no {MANIFEST}); write one with save_quantized")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}; re-save the model with save_quantized") from None
-    if manifest.get("schema") != SCHEMA:
-        raise UserError(f"{path} has schema {manifest.get('schema')!r}, this lqplan reads {SCHEMA!r}; re-save it")
+    schema = manifest.get("schema") if isinstance(manifest, dict) else None
+    if schema != SCHEMA:
+        raise UserError(f"{path} has schema {schema!r}, this lqplan reads {SCHEMA!r}; re-save it")
     return manifest
 
 
@@ -140,8 +141,9 @@ def load_quantized(folder, device=None) -> tuple[nn.Module, Plan]:
     plan = Plan.load(folder / "plan.json")
     try:
         tensors = load_file(str(folder / manifest["weights"]), device=str(device or "cpu"))
-    except (OSError, FileNotFoundError) as e:
-        raise UserError(f"cannot read the weights of {folder}: {e}; re-save the model") from None
+    except (OSError, SafetensorError, KeyError, TypeError) as e:  # SafetensorError: a truncated or corrupt file
+        raise UserError(f"cannot read the weights of {folder} ({type(e).__name__}: {e}); re-save the model with "
+                        "`lqplan train` (or save_quantized)") from None
     model = _skeleton(folder, manifest["architecture"])
     backend = dequant_backend_from_env()
     for name, info in manifest["layers"].items():
