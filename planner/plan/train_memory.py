@@ -109,16 +109,13 @@ def predict(config: dict, plan_entries, unplanned_train_bytes: int, shape: Train
     copy_bytes = 2 * adapter_params // max(1, arch.layers) if shape.adapter_dtype != "bf16" else 0
     per_layer = [layer_activation_bytes(arch, shape.tokens, ranks_by_layer.get(k, [])) + copy_bytes
                  for k in range(arch.layers)]
-    if shape.gradient_checkpointing:
-        # each layer keeps only its input; one layer's activations are rebuilt at a time in backward
-        activations = arch.layers * 2 * arch.hidden * shape.tokens + max(per_layer, default=0)
-    else:
-        activations = sum(per_layer)
+    head = head_bytes(arch, shape.tokens)
+    activations = _activations(arch, shape, max(per_layer, default=0), sum(per_layer), head)
     terms = {"packed_weights": packed, "unplanned_tensors": unplanned_train_bytes,
              "adapter_params": adapter_params * ADAPTER_DTYPES[shape.adapter_dtype],
              "adapter_grads": adapter_params * ADAPTER_DTYPES[shape.adapter_dtype],
              "optimizer_states": adapter_params * STATE_BYTES[shape.optimizer],
-             "activations": activations, "logits_and_loss": head_bytes(arch, shape.tokens),
+             "activations": activations, "logits_and_loss": head,
              "cuda_workspace": CUDA_WORKSPACE}
     return {"shape": shape.to_dict(), "terms": terms, "peak_bytes": sum(terms.values()),
             "adapter_params": adapter_params}
@@ -140,6 +137,16 @@ def training_table(table, grid, train: TrainShape):
     return out
 
 
+def _activations(arch: Architecture, shape: TrainShape, one_layer: int, all_layers: int, head: int) -> int:
+    """Activation bytes at the peak. Without checkpointing every layer's saved tensors are alive when the loss's
+    backward starts (the head's gradients on top). With it each layer keeps only its bf16 input, and one layer's
+    tensors are rebuilt at a time, after the head's gradients are gone: the peak is the larger of the two phases,
+    counted here as the rebuild's excess over the head (measured on the H200: reports/memory.md)."""
+    if not shape.gradient_checkpointing:
+        return all_layers
+    return arch.layers * 2 * arch.hidden * shape.tokens + max(0, one_layer - head)
+
+
 def _layer_of(name: str) -> int:
     for part in name.split("."):
         if part.isdigit():
@@ -153,6 +160,6 @@ def fixed_bytes(config: dict, unplanned_train_bytes: int, shape: TrainShape, ran
     products), logits and loss, workspace."""
     arch = Architecture.from_config(config)
     per_layer = layer_activation_bytes(arch, shape.tokens, [ranks_hint] * 7)
-    activations = (arch.layers * 2 * arch.hidden * shape.tokens + per_layer if shape.gradient_checkpointing
-                   else arch.layers * per_layer)
-    return unplanned_train_bytes + activations + head_bytes(arch, shape.tokens) + CUDA_WORKSPACE
+    head = head_bytes(arch, shape.tokens)
+    activations = _activations(arch, shape, per_layer, arch.layers * per_layer, head)
+    return unplanned_train_bytes + activations + head + CUDA_WORKSPACE
