@@ -8,7 +8,9 @@ set -uo pipefail
 OUT=${1:?usage: memory_70b.sh OUT [TOKENIZER_DIR]}; TOK=${2:-}
 M=${MODEL:-/var/tmp/llama70b-20}; V=/var/tmp/llama70b-10; W=${WORK:-/var/tmp/lq70}; PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$W"
-run() { local name=$1; shift; echo "\$ $*" >> "$OUT/commands.txt"; local t0=$SECONDS
+# ONLY="name name ...": run just those steps (default: all)
+run() { local name=$1; shift; [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
+  echo "\$ $*" >> "$OUT/commands.txt"; local t0=$SECONDS
   "$@" > "$OUT/$name.log" 2>&1; local rc=$?; echo "[$name] rc=$rc $((SECONDS - t0)) s"; tail -4 "$OUT/$name.log"
   { echo "=== $name rc=$rc $((SECONDS - t0)) s: $*"; grep -v "it/s]" "$OUT/$name.log" | tail -40; } >> "${ALL_LOG:-$OUT/all.log}"; }
 lq() { $PY -m planner "$@"; }

@@ -7,7 +7,9 @@ set -uo pipefail
 OUT=${1:?usage: memory_gpu.sh OUT [TOKENIZER_DIR]}; TOK=${2:-}
 M=${MODEL:-/var/tmp/llama13b}; W=${WORK:-/var/tmp/lq}; PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$W"
-run() { local name=$1; shift; echo "\$ $*" >> "$OUT/commands.txt"; local t0=$SECONDS
+# ONLY="name name ...": run just those steps (default: all)
+run() { local name=$1; shift; [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
+  echo "\$ $*" >> "$OUT/commands.txt"; local t0=$SECONDS
   "$@" > "$OUT/$name.log" 2>&1; local rc=$?; echo "[$name] rc=$rc $((SECONDS - t0)) s"; tail -4 "$OUT/$name.log"
   { echo "=== $name rc=$rc $((SECONDS - t0)) s: $*"; grep -v "it/s]" "$OUT/$name.log" | tail -40; } >> "${ALL_LOG:-$OUT/all.log}"; }
 lq() { $PY -m planner "$@"; }

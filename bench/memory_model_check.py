@@ -65,7 +65,8 @@ def main(argv=None) -> list[dict]:
                 predicted = predicted_memory(source, plan, s, torch.bfloat16)  # the GPU's training dtype
                 row = {"plan": plan_path, "bits_per_param": plan.totals["bits_per_param"], "batch": batch,
                        "seq_len": args.seq_len, "gradient_checkpointing": ckpt, "measured_peak_bytes": measured,
-                       "predicted_peak_bytes": predicted["peak_bytes"], "ratio": measured / predicted["peak_bytes"],
+                       "predicted_peak_bytes": predicted["train_peak_bytes"],
+                       "ratio": measured / predicted["train_peak_bytes"],
                        "terms": predicted["terms"]}
                 print(json.dumps({k: v for k, v in row.items() if k != "terms"}), flush=True)
                 rows.append(row)

@@ -132,13 +132,21 @@ def double_quantize(absmax: torch.Tensor, cfg: QuantConfig):
     return pack_codes(codes2, cfg.dq_bits), s2, offset.reshape(()), stored_scales
 
 
+# Elements normalised and looked up per step: bounds the pass's temporaries (fp32 quotients, int64 bucket
+# indices) to ~100 MB whatever the matrix, instead of ~20 bytes per element of a 28672 x 8192 matrix at once.
+CHUNK_ELEMENTS = 1 << 22
+
+
 def _quantize_blocks(w: torch.Tensor, cfg: QuantConfig):
     """Codes (nblocks, B) uint8, the fp32 scales and zero-points as stored, and the stored tensors."""
     numel = w.numel()
     nblocks = cfg.num_blocks(numel)
-    flat = torch.zeros(nblocks * cfg.blocksize, device=w.device, dtype=torch.float32)
-    flat[:numel] = w.reshape(-1).float()
-    blocks = flat.view(nblocks, cfg.blocksize)
+    if numel == nblocks * cfg.blocksize and w.dtype == torch.float32 and w.is_contiguous():
+        blocks = w.view(nblocks, cfg.blocksize)  # no padding needed: no copy
+    else:
+        flat = torch.zeros(nblocks * cfg.blocksize, device=w.device, dtype=torch.float32)
+        flat[:numel] = w.reshape(-1).float()
+        blocks = flat.view(nblocks, cfg.blocksize)
 
     stored = {}
     zero_f = None
@@ -148,9 +156,8 @@ def _quantize_blocks(w: torch.Tensor, cfg: QuantConfig):
         scales = cast_to(hi - lo, cfg.scale_dtype)
         scale_f, zero_f = scales.float(), zeros.float()
         stored.update(scales=scales, zeros=zeros)
-        centered = blocks - zero_f[:, None]
     else:
-        absmax = blocks.abs().amax(dim=1)
+        absmax = torch.maximum(blocks.amax(dim=1), -blocks.amin(dim=1))  # = |blocks|.amax(1), without the copy
         if cfg.double_quant:
             scale_codes, s2, offset, scale_f = double_quantize(absmax, cfg)
             stored.update(scale_codes=scale_codes, scale_scales=s2, scale_offset=offset)
@@ -158,13 +165,17 @@ def _quantize_blocks(w: torch.Tensor, cfg: QuantConfig):
             scales = cast_to(absmax, cfg.scale_dtype)
             scale_f = scales.float()
             stored.update(scales=scales)
-        centered = blocks
 
     # A zero scale (an all-zero block, or a scale that double quantization rounded to 0) maps to code of 0.0.
     safe = torch.where(scale_f == 0, torch.ones_like(scale_f), scale_f)
-    normalized = torch.where(scale_f[:, None] == 0, torch.zeros_like(centered), centered / safe[:, None])
     table = codebook(cfg.kind, cfg.bits, cfg.asymmetric, device=w.device)
-    return nearest_code(normalized, table), scale_f, zero_f, stored
+    codes = torch.empty(nblocks, cfg.blocksize, dtype=torch.uint8, device=w.device)
+    rows = max(1, CHUNK_ELEMENTS // cfg.blocksize)
+    for i in range(0, nblocks, rows):
+        part = blocks[i:i + rows] if zero_f is None else blocks[i:i + rows] - zero_f[i:i + rows, None]
+        normalized = (part / safe[i:i + rows, None]).masked_fill_(scale_f[i:i + rows, None] == 0, 0.0)
+        codes[i:i + rows] = nearest_code(normalized, table)
+    return codes, scale_f, zero_f, stored
 
 
 def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:

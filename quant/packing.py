@@ -8,11 +8,21 @@ from __future__ import annotations
 import torch
 
 
+# Codes packed per step: the int32 working copies stay ~50 MB whatever the matrix (a multiple of 8 codes).
+CHUNK_CODES = 1 << 22
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a flat uint8 tensor of codes (< 2^bits) whose length is a multiple of 8 into a flat uint8 tensor."""
     codes = codes.reshape(-1).to(torch.uint8)
     if codes.numel() % 8:
         raise ValueError(f"packing needs a multiple of 8 codes, got {codes.numel()}")
+    if codes.numel() > CHUNK_CODES and bits != 8:
+        return torch.cat([_pack(codes[i:i + CHUNK_CODES], bits) for i in range(0, codes.numel(), CHUNK_CODES)])
+    return _pack(codes, bits)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.clone()
     if bits in (2, 4):

@@ -329,3 +329,23 @@ def test_cpu_cuda_agree(cfg):
         assert all(torch.equal(q_gpu.tensors()[k].cpu(), v) for k, v in q_cpu.tensors().items())
         assert torch.equal(q_gpu.dequantize().cpu(), q_cpu.dequantize())
     assert torch.equal(q_gpu.to("cpu").dequantize(), q_gpu.dequantize().cpu())
+
+
+@pytest.mark.parametrize("config", [QuantConfig(bits=4), QuantConfig(bits=3, blocksize=32),
+                                    QuantConfig(bits=2, blocksize=128, double_quant=False),
+                                    QuantConfig(kind="int", bits=4, blocksize=64, asymmetric=True, double_quant=False,
+                                                scale_dtype="fp16")])
+def test_the_chunked_passes_store_the_same_bytes_as_one_pass(config, monkeypatch):
+    """The quantizer normalises and packs in chunks to bound its temporaries; chunk boundaries (here mid-matrix,
+    not at row ends) must not change a byte."""
+    import quant.blockwise as blockwise
+    import quant.packing as packing
+
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(3))
+    whole = quantize(w, config)
+    monkeypatch.setattr(blockwise, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(packing, "CHUNK_CODES", 1000)
+    chunked = quantize(w, config)
+    for field in whole.TENSOR_FIELDS:
+        a, b = getattr(whole, field), getattr(chunked, field)
+        assert (a is None and b is None) or torch.equal(a, b)

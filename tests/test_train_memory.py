@@ -97,7 +97,10 @@ def test_predicted_terms_are_the_exact_tensor_sizes():
     assert p["terms"]["adapter_params"] == params * ADAPTER_DTYPES["fp32"]
     assert p["terms"]["optimizer_states"] == params * STATE_BYTES["adamw"]
     assert p["terms"]["unplanned_tensors"] == 1234
-    assert p["peak_bytes"] == sum(p["terms"].values())
+    assert p["train_peak_bytes"] == sum(p["terms"].values())
+    assert p["peak_bytes"] == max(p["train_peak_bytes"], p["apply_peak_bytes"])
+    largest = max(e.shape[0] * e.shape[1] for e in plan.matrices)
+    assert p["apply_peak_bytes"] == held + params * 4 + max(1234, 14 * largest + 64 * 2**20) + 32 * 2**20
     ckpt = predict(cfg.to_dict(), plan.matrices, 1234, TrainShape(2, 32, True))
     assert ckpt["terms"]["activations"] < p["terms"]["activations"]
 

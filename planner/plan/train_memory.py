@@ -94,16 +94,29 @@ def head_bytes(arch: Architecture, tokens: int) -> int:
     return tokens * ((4 * arch.hidden + 4) + (2 + 4) * arch.vocab + 8 + 2 * 4 * arch.vocab)
 
 
-def predict(config: dict, plan_entries, unplanned_train_bytes: int, shape: TrainShape) -> dict:
-    """The predicted peak and its terms (bytes). `plan_entries`: PlanEntry-like objects (name, shape, point);
-    `unplanned_train_bytes`: every tensor the plan does not cover, at its training dtype."""
+def apply_peak_bytes(packed: int, adapter_bytes: int, unplanned: int, largest: int, zero_init: bool) -> int:
+    """The peak while the student is built (planner.train.build): the packed matrices and adapters built so far,
+    plus the matrix in flight: its stored bf16 read and fp32 copy (6 bytes per value) and, for a LoftQ start, the
+    decomposition's fp32 residual and dequantized iterate (8 more); the quantizer's chunked pass adds ~64 MiB. The
+    unplanned tensors are loaded after the last matrix."""
+    in_flight = (6 if zero_init else 14) * largest + 64 * 2**20
+    return packed + adapter_bytes + max(unplanned, in_flight) + CUDA_WORKSPACE
+
+
+def predict(config: dict, plan_entries, unplanned_train_bytes: int, shape: TrainShape,
+            zero_init: bool = False) -> dict:
+    """The predicted peak and its terms (bytes): the training phase's terms, and peak_bytes = the larger of their
+    sum and the build's peak (apply_peak_bytes). `plan_entries`: PlanEntry-like objects (name, shape, point);
+    `unplanned_train_bytes`: every tensor the plan does not cover, at its training dtype; `zero_init`: QLoRA's
+    initialisation (no LoftQ decomposition while building)."""
     arch = Architecture.from_config(config)
-    packed = adapter_params = 0
+    packed = adapter_params = largest = 0
     ranks_by_layer: dict[int, list[int]] = {}
     for e in plan_entries:
         params = e.point.adapter_params(e.shape)
         packed += e.point.bits(e.shape) // 8 - 2 * params
         adapter_params += params
+        largest = max(largest, e.shape[0] * e.shape[1])
         ranks_by_layer.setdefault(_layer_of(e.name), []).append(e.point.rank)
     # fp32 adapters are cast to bf16 in every layer's forward and the copies are saved for backward
     copy_bytes = 2 * adapter_params // max(1, arch.layers) if shape.adapter_dtype != "bf16" else 0
@@ -117,8 +130,9 @@ def predict(config: dict, plan_entries, unplanned_train_bytes: int, shape: Train
              "optimizer_states": adapter_params * STATE_BYTES[shape.optimizer],
              "activations": activations, "logits_and_loss": head,
              "cuda_workspace": CUDA_WORKSPACE}
-    return {"shape": shape.to_dict(), "terms": terms, "peak_bytes": sum(terms.values()),
-            "adapter_params": adapter_params}
+    build = apply_peak_bytes(packed, terms["adapter_params"], unplanned_train_bytes, largest, zero_init)
+    return {"shape": shape.to_dict(), "terms": terms, "train_peak_bytes": sum(terms.values()),
+            "apply_peak_bytes": build, "peak_bytes": max(sum(terms.values()), build), "adapter_params": adapter_params}
 
 
 def train_cost_bits(point, shape, train: TrainShape) -> int:

@@ -66,7 +66,8 @@ def predicted_memory(source, plan: Plan, s: TrainSettings, dtype: torch.dtype) -
                     for k, e in source.tensors.items() if k not in infos)
     shape = TrainShape(s.batch_size, s.max_len, s.gradient_checkpointing, s.optimizer, s.adapter_dtype)
     try:
-        return predict(source.config, plan.matrices, unplanned, shape)
+        return predict(source.config, plan.matrices, unplanned, shape,
+                       zero_init=s.init == "qlora" or not plan.method.get("iters", 5))
     except UserError:
         return None
 
