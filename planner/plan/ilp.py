@@ -111,7 +111,7 @@ def _solve_exact(inst: Instance, restricted, rc: np.ndarray | None, incumbent: n
     try:
         best, _ = mckp.solve(ds, de, rc_kept, list(zip(*matrix_spans(mats))), cap, lower=bound - base,
                              upper=math.fsum(de[at].tolist()), scale=math.fsum(inst.e[incumbent].tolist()),
-                             max_cells=DP_MAX_CELLS, max_bytes=DP_MAX_BYTES)
+                             max_cells=DP_MAX_CELLS, max_bytes=DP_MAX_BYTES, order=inst.alike_order)
         out = np.empty(len(inst.names), dtype=np.int64)
         out[mats[best]] = rows[best]
         return out
