@@ -84,15 +84,6 @@ def _lagrangian_tails(ds, de, spans, active, cap, hulls) -> tuple[float, np.ndar
     return lam, np.concatenate((np.cumsum(least[::-1])[::-1], [0.0]))
 
 
-def _units_order(u: np.ndarray, cap: int) -> np.ndarray:
-    """np.argsort(u) for units 0..cap, twice as fast where (units, position) packs into one int64: a plain sort of
-    the packed keys, then the positions read back from the low bits (ties in position order)."""
-    shift = max(1, (len(u) - 1).bit_length())
-    if cap.bit_length() + shift > 62:
-        return np.argsort(u, kind="stable")
-    return np.sort((u << shift) | np.arange(len(u))) & ((1 << shift) - 1)
-
-
 def _forward(ds, de, spans, active, cap, hulls, target, max_cells, max_bytes):
     """Stage lists (units, errors) after each matrix, only states that can still reach <= target; None if none can."""
     units, errors = np.zeros(1, np.int64), np.zeros(1)
@@ -104,19 +95,16 @@ def _forward(ds, de, spans, active, cap, hulls, target, max_cells, max_bytes):
         if cells > max_cells:
             raise TooLarge
         # Linear filter before building candidates: state s + row j can reach <= target only if its Lagrangian
-        # value errors[s] + lam * units[s] is at most the row's limit. Taken as a mask, each row's survivors stay
-        # in units order, so the candidates are len(use) sorted runs and a stable sort merges them in O(n log runs).
-        value = errors + lam * units
+        # value errors[s] + lam * units[s] is at most the row's limit. Taken as a (row, state) mask, each row's
+        # survivors stay in units order: the candidates are len(use) sorted runs.
         limit = (target + lam * cap - tail[i + 1]) - (de[use] + lam * ds[use])
-        parts = [(units[ok] + d, errors[ok] + v) for d, v, ok in
-                 zip(ds[use].tolist(), de[use].tolist(), (value <= lim for lim in limit.tolist()))]
-        u = np.concatenate([p[0] for p in parts])
-        e = np.concatenate([p[1] for p in parts])
+        j, s = np.nonzero((errors + lam * units)[None, :] <= limit[:, None])
+        u, e = units[s] + ds[use][j], errors[s] + de[use][j]
         fits = u <= cap
         u, e = u[fits], e[fits]
         if len(use) > 1 and len(u):
             # Pareto filter; within equal units any order will do: only the least error of each units survives.
-            order = _units_order(u, cap)
+            order = np.argsort(u, kind="stable")
             u, e = u[order], e[order]
             better = e < np.concatenate(([np.inf], np.minimum.accumulate(e)[:-1]))  # than all with <= units
             u, e = u[better], e[better]
