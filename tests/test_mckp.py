@@ -86,6 +86,25 @@ def test_same_plan_as_the_dense_dp(monkeypatch):
             assert sparse.choice == dense.choice and sparse.proof == dense.proof, bpp
 
 
+def test_alike_order_groups_layers_and_both_tie_branches_run(monkeypatch):
+    """Instance.alike_order puts one type's layers side by side; a noisy table ends with the runner-up check alone,
+    copied layers (exact ties) with the round in name order, and both give the dense DP's plan (checked above)."""
+    table = near_symmetric_table("13b", layers=3, seed=1)
+    inst = Instance(table)
+    kinds = [inst.names[m].split(".")[-1] for m in inst.alike_order.tolist()]
+    assert sum(a != b for a, b in zip(kinds, kinds[1:])) == 6  # 7 runs of 3 layers each
+    rounds = []
+    real = mckp._one_round
+    monkeypatch.setattr(mckp, "_one_round", lambda ds, *a: rounds.append(len(ds)) or real(ds, *a))
+    solve(table, int(2.75 * params_of(table)))
+    assert rounds == []
+    base = near_symmetric_table("13b", layers=1, noise=0.0)
+    copies = pd.concat([base.assign(matrix=base["matrix"].str.replace("layers.0.", f"layers.{k}.", regex=False))
+                        for k in range(4)])
+    solve(copies, int(2.75 * params_of(copies)))
+    assert len(rounds) == 1
+
+
 def test_deterministic_and_independent_of_row_order():
     table = near_symmetric_table("13b", layers=4, seed=3)
     budget = int(2.75 * params_of(table))

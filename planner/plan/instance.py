@@ -62,6 +62,7 @@ class Instance:
         df = df.sort_values(["matrix", "storage_bits", "error", "label"], kind="mergesort", ignore_index=True)
         self.names = list(pd.unique(df["matrix"]))
         # Dominance: sorted by (size, error, label), a row is kept only if it beats every smaller-or-equal row.
+        self.alike_order = _alike_order(df)
         best_before = df.groupby("matrix", sort=False)["error"].cummin().groupby(df["matrix"], sort=False).shift(1)
         keep = best_before.isna().to_numpy() | (df["error"].to_numpy() < best_before.to_numpy())
         df = df.loc[keep].reset_index(drop=True)
@@ -159,6 +160,18 @@ class Instance:
             else:
                 break
         return rows
+
+
+def _alike_order(df: pd.DataFrame) -> np.ndarray:
+    """The matrices (sorted by name) reordered so alike ones are adjacent, for the exact solver's search (see
+    planner.plan.mckp.solve): grouped by their storage table (same shape, same grid), then by the error of the
+    cheapest configuration (a transformer's layers of one role come together), then by name."""
+    bits = df["storage_bits"].to_numpy(dtype=np.int64)
+    lo, hi = matrix_spans(pd.Categorical(df["matrix"]).codes)  # df is sorted by (matrix, storage_bits, error)
+    tables: dict[bytes, int] = {}
+    group = np.array([tables.setdefault(bits[a:b].tobytes(), len(tables)) for a, b in zip(lo, hi)])
+    first_error = df["error"].to_numpy(dtype=np.float64)[lo]
+    return np.lexsort((np.arange(len(lo)), first_error, group))
 
 
 def table_params(table: pd.DataFrame) -> int | None:
