@@ -24,8 +24,9 @@ def load_matrix(info: MatrixInfo, device, dtype):
     if info.transposed:
         t = t.t()
     t = t.to(device=device).to(dtype=dtype).contiguous()
-    # one reduction is the cheap test (NaN/Inf propagate through a sum); the exact check only confirms a hit
-    if not bool(t.sum(dtype=torch.float64).isfinite()) and not bool(t.isfinite().all()):
+    # one reduction is the cheap test (NaN/Inf propagate through a sum; an overflow only costs the exact check,
+    # which confirms a hit); summing in the tensor's own dtype, as a float64 sum may materialise an 8-byte copy
+    if not bool(t.sum().isfinite()) and not bool(t.isfinite().all()):
         raise UserError(f"matrix {info.name} ({info.tensor_key} in {info.file}) contains NaN or Inf; the weights "
                         f"are corrupt: re-download the model")
     return t

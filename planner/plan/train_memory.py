@@ -123,7 +123,7 @@ def predict(config: dict, plan_entries, unplanned_train_bytes: int, shape: Train
     per_layer = [layer_activation_bytes(arch, shape.tokens, ranks_by_layer.get(k, [])) + copy_bytes
                  for k in range(arch.layers)]
     head = head_bytes(arch, shape.tokens)
-    activations = _activations(arch, shape, max(per_layer, default=0), sum(per_layer), head)
+    activations = _activations(arch, shape, max(per_layer, default=0), sum(per_layer), head, 2 * largest)
     terms = {"packed_weights": packed, "unplanned_tensors": unplanned_train_bytes,
              "adapter_params": adapter_params * ADAPTER_DTYPES[shape.adapter_dtype],
              "adapter_grads": adapter_params * ADAPTER_DTYPES[shape.adapter_dtype],
@@ -151,14 +151,16 @@ def training_table(table, grid, train: TrainShape):
     return out
 
 
-def _activations(arch: Architecture, shape: TrainShape, one_layer: int, all_layers: int, head: int) -> int:
-    """Activation bytes at the peak. Without checkpointing every layer's saved tensors are alive when the loss's
-    backward starts (the head's gradients on top). With it each layer keeps only its bf16 input, and one layer's
-    tensors are rebuilt at a time, after the head's gradients are gone: the peak is the larger of the two phases,
-    counted here as the rebuild's excess over the head (measured on the H200: reports/memory.md)."""
+def _activations(arch: Architecture, shape: TrainShape, one_layer: int, all_layers: int, head: int,
+                 dequant: int) -> int:
+    """Activation bytes at the peak, which falls in one of two phases: the loss's backward (the head's gradients
+    alive) or a layer's backward (its weight dequantized to bf16 for the GEMMs, `dequant` bytes for the largest
+    matrix, and with checkpointing that layer's rebuilt tensors). Without checkpointing every layer's saved tensors
+    are alive in both; with it each layer keeps only its bf16 input. Counted as the layer phase's excess over the
+    head term (measured on the H200: reports/memory.md)."""
     if not shape.gradient_checkpointing:
-        return all_layers
-    return arch.layers * 2 * arch.hidden * shape.tokens + max(0, one_layer - head)
+        return all_layers + max(0, dequant - head)
+    return arch.layers * 2 * arch.hidden * shape.tokens + max(0, one_layer + dequant - head)
 
 
 def _layer_of(name: str) -> int:
@@ -175,5 +177,6 @@ def fixed_bytes(config: dict, unplanned_train_bytes: int, shape: TrainShape, ran
     arch = Architecture.from_config(config)
     per_layer = layer_activation_bytes(arch, shape.tokens, [ranks_hint] * 7)
     head = head_bytes(arch, shape.tokens)
-    activations = _activations(arch, shape, per_layer, arch.layers * per_layer, head)
+    largest = max(arch.intermediate, arch.hidden) * arch.hidden
+    activations = _activations(arch, shape, per_layer, arch.layers * per_layer, head, 2 * largest)
     return unplanned_train_bytes + activations + head + CUDA_WORKSPACE
