@@ -83,16 +83,7 @@ class Instance:
         src, dst = [], []
         s, e = self.s.tolist(), self.e.tolist()
         for lo, hi in zip(self.start.tolist(), self.stop.tolist()):
-            hull = [lo]
-            for k in range(lo + 1, hi):
-                while len(hull) >= 2:
-                    a, b = hull[-2], hull[-1]
-                    # drop b unless the slope a->b is strictly steeper than b->k (undominated: s up, e down)
-                    if (e[b] - e[a]) * (s[k] - s[b]) >= (e[k] - e[b]) * (s[b] - s[a]):
-                        hull.pop()
-                    else:
-                        break
-                hull.append(k)
+            hull = lower_hull(s, e, range(lo, hi))
             src.extend(hull[:-1])
             dst.extend(hull[1:])
         src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
@@ -186,6 +177,21 @@ def default_describe(params: int | None) -> Callable[[int], str]:
         per = f" = {bits / params:.6f} bits/param" if params else ""
         return f"{bits:,} bits ({math.ceil(bits / 8):,} bytes of planned matrices{per})"
     return describe
+
+
+def lower_hull(s: list, e: list, rows) -> list[int]:
+    """The lower convex hull (monotone chain) of the points (s[k], e[k]) for `rows` in ascending storage order:
+    a row is dropped unless the slope into it is strictly steeper than the slope out of it (s up, e down)."""
+    hull: list[int] = []
+    for k in rows:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (e[b] - e[a]) * (s[k] - s[b]) >= (e[k] - e[b]) * (s[b] - s[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(k)
+    return hull
 
 
 def matrix_spans(mats: np.ndarray) -> tuple[list[int], list[int]]:

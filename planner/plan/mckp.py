@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .instance import matrix_spans
+from .instance import lower_hull, matrix_spans
 
 FIRST_GAP = 1e-7  # first target's distance above the LP bound, relative to |total error|
 WIDEN = 4.0  # each round that finds no plan multiplies that distance by this
@@ -45,17 +45,7 @@ def lower_hulls(ds: np.ndarray, de: np.ndarray, spans: list[tuple[int, int]], ac
     mats, dx, dy = [], [], []
     s, e = ds.tolist(), de.tolist()
     for i, (lo, hi) in enumerate(spans):
-        hull = []
-        for k in range(lo, hi):
-            if not active[k]:
-                continue
-            while len(hull) >= 2:
-                a, b = hull[-2], hull[-1]
-                if (e[b] - e[a]) * (s[k] - s[b]) >= (e[k] - e[b]) * (s[b] - s[a]):
-                    hull.pop()
-                else:
-                    break
-            hull.append(k)
+        hull = lower_hull(s, e, [k for k in range(lo, hi) if active[k]])
         for a, b in zip(hull[:-1], hull[1:]):
             mats.append(i)
             dx.append(s[b] - s[a])
@@ -123,16 +113,22 @@ def _forward(ds, de, spans, active, cap, hulls, target, max_cells, max_bytes):
     return lists
 
 
+def _at_capacity(ds, spans, active, lists, i: int, c: int):
+    """Matrix i's rows at remaining capacity c: (which rows fit, the state each lands on, their states' errors)."""
+    lo, hi = spans[i]
+    u, e = lists[i - 1] if i else (np.zeros(1, np.int64), np.zeros(1))
+    room = c - ds[lo:hi]
+    pos = np.searchsorted(u, room, side="right") - 1
+    return active[lo:hi] & (room >= 0) & (pos >= 0), pos, e
+
+
 def _trace(ds, de, spans, active, cap, lists) -> np.ndarray:
     """The dense DP's traceback: at capacity c take the first row j minimising f_{i-1}(c - ds[j]) + de[j]."""
     out = np.empty(len(spans), dtype=np.int64)
     c = cap
     for i in range(len(spans) - 1, -1, -1):
         lo, hi = spans[i]
-        u, e = lists[i - 1] if i else (np.zeros(1, np.int64), np.zeros(1))
-        room = c - ds[lo:hi]
-        pos = np.searchsorted(u, room, side="right") - 1
-        ok = active[lo:hi] & (room >= 0) & (pos >= 0)
+        ok, pos, e = _at_capacity(ds, spans, active, lists, i, c)
         vals = np.where(ok, e[np.maximum(pos, 0)] + de[lo:hi], np.inf)
         j = lo + int(np.argmin(vals))
         out[i] = j
@@ -179,10 +175,7 @@ def _runner_up(ds, de, spans, active, cap, lists, plan) -> float:
     best, c, after = np.inf, cap, 0.0
     for i in range(len(spans) - 1, -1, -1):
         lo, hi = spans[i]
-        u, e = lists[i - 1] if i else (np.zeros(1, np.int64), np.zeros(1))
-        room = c - ds[lo:hi]
-        pos = np.searchsorted(u, room, side="right") - 1
-        ok = active[lo:hi] & (room >= 0) & (pos >= 0)
+        ok, pos, e = _at_capacity(ds, spans, active, lists, i, c)
         ok[plan[i] - lo] = False
         if ok.any():
             best = min(best, float((e[pos[ok]] + de[lo:hi][ok]).min()) + after)
