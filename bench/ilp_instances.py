@@ -2,7 +2,7 @@
 
 Near-symmetric = every layer of a matrix type shares one error model and differs only by 1e-4 relative noise per
 (layer, configuration): the hard case for branch and bound (millions of near-equal plans, issue 19), and the shape
-of a real model whose layers look alike. Storage is exact (planner.grid.GridPoint.bits).
+of a real model whose layers look alike. Storage is exact (planner.profile.grid.GridPoint.bits).
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def solve(table: pd.DataFrame, budget_bits: int, solver: str = DEFAULT_SOLVER, t
     """Optimal configuration per matrix under `budget_bits` (see the module docstring for the method).
 
     describe(bits) -> str words a bit count in the user's unit for the infeasibility message (see
-    planner.budget.Budget.format_bits). fix_by_bound=False skips steps 3-4 and exact_dp=False step 5's DP (for
+    planner.plan.budget.Budget.format_bits). fix_by_bound=False skips steps 3-4 and exact_dp=False step 5's DP (for
     benchmarking the MIP solvers)."""
     t0 = time.perf_counter()
     solver = str(solver).lower()

@@ -4,7 +4,7 @@ bounds. Pure functions over numpy arrays.
 Hand-written because no library solves MCKP exactly, and branch and bound (HiGHS, CBC) stalls on near-symmetric
 instances (layers whose errors agree to 1e-4): millions of near-equal plans to refute (issue 19).
 
-Input: the restricted instance of planner.ilp._restricted: rows sorted by matrix, then storage; each matrix's first
+Input: the restricted instance of planner.plan.ilp._restricted: rows sorted by matrix, then storage; each matrix's first
 row has shift (0 units, 0 error), its later ones more units and less error. For a target error G:
 - rows whose Lagrangian reduced cost exceeds G - LP bound are left out (a plan using one has error > G);
 - stage i keeps the Pareto list of (units used, error) over matrices 0..i-1: f_i(c), the least error within c

@@ -1,7 +1,7 @@
 """Evaluation on real text: perplexity for causal LMs, embedding cosine to the full-precision model for encoders.
 
 Text: `real_text_splits()` — the Python language reference topics shipped with CPython (pydoc_data.topics), split
-by sorted topic name exactly as planner.fisher.pydoc_splits does (every 5th topic held out, the next calibration,
+by sorted topic name exactly as planner.corpus.pydoc_splits does (every 5th topic held out, the next calibration,
 the rest train), so held-out text is never seen by calibration or fine-tuning.
 """
 

@@ -212,7 +212,7 @@ def write_report(result: dict, out_dir) -> dict:
     if r.get("resumed_from") is not None:
         lines.append(f"| resumed from checkpoint at step | {r['resumed_from']} |")
     if r.get("saved"):
-        lines += ["", f"Quantized model saved to `{r['saved']}` (reload: planner.export.load_quantized)."]
+        lines += ["", f"Quantized model saved to `{r['saved']}` (reload: planner.train.load_quantized)."]
     elif r.get("not_saved"):
         lines += ["", f"Quantized model not saved: {r['not_saved']}"]
     write_json(out / "train_report.json", r)
