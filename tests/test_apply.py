@@ -393,7 +393,8 @@ def test_plan_entries_carry_the_method_and_old_plans_read_as_lora(minilm_path):
     for m in doc["matrices"]:
         del m["method"]
     doc["matrices"] = doc["matrices"][1:]
-    doc["totals"]["bytes"] = doc["matrices"][0]["bytes"]
+    m, n = doc["matrices"][0]["shape"]
+    doc["totals"].update(bytes=doc["matrices"][0]["bytes"], bits=8 * doc["matrices"][0]["bytes"], params=m * n)
     assert Plan.from_dict(doc).matrices[0].point == points[names[1]]
 
 

@@ -13,7 +13,7 @@ from planner.plan.budget import Budget, parse_budget
     ("2.5bpw", "bits", 2.5, "bits"),
     ("3BITS/PARAM", "bits", 3.0, "bits"),
     ("6GB", "bytes", 6e9, "GB"),
-    ("6 gb", "bytes", 6e9, "GB"),
+    ("6 GB", "bytes", 6e9, "GB"),  # "6 gb" reads as gigabits: refused (tests/test_robustness.py)
     ("6GiB", "bytes", 6 * 2**30, "GiB"),
     ("500MB", "bytes", 5e8, "MB"),
     ("500MiB", "bytes", 500 * 2**20, "MiB"),

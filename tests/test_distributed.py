@@ -90,8 +90,13 @@ def _info(name, shape):
     return MatrixInfo(name, name + ".weight", Path("x.safetensors"), shape, "float32", 0, name)
 
 
+def _point(value):
+    """A complete cache point (the cache ignores a point missing a field the profile table needs)."""
+    return {"error": value, "error_unweighted": value, "quant_error": value, "best_iter": 1, "regressed": False}
+
+
 def _doc(name, shape, labels, value=1.0):
-    return {"matrix": name, "shape": list(shape), "points": {lb: {"error": value} for lb in labels}}
+    return {"matrix": name, "shape": list(shape), "points": {lb: _point(value) for lb in labels}}
 
 
 def test_missing_costs_counts_only_uncached_points(tmp_path):
@@ -112,9 +117,9 @@ def test_merge_entries_adds_only_what_is_missing(tmp_path):
                                        "c": _doc("c", (4, 4), ["p1"], 4.0)})
     assert written == 2
     a = json.loads((tmp_path / "a.json").read_text())["points"]
-    assert a == {"p1": {"error": 1.0}, "p2": {"error": 3.0}}
+    assert a == {"p1": _point(1.0), "p2": _point(3.0)}
     assert (tmp_path / "b.json").read_bytes() == before_b  # already complete: untouched
-    assert json.loads((tmp_path / "c.json").read_text())["points"] == {"p1": {"error": 4.0}}
+    assert json.loads((tmp_path / "c.json").read_text())["points"] == {"p1": _point(4.0)}
 
 
 # ---- launching and the environment ----------------------------------------------------------------------------
