@@ -241,12 +241,13 @@ def cmd_train(args) -> int:
     settings = train_settings(args)
     _check_writable(args.out, "--out")  # before quantizing and training, not at the first checkpoint
     texts = read_text_file(args.text) if args.text else None
+    heldout = read_text_file(args.eval_text, "--eval-text") if args.eval_text else None
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the weight-loading bars too
     r = finetune(args.plan, settings, model=args.model, out_dir=args.out, texts=texts, device=args.device,
-                 progress=not args.quiet, cache_dir=args.cache)
+                 progress=not args.quiet, cache_dir=args.cache, heldout=heldout)
     if int(os.environ.get("RANK", "0")) == 0:
         rate = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
         print(f"train: {r['steps']} steps ({r['init']}) x global batch {r['global_batch']} on {r['device']} x "
@@ -266,9 +267,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    texts = read_text_file(args.eval_text, "--eval-text") if args.eval_text else None
     r = evaluate_quantized(args.quantized, args.model, eval_texts=args.eval_texts, max_len=args.max_len,
-                           device=args.device)
-    print(f"{r['metric']} on {r['texts']} held-out texts: quantized {r['quantized']:.4f}, "
+                           device=args.device, texts=texts)
+    print(f"{r['metric']} on {r['texts']} {'--eval-text' if texts else 'held-out'} texts: quantized {r['quantized']:.4f}, "
           f"full precision {r['full_precision']:.4f}")
     return 0
 

@@ -15,6 +15,9 @@ EXAMPLES = """examples:
   lqplan report --plan lqplan-out/plan.json
 """
 
+EVAL_TEXT_HELP = ("UTF-8 evaluation text, paragraphs split on blank lines, all of them scored (default: the first "
+                  "--eval-texts paragraphs of the built-in held-out pydoc prose)")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with the house error format: one line on stderr naming the problem and the fix, exit code 2."""
@@ -138,6 +141,7 @@ def _train_parsers(sub) -> None:
     p.add_argument("--no-dropout", action="store_true", help="set the model's dropout probabilities to 0")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: before/after only)")
     p.add_argument("--eval-texts", type=int, default=64, help="held-out paragraphs to evaluate on (default 64)")
+    p.add_argument("--eval-text", default=None, metavar="FILE", help=EVAL_TEXT_HELP)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into --out (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt when it exists")
     p.add_argument("--seed", type=int, default=0)
@@ -157,6 +161,7 @@ def _train_parsers(sub) -> None:
     p.add_argument("--quantized", required=True, help="folder written by `lqplan train` (OUT/quantized)")
     p.add_argument("--model", default=None, help="full-precision model folder (default: the plan's model.source)")
     p.add_argument("--eval-texts", type=int, default=64, help="held-out paragraphs (default 64)")
+    p.add_argument("--eval-text", default=None, metavar="FILE", help=EVAL_TEXT_HELP)
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--device", default="auto")
 
