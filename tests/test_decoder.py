@@ -91,3 +91,35 @@ def test_a_config_without_architectures_is_planned_and_finetuned_as_a_causal_lm(
                  out_dir=tmp_path / "run", progress=False, cache_dir=tmp_path / "c")
     assert r["metric"] == "perplexity" and r["architecture"] == "LlamaForCausalLM"
     assert 1.0 < r["after"] < 2 * 30522 and r["full_precision"] is not None
+
+
+def test_causal_fisher_is_the_mean_of_per_example_squared_next_token_gradients(decoder_folder, bos_tok):
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    calib = load_calib("pydoc")
+    got = compute_fisher(decoder_folder, names, calib, max_tokens=256, seq_len=32, batch_size=4)
+    # Reference: each paragraph alone, its own next-token loss, one backward each, the squares averaged.
+    model = AutoModelForCausalLM.from_pretrained(decoder_folder, dtype=torch.float32)
+    model.train()
+    sums, count, tokens = {n: 0.0 for n in names}, 0, 0
+    for text in calib.texts:
+        ids = bos_tok(text, truncation=True, max_length=32, return_tensors="pt")["input_ids"]
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        for n in names:
+            sums[n] = sums[n] + model.get_submodule(n).weight.grad.pow(2)
+        count += 1
+        tokens += ids.shape[1]
+        if tokens >= 256 and count % 4 == 0:
+            break
+    for n in names:
+        f = sums[n] / count
+        rows, cols = got[n]
+        torch.testing.assert_close(rows, f.mean(dim=1), rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(cols, f.mean(dim=0) / f.mean(), rtol=1e-4, atol=1e-6)
+    # ... which is not the squared gradient of each mini-batch's loss (the former estimator)
+    batch = bos_tok(calib.texts[:4], truncation=True, max_length=32, padding=True, return_tensors="pt")
+    model.zero_grad()
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss.backward()
+    pooled = model.get_submodule(names[0]).weight.grad.pow(2).mean(dim=1)
+    assert not torch.allclose(pooled, got[names[0]][0], rtol=0.05)
