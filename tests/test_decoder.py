@@ -123,3 +123,24 @@ def test_causal_fisher_is_the_mean_of_per_example_squared_next_token_gradients(d
     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss.backward()
     pooled = model.get_submodule(names[0]).weight.grad.pow(2).mean(dim=1)
     assert not torch.allclose(pooled, got[names[0]][0], rtol=0.05)
+
+
+@pytest.mark.parametrize("widths, ranks", [([384] * 36, "8,16,32"), ([640, 256, 256, 640, 640, 640, 640], "8,16,32"),
+                                            ([4096, 4096, 4096, 4096, 4096, 4096, 11008], "16,32,64"),
+                                            ([128, 64], "4,8,16"), ([], "16,32,64")])
+def test_default_ranks_follow_the_median_matrix_width(widths, ranks):
+    from planner.profile.grid import default_ranks
+
+    assert default_ranks(widths) == ranks
+
+
+def test_plan_without_ranks_uses_the_models_default_and_explicit_ranks_are_kept():
+    from planner.cli import commands
+    from planner.cli.parser import build_parser
+
+    seen = []
+    for extra in ([], ["--ranks", "16,32,64"], ["--ranks", "4"]):
+        args = build_parser().parse_args(["plan", "--budget", "2.75bits", *extra])
+        commands.prepare(args)  # parses and checks only: nothing is written
+        seen.append(sorted({p.rank for p in args.settings.grid}))
+    assert seen == [[8, 16, 32], [16, 32, 64], [4]]

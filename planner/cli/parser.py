@@ -8,13 +8,17 @@ from ..plan.train_memory import ADAPTER_DTYPES, OPTIMIZERS
 
 EXAMPLES = """examples:
   plan --budget 2.75bits --model llama2-13b
-  lqplan plan --budget 2.75bits --ranks 8,16,32      # the embedded default model (all-MiniLM-L6-v2, 384 wide)
+  lqplan plan --budget 2.75bits                      # the embedded default model (all-MiniLM-L6-v2, 384 wide)
   lqplan plan --budget 3bits --ranks 8,16,32 --calib pydoc   # Fisher-weighted (LQ-LoRA data-aware)
   lqplan plan --budget 6GB --model /path/to/hf-folder --bits 2,3,4 --ranks 64
   lqplan memory --model /path/to/folder-with-config.json
   lqplan report --plan lqplan-out/plan.json
 """
 
+RANKS_HELP = ("LoRA ranks (0 = no adapter). Default: from the model's planned matrices, r,2r,4r with r the largest "
+              "power of two <= w/48 within 4..16, w the median of their smaller sides (a rank-r adapter on a w x w "
+              "matrix costs 32r/w bits/weight): the 384-wide MiniLM gets 8,16,32, 640-wide Gemma 3 270M 8,16,32, "
+              "4096+ wide models 16,32,64; `grid` uses --shape's smaller side, or 16,32,64 without one")
 EVAL_TEXT_HELP = ("UTF-8 evaluation text, paragraphs split on blank lines, all of them scored (default: the first "
                   "--eval-texts paragraphs of the built-in held-out pydoc prose)")
 
@@ -33,7 +37,7 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("grid and decomposition")
     g.add_argument("--bits", default="2,3,4,8", help="NF code widths to consider (default: 2,3,4,8)")
     g.add_argument("--blocks", default="16,32,64,128", help="first-level block sizes (default: 16,32,64,128)")
-    g.add_argument("--ranks", default="16,32,64", help="LoRA ranks (default: 16,32,64; 0 = no adapter)")
+    g.add_argument("--ranks", default=None, help=RANKS_HELP)
     g.add_argument("--no-double-quant", action="store_true", help="store fp32 block scales instead of 8-bit ones")
     g.add_argument("--method", choices=("lora", "qalora", "both"), default="lora",
                    help="lora: NF configs with LoRA adapters (default); qalora: QA-LoRA points (asymmetric INT --bits "
