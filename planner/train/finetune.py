@@ -146,7 +146,8 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     rates = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
     steady = rates[min(3, len(rates) - 1):] if rates else []  # the first steps include warm-up
     held_bytes = quantized_bytes(student)
-    result = {"schema": "lqplan.train-report/1", "model": str(folder), "architecture": type(student).__name__,
+    result = {"schema": "lqplan.train-report/1", "model": str(folder), "weights": source.note,
+              "architecture": type(student).__name__,
               "device": str(dev), "world_size": dist_info.world, "init": s.init, "method": s.method,
               "metric": metric, "full_precision": fp_metric, "before": evals[0], "after": evals[-1], "steps": s.steps,
               "batch_size": s.batch_size, "grad_accum": s.grad_accum,
@@ -190,6 +191,7 @@ def write_report(result: dict, out_dir) -> dict:
         f"Model `{r['model']}` on {r['device']} x {r['world_size']} process(es); {r['steps']} steps, global batch "
         f"{r['global_batch']} sequences of <= {r['max_len']} tokens (batch {r['batch_size']} x "
         f"{r['world_size']} ranks x {r['grad_accum']} accumulation), lr {r['lr']:g}.",
+        *([f"Weights: {r['weights']}."] if r.get("weights") else []),
         "", f"| metric ({r['metric']}) | value |", "|---|---|",
         f"| full-precision model | {fmt(r['full_precision'])} |",
         f"| quantized, before fine-tuning | {fmt(r['before'])} |",
