@@ -144,3 +144,34 @@ def test_plan_without_ranks_uses_the_models_default_and_explicit_ranks_are_kept(
         commands.prepare(args)  # parses and checks only: nothing is written
         seen.append(sorted({p.rank for p in args.settings.grid}))
     assert seen == [[8, 16, 32], [16, 32, 64], [4]]
+
+
+def test_eval_text_scores_the_given_paragraphs_in_train_and_evaluate(decoder_folder, bos_tok, tmp_path, capsys):
+    from planner.cli import main
+    from planner.profile.grid import GridPoint
+    from planner.train.apply import explicit_plan
+    from planner.train.evaluate import evaluate_quantized
+    from quant import QuantConfig
+
+    model = AutoModelForCausalLM.from_pretrained(decoder_folder)
+    explicit_plan(model, GridPoint(QuantConfig(bits=4, blocksize=64), 4), model_path=decoder_folder,
+                  iters=1).save(tmp_path / "plan.json")
+    paragraphs = ["The quick brown fox jumps over the lazy dog.", "A second paragraph, about something else."]
+    (tmp_path / "eval.txt").write_text("\n\n".join(paragraphs) + "\n")
+    rc = main(["train", "--plan", str(tmp_path / "plan.json"), "--steps", "1", "--batch-size", "2", "--max-len", "32",
+               "--eval-text", str(tmp_path / "eval.txt"), "--out", str(tmp_path / "run"), "--quiet",
+               "--cache", str(tmp_path / "c")])
+    assert rc == 0
+    report = json.loads((tmp_path / "run" / "train_report.json").read_text())
+    full = perplexity(model.eval(), bos_tok, paragraphs, max_len=32, stride=16)
+    assert report["full_precision"] == pytest.approx(full, rel=1e-4)  # the reference scored the file's text
+    capsys.readouterr()
+    rc = main(["evaluate", "--quantized", str(tmp_path / "run" / "quantized"), "--eval-text",
+               str(tmp_path / "eval.txt"), "--max-len", "32"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "perplexity on 2 --eval-text texts" in out
+    want = evaluate_quantized(tmp_path / "run" / "quantized", eval_texts=2, max_len=32, texts=paragraphs)
+    assert f"quantized {want['quantized']:.4f}" in out and f"full precision {full:.4f}" in out
+    assert main(["evaluate", "--quantized", str(tmp_path / "run" / "quantized"), "--eval-text",
+                 str(tmp_path / "none.txt")]) == 2
+    assert "evaluation text file" in capsys.readouterr().err
