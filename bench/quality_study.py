@@ -177,7 +177,8 @@ def build_plan(source, matrices, points: dict[str, GridPoint], arm: Arm, table, 
         shape = tuple(int(x) for x in info.shape)
         entries.append(PlanEntry.of(info.name, shape, point, indexed.loc[(info.name, point.label), "error"]))
     return Plan.from_entries({"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
-                              "architecture": "BertModel"},
+                              "architecture": (source.config.get("architectures") or ["?"])[0],
+                              **({"weights": source.note} if source.note else {})},
                              {"spec": f"{arm.budget}bits", "kind": "bits", "value": arm.budget,
                               "bits": int(arm.budget * planned_params(matrices))}, entries,
                              method={"iters": settings.iters, "solver": solver.key,
@@ -202,11 +203,13 @@ def _cosine(model, tokenizer, texts, teacher_emb, max_len: int) -> float:
 @torch.no_grad()
 def measure_errors(model, plan: Plan, teacher, fisher) -> dict:
     """Σ‖W − Q − adapter‖² and Σ‖D_r(W − Q − adapter)D_c‖² over the applied layers (QA-LoRA: the pooled adapter's
-    dense equivalent), against the full-precision teacher's weights."""
+    dense equivalent), against the full-precision teacher's weights (which may stay on the CPU: each matrix is
+    compared on the applied layer's device)."""
     total = weighted = 0.0
     for e in plan.matrices:
-        w = teacher.get_submodule(e.name).weight.float()
-        res = w - model.get_submodule(e.name).merged_weight()
+        merged = model.get_submodule(e.name).merged_weight()
+        w = teacher.get_submodule(e.name).weight.float().to(merged.device)
+        res = w - merged
         total += float(res.double().pow(2).sum())
         rows, cols = fisher[e.name]
         dr, dc = fisher_scales((rows, cols), w.device)
@@ -245,7 +248,7 @@ def run_arm(plan: Plan, arm: Arm, seed: int, ctx: dict, settings: Settings, solv
     return out
 
 
-def _mean_std(values) -> tuple[float, float]:
+def mean_std(values) -> tuple[float, float]:
     values = [v for v in values if v is not None]
     if not values:
         return math.nan, math.nan
@@ -253,7 +256,7 @@ def _mean_std(values) -> tuple[float, float]:
 
 
 # ---- claims ------------------------------------------------------------------------------------------------------
-def _row(rows, budget, arm):
+def row_of(rows, budget, arm):
     return next((r for r in rows if r["budget"] == budget and r["arm"] == arm), None)
 
 
@@ -264,19 +267,19 @@ CLAIMS = ("At equal bits/param the ILP plan has lower reconstruction error than 
           "At <= 3 bits/param the ILP plan beats uniform QLoRA after the same fine-tuning")
 
 
-def _verdict(claim: str, ok: bool, compared: int, not_compared: str, failed: str, detail: list[str]) -> dict:
+def verdict(claim: str, ok: bool, compared: int, not_compared: str, failed: str, detail: list[str]) -> dict:
     """PASS when every compared budget agreed and at least one was compared; else FAIL with the reason."""
     passed = ok and compared > 0
     return {"claim": claim, "status": "PASS" if passed else "FAIL",
             "reason": "" if passed else (not_compared if not compared else failed), "detail": detail}
 
 
-def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
-    claims = []
-    # 1. Reconstruction error: the data-free ILP plan against every uniform configuration that fits (profile errors).
+def error_claim(rows: list[dict], uniform_best: dict, budgets, claim: str) -> dict:
+    """The data-free ILP plan's profiled error against every uniform configuration that fits, per budget (shared
+    with bench/quality_decoder.py)."""
     parts, ok, compared = [], True, 0
     for b in budgets:
-        ilp, uni = _row(rows, b, "ilp"), uniform_best.get(str(b))
+        ilp, uni = row_of(rows, b, "ilp"), uniform_best.get(str(b))
         if ilp is None or ilp["status"] != "ok" or uni is None:
             parts.append(f"{b}: no uniform configuration fits" if uni is None else f"{b}: ILP infeasible")
             continue
@@ -285,8 +288,13 @@ def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
         ok &= win
         parts.append(f"{b}: ILP {ilp['table_error']:.4g} vs best uniform {uni['label']} {uni['total_error']:.4g} "
                      f"({100 * (ilp['table_error'] / uni['total_error'] - 1):+.1f}%)" + ("" if win else " NOT lower"))
-    claims.append(_verdict(CLAIMS[0], ok, compared, "no budget where a uniform configuration fits",
-                           "the optimal plan is uniform at some budget (a tie is not 'lower')", parts))
+    return verdict(claim, ok, compared, "no budget where a uniform configuration fits",
+                    "the optimal plan is uniform at some budget (a tie is not 'lower')", parts)
+
+
+def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
+    # 1. Reconstruction error: the data-free ILP plan against every uniform configuration that fits (profile errors).
+    claims = [error_claim(rows, uniform_best, budgets, CLAIMS[0])]
     if not any(r.get("cos_after_mean") == r.get("cos_after_mean") for r in rows if r["status"] == "ok"):
         for claim in CLAIMS[1:]:
             claims.append({"claim": claim, "status": "NOT RUN", "reason": "this run did not fine-tune (--errors-only)",
@@ -295,7 +303,7 @@ def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
     # 2. Fisher: lower downstream loss (1 − held-out teacher cosine after fine-tuning) than the data-free plan.
     parts, ok, compared = [], True, 0
     for b in budgets:
-        f, d = _row(rows, b, "ilp_fisher"), _row(rows, b, "ilp")
+        f, d = row_of(rows, b, "ilp_fisher"), row_of(rows, b, "ilp")
         if not (f and d and f["status"] == d["status"] == "ok"):
             continue
         compared += 1
@@ -307,7 +315,7 @@ def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
         parts.append(f"{b}: 1-cos {lf:.4g} (Fisher) vs {ld:.4g} (data-free): {'lower' if win else 'NOT lower'}, seed "
                      f"std {spread:.2g}{noise}; Fisher-weighted error {f['fisher_error']:.4g} vs "
                      f"{d['fisher_error']:.4g}")
-    claims.append(_verdict(
+    claims.append(verdict(
         CLAIMS[1], ok, compared, "no budget to compare",
         "at the budgets marked NOT lower the Fisher plan's held-out loss after fine-tuning is higher although its "
         "Fisher-weighted error is lower: there the lower weighted initial error (Fisher from SimCSE gradients on "
@@ -317,7 +325,7 @@ def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
     for b in budgets:
         if b > 3.0:
             continue
-        p, q = _row(rows, b, "ilp"), _row(rows, b, "qlora")
+        p, q = row_of(rows, b, "ilp"), row_of(rows, b, "qlora")
         if not (p and p["status"] == "ok"):
             continue
         if not (q and q["status"] == "ok"):
@@ -330,7 +338,7 @@ def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
                      f"{q['cos_after_mean']:.4f} ± {q['cos_after_std']:.4f} (QLoRA {q['config']}); adapters "
                      f"{p.get('adapter_bits_per_param', math.nan):.3f} vs {q.get('adapter_bits_per_param', math.nan):.3f} "
                      "bits/param" + ("" if win else " NOT higher"))
-    claims.append(_verdict(
+    claims.append(verdict(
         CLAIMS[2], ok, compared, "no budget <= 3 bits where both fit",
         "QLoRA's fine-tuned cosine is as high at a budget marked below; the ILP minimises reconstruction error only, "
         "so where it spends the bits on quantization rather than adapters (compare the adapter bits/param) "
@@ -339,7 +347,7 @@ def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
-def _fmt(v, spec=".4g"):
+def fmt(v, spec=".4g"):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
     return format(v, spec)
@@ -393,9 +401,9 @@ def render_md(result: dict) -> str:
         lines.append(
             f"| {r['budget']} | {ARM_NAMES[r['arm']]} | {r['config']} | {r['bits_per_param']:.4f} "
             f"({r['adapter_bits_per_param']:.3f}) | "
-            f"{_fmt(r['total_error'])} | {_fmt(r['fisher_error'])} | "
-            f"{r['cos_before_mean']:.4f} ± {r['cos_before_std']:.4f} | {_fmt(r['cos_after_mean'], '.4f')} ± "
-            f"{_fmt(r['cos_after_std'], '.4f')} | {'yes' if r['bytes_match'] else 'NO'} |")
+            f"{fmt(r['total_error'])} | {fmt(r['fisher_error'])} | "
+            f"{r['cos_before_mean']:.4f} ± {r['cos_before_std']:.4f} | {fmt(r['cos_after_mean'], '.4f')} ± "
+            f"{fmt(r['cos_after_std'], '.4f')} | {'yes' if r['bytes_match'] else 'NO'} |")
     lines += ["", "Best uniform configuration per budget (all uniform labels of the data-free profile that fit):", ""]
     for b, u in result["uniform_best"].items():
         lines.append(f"- {b}: " + (f"{u['label']}, {u['bits_per_param']:.4f} bits/param, error {u['total_error']:.4g}"
@@ -409,7 +417,7 @@ def render_md(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     return buf.getvalue()
@@ -443,7 +451,7 @@ def plots(rows: list[dict]) -> dict[str, bytes]:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        out[name] = _png(fig)
+        out[name] = png_bytes(fig)
         plt.close(fig)
     return out
 
@@ -526,7 +534,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, progress: bool
                         for seed in range(settings.seeds)]
                 done[key] = (runs, f"{budget}/{arm.arm}")
                 log(f"{budget} bits {arm.arm:10s} {arm.describe:34s} cos {runs[0]['cos_before']:.4f} -> "
-                    f"{_fmt(_mean_std(r['cos_after'] for r in runs)[0], '.4f')} ({sum(r['seconds'] for r in runs):.1f} s)")
+                    f"{fmt(mean_std(r['cos_after'] for r in runs)[0], '.4f')} ({sum(r['seconds'] for r in runs):.1f} s)")
             runs, first = done[key]
             counts: dict[str, int] = {}
             for e in plan.matrices:
@@ -546,7 +554,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, progress: bool
                        same_run_as=first if first != f"{budget}/{arm.arm}" else None,
                        seeds=[{k: v for k, v in r.items()} for r in runs])
             for k in ("cos_before", "cos_after", "loss_last"):
-                row[f"{k}_mean"], row[f"{k}_std"] = _mean_std(r[k] for r in runs)
+                row[f"{k}_mean"], row[f"{k}_std"] = mean_std(r[k] for r in runs)
             rows.append(row)
         if i + 1 < len(settings.budgets):  # a run cut short still leaves the budgets it finished
             write_outputs(out_dir, header(), rows, uniform_best, mismatch, list(settings.budgets[:i + 1]), False)
@@ -596,6 +604,29 @@ def merge_results(parts: list[Path], out_dir: Path, command: str) -> dict:
                          all(r["complete"] for r in results))
 
 
+def with_overrides(settings, args):
+    """`settings` with --budgets, --seeds, --steps and --lr applied where given (shared with quality_decoder)."""
+    if args.budgets:
+        try:
+            budgets = tuple(float(x) for x in args.budgets.split(",") if x.strip())
+        except ValueError:
+            raise UserError(f"--budgets {args.budgets!r} is not a list of numbers, e.g. 2.5,3.0") from None
+        settings = replace(settings, budgets=budgets)
+    for name in ("seeds", "steps", "lr"):
+        value = getattr(args, name)
+        if value is not None:
+            if value <= 0:
+                raise UserError(f"--{name} {value} must be positive")
+            settings = replace(settings, **{name: value})
+    return settings
+
+
+def print_summary(result: dict, out: Path) -> None:
+    for c in result["claims"]:
+        print(f"{c['status']}: {c['claim']}" + (f" ({c['reason']})" if c["reason"] else ""))
+    print(f"wrote {out / 'quality.md'}, results.json and plots in {result['seconds']:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -619,18 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     settings = quick_settings() if args.quick else Settings()
     try:
-        if args.budgets:
-            try:
-                budgets = tuple(float(x) for x in args.budgets.split(",") if x.strip())
-            except ValueError:
-                raise UserError(f"--budgets {args.budgets!r} is not a list of numbers, e.g. 2.5,3.0") from None
-            settings = replace(settings, budgets=budgets)
-        for name in ("seeds", "steps", "lr"):
-            value = getattr(args, name)
-            if value is not None:
-                if value <= 0:
-                    raise UserError(f"--{name} {value} must be positive")
-                settings = replace(settings, **{name: value})
+        settings = with_overrides(settings, args)
         if args.ranks:
             settings = replace(settings, lora_ranks=args.ranks,
                                qalora_ranks=",".join(r for r in args.ranks.split(",") if r.strip() not in ("", "0")))
@@ -647,9 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"quality_study: error: {e}", file=sys.stderr)
         return 2
-    for c in result["claims"]:
-        print(f"{c['status']}: {c['claim']}" + (f" ({c['reason']})" if c["reason"] else ""))
-    print(f"wrote {out / 'quality.md'}, results.json and plots in {result['seconds']:.0f} s")
+    print_summary(result, out)
     return 0
 
 

@@ -35,7 +35,7 @@ from .plan.ilp import (
 from .plan.train_memory import TrainShape, fixed_bytes, predict, training_table
 from .profile.cache import cache_folder
 from .profile.fisher import get_fisher
-from .profile.grid import GridPoint
+from .profile.grid import GridPoint, default_ranks, make_grid
 from .profile.run import run_profile, save_table
 from .profile.settings import ProfileSettings
 from .report.render import write_reports
@@ -75,7 +75,8 @@ def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, 
     solver_info["mip_rel_tol"] = RTOL  # "optimal" means proven within this relative tolerance of the total error
     return Plan.from_entries(
         {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
-         "architecture": (source.config.get("architectures") or ["?"])[0]},
+         "architecture": (source.config.get("architectures") or ["?"])[0],
+         **({"weights": source.note} if source.note else {})},
         {"spec": budget.spec, "kind": budget.kind, "value": budget.value, "bits": budget_bits}, entries,
         unplanned_bytes=unplanned, budget_bits=budget_bits, solver=solver_info, method=method,
         created_by=f"lqplan {__version__}")
@@ -182,14 +183,16 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
               device: str = "auto", progress: bool = True, reports: bool = True,
               train: TrainShape | None = None) -> PlanResult:
     """Profile → plan → report for one model and budget. `settings`: the grid, LoftQ iterations, solver, Fisher
-    calibration (default ProfileSettings()). `train`: the fine-tune (batch, sequence length, checkpointing,
-    optimizer, adapter dtype) whose peak GPU memory a bytes budget then means (planner.plan.train_memory): the
+    calibration (default: ProfileSettings' grid with the ranks default_ranks picks for the model's widths).
+    `train`: the fine-tune (batch, sequence length, checkpointing, optimizer, adapter dtype) whose peak GPU memory a bytes budget then means (planner.plan.train_memory): the
     ILP spends what the fixed terms leave on packed weights and adapter training state, and plan.json's budget
     records the prediction. Returns the plan, the profile table, the profile's ProfileStats (points computed vs
     cached) and, with a calibration source, the comparison with the data-free plan."""
     t0 = time.perf_counter()
-    settings = settings or ProfileSettings()
     source = resolve_model(model)
+    if settings is None:  # the default grid with the ranks that suit this model's widths, as the CLI's
+        matrices = discover_matrices(source)
+        settings = ProfileSettings(make_grid(ranks=default_ranks(min(m.shape) for m in matrices)))
     matrices = discover_matrices(source, include_head=settings.include_head)
     dev = str(resolve_device(device))
     budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, settings.grid, budget)

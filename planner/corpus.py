@@ -86,7 +86,8 @@ def real_text_splits(max_chars: int = 1000) -> dict[str, list[str]]:
     return {split: [piece for p in paras for piece in _chunk(p, max_chars)] for split, paras in splits.items()}
 
 
-def read_text_file(path) -> list[str]:
-    """Paragraphs (split on blank lines) of a UTF-8 plain-text training file."""
-    return read_paragraphs(Path(path), "training text file", "pass a UTF-8 text file or leave --text out (built-in "
-                           "pydoc text)")
+def read_text_file(path, option: str = "--text") -> list[str]:
+    """Paragraphs (split on blank lines) of a UTF-8 plain-text file: training text (--text) or evaluation text
+    (--eval-text); the error message names the option."""
+    what = "training text file" if option == "--text" else "evaluation text file"
+    return read_paragraphs(Path(path), what, f"pass a UTF-8 text file or leave {option} out (built-in pydoc text)")

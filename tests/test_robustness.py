@@ -478,7 +478,9 @@ def test_readme_and_help_examples_are_feasible_on_the_default_model(example):
     args = build_parser().parse_args(example.split()[1:])
     assert isinstance(args, argparse.Namespace) and args.model is None
     source = resolve_model(None)
-    resolve_budget(source, discover_matrices(source), commands.grid_from_args(args), args.budget)
+    # the grid `lqplan plan` builds: --ranks left out means the ranks that suit the model (commands.prepare)
+    grid = commands.grid_from_args(args, commands.model_default_ranks(args))
+    resolve_budget(source, discover_matrices(source), grid, args.budget)
 
 
 def test_the_project_points_only_at_files_it_has():

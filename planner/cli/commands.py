@@ -19,7 +19,7 @@ from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
 from ..plan.train_memory import TrainShape, predict
 from ..profile.fisher import get_fisher
-from ..profile.grid import make_grid
+from ..profile.grid import DEFAULT_RANKS, default_ranks, make_grid
 from ..profile.run import run_profile, save_table
 from ..profile.settings import ProfileSettings
 from ..profile.table import read_profile_csv
@@ -29,9 +29,20 @@ from ..train.finetune import finetune
 from ..train.settings import TrainSettings
 
 
-def grid_from_args(args):
-    return make_grid(args.bits, args.blocks, args.ranks, double_quant=not args.no_double_quant, method=args.method,
-                     groups=args.groups)
+def grid_from_args(args, ranks: str | None = None):
+    """The grid the flags describe; `ranks` stands in for a --ranks left out (default_ranks of the model)."""
+    given = args.ranks if args.ranks is not None else ranks  # "--ranks=" stays an error, not the default
+    return make_grid(args.bits, args.blocks, given if given is not None else ",".join(map(str, DEFAULT_RANKS)),
+                     double_quant=not args.no_double_quant, method=args.method, groups=args.groups)
+
+
+def model_default_ranks(args) -> str | None:
+    """--ranks left out: the ranks that suit the model's matrix widths (planner.profile.grid.default_ranks), read
+    from its config.json and safetensors headers (no weights loaded); None when --ranks was given."""
+    if args.ranks is not None:
+        return None
+    source = resolve_model(args.model)
+    return default_ranks(min(m.shape) for m in discover_matrices(source, include_head=args.include_head))
 
 
 def prepare(args) -> None:
@@ -40,9 +51,9 @@ def prepare(args) -> None:
     (args.settings, args.budget_spec) for this process and for every torchrun rank alike."""
     _check_writable(args.out, "--out")
     _check_writable(args.cache, "--cache")
-    args.settings = ProfileSettings(grid_from_args(args), args.iters, SolverSettings(method=args.svd), args.calib,
-                                    args.calib_tokens, args.include_head)
     args.budget_spec = parse_budget(args.budget) if args.command == "plan" else None
+    args.settings = ProfileSettings(grid_from_args(args, model_default_ranks(args)), args.iters,
+                                    SolverSettings(method=args.svd), args.calib, args.calib_tokens, args.include_head)
     if args.quiet and args.calib:
         from transformers.utils import logging as hf_logging
 
@@ -167,7 +178,6 @@ def _check_profile_matches(plan, table, manifest: Path) -> None:
 
 
 def cmd_grid(args) -> int:
-    grid = grid_from_args(args)
     shape = None
     if args.shape:
         try:
@@ -177,6 +187,7 @@ def cmd_grid(args) -> int:
         except ValueError:
             raise UserError(f"--shape {args.shape!r} is not MxN with positive integers, e.g. 5120x13824") from None
         shape = (m, n)
+    grid = grid_from_args(args, default_ranks([min(shape)]) if shape else None)
     print(f"{'label':32} {'bits/weight':>11}" + (f" {'bytes':>14} {'bits/param':>10}" if shape else ""))
     for p in grid:
         line = f"{p.label:32} {p.config.bits_per_weight:11.4f}"
@@ -241,12 +252,13 @@ def cmd_train(args) -> int:
     settings = train_settings(args)
     _check_writable(args.out, "--out")  # before quantizing and training, not at the first checkpoint
     texts = read_text_file(args.text) if args.text else None
+    heldout = read_text_file(args.eval_text, "--eval-text") if args.eval_text else None
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the weight-loading bars too
     r = finetune(args.plan, settings, model=args.model, out_dir=args.out, texts=texts, device=args.device,
-                 progress=not args.quiet, cache_dir=args.cache)
+                 progress=not args.quiet, cache_dir=args.cache, heldout=heldout)
     if int(os.environ.get("RANK", "0")) == 0:
         rate = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
         print(f"train: {r['steps']} steps ({r['init']}) x global batch {r['global_batch']} on {r['device']} x "
@@ -266,9 +278,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    texts = read_text_file(args.eval_text, "--eval-text") if args.eval_text else None
     r = evaluate_quantized(args.quantized, args.model, eval_texts=args.eval_texts, max_len=args.max_len,
-                           device=args.device)
-    print(f"{r['metric']} on {r['texts']} held-out texts: quantized {r['quantized']:.4f}, "
+                           device=args.device, texts=texts)
+    print(f"{r['metric']} on {r['texts']} {'--eval-text' if texts else 'held-out'} texts: quantized {r['quantized']:.4f}, "
           f"full precision {r['full_precision']:.4f}")
     return 0
 

@@ -8,12 +8,19 @@ from ..plan.train_memory import ADAPTER_DTYPES, OPTIMIZERS
 
 EXAMPLES = """examples:
   plan --budget 2.75bits --model llama2-13b
-  lqplan plan --budget 2.75bits --ranks 8,16,32      # the embedded default model (all-MiniLM-L6-v2, 384 wide)
+  lqplan plan --budget 2.75bits                      # the embedded default model (all-MiniLM-L6-v2, 384 wide)
   lqplan plan --budget 3bits --ranks 8,16,32 --calib pydoc   # Fisher-weighted (LQ-LoRA data-aware)
   lqplan plan --budget 6GB --model /path/to/hf-folder --bits 2,3,4 --ranks 64
   lqplan memory --model /path/to/folder-with-config.json
   lqplan report --plan lqplan-out/plan.json
 """
+
+RANKS_HELP = ("LoRA ranks (0 = no adapter). Default: from the model's planned matrices, r,2r,4r with r the largest "
+              "power of two <= w/48 within 4..16, w the median of their smaller sides (a rank-r adapter on a w x w "
+              "matrix costs 32r/w bits/weight): the 384-wide MiniLM gets 8,16,32, 640-wide Gemma 3 270M 8,16,32, "
+              "4096+ wide models 16,32,64; `grid` uses --shape's smaller side, or 16,32,64 without one")
+EVAL_TEXT_HELP = ("UTF-8 evaluation text, paragraphs split on blank lines, all of them scored (default: the first "
+                  "--eval-texts paragraphs of the built-in held-out pydoc prose)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +37,7 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("grid and decomposition")
     g.add_argument("--bits", default="2,3,4,8", help="NF code widths to consider (default: 2,3,4,8)")
     g.add_argument("--blocks", default="16,32,64,128", help="first-level block sizes (default: 16,32,64,128)")
-    g.add_argument("--ranks", default="16,32,64", help="LoRA ranks (default: 16,32,64; 0 = no adapter)")
+    g.add_argument("--ranks", default=None, help=RANKS_HELP)
     g.add_argument("--no-double-quant", action="store_true", help="store fp32 block scales instead of 8-bit ones")
     g.add_argument("--method", choices=("lora", "qalora", "both"), default="lora",
                    help="lora: NF configs with LoRA adapters (default); qalora: QA-LoRA points (asymmetric INT --bits "
@@ -138,6 +145,7 @@ def _train_parsers(sub) -> None:
     p.add_argument("--no-dropout", action="store_true", help="set the model's dropout probabilities to 0")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: before/after only)")
     p.add_argument("--eval-texts", type=int, default=64, help="held-out paragraphs to evaluate on (default 64)")
+    p.add_argument("--eval-text", default=None, metavar="FILE", help=EVAL_TEXT_HELP)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into --out (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt when it exists")
     p.add_argument("--seed", type=int, default=0)
@@ -157,6 +165,7 @@ def _train_parsers(sub) -> None:
     p.add_argument("--quantized", required=True, help="folder written by `lqplan train` (OUT/quantized)")
     p.add_argument("--model", default=None, help="full-precision model folder (default: the plan's model.source)")
     p.add_argument("--eval-texts", type=int, default=64, help="held-out paragraphs (default 64)")
+    p.add_argument("--eval-text", default=None, metavar="FILE", help=EVAL_TEXT_HELP)
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--device", default="auto")
 

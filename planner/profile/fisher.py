@@ -3,8 +3,11 @@ matrix, reduced to LQ-LoRA's row/column form F_ij ≈ r_i·c_j.
 
 Losses: causal LMs use next-token cross-entropy. Encoders without a language-model head (the embedded
 all-MiniLM-L6-v2) use the unsupervised SimCSE objective their family is trained with: two dropout views of each
-sentence, InfoNCE over the batch (temperature 0.05) on mean-pooled embeddings. The squared gradient of each
-mini-batch loss is accumulated (an empirical Fisher at mini-batch granularity).
+sentence, InfoNCE over the batch (temperature 0.05) on mean-pooled embeddings.
+
+Causal LMs accumulate the squared gradient of each example's own loss (one backward per sequence, padding cut
+off), the empirical Fisher E_x[(∇ log p(x))²] as LQ-LoRA computes it. SimCSE's loss only exists over a batch (the
+other sentences are its negatives), so encoders accumulate the squared gradient of each mini-batch's loss.
 
 Reduction: r = row means of F and c = column means of F divided by the overall mean, so r·cᵀ keeps F's row and
 column sums (the independence fit of a non-negative matrix); weights are floored in quant.decompose.
@@ -96,18 +99,21 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
     counted = 0
     for enc in (progress(batches) if progress else batches):
         enc = {k: v.to(device) for k, v in enc.items()}
-        model.zero_grad(set_to_none=True)
-        if causal:
-            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-            loss = model(**enc, labels=labels).loss
-        else:
-            loss = _simcse_loss(model, enc)
-        if not math.isfinite(float(loss.detach())):
-            raise UserError("the calibration loss is not finite; check the model weights and the calibration text")
-        loss.backward()
-        for n, p in params.items():
-            sums[n] += p.grad.float().pow(2)
-        counted += 1
+        # causal: one example at a time, each cut to its own tokens (padding on either side never enters)
+        pieces = ([{k: v[i:i + 1, enc["attention_mask"][i].bool()] for k, v in enc.items()}
+                   for i in range(len(enc["input_ids"]))] if causal else [enc])
+        for piece in pieces:
+            if causal and piece["input_ids"].shape[1] < 2:
+                continue  # a one-token paragraph has nothing to predict
+            model.zero_grad(set_to_none=True)
+            loss = model(**piece, labels=piece["input_ids"]).loss if causal else _simcse_loss(model, piece)
+            if not math.isfinite(float(loss.detach())):
+                raise UserError("the calibration loss is not finite; check the model weights and the calibration "
+                                "text")
+            loss.backward()
+            for n, p in params.items():
+                sums[n] += p.grad.float().pow(2)
+            counted += 1
 
     out = {}
     for n, s in sums.items():

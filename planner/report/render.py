@@ -279,7 +279,8 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
     extra = dict(extra or {})
     comparison = extra.pop("fisher_comparison", None) or (plan.method.get("fisher") or {}).get("comparison")
     fisher_df = fisher_frame(comparison)
-    run = {"model": plan.model.get("name", ""), "matrices": len(plan.matrices), **extra}
+    run = {"model": plan.model.get("name", ""), **({"weights": plan.model["weights"]} if plan.model.get("weights")
+                                                   else {}), "matrices": len(plan.matrices), **extra}
     if table is not None and len(table):
         run["configurations profiled per matrix"] = int(table.groupby("matrix").size().max())
     run_df = pd.DataFrame([(k, str(v)) for k, v in run.items()], columns=["item", "value"])

@@ -11,19 +11,33 @@ from ..errors import UserError
 from ..model.discover import is_causal_lm
 
 
+def bos_id(tokenizer) -> int | None:
+    """The token a sequence must start with for this model: the tokenizer's BOS (Gemma, Llama), None where it has
+    none (BERT / MiniLM; their numbers stay as they were). A decoder trained with BOS first scores text without it
+    as out of distribution (Gemma 3 270M: perplexity 75 without, 39 with, on held-out pydoc prose)."""
+    return getattr(tokenizer, "bos_token_id", None)
+
+
 def causal_blocks(tokenizer, texts, max_len: int) -> torch.Tensor:
-    """All texts tokenized, joined by the tokenizer's end-of-text (or separator) token, cut into (N, max_len)."""
+    """All texts tokenized, joined by the tokenizer's end-of-text (or separator) token, cut into (N, max_len).
+    Where the tokenizer has a BOS token every block is BOS + max_len - 1 text tokens: a decoder pretrained with BOS
+    first (Gemma, Llama) is then fine-tuned on what it is evaluated on (planner.train.evaluate.perplexity)."""
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    bos = bos_id(tokenizer)
+    width = max_len if bos is None else max_len - 1
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if sep is not None:
             ids.append(sep)
-    n = len(ids) // max_len
+    n = len(ids) // width if width > 0 else 0
     if n == 0:
         raise UserError(f"the training text has {len(ids)} tokens, fewer than one block of max_len={max_len}; "
                         "pass more text or a smaller max_len")
-    return torch.tensor(ids[: n * max_len], dtype=torch.long).view(n, max_len)
+    blocks = torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
+    if bos is not None:
+        blocks = torch.cat([torch.full((n, 1), bos, dtype=torch.long), blocks], dim=1)
+    return blocks
 
 
 def detect_objective(model) -> str:

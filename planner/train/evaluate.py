@@ -18,6 +18,7 @@ from ..dist import all_sum, joined_shard
 from ..errors import UserError
 from ..model.discover import is_causal_lm
 from ..model.weights import fingerprint
+from .data import bos_id
 from .export import load_quantized
 from .losses import mean_pool
 
@@ -42,7 +43,9 @@ def _check_texts(texts) -> list[str]:
 def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, batch_size: int = 4,
                device=None, shard: bool = False) -> float:
     """exp(mean next-token NLL) over `texts` joined by blank lines, with a sliding window: windows of `max_len`
-    tokens every `stride` tokens, each scoring only the tokens not scored before (all context kept).
+    tokens every `stride` tokens, each scoring only the tokens not scored before (all context kept). Where the
+    tokenizer has a BOS token, every window starts with it (context, not scored) and holds max_len - 1 text
+    tokens, so the first text token is scored too, as the model sees text in training.
 
     shard=True inside a joined process group (DDP): each rank scores every world-th window and the sums are
     all-reduced, so every rank returns the whole text's perplexity for 1/world of the work. Every rank must call."""
@@ -50,13 +53,17 @@ def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, b
     if not 0 < stride <= max_len:
         raise UserError(f"stride={stride} must be in 1..max_len ({max_len}); e.g. stride = max_len // 2")
     device = device or model_device(model)
+    bos = bos_id(tokenizer)
+    prefix = 0 if bos is None else 1
+    width = max_len - prefix  # text tokens per window
+    stride = min(stride, width)  # a stride past the window would leave tokens unscored
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    if ids.numel() < 2:
+    if ids.numel() < 2 - prefix or width < 1:
         raise UserError("evaluation text has fewer than 2 tokens; pass more text")
     windows = []  # (start, end, number of new target tokens at the end)
     prev_end = 0
-    for start in range(0, ids.numel() - 1, stride):
-        end = min(start + max_len, ids.numel())
+    for start in range(0, ids.numel() - 1 + prefix, stride):
+        end = min(start + width, ids.numel())
         windows.append((start, end, end - prev_end))
         prev_end = end
         if end == ids.numel():
@@ -69,14 +76,17 @@ def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, b
     try:
         for i in range(0, len(windows), batch_size):
             group = windows[i:i + batch_size]
-            width = max(e - s for s, e, _ in group)
-            batch = torch.zeros(len(group), width, dtype=torch.long)
-            labels = torch.full((len(group), width), -100, dtype=torch.long)
-            mask = torch.zeros(len(group), width, dtype=torch.long)
+            cols = prefix + max(e - s for s, e, _ in group)
+            batch = torch.zeros(len(group), cols, dtype=torch.long)
+            labels = torch.full((len(group), cols), -100, dtype=torch.long)
+            mask = torch.zeros(len(group), cols, dtype=torch.long)
             for row, (s, e, new) in enumerate(group):
-                batch[row, :e - s] = ids[s:e]
-                mask[row, :e - s] = 1
-                labels[row, e - s - new:e - s] = ids[e - new:e]
+                n = prefix + e - s
+                if prefix:
+                    batch[row, 0] = bos
+                batch[row, prefix:n] = ids[s:e]
+                mask[row, :n] = 1
+                labels[row, n - new:n] = ids[e - new:e]
             logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float()
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
                                    ignore_index=-100, reduction="sum")
@@ -126,9 +136,9 @@ def embedding_cosine(student, teacher, tokenizer, texts, max_len: int = 128, bat
 
 
 def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int = 128, device=None,
-                       tokenizer=None) -> dict:
+                       tokenizer=None, texts=None) -> dict:
     """Evaluate a quantized model saved by save_quantized against its full-precision model (`model`, default: the
-    plan's model.source; `tokenizer`, default: that folder's) on the held-out split: perplexity of both (causal
+    plan's model.source; `tokenizer`, default: that folder's) on the held-out split (or `texts`): perplexity of both (causal
     LMs) or the embedding cosine of the quantized model to the full-precision one (encoders).
     Returns {metric, quantized, full_precision, texts}."""
     from pathlib import Path
@@ -151,7 +161,8 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load a tokenizer from {source} ({type(e).__name__}); pass --model with a "
                             "tokenizer") from None
-    held = real_text_splits()["heldout"][:eval_texts]
+    # `texts` (--eval-text): the caller's paragraphs, all of them; else the first eval_texts built-in held-out ones
+    held = _check_texts(texts) if texts is not None else real_text_splits()["heldout"][:eval_texts]
 
     causal = is_causal_lm(quantized.config)
     loader = AutoModelForCausalLM if causal else AutoModel

@@ -73,7 +73,7 @@ def predicted_memory(source, plan: Plan, s: TrainSettings, dtype: torch.dtype) -
 
 
 def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir=None, texts=None, tokenizer=None,
-             device=None, progress: bool = True, cache_dir=None) -> dict:
+             device=None, progress: bool = True, cache_dir=None, heldout=None) -> dict:
     """What `lqplan train` does: build the quantized student straight from the model folder's shards (default
     folder: the plan's model.source; planner.train.build: never the full-precision model in memory), fine-tune the
     adapters on the real-text train split (or `texts`), evaluate on settings.eval_texts held-out paragraphs before
@@ -82,7 +82,8 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     train_report.json + train_report.md and, with settings.save_model, the quantized model (save_quantized) to
     out_dir/quantized. Memory peaks are from process start: after building the student and at the end, next to
     the training-memory model's prediction. Under torchrun it trains data-parallel and only rank 0 writes.
-    `tokenizer`: default, the folder's own. Returns the report (a dict, with the history)."""
+    `tokenizer`: default, the folder's own. `heldout` (--eval-text): evaluation paragraphs instead of the built-in
+    held-out ones (all of them; settings.eval_texts caps the built-in ones only). Returns the report (a dict, with the history)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     s = settings if settings is not None else TrainSettings()
@@ -109,7 +110,7 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load a tokenizer from {folder} ({type(e).__name__}); pass tokenizer=...") from None
     splits = real_text_splits()
-    held = splits["heldout"][:s.eval_texts]
+    held = list(heldout) if heldout is not None else splits["heldout"][:s.eval_texts]
     train_texts = texts if texts is not None else splits["train"]
     teacher, fp_metric, window = None, None, dict(max_len=s.max_len, stride=max(1, s.max_len // 2))
     if causal:
@@ -146,7 +147,8 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     rates = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
     steady = rates[min(3, len(rates) - 1):] if rates else []  # the first steps include warm-up
     held_bytes = quantized_bytes(student)
-    result = {"schema": "lqplan.train-report/1", "model": str(folder), "architecture": type(student).__name__,
+    result = {"schema": "lqplan.train-report/1", "model": str(folder), "weights": source.note,
+              "architecture": type(student).__name__,
               "device": str(dev), "world_size": dist_info.world, "init": s.init, "method": s.method,
               "metric": metric, "full_precision": fp_metric, "before": evals[0], "after": evals[-1], "steps": s.steps,
               "batch_size": s.batch_size, "grad_accum": s.grad_accum,
@@ -190,6 +192,7 @@ def write_report(result: dict, out_dir) -> dict:
         f"Model `{r['model']}` on {r['device']} x {r['world_size']} process(es); {r['steps']} steps, global batch "
         f"{r['global_batch']} sequences of <= {r['max_len']} tokens (batch {r['batch_size']} x "
         f"{r['world_size']} ranks x {r['grad_accum']} accumulation), lr {r['lr']:g}.",
+        *([f"Weights: {r['weights']}."] if r.get("weights") else []),
         "", f"| metric ({r['metric']}) | value |", "|---|---|",
         f"| full-precision model | {fmt(r['full_precision'])} |",
         f"| quantized, before fine-tuning | {fmt(r['before'])} |",

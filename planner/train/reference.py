@@ -16,7 +16,7 @@ from torch import nn
 from ..fsio import write_json
 from ..model.resolve import ModelSource
 from .build import load_tensors, meta_names, skeleton
-from .evaluate import perplexity
+from .evaluate import bos_id, perplexity
 
 
 def layer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -64,7 +64,9 @@ def reference_perplexity(source: ModelSource, config, tokenizer, texts: list[str
                          device, cache_dir=None) -> float:
     """The full-precision (fp32) model's perplexity on `texts`, streamed layer by layer and cached in
     cache_dir/<fingerprint>/reference/ by the text's digest and the window settings."""
-    key = f"ppl-{text_digest(texts)}-L{max_len}-S{stride}-fp32"
+    # windows start with BOS where the tokenizer has one: a value cached before that (no "-bos") is not reused
+    bos = "-bos" if bos_id(tokenizer) is not None else ""
+    key = f"ppl-{text_digest(texts)}-L{max_len}-S{stride}-fp32{bos}"
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "reference" / f"{key}.json"
