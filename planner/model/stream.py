@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import torch
+from safetensors import safe_open
 
 from ..errors import UserError
 from .discover import MatrixInfo
@@ -16,8 +17,7 @@ from .resolve import ModelSource
 
 
 def load_matrix(info: MatrixInfo, device, dtype):
-    import torch
-    from safetensors import safe_open
+    """One planned matrix as an (out, in) tensor on `device` in `dtype`, checked finite."""
     # opened per matrix: a handle kept open keeps every touched page of its mmap resident
     with safe_open(str(info.file), framework="pt", device="cpu") as f:
         t = f.get_tensor(info.tensor_key)
