@@ -8,13 +8,7 @@ set -uo pipefail
 OUT=${1:?usage: memory_70b.sh OUT [TOKENIZER_DIR]}; TOK=${2:-}
 M=${MODEL:-/var/tmp/llama70b-20}; V=/var/tmp/llama70b-10; W=${WORK:-/var/tmp/lq70}; PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$W"
-# ONLY="name name ...": run just those steps (default: all)
-run() { local name=$1; shift; [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
-  echo "\$ $*" >> "$OUT/commands.txt"; local t0=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1; local rc=$?; echo "[$name] rc=$rc $((SECONDS - t0)) s"; tail -4 "$OUT/$name.log"
-  { echo "=== $name rc=$rc $((SECONDS - t0)) s: $*"; grep -v "it/s]" "$OUT/$name.log" | tail -40; } >> "${ALL_LOG:-$OUT/all.log}"; }
-lq() { $PY -m planner "$@"; }
-GRID=(--bits 2,3,4 --blocks 64 --ranks 16 --iters 0 --cache "$W/cache" --quiet --no-report)
+source "$(dirname "$0")/gpu_steps.sh"  # run, lq, GRID
 TRAIN=(--steps 6 --batch-size 1 --max-len 2048 --gradient-checkpointing --eval-texts 1 --no-reference --no-save --quiet)
 [ -f "$M/config.json" ] || run write $PY bench/write_shaped_model.py --shape llama2-70b --layers 20 --out "$M" ${TOK:+--tokenizer "$TOK"}
 run view $PY - "$M" "$V" 10 <<'PY'

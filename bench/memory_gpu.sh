@@ -7,13 +7,7 @@ set -uo pipefail
 OUT=${1:?usage: memory_gpu.sh OUT [TOKENIZER_DIR]}; TOK=${2:-}
 M=${MODEL:-/var/tmp/llama13b}; W=${WORK:-/var/tmp/lq}; PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$W"
-# ONLY="name name ...": run just those steps (default: all)
-run() { local name=$1; shift; [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
-  echo "\$ $*" >> "$OUT/commands.txt"; local t0=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1; local rc=$?; echo "[$name] rc=$rc $((SECONDS - t0)) s"; tail -4 "$OUT/$name.log"
-  { echo "=== $name rc=$rc $((SECONDS - t0)) s: $*"; grep -v "it/s]" "$OUT/$name.log" | tail -40; } >> "${ALL_LOG:-$OUT/all.log}"; }
-lq() { $PY -m planner "$@"; }
-GRID=(--bits 2,3,4 --blocks 64 --ranks 16 --iters 0 --cache "$W/cache" --quiet --no-report)
+source "$(dirname "$0")/gpu_steps.sh"  # run, lq, GRID
 [ -f "$M/config.json" ] || run write $PY bench/write_shaped_model.py --shape llama2-13b --out "$M" ${TOK:+--tokenizer "$TOK"}
 run plan275 lq plan --budget 2.75bits --model "$M" "${GRID[@]}" --out "$W/p275"
 run plan4 lq plan --budget 4.127bits --model "$M" "${GRID[@]}" --bits 2,3,4,8 --out "$W/p4"
