@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.merge:
             result = merge_results([Path(d) for d in args.merge], out, command.strip())
         else:
-                result = run_study(settings, out, cache, progress=not args.quiet, command=command.strip())
+            result = run_study(settings, out, cache, progress=not args.quiet, command=command.strip())
     except UserError as e:
         print(f"quality_study: error: {e}", file=sys.stderr)
         return 2

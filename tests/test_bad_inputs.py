@@ -323,10 +323,16 @@ def test_bad_input(case, env, tmp_path, capsys, monkeypatch):
     if case == "device-cuda-absent" and torch.cuda.is_available():
         pytest.skip("CUDA is present here")
     ctx = Ctx(tmp_path, env)
+    watched = [ctx.out, env["plan"].parent, env["root"] / "other-profile", tmp_path / "planfolder"]
+    check_bad_input(ctx, build, setup, words, watched, monkeypatch, capsys)
+
+
+def check_bad_input(ctx, build, setup, words, watched, monkeypatch, capsys) -> None:
+    """Run the case's command line in-process (after its setup) and assert the house contract: exit 2, one line
+    `lqplan: error: ...` holding every word in `words`, and nothing in `watched` or --out changed."""
     ctx.out.mkdir()
     (ctx.out / "plan.json").write_bytes(PREVIOUS)
     argv = build(ctx)
-    watched = [ctx.out, env["plan"].parent, env["root"] / "other-profile", tmp_path / "planfolder"]
     before = [_snapshot(f) for f in watched]
     if setup is not None:
         setup(monkeypatch, ctx)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, subprocess_env
-from test_bad_inputs import GRID, PREVIOUS, Ctx, _fail_disk_write, _snapshot, env  # noqa: F401 (env: fixture)
+from test_bad_inputs import GRID, PREVIOUS, Ctx, _fail_disk_write, _snapshot, check_bad_input, env  # noqa: F401 (env: fixture)
 
 from planner import cli
 from planner.cli import commands
@@ -353,27 +353,8 @@ def test_suite_is_large_enough():
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(case, ctx, env, tmp_path, capsys, monkeypatch):
     build, setup, words = CASES[case]
-    ctx.out.mkdir()
-    (ctx.out / "plan.json").write_bytes(PREVIOUS)
-    argv = build(ctx)
     watched = [ctx.out, env["plan"].parent, env["tiny"], tmp_path / "planfolder", tmp_path / "quantized"]
-    before = [_snapshot(f) for f in watched]
-    if setup is not None:
-        setup(monkeypatch, ctx)
-    capsys.readouterr()
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse's own errors
-        rc = e.code
-    monkeypatch.undo()
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert rc == 2, (rc, captured.err)
-    assert len(lines) == 1 and lines[0].startswith("lqplan: error: "), captured.err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    assert [_snapshot(f) for f in watched] == before, "a failing command wrote into an output folder"
-    assert (ctx.out / "plan.json").read_bytes() == PREVIOUS
+    check_bad_input(ctx, build, setup, words, watched, monkeypatch, capsys)
 
 
 # ---- documents a reader repairs, messages that must not mislead, what a newcomer meets ---------------------------
