@@ -1,0 +1,2 @@
+"""Hugging Face integration: a plan as a transformers quantization_config, PEFT LoRA over the quantized base,
+training data through datasets, and whole-model integer export."""
