@@ -27,6 +27,7 @@ from collections import OrderedDict
 
 import torch
 
+from . import triton_residual
 from .blockwise import cast_to, double_quantize, quantize_dequantize
 from .codebooks import codebook, midpoints
 from .config import QuantConfig
@@ -53,27 +54,40 @@ class _Quantizer:
         table = codebook(config.kind, config.bits, config.asymmetric, device=device)
         self.table, self.mids = table, midpoints(table)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        if self.fallback:
-            return quantize_dequantize(x, cfg)
-        numel, bs = x.numel(), cfg.blocksize
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """x's flat order as (blocks, blocksize), zero-padded to whole blocks as the reference pads."""
+        numel, bs = x.numel(), self.config.blocksize
         if numel % bs:
-            flat = torch.zeros(cfg.num_blocks(numel) * bs, device=x.device, dtype=torch.float32)
+            flat = torch.zeros(self.config.num_blocks(numel) * bs, device=x.device, dtype=torch.float32)
             flat[:numel] = x.reshape(-1)
-            blocks = flat.view(-1, bs)
-        else:
-            blocks = x.reshape(-1, bs)
+            return flat.view(-1, bs)
+        return x.reshape(-1, bs)
+
+    def scales(self, blocks: torch.Tensor) -> torch.Tensor:
+        """One fp32 scale per block: the absmax, double-quantized or cast to the scale dtype as stored."""
         absmax = torch.linalg.vector_norm(blocks, ord=float("inf"), dim=1)
-        if cfg.double_quant:
-            scale = double_quantize(absmax, cfg)[3]
-        else:
-            scale = cast_to(absmax, cfg.scale_dtype).float()
+        if self.config.double_quant:
+            return double_quantize(absmax, self.config)[3]
+        return cast_to(absmax, self.config.scale_dtype).float()
+
+    def residual_into(self, out: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out = w − q(x), bit for bit; in one fused pass (quant.triton_residual) where Triton runs."""
+        if (self.fallback or not triton_residual.supports(self.config.bits) or not triton_residual.available(x.device)
+                or not (x.is_contiguous() and w.is_contiguous() and out.is_contiguous())):
+            return torch.sub(w, self(x), out=out)
+        return triton_residual.residual_into(out, w, x, self.scales(self.blocks(x)), self.mids, self.table,
+                                             self.config.blocksize, self.config.bits)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fallback:
+            return quantize_dequantize(x, self.config)
+        blocks = self.blocks(x)
+        scale = self.scales(blocks)
         # A zero scale dequantizes every code to 0, so dividing by 1 there gives the reference's values.
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         codes = torch.bucketize(blocks / safe[:, None], self.mids, out_int32=True)
         values = self.table[codes] * scale[:, None]
-        return values.reshape(-1)[:numel].view(x.shape)
+        return values.reshape(-1)[:x.numel()].view(x.shape)
 
 
 def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
@@ -225,7 +239,7 @@ def _run_chains(w, quantizers, rank, iters, omega, cold_p, warm_p, dr, dc):
         nonlocal quant_err
         for i, quant in enumerate(quantizers):
             target = w if low is None else torch.addmm(w, low[2][i], low[3][i].T, alpha=-1)
-            t[i] = w - quant(target)
+            quant.residual_into(t[i], w, target)
             if dr is not None:
                 t[i] *= dr[:, None]
                 t[i] *= dc[None, :]

@@ -31,7 +31,7 @@ _WORD_CODES = {2: 16, 4: 8, 8: 4}
 
 
 @functools.lru_cache(maxsize=None)
-def _triton():
+def triton_module():
     """The triton module, or None when it is not installed or unusable."""
     try:
         import triton  # noqa: F401
@@ -55,7 +55,7 @@ def supports(config: QuantConfig) -> bool:
 
 def available(device: torch.device) -> bool:
     """Whether the kernel can run on tensors of `device`."""
-    if _triton() is None:
+    if triton_module() is None:
         return False
     return device.type == "cuda" or interpreting()
 
@@ -64,7 +64,7 @@ def available(device: torch.device) -> bool:
 def _kernel():
     """Compile-on-first-use: the @triton.jit decorator reads TRITON_INTERPRET when it runs, so it must not run at
     import time (the tests switch the interpreter on after importing quant)."""
-    triton = _triton()
+    triton = triton_module()
     tl = triton.language
 
     @triton.jit

@@ -15,7 +15,7 @@ from quant import QuantConfig, triton_dequant
 from quant.blockwise import quantize
 from quant.layers import QuantLoRALinear, dequant_backend, flat_codebook, set_backend
 
-HAVE_TRITON = triton_dequant._triton() is not None
+HAVE_TRITON = triton_dequant.triton_module() is not None
 CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (CPU torch wheel)")
 
