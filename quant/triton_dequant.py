@@ -61,9 +61,10 @@ def available(device: torch.device) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel():
+def _kernel(interpret: bool):
     """Compile-on-first-use: the @triton.jit decorator reads TRITON_INTERPRET when it runs, so it must not run at
-    import time (the tests switch the interpreter on after importing quant)."""
+    import time (the tests switch the interpreter on after importing quant). One kernel per mode (`interpret`): a
+    kernel decorated under the interpreter would run interpreted on CUDA tensors too."""
     triton = triton_module()
     tl = triton.language
 
@@ -132,7 +133,7 @@ def dequantize(codes: torch.Tensor, table: torch.Tensor, config: QuantConfig, sh
     dq = config.double_quant
     dummy = table  # pointer arguments the configuration does not read
     options = {} if interpreting() else {"enable_fp_fusion": False, "num_warps": num_warps}
-    _kernel()[grid](packed, table, dummy if dq else scales, scale_codes if dq else dummy,
+    _kernel(interpreting())[grid](packed, table, dummy if dq else scales, scale_codes if dq else dummy,
                     scale_table if dq else dummy, scale_scales if dq else dummy, scale_offset if dq else dummy,
                     out, numel, BITS=config.bits, WORDS=words, GROUP_BYTES=group_bytes, GROUP_CODES=group_codes,
                     GROUPS=groups, BLOCK=config.blocksize, DOUBLE_QUANT=dq, DQ_BLOCK=config.dq_blocksize if dq else 1,

@@ -27,27 +27,26 @@ def supports(bits: int) -> bool:
 
 
 @functools.cache
-def _kernel():
-    """Compile on first use: @triton.jit reads TRITON_INTERPRET when it runs (the tests set it after import)."""
+def _kernel(interpret: bool):
+    """Compile on first use: @triton.jit reads TRITON_INTERPRET when it runs (the tests set it after import); one
+    kernel per mode (`interpret`), as quant.triton_dequant."""
     triton = triton_module()
     tl = triton.language
 
     @triton.jit
-    def residual(w, x, scales, mids, table, out, numel, BLOCK: tl.constexpr, BITS: tl.constexpr,
-                 VALUES: tl.constexpr):
+    def residual(w, x, scales, mids, table, out, numel, block, BITS: tl.constexpr, VALUES: tl.constexpr):
         idx = tl.program_id(0).to(tl.int64) * VALUES + tl.arange(0, VALUES)
         mask = idx < numel
         xv = tl.load(x + idx, mask=mask, other=0.0)
-        s = tl.load(scales + idx // BLOCK, mask=mask, other=1.0)
+        s = tl.load(scales + idx // block, mask=mask, other=1.0)
         safe = tl.where(s == 0.0, 1.0, s)  # a zero scale dequantizes every code to 0: any code will do
         v = tl.math.div_rn(xv, safe)
         # Number of midpoints < v (2^BITS − 1 sorted midpoints): after the steps of sizes 2^(BITS−1) .. 1,
         # pos + step − 1 never exceeds the last midpoint's index.
         pos = (idx * 0).to(tl.int32)
         for i in tl.static_range(BITS):
-            step: tl.constexpr = 1 << (BITS - 1 - i)
-            probe = tl.load(mids + pos + (step - 1), mask=mask, other=float("inf"))
-            pos = tl.where(probe < v, pos + step, pos)
+            probe = tl.load(mids + pos + ((1 << (BITS - 1 - i)) - 1), mask=mask, other=float("inf"))
+            pos = tl.where(probe < v, pos + (1 << (BITS - 1 - i)), pos)
         value = tl.load(table + pos, mask=mask, other=0.0) * s
         wv = tl.load(w + idx, mask=mask, other=0.0)
         tl.store(out + idx, wv - value, mask=mask)
@@ -71,6 +70,7 @@ def residual_into(out: torch.Tensor, w: torch.Tensor, x: torch.Tensor, scales: t
     numel = x.numel()
     grid = (-(-numel // VALUES_PER_PROGRAM),)
     options = {} if interpreting() else {"enable_fp_fusion": False, "num_warps": 4}
-    _kernel()[grid](w, x, scales, mids, table, out, numel, BLOCK=blocksize, BITS=bits, VALUES=VALUES_PER_PROGRAM,
-                    **options)
+    # The block size is a runtime argument: one compiled kernel per code width, not per (width, block size).
+    _kernel(interpreting())[grid](w, x, scales, mids, table, out, numel, blocksize, BITS=bits,
+                                  VALUES=VALUES_PER_PROGRAM, **options)
     return out

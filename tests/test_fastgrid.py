@@ -135,3 +135,49 @@ def test_cuda_matches_cpu(minilm_weights):
         # solver: each is within 1% of exact LoftQ (the contract), hence within ~2% of each other, not bit-equal.
         assert g.error == pytest.approx(c.error, rel=2e-2)
         assert g.quant_error == pytest.approx(c.quant_error, rel=1e-5)
+
+
+def test_solver_key_marks_full_fp32_products_and_reads_back():
+    from planner.train.apply import solver_from_key
+
+    assert SolverSettings().key == "rand-o32-p3-s0"  # TF32 is the default: existing caches keep their key
+    fp32 = SolverSettings(tf32=False)
+    assert fp32.key == "rand-o32-p3-s0-fp32"
+    assert solver_from_key(fp32.key) == fp32 and solver_from_key(SolverSettings().key) == SolverSettings()
+
+
+def test_matmul_precision_sets_and_restores_the_tf32_switch():
+    from quant.lowrank import matmul_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    with matmul_precision(SolverSettings()):
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    with matmul_precision(SolverSettings(tf32=False)):
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    with matmul_precision(SolverSettings(method="exact")):
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_profile_workers_give_the_single_worker_table(tmp_path):
+    """Several matrices decomposed at once (the GPU default) write the same cache and table as one at a time;
+    on CPU the threads' reductions may round differently, hence the tight tolerance instead of equality."""
+    from planner.model.discover import discover_matrices
+    from planner.model.resolve import resolve_model
+    from planner.profile.grid import make_grid
+    from planner.profile.run import run_profile
+    from planner.profile.settings import ProfileSettings
+
+    source = resolve_model(None)
+    matrices = discover_matrices(source)[:6]
+    settings = ProfileSettings(make_grid("2,4", "64", "4"), 1, SolverSettings())
+    one, s1 = run_profile(source, matrices, settings, cache_dir=tmp_path / "a", device="cpu", progress=False,
+                          workers=1)
+    many, s2 = run_profile(source, matrices, settings, cache_dir=tmp_path / "b", device="cpu", progress=False,
+                           workers=3)
+    assert s1.computed_points == s2.computed_points == len(one) == 12
+    assert sorted(s2.computed_matrices) == sorted(m.name for m in matrices)
+    assert one.drop(columns=["error", "error_unweighted", "quant_error"]).equals(
+        many.drop(columns=["error", "error_unweighted", "quant_error"]))
+    for col in ("error", "error_unweighted", "quant_error"):
+        assert torch.allclose(torch.tensor(one[col].values), torch.tensor(many[col].values), rtol=1e-6, atol=0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 
 from quant import SolverSettings
 from quant.engine import profile_matrix
+from quant.lowrank import matmul_precision
 
 from ..devices import resolve_device
 from ..errors import UserError
@@ -28,6 +31,9 @@ from .grid import GridPoint
 from .settings import ProfileSettings
 
 log = logging.getLogger("lqplan.profile")
+# Matrices decomposed at once on one GPU: one matrix's grid alone leaves the GPU idle while the CPU launches its
+# many small kernels and waits on the small eigenproblems; a few threads on their own streams fill those gaps.
+CUDA_WORKERS = 3
 
 
 TABLE_COLUMNS = ["matrix", "m", "n", "label", "kind", "bits", "blocksize", "double_quant", "dq_bits", "dq_blocksize",
@@ -68,10 +74,12 @@ def profile_one(name: str, shape, w: torch.Tensor, missing: list[GridPoint], ite
 
 def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None = None,
                 fisher_key: str | None = None, *, cache_dir: Path = Path(".lqplan-cache"), device: str = "auto",
-                progress: bool = True, only: set[str] | None = None):
+                progress: bool = True, only: set[str] | None = None, workers: int | None = None):
     """Profile `matrices` of `source` over `settings.grid`; returns (table, stats). `fisher` (name -> row/column
     weights) and its `fisher_key` make the profile Fisher-weighted. `only` restricts the matrices this process
-    computes (distributed runs); the table still lists every matrix found in the cache."""
+    computes (distributed runs); the table still lists every matrix found in the cache. `workers`: matrices
+    decomposed at once (default CUDA_WORKERS on a GPU, each thread on its own CUDA stream, 1 on CPU); the numbers do
+    not depend on it, only the wall time."""
     grid, iters, solver = settings.grid, settings.iters, settings.solver
     dev = resolve_device(device)
     folder = cache_folder(cache_dir, source.fingerprint, settings.cache_key(fisher_key))
@@ -100,30 +108,58 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), unit="matrix", desc="profile", dynamic_ncols=True)
+    missing_of = {info.name: missing for info, missing in todo}
+
+    def compute(info, w):
+        weights = None
+        if fisher is not None:
+            weights = fisher.get(info.name)
+            if weights is None:
+                raise UserError(f"the Fisher weights have no entry for {info.name}; recompute them (--calib)")
+        t0 = time.perf_counter()
+        if w.device.type != "cuda":
+            return profile_one(info.name, info.shape, w, missing_of[info.name], iters, solver, weights), t0
+        # Each worker thread on its own stream, after the reader's copy of w on the default stream.
+        side = torch.cuda.Stream(device=w.device)
+        side.wait_stream(torch.cuda.default_stream(w.device))
+        with torch.cuda.stream(side):
+            new = profile_one(info.name, info.shape, w, missing_of[info.name], iters, solver, weights)
+        side.synchronize()
+        return new, t0
+
+    def finish(info, new, t0):
+        stats.compute_seconds += time.perf_counter() - t0  # summed over workers when several run at once
+        have[info.name] = {**have[info.name], **new}
+        write_json(folder / f"{safe_name(info.name)}.json",
+                   {"matrix": info.name, "shape": list(info.shape), "points": have[info.name]})
+        stats.computed_points += len(new)
+        stats.computed_matrices.append(info.name)
+        if bar is not None:
+            bar.update(1)
+
+    n_workers = workers if workers is not None else (CUDA_WORKERS if torch.device(dev).type == "cuda" else 1)
+    pool = ThreadPoolExecutor(n_workers, thread_name_prefix="lqplan-profile") if n_workers > 1 else None
     stream = None
     try:
-        missing_of = {info.name: missing for info, missing in todo}
-        # prefetch: the next matrix is read from disk while this one is decomposed (at most two alive at once)
-        stream = iter_matrices(source, [t[0] for t in todo], device=dev, prefetch=True)
-        for info, w in stream:
-            missing = missing_of[info.name]
-            t0 = time.perf_counter()
-            weights = None
-            if fisher is not None:
-                weights = fisher.get(info.name)
-                if weights is None:
-                    raise UserError(f"the Fisher weights have no entry for {info.name}; recompute them (--calib)")
-            new = profile_one(info.name, info.shape, w, missing, iters, solver, weights)
-            stats.compute_seconds += time.perf_counter() - t0
-            path = folder / f"{safe_name(info.name)}.json"
-            have[info.name] = {**have[info.name], **new}
-            write_json(path, {"matrix": info.name, "shape": list(info.shape), "points": have[info.name]})
-            stats.computed_points += len(new)
-            stats.computed_matrices.append(info.name)
-            del w
-            if bar is not None:
-                bar.update(1)
+        with matmul_precision(solver):  # process-wide, so entered once here and not in the worker threads
+            # prefetch: the next matrix is read from disk while this one is decomposed
+            stream = iter_matrices(source, [t[0] for t in todo], device=dev, prefetch=True)
+            pending: deque = deque()
+            for info, w in stream:
+                if pool is None:
+                    finish(info, *compute(info, w))
+                else:
+                    pending.append((info, pool.submit(compute, info, w)))
+                    if len(pending) >= n_workers:  # at most n_workers matrices alive (plus the one prefetched)
+                        info, job = pending.popleft()
+                        finish(info, *job.result())
+                del w
+            while pending:
+                info, job = pending.popleft()
+                finish(info, *job.result())
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         if stream is not None:
             stream.close()  # on an error, stop the reader thread now rather than whenever the generator is collected
         if bar is not None:

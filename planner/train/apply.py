@@ -41,10 +41,10 @@ def solver_from_key(key) -> SolverSettings:
         return SolverSettings(**key)
     if key == "exact":
         return SolverSettings(method="exact")
-    m = re.fullmatch(r"rand-o(\d+)-p(\d+)-s(\d+)", str(key))
+    m = re.fullmatch(r"rand-o(\d+)-p(\d+)-s(\d+)(-fp32)?", str(key))
     if not m:
         raise UserError(f"the plan's solver {key!r} is not understood; re-plan, or pass solver=SolverSettings(...)")
-    return SolverSettings("randomized", int(m[1]), int(m[2]), int(m[3]))
+    return SolverSettings("randomized", int(m[1]), int(m[2]), int(m[3]), tf32=m[4] is None)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
