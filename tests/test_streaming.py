@@ -144,3 +144,22 @@ def test_sharded_llama_profiles_near_one_matrix_and_plans_every_projection(llama
     assert rc == 0 and f"profile: {GRID_POINTS} " in text, text
     names = [e.name for e in Plan.load(out / "plan.json").matrices]
     assert names == expected + ["lm_head"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_workers_on_their_streams_give_the_single_worker_numbers(llama_folder, tmp_path):
+    """Matrices decomposed by several threads, each on its own CUDA stream (the GPU default), give the numbers of
+    one at a time exactly: every matrix's kernels and batch sizes are the same, only their interleaving differs."""
+    from planner.profile.grid import make_grid
+    from planner.profile.run import CUDA_WORKERS, run_profile
+    from planner.profile.settings import ProfileSettings
+    from quant import SolverSettings
+
+    src = resolve_model(llama_folder)
+    mats = discover_matrices(src)
+    settings = ProfileSettings(make_grid("2,3,4", "32,64", "8,16"), 2, SolverSettings())
+    one, _ = run_profile(src, mats, settings, cache_dir=tmp_path / "a", device="cuda", progress=False, workers=1)
+    many, stats = run_profile(src, mats, settings, cache_dir=tmp_path / "b", device="cuda", progress=False)
+    assert CUDA_WORKERS > 1 and stats.computed_points == len(one) == len(mats) * 12
+    assert one.equals(many)
