@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -59,13 +60,18 @@ class LqplanLoraLinear(PeftLoraLinear):
     """PEFT LoRA on an lqplan base layer (rank-0 QuantLoRALinear): y = base(x) + Σ scaling·B·A·dropout(x) over the
     active adapters. The forward, adapters, dropout, disabling and mixed-adapter batches are PEFT's Linear's.
 
-    merge() cannot keep the base packed (folding B·A into 2-4-bit codes means requantizing, a new error): it makes
-    the base a dense nn.Linear holding dequant(Q) + Σ scaling·B·A in `merge_dtype` (set by this module's entry
-    points to the model's float dtype; else the bias dtype, else fp32) and keeps the packed layer aside, so unmerge()
-    restores it exactly. merge_and_unload() therefore gives plain nn.Linear layers: a dense model."""
+    A new adapter starts at the base layer's LoftQ factors when its config was registered with loftq=True
+    (lqplan_lora_config's default), else PEFT's way. merge() cannot keep the base packed (folding B·A into 2-4-bit
+    codes means requantizing, a new error): it makes the base a dense nn.Linear holding dequant(Q) + Σ scaling·B·A in
+    `merge_dtype` (the model's float dtype, which register() records; else the bias dtype, else fp32) and keeps the
+    packed layer aside, so unmerge() restores it exactly. merge_and_unload() therefore gives plain nn.Linear layers:
+    a dense model."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs):
-        packed = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+        packed = base_layer
+        if isinstance(packed, BaseTunerLayer):
+            raise UserError("an lqplan layer takes one PEFT LoRA wrapper, not a stack of PEFT tuners; unload the "
+                            "other tuner first")
         check_lora_method(kwargs.get("target_name") or type(packed).__name__, packed)
         if packed.rank:
             raise UserError(f"{kwargs.get('target_name', 'a layer')} already has an lqplan adapter (rank "
@@ -75,7 +81,7 @@ class LqplanLoraLinear(PeftLoraLinear):
             raise UserError("lqplan layers take LoRA without lora_bias and with fan_in_fan_out=False; drop those "
                             "LoraConfig options")
         packed.qweight = PackedRef(packed)
-        self.merge_dtype = None
+        self.merge_dtype = getattr(config, "lqplan_dtype", None)
         self._packed = ()  # the packed base while merged: a tuple, so it is not a submodule in the state dict
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
@@ -93,6 +99,11 @@ class LqplanLoraLinear(PeftLoraLinear):
         except ValueError:
             raise UserError("lqplan layers take plain LoRA (no DoRA or other LoRA variant: they need a dense base "
                             "weight); drop the variant option from the LoraConfig") from None
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, **kwargs) -> None:
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        if getattr(config, "lqplan_loftq", False) and self.init_from_lqplan(adapter_name):
+            del self.packed_base().lqplan_init  # the adapter holds the factors now: no second copy kept
 
     def packed_base(self) -> QuantLoRALinear:
         """The packed lqplan layer under this adapter, merged or not."""
@@ -156,16 +167,37 @@ class LqplanLoraLinear(PeftLoraLinear):
         return "lqplan." + super().__repr__()
 
 
-def register(config: LoraConfig) -> LoraConfig:
-    """`config` with LqplanLoraLinear registered for lqplan base layers (PEFT reads it when injecting)."""
+def lqplan_wrappers(model: nn.Module) -> dict[str, LqplanLoraLinear]:
+    """Module name -> PEFT LoRA layer over an lqplan base layer."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LqplanLoraLinear)}
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's unplanned weights (what its activations are in): the merged layers' dtype."""
+    return next((p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n),
+                torch.float32)
+
+
+def check_init(init: str) -> None:
+    if init not in INITS:
+        raise UserError(f"init={init!r} is not supported; use one of {INITS}")
+
+
+def register(config: LoraConfig, *, loftq: bool = False, dtype: torch.dtype | None = None) -> LoraConfig:
+    """`config` with LqplanLoraLinear registered for lqplan base layers (PEFT reads the mapping when it injects).
+    loftq: new adapters start at their base layer's LoftQ factors (where it has them). dtype: the merged layers'.
+    Both are plain attributes of the config object, like PEFT's own mapping: adapter_config.json does not get them."""
     config._register_custom_module({QuantLoRALinear: LqplanLoraLinear})
+    config.lqplan_loftq, config.lqplan_dtype = bool(loftq), dtype
     return config
 
 
 def base_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
     """Module name -> lqplan base layer of `model` (a PeftModel's included, merged ones too); QA-LoRA refused."""
-    found = {n: m.packed_base() if isinstance(m, LqplanLoraLinear) else m for n, m in model.named_modules()
-             if isinstance(m, LqplanLoraLinear) or (isinstance(m, QuantLoRALinear) and not n.endswith("base_layer"))}
+    wrappers = lqplan_wrappers(model)
+    wrapped = {id(w.get_base_layer()) for w in wrappers.values()}
+    found = {n: w.packed_base() for n, w in wrappers.items()}
+    found.update({n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear) and id(m) not in wrapped})
     if not found:
         raise UserError("the model has no lqplan-quantized layers; quantize it with apply_plan or "
                         "from_pretrained(..., quantization_config=LqplanConfig(plan)) first")
@@ -202,20 +234,25 @@ def plan_ranks(plan: Plan, names) -> dict[str, int]:
     return out
 
 
-def lqplan_lora_config(model: nn.Module, plan: Plan | None = None, **kw) -> LoraConfig:
+def lqplan_lora_config(model: nn.Module, plan: Plan | None = None, *, init: str = "loftq", **kw) -> LoraConfig:
     """A registered LoraConfig whose target_modules are the model's quantized layers with a rank, the per-matrix
     ranks (rank_pattern) from `plan`, else from each layer's LoftQ factors or adapter, and alpha_pattern keeping
-    each layer's LoftQ scaling (alpha = rank, scaling 1, where there is none). Other LoraConfig options pass
-    through `kw`; r= or lora_alpha= there sets that value for every layer instead of the per-layer pattern."""
+    each layer's LoftQ scaling (alpha = rank, scaling 1, where there is none). init: see get_lqplan_peft_model;
+    plain peft.get_peft_model (or TRL's peft_config=) with this config starts the adapters the same way. Other
+    LoraConfig options pass through `kw`; r= or lora_alpha= there sets one value for every layer instead."""
+    check_init(init)
     layers = base_layers(model)
     from_plan = plan_ranks(plan, list(layers)) if plan is not None else {}
     ranks, alphas = {}, {}
     for name, layer in layers.items():
-        init = getattr(layer, "lqplan_init", None)
-        rank = from_plan.get(name) if plan is not None else init[0].shape[0] if init else layer.rank or None
+        init_factors = getattr(layer, "lqplan_init", None)
+        if plan is not None:
+            rank = from_plan.get(name)
+        else:
+            rank = init_factors[0].shape[0] if init_factors else layer.rank
         if rank:
             ranks[name] = int(rank)
-            scaling = init[2] if init else layer.scaling or 1.0
+            scaling = init_factors[2] if init_factors else layer.scaling or 1.0
             alphas[name] = float(scaling * rank)
     if plan is not None and not ranks:
         raise UserError("every plan entry has rank 0 (no adapter); re-plan with a budget that leaves adapters")
@@ -228,17 +265,7 @@ def lqplan_lora_config(model: nn.Module, plan: Plan | None = None, **kw) -> Lora
                "alpha_pattern": {} if "lora_alpha" in kw else {re.escape(n): a for n, a in alphas.items()}}
     for key in ("rank_pattern", "alpha_pattern"):
         options[key].update(kw.pop(key, None) or {})
-    return register(LoraConfig(**{**options, **kw}))
-
-
-def lqplan_wrappers(model: nn.Module) -> dict[str, LqplanLoraLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LqplanLoraLinear)}
-
-
-def float_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's unplanned weights (what its activations are in): the merged layers' dtype."""
-    return next((p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n),
-                torch.float32)
+    return register(LoraConfig(**{**options, **kw}), loftq=init == "loftq", dtype=float_dtype(model))
 
 
 def get_lqplan_peft_model(model: nn.Module, plan: Plan | None = None, *, config: LoraConfig | None = None,
@@ -250,19 +277,15 @@ def get_lqplan_peft_model(model: nn.Module, plan: Plan | None = None, *, config:
     step 0 equal apply_plan's model (up to fp rounding: PEFT adds the branches in another order); elsewhere, and
     with init="qlora", PEFT's default (lora_A Kaiming-uniform, lora_B zero). The factors are dropped from the base
     layers once copied: the adapter holds them now."""
-    if init not in INITS:
-        raise UserError(f"init={init!r} is not supported; use one of {INITS}")
+    check_init(init)
     if config is not None and (plan is not None or kw):
         raise UserError("pass either config= or plan / LoraConfig options, not both")
     split_adapters(model)
-    config = register(config) if config is not None else lqplan_lora_config(model, plan, **kw)
-    dtype = float_dtype(model)
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    for wrapper in lqplan_wrappers(peft_model).values():
-        wrapper.merge_dtype = dtype
-        if init == "loftq" and wrapper.init_from_lqplan(adapter_name):
-            del wrapper.packed_base().lqplan_init
-    return peft_model
+    if config is None:
+        config = lqplan_lora_config(model, plan, init=init, **kw)
+    else:
+        config = register(config, loftq=init == "loftq", dtype=float_dtype(model))
+    return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def load_lqplan_adapter(model: nn.Module, adapter_dir, adapter_name: str = "default", is_trainable: bool = False,
@@ -270,14 +293,12 @@ def load_lqplan_adapter(model: nn.Module, adapter_dir, adapter_name: str = "defa
     """PeftModel.from_pretrained(model, adapter_dir, ...) over the lqplan-quantized `model`, with the adapter's
     config registered for lqplan layers (a config read from adapter_config.json is not). Nothing is dequantized:
     the base layers stay packed. Adapters already on the model (apply_plan's) are replaced by the loaded one."""
-    config = register(LoraConfig.from_pretrained(str(adapter_dir)))
+    if Path(adapter_dir).is_dir() and not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json); write one with "
+                        "peft_model.save_pretrained or export_peft")
     split_adapters(model)
-    dtype = float_dtype(model)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name,
-                                           is_trainable=is_trainable, config=config, **kw)
-    for wrapper in lqplan_wrappers(peft_model).values():
-        wrapper.merge_dtype = dtype
-        base = wrapper.packed_base()
-        if hasattr(base, "lqplan_init"):
-            del base.lqplan_init  # the loaded adapter replaces them
-    return peft_model
+    for layer in base_layers(model).values():
+        layer.__dict__.pop("lqplan_init", None)  # the loaded adapter replaces the LoftQ factors
+    config = register(LoraConfig.from_pretrained(str(adapter_dir)), dtype=float_dtype(model))
+    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable,
+                                     config=config, **kw)
