@@ -461,7 +461,7 @@ def test_qalora_models_save_reload_and_export_to_peft_and_merged(mixed_qalora, b
     with torch.no_grad():
         want = model(**batch).last_hidden_state
         assert torch.equal(loaded(**batch).last_hidden_state, want)
-        base_dir, adapter_dir = export_peft(model, tmp_path / "peft")
+        base_dir, adapter_dir = export_peft(model, tmp_path / "peft", dense=True)
         peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir), adapter_dir).eval()
         torch.testing.assert_close(peft_model(**batch).last_hidden_state, want, rtol=1e-4, atol=1e-4)
         merged = AutoModel.from_pretrained(export_merged(model, tmp_path / "merged")).eval()

@@ -104,11 +104,13 @@ def test_merged_export_loads_with_automodel_and_matches(trained, batch, tmp_path
     assert torch.equal(plain.get_submodule(name).weight, model.get_submodule(name).merged_weight())
 
 
-def test_peft_export_reproduces_the_model(trained, batch, tmp_path):
+def test_dense_peft_export_reproduces_the_model(trained, batch, tmp_path):
+    """dense=True: a dequantized base folder that plain transformers + PEFT load (the packed default is tested in
+    test_hf_peft.py)."""
     from peft import PeftModel
 
     model, plan = trained
-    base_dir, adapter_dir = export_peft(model, tmp_path / "peft")
+    base_dir, adapter_dir = export_peft(model, tmp_path / "peft", dense=True)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(e.name for e in plan.matrices)
     assert sorted(set(config["rank_pattern"].values())) == [8, 16, 32]

@@ -6,8 +6,9 @@ lqplan_manifest.json (which modules are quantized, their configuration, rank and
 rebuilds the architecture from config.json with empty weights and fills it: outputs are bit-identical.
 
 Exports: export_merged() writes dequant(Q) + scaling·lora_B·lora_A as a standard folder for AutoModel;
-export_peft() writes the dequantized base folder plus a PEFT adapter (per-module ranks via rank_pattern /
-alpha_pattern) so that PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter) reproduces the model.
+export_peft() writes a PEFT adapter (per-module ranks via rank_pattern / alpha_pattern) next to the packed base
+(the quantized folder without adapters; planner.hf.peft loads the adapter over it), or with dense=True next to a
+dequantized base folder so that PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter) reproduces it.
 """
 
 from __future__ import annotations
@@ -247,19 +248,52 @@ def _plain_lora_a(layer: QuantLoRALinear) -> torch.Tensor:
     return a
 
 
-def export_peft(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32, tokenizer=None) -> tuple[Path, Path]:
-    """(base_dir, adapter_dir) under out_dir: base = dequantized Q as a standard folder; adapter = PEFT LoRA with
-    target_modules = the quantized modules with rank > 0 and per-module r / lora_alpha (rank_pattern,
-    alpha_pattern). PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter) reproduces the model."""
+def frozen_base(layer: QuantLoRALinear) -> QuantLoRALinear:
+    """The layer without its adapter: a rank-0 QuantLoRALinear on the same packed buffers and bias (views, no
+    copy). A QA-LoRA layer's base is one too: without an adapter the two compute the same."""
+    base = QuantLoRALinear(layer.quantized(), None, rank=0, backend=layer.backend)
+    base.bias = layer.bias
+    return base
+
+
+def _save_packed_base(model: nn.Module, layers: dict, plan: Plan, folder: Path) -> None:
+    """save_quantized of the model with every quantized layer swapped for its frozen_base for the duration."""
+    try:
+        for name, layer in layers.items():
+            set_module(model, name, frozen_base(layer))
+        save_quantized(model, plan, folder)
+    finally:
+        for name, layer in layers.items():
+            set_module(model, name, layer)
+
+
+def export_peft(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32, tokenizer=None, *,
+                plan: Plan | None = None, dense: bool = False) -> tuple[Path, Path]:
+    """(base_dir, adapter_dir) under out_dir. adapter = a standard PEFT LoRA adapter: target_modules = the quantized
+    modules with rank > 0, per-module r / lora_alpha (rank_pattern, alpha_pattern), weights in `dtype`.
+
+    base (default) = the packed quantized folder: save_quantized of the model with the adapters taken out (needs
+    the `plan`); nothing is dequantized. planner.hf.peft.load_lqplan_adapter(load_quantized(base)[0], adapter)
+    reproduces the model. dense=True: base = dequant(Q) as a standard folder in `dtype` (a full-size copy of every
+    planned matrix, what lqplan wrote before) for PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter)
+    without lqplan installed."""
     from peft import LoraConfig
 
     out = Path(out_dir)
     base_dir, adapter_dir = out / "base", out / "adapter"
     layers = _check_layers(model)
-    _write_plain(model, base_dir, _plain_state(model, False, dtype), dtype, tokenizer)
     adapted = {n: l for n, l in layers.items() if l.rank}
     if not adapted:
         raise UserError("no quantized layer has an adapter (all ranks are 0); export_merged is all there is to write")
+    if dense:
+        _write_plain(model, base_dir, _plain_state(model, False, dtype), dtype, tokenizer)
+    elif not isinstance(plan, Plan):
+        raise UserError("export_peft writes the packed base with its plan: pass plan=<the model's Plan>, or "
+                        "dense=True for a dequantized base folder")
+    else:
+        _save_packed_base(model, layers, plan, base_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(base_dir)
     first = next(iter(adapted.values()))
     # PEFT matches rank/alpha pattern keys as regular expressions: escape the dots of module paths.
     config = LoraConfig(r=first.rank, lora_alpha=first.alpha, lora_dropout=0.0, bias="none",
