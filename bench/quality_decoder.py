@@ -201,20 +201,27 @@ def worker_main(job_dir: Path) -> int:
     return 0
 
 
-def run_jobs(jobs: list[dict], parallel: int, log, ctx: Context) -> dict[str, dict]:
+def run_jobs(jobs: list[dict], parallel: int, log, ctx: Context, collect: bool = False) -> dict[str, dict]:
     """Each job's result by its key; a job whose result.json holds the same job is not run again. parallel 1: in
-    this process with `ctx`; else each job in a subprocess of its own (`--worker`), `parallel` at a time."""
+    this process with `ctx`; else each job in a subprocess of its own (`--worker`), `parallel` at a time.
+    collect: run nothing; take every finished job's result by its key (its device and paths may differ)."""
     results, todo = {}, []
     for job in jobs:
         done = Path(job["dir"]) / "result.json"
         try:
             saved = json.loads(done.read_text())
-            if saved["job"] == json.loads(json.dumps(job)):  # as JSON has it (tuples read back as lists)
+            same = {k: v for k, v in saved["job"]["settings"].items() if k != "device"} == \
+                {k: v for k, v in json.loads(json.dumps(job["settings"])).items() if k != "device"}
+            if saved["job"] == json.loads(json.dumps(job)) or (collect and same):  # JSON: tuples read back as lists
                 results[job["key"]] = saved["result"]
                 continue
         except (OSError, ValueError, KeyError):
             pass
         todo.append(job)
+    if collect:
+        if todo:
+            log(f"not run (collect): {', '.join(j['key'] for j in todo)}")
+        return results
     for job in todo:
         write_json(Path(job["dir"]) / "job.json", job)
     if parallel <= 1:
@@ -255,12 +262,24 @@ def check_claims(rows: list[dict], uniform_best: dict, budgets, qlora_bits: floa
     claims.append(verdict(CLAIMS[1], ok, int(not math.isnan(_ppl(p) + _ppl(q))), "QLoRA or the plan did not run",
                           "the plan's perplexity is higher", [f"{qlora_bits}: plan {fmt(_ppl(p))} vs QLoRA "
                                                               f"{fmt(_ppl(q))} ({q['config'] if q else '-'})"]))
+    if math.isnan(_ppl(p) + _ppl(q)):
+        claims[-1]["status"] = "NOT MEASURED"
+        below = [r for r in rows if r["arm"] in ("ilp", "ilp_fisher") and r["budget"] < qlora_bits
+                 and not math.isnan(_ppl(r))]
+        if below and q:
+            best = max(below, key=lambda r: (r["budget"], -_ppl(r)))
+            claims[-1]["detail"].append(f"closest measured: {ARM_NAMES[best['arm']]} at {best['budget']} bits "
+                                        f"{fmt(_ppl(best))} vs QLoRA {fmt(_ppl(q))} at {qlora_bits} bits")
     p275 = row_of(rows, 2.75, "ilp")
     ratio = _ppl(p275) / _ppl(q) if q else math.nan
     claims.append(verdict(CLAIMS[2], ratio <= 1.10, int(not math.isnan(ratio)), "2.75 or QLoRA's bits did not run",
                           "the 2.75-bit plan is more than 10% worse",
                           [f"2.75-bit plan {fmt(_ppl(p275))} vs QLoRA NF4 {fmt(_ppl(q))} at {qlora_bits} bits: "
                            f"{fmt(ratio, '.3f')}x"]))
+    f275 = row_of(rows, 2.75, "ilp_fisher")
+    if q and not math.isnan(_ppl(f275)):
+        claims[-1]["detail"].append(f"the Fisher plan at 2.75 bits: {fmt(_ppl(f275))}, "
+                                    f"{fmt(_ppl(f275) / _ppl(q), '.3f')}x QLoRA's")
     parts, ok, compared = [], True, 0
     for b in budgets:
         f, d = row_of(rows, b, "ilp_fisher"), row_of(rows, b, "ilp")
@@ -342,7 +361,7 @@ def environment(dev) -> str:
 
 
 def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int = 1, progress: bool = True,
-              command: str = "") -> dict:
+              command: str = "", collect: bool = False) -> dict:
     t_start = time.perf_counter()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     dev = resolve_device(settings.device)
@@ -396,7 +415,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
     log(f"{len(jobs)} jobs ({parallel} at a time)")
 
     ctx = Context(str(source.folder), settings, fisher_path)
-    results = run_jobs(jobs, parallel, log, ctx)
+    results = run_jobs(jobs, parallel, log, ctx, collect)
     fp_model = copy.deepcopy(ctx.pristine).to(dev)  # the full-precision model, scored on the same windows
     fp_ppl = ctx.perplexity(fp_model)
     del fp_model
@@ -404,7 +423,11 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
     rows = []
     for arm, plan, name in plans:
         row = {"budget": arm.budget, "arm": arm.arm, "status": "n/a", "reason": arm.reason}
-        if plan is not None:
+        if plan is not None and not any(f"{name}-s{seed}" in results
+                                        for seed in range(seeds_for(arm, qlora_bits, settings))):
+            row.update(status="not run", config=arm.describe, reason="the fine-tune did not run (see the report)",
+                       bits_per_param=plan.totals["bits_per_param"], table_error=profiled_error(arm, free, weighted))
+        elif plan is not None:
             runs = [results[k] for k in (f"{name}-s{seed}" for seed in range(seeds_for(arm, qlora_bits, settings)))
                     if k in results]
             row.update(status="ok", config=arm.describe, init=arm.init, fisher=arm.fisher,
@@ -447,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=".lqplan-cache", help="profile/Fisher cache folder (default .lqplan-cache)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random decoder (about a minute)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--collect", action="store_true",
+                   help="run no job: write the report from the finished jobs in <out>/runs (same settings as the run "
+                        "that made them, any device); --device is then where the fp perplexity is computed")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one job, run by --parallel's subprocesses
     args = p.parse_args(argv)
     try:
@@ -470,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--parallel {args.parallel} must be >= 1")
         settings = replace(settings, device=args.device)
         command = "python bench/quality_decoder.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        result = run_study(settings, out, cache, args.parallel, progress=not args.quiet, command=command.strip())
+        result = run_study(settings, out, cache, args.parallel, progress=not args.quiet, command=command.strip(),
+                           collect=args.collect)
     except UserError as e:
         print(f"quality_decoder: error: {e}", file=sys.stderr)
         return 2

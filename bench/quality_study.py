@@ -280,7 +280,7 @@ def error_claim(rows: list[dict], uniform_best: dict, budgets, claim: str) -> di
     parts, ok, compared = [], True, 0
     for b in budgets:
         ilp, uni = row_of(rows, b, "ilp"), uniform_best.get(str(b))
-        if ilp is None or ilp["status"] != "ok" or uni is None:
+        if ilp is None or ilp.get("table_error") is None or uni is None:  # a plan not fine-tuned still has one
             parts.append(f"{b}: no uniform configuration fits" if uni is None else f"{b}: ILP infeasible")
             continue
         compared += 1

@@ -138,6 +138,12 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
             bar.update(1)
 
     n_workers = workers if workers is not None else (CUDA_WORKERS if torch.device(dev).type == "cuda" else 1)
+    if n_workers > 1 and torch.device(dev).type == "cuda":
+        # torch loads its CUDA linear-algebra libraries lazily, and that first load is not thread-safe ("lazy
+        # wrapper should be called at most once"): load them here, before the threads start
+        eye = torch.eye(2, device=dev, dtype=torch.float64)
+        torch.linalg.eigh(eye)
+        torch.linalg.solve_triangular(torch.linalg.cholesky_ex(eye)[0], eye, upper=False)
     pool = ThreadPoolExecutor(n_workers, thread_name_prefix="lqplan-profile") if n_workers > 1 else None
     stream = None
     try:
