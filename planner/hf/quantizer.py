@@ -35,7 +35,7 @@ from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
 from ..plan.document import PlanEntry
 from ..profile.grid import GridPoint
-from ..train.apply import LayerRecipe, check_fingerprint, resolve_names, set_module
+from ..train.apply import LayerRecipe, check_fingerprint, quant_layers, resolve_names, set_module
 from ..train.build import checkpoint_key
 from .config import QUANT_METHOD, LqplanConfig, matches
 
@@ -61,7 +61,8 @@ def empty_layer(entry: PlanEntry, linear: nn.Module, routes_weight: bool) -> Qua
     routes_weight: keep the linear's meta `weight` as a parameter, so the checkpoint's fp tensor of that name is
     loaded into it (and quantized); otherwise `weight` is already the stand-in stand_in_weight() gives."""
     config, (m, n) = entry.point.config, entry.shape
-    fields = {f: torch.empty(size, dtype=torch.uint8, device="meta") for f, size in buffer_nbytes(config, m * n).items()}
+    sizes = buffer_nbytes(config, m * n)
+    fields = {f: torch.empty(size, dtype=torch.uint8, device="meta") for f, size in sizes.items()}
     layer = get_method(entry.point.method).layer(QuantizedTensor(config, (m, n), **fields), linear.bias, rank=0)
     if routes_weight:
         layer.register_parameter("weight", linear.weight)
@@ -212,20 +213,25 @@ class LqplanHfQuantizer(HfQuantizer):
     def quantize_weight(self, model, key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
         """The packed buffers of planned weight `key` (loaded as `value`, on its device), keyed by state name."""
         name, entry, transposed = self.targets[key]
-        if self.failure is not None:
-            raise self.failure  # one failure fails the load: skip the work of the matrices after it
         module = model.get_submodule(name)
         if not self.decomposes(entry):  # rank 0: no adapter factors to make (nor random ones to draw)
             entry = dataclasses.replace(entry, point=GridPoint(entry.point.config, 0, entry.point.method))
-        try:
-            with torch.no_grad():
-                w = (value.t() if transposed else value).to(torch.float32)
-                built = self.recipe.layer(entry, w, None, None, 0.0, torch.float32)
-                del w
-        except Exception as e:  # noqa: BLE001 - transformers logs and skips a failing op; postprocess re-raises it
-            self.failure = e
-            raise
+        built = None
+        if self.failure is None:
+            try:
+                with torch.no_grad():
+                    w = (value.t() if transposed else value).to(torch.float32)
+                    built = self.recipe.layer(entry, w, None, None, 0.0, torch.float32)
+                    del w
+            except Exception as e:  # noqa: BLE001 - re-raised after loading, see below
+                self.failure = e
         stand_in_weight(module, value.dtype, value.device)
+        if built is None:
+            # transformers would log an op's exception in its load report and raise a generic error of its own:
+            # the load goes on with zero buffers (no work for the matrices after the failure) and
+            # _process_model_after_weight_loading raises the error itself
+            return {f"{name}.{f}": torch.zeros_like(t, device=value.device) for f, t in module.named_buffers()
+                    if f.startswith(BUFFER_PREFIX)}
         module.lqplan_init = init_factors(built) if built.rank else None
         buffers = ((f, getattr(built, BUFFER_PREFIX + f)) for f in QuantizedTensor.TENSOR_FIELDS)
         return {f"{name}.{BUFFER_PREFIX}{f}": t for f, t in buffers if t is not None}
@@ -233,16 +239,27 @@ class LqplanHfQuantizer(HfQuantizer):
     # ---- after loading -----------------------------------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.failure is not None:
-            if isinstance(self.failure, UserError):
-                raise self.failure
-            raise UserError(f"quantizing the planned weights failed ({type(self.failure).__name__}: "
-                            f"{self.failure}); check the plan is for this model") from self.failure
+            raise self.failure  # a UserError from build_layer (e.g. non-finite weights), or out of memory
         for name in self.modules:
-            module = model.get_submodule(name)
-            if "weight" in module._parameters or any(t.is_meta for t in module.buffers()):
-                raise UserError(f"the checkpoint has no weights for planned module {name}; load the folder the "
-                                "plan was made for (or one saved from its quantized model)")
+            if "weight" in model.get_submodule(name)._parameters:  # its fp weight never came
+                raise UserError(f"the checkpoint has no weight for planned module {name}; load the folder the "
+                                "plan was made for")
         set_backend(model, dequant_backend_from_env())
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """model.dequantize(): every quantized layer back to an nn.Linear holding dequant(Q) in `dtype`."""
+        if isinstance(dtype, str):  # config.dtype may be stored by name
+            dtype = getattr(torch, dtype)
+        for name, layer in quant_layers(model).items():
+            weight = layer.dequantize(dtype or torch.float32)
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if layer.bias is not None:
+                    linear.bias.copy_(layer.bias)
+            set_module(model, name, linear)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
