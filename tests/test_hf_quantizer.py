@@ -194,7 +194,7 @@ def test_weights_stream_one_at_a_time(llama, monkeypatch):
     assert len(seen) == len(plan.matrices) and all(not live for _, live in seen)
 
 
-def test_qlora_init_and_modules_to_not_convert(llama):
+def test_qlora_init_and_modules_to_not_convert(llama, tmp_path):
     folder, plan, _, _ = llama
     config = LqplanConfig(plan=plan, init="qlora", modules_to_not_convert=["layers.1.mlp"])
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
@@ -206,6 +206,10 @@ def test_qlora_init_and_modules_to_not_convert(llama):
     assert_same_buffers(model, ref)
     assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
     assert all(layer.lqplan_init is None for layer in quant_layers(model).values())
+    model.save_pretrained(tmp_path)  # the skipped modules stay full precision in the saved folder too
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert_same_buffers(again, model)
+    assert torch.equal(again.model.layers[1].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight)
 
 
 def test_gpt2_conv1d_layers_quantize_as_apply_plan_does(tmp_path):

@@ -21,8 +21,8 @@ INITS = ("loftq", "qlora")
 
 def _as_plan(plan) -> Plan:
     if isinstance(plan, Plan):
-        plan.validate()
-        return plan
+        # through its document: checked as a read plan is, and the config keeps its own copy
+        return Plan.from_dict(plan.to_dict())
     if isinstance(plan, (str, os.PathLike)):
         return Plan.load(Path(plan))
     if isinstance(plan, dict):
@@ -82,6 +82,10 @@ class LqplanConfig(QuantizationConfigMixin):
         return isinstance(other, LqplanConfig) and self.to_dict() == other.to_dict()
 
     __hash__ = None
+
+    def __repr__(self) -> str:  # the mixin's prints the whole plan
+        return (f"LqplanConfig(plan={self.plan.model.get('name')!r} with {len(self.plan.matrices)} matrices, "
+                f"init={self.init!r}, iters={self.iters!r}, modules_to_not_convert={self.modules_to_not_convert!r})")
 
     def skips(self, module_name: str) -> bool:
         """Whether modules_to_not_convert keeps `module_name` in full precision."""
