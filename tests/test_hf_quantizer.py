@@ -116,6 +116,7 @@ def test_config_holds_the_plan_and_reads_it_from_any_form(llama, tmp_path):
     ({"init": "gptq"}, ["init='gptq'", "loftq"]),
     ({"iters": -1}, ["iters=-1"]),
     ({"modules_to_not_convert": "lm_head"}, ["not a list"]),
+    ({"modules_to_not_convert": 3}, ["not a list"]),
     ({"bits": 4}, ["unknown options ['bits']"]),
 ])
 def test_bad_config_is_a_one_line_user_error(llama, kwargs, words):

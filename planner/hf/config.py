@@ -34,7 +34,7 @@ def _as_plan(plan) -> Plan:
 def _check_names(value) -> list[str]:
     if value is None:
         return []
-    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
         raise UserError(f"modules_to_not_convert={value!r} is not a list of module names; pass e.g. "
                         "['model.layers.0.mlp.down_proj']")
     return list(value)
