@@ -73,12 +73,14 @@ def load_records(path, *, option: str = "--data", cache_dir=None, progress: bool
     try:
         table = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train",
                                       cache_dir=None if cache_dir is None else str(cache_dir), **extra)
-    except Exception as e:  # noqa: BLE001 — datasets wraps the parser's error (pyarrow, UnicodeDecodeError) in its own
+    except Exception as e:  # noqa: BLE001 — datasets wraps the parser's error (pyarrow, UnicodeDecodeError)
         cause = e.__cause__ or e
         reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         kind = "JSON / JSON Lines" if builder == "json" else "UTF-8 text"
         raise UserError(f"{option} {path} cannot be read as {kind} ({reason}); fix the file, or {FIX}") from None
     records = table.to_list()
+    if builder == "text":  # paragraphs as --text reads them: stripped, blank ones left out
+        records = [{"text": r["text"].strip()} for r in records if r["text"] and r["text"].strip()]
     if not records:
         raise UserError(f"{option} {path} has no records; give it at least one ({RECORD_SHAPES})")
     return records
