@@ -7,23 +7,24 @@ from __future__ import annotations
 import copy
 import json
 import math
+from importlib.util import find_spec
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-datasets = pytest.importorskip("datasets")
+from planner.errors import UserError
+from planner.hf.data import IGNORE_INDEX, collator, load_records, sft_dataset, sft_examples
+from planner.profile.grid import GridPoint
+from planner.train.apply import apply_plan, explicit_plan
+from planner.train.data import Batches
+from planner.train.losses import masked_causal_loss
+from planner.train.settings import TrainSettings
+from quant import QuantConfig
 
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-
-from planner.errors import UserError  # noqa: E402
-from planner.hf.data import IGNORE_INDEX, collator, load_records, sft_dataset, sft_examples  # noqa: E402
-from planner.profile.grid import GridPoint  # noqa: E402
-from planner.train.apply import apply_plan, explicit_plan  # noqa: E402
-from planner.train.data import Batches  # noqa: E402
-from planner.train.losses import masked_causal_loss  # noqa: E402
-from planner.train.settings import TrainSettings  # noqa: E402
-from quant import QuantConfig  # noqa: E402
+# The tokenization and both training loops need no datasets; reading files and sft_dataset do ([test] has it).
+needs_datasets = pytest.mark.skipif(find_spec("datasets") is None, reason="needs datasets: pip install -e '.[hf]'")
 
 WORDS = "be nice hi there hello friend tell me a joke no what is two plus four sure thing the sky blue add this".split()
 SPECIAL = ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
@@ -149,6 +150,7 @@ def test_bad_records_are_one_line_errors_naming_the_record(record, template, mes
 
 
 # ---- files through datasets -----------------------------------------------------------------------------------
+@needs_datasets
 def test_jsonl_json_and_text_files_load_as_records(tmp_path):
     rows = [{"messages": CHAT}, {"prompt": "hi", "completion": "no"}, {"text": "the sky is blue"}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -160,11 +162,14 @@ def test_jsonl_json_and_text_files_load_as_records(tmp_path):
         assert [{k: v for k, v in r.items() if v is not None} for r in got] == rows  # a mixed file: None = absent
         assert len(sft_examples(word_tokenizer(), got, 64)) == 3
     assert load_records(tmp_path / "d.txt", cache_dir=cache) == [{"text": "the sky\nis blue"}, {"text": "hello friend"}]
+    import datasets
+
     ds = sft_dataset(word_tokenizer(), str(tmp_path / "d.jsonl"), 64, cache_dir=cache)
     assert isinstance(ds, datasets.Dataset) and ds.column_names == ["input_ids", "labels"] and len(ds) == 3
     assert sft_dataset(word_tokenizer(), datasets.Dataset.from_list(rows[1:2]), 64)[:] == ds[1:2]
 
 
+@needs_datasets
 @pytest.mark.parametrize("name, data, message", [
     ("missing.jsonl", None, "does not exist; pass a local"),
     ("org/some-dataset", None, "datasets on the hub are not downloaded"),
@@ -184,6 +189,13 @@ def test_bad_files_are_one_line_errors(name, data, message, tmp_path, monkeypatc
     with pytest.raises(UserError) as e:
         load_records(name, cache_dir=tmp_path / "cache", progress=False)
     assert message in str(e.value) and str(e.value).startswith("--data ") and "\n" not in str(e.value)
+
+
+def test_without_datasets_reading_a_file_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # import datasets now raises ImportError
+    (tmp_path / "d.jsonl").write_text('{"text": "the sky is blue"}\n')
+    with pytest.raises(UserError, match=r'--data reads files with the datasets library; pip install -e "\.\[hf\]"'):
+        load_records(tmp_path / "d.jsonl")
 
 
 def test_collator_pads_with_ignored_labels():
@@ -213,6 +225,7 @@ def quantized(tok):
     return apply_plan(model, plan, fingerprint=FAKE_FINGERPRINT, progress=False)
 
 
+@needs_datasets
 def test_one_trainer_step_moves_only_the_adapters(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -255,6 +268,7 @@ def test_own_loop_trains_on_responses_only():
               progress=False)
 
 
+@needs_datasets
 def test_train_command_with_data_file(tmp_path, capsys):
     from planner.cli import main
 
@@ -278,6 +292,7 @@ def test_train_command_with_data_file(tmp_path, capsys):
     assert len(errors) == 2 and "pass one of them" in errors[0] and "none.jsonl does not exist" in errors[1]
 
 
+@needs_datasets
 def test_the_example_script_fine_tunes_a_plan(tmp_path):
     pytest.importorskip("planner.hf.config", reason="the LqplanConfig quantizer (issue 20) is not merged yet")
     import subprocess
