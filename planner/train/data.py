@@ -175,9 +175,9 @@ def record_tokens(tokenizer, record, where: str = "record") -> tuple[list[int], 
 def sft_examples(tokenizer, records, max_len: int, pack: bool = False,
                  source: str = "the training records") -> list[dict]:
     """Training examples {"input_ids", "labels"} of records (dicts of one of the RECORD_SHAPES; strings count as
-    text records). Each is BOS (where the tokenizer has one) + its first max_len - 1 tokens; pack=True joins all
-    records' tokens and cuts them into such blocks instead (the last may be shorter). Examples left without a
-    labelled token to predict are dropped (logged); none left is a UserError."""
+    text records), each of at most max_len tokens: BOS first where the tokenizer has one, then the record's first
+    tokens; pack=True joins all records' tokens and cuts them into such blocks instead (the last may be shorter).
+    Examples left without a labelled token to predict are dropped (logged); none left is a UserError."""
     records = list(records)
     if not records:
         raise UserError(f"{source} has no records; give it at least one ({RECORD_SHAPES})")

@@ -51,7 +51,8 @@ def masked_causal_loss(model, batch: dict, tokens: float) -> torch.Tensor:
     micro-batch's labelled targets over the world size: every target then weighs the same whichever rank holds
     it, and DDP's mean of the gradients is the whole batch's."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:].reshape(-1)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    # The labels shift, not the logits (as transformers' loss does): no copy of the largest activation but its fp32 one.
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
     return loss / tokens
