@@ -11,6 +11,7 @@ from ..api import budget_curve, make_plan, profile_manifest, read_run_stats
 from ..corpus import read_text_file
 from ..devices import resolve_device
 from ..errors import UserError
+from ..hf.data import load_records
 from ..model.discover import discover_matrices, unplanned_bytes
 from ..model.memory import memory_table
 from ..model.resolve import list_aliases, resolve_model
@@ -245,13 +246,17 @@ def train_settings(args) -> TrainSettings:
                          eval_every=args.eval_every, eval_texts=args.eval_texts, save_every=args.save_every,
                          resume=args.resume, seed=args.seed, init=args.init, method=args.method,
                          save_model=not args.no_save, optimizer=args.optimizer, adapter_dtype=args.adapter_dtype,
-                         reference=not args.no_reference)
+                         reference=not args.no_reference, pack=args.pack)
 
 
 def cmd_train(args) -> int:
     settings = train_settings(args)
     _check_writable(args.out, "--out")  # before quantizing and training, not at the first checkpoint
+    if args.data and args.text:
+        raise UserError("--data and --text both give the training data; pass one of them")
     texts = read_text_file(args.text) if args.text else None
+    if args.data:
+        texts = load_records(args.data, cache_dir=Path(args.cache) / "datasets", progress=not args.quiet)
     heldout = read_text_file(args.eval_text, "--eval-text") if args.eval_text else None
     if args.quiet:
         from transformers.utils import logging as hf_logging

@@ -134,6 +134,12 @@ def _train_parsers(sub) -> None:
     p.add_argument("--method", choices=("lora", "qalora"), default=None,
                    help="layer kind for every matrix (default: each plan entry's own; qalora = QA-LoRA)")
     p.add_argument("--text", default=None, help="UTF-8 training text file (default: built-in pydoc prose)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="training records instead of --text (causal LMs; read with datasets, pip install -e '.[hf]'): "
+                        "a .json/.jsonl file of chat 'messages', 'prompt'+'completion', 'instruction'+'output' or "
+                        "'text' records, trained on the responses only (chat template), or a .txt file (paragraphs)")
+    p.add_argument("--pack", action="store_true",
+                   help="with --data: join the records into --max-len blocks instead of one padded sequence each")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process (default 8)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
@@ -158,7 +164,7 @@ def _train_parsers(sub) -> None:
                    help="the adapters' dtype while training (default fp32; bf16 halves their memory)")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the full-precision model's metric (otherwise streamed layer by layer and cached)")
-    p.add_argument("--cache", default=".lqplan-cache", help="cache folder for the reference metric")
+    p.add_argument("--cache", default=".lqplan-cache", help="cache folder for the reference metric and --data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("evaluate", help="evaluate a saved quantized model against its full-precision model")

@@ -22,6 +22,7 @@ from ..plan.document import Plan
 from ..plan.train_memory import TrainShape, predict
 from .apply import LayerRecipe, quantized_bytes
 from .build import build_student
+from .data import check_records_objective
 from .evaluate import embedding_cosine, perplexity
 from .export import save_quantized
 from .loop import train
@@ -74,16 +75,17 @@ def predicted_memory(source, plan: Plan, s: TrainSettings, dtype: torch.dtype) -
 
 def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir=None, texts=None, tokenizer=None,
              device=None, progress: bool = True, cache_dir=None, heldout=None) -> dict:
-    """What `lqplan train` does: build the quantized student straight from the model folder's shards (default
-    folder: the plan's model.source; planner.train.build: never the full-precision model in memory), fine-tune the
-    adapters on the real-text train split (or `texts`), evaluate on settings.eval_texts held-out paragraphs before
-    and after and the full-precision model (perplexity for causal LMs, streamed layer by layer and cached in
-    `cache_dir`; embedding cosine to the full-precision teacher for encoders), and, with `out_dir`, write
-    train_report.json + train_report.md and, with settings.save_model, the quantized model (save_quantized) to
-    out_dir/quantized. Memory peaks are from process start: after building the student and at the end, next to
-    the training-memory model's prediction. Under torchrun it trains data-parallel and only rank 0 writes.
-    `tokenizer`: default, the folder's own. `heldout` (--eval-text): evaluation paragraphs instead of the built-in
-    held-out ones (all of them; settings.eval_texts caps the built-in ones only). Returns the report (a dict, with the history)."""
+    """What `lqplan train` does: build the quantized student straight from the model folder's shards (default folder:
+    the plan's model.source; planner.train.build: never the full-precision model in memory), fine-tune the adapters
+    on the real-text train split (or `texts`: strings, or records trained on their responses), evaluate on
+    settings.eval_texts held-out paragraphs before and after and the full-precision model (perplexity for causal
+    LMs, streamed layer by layer and cached in `cache_dir`; embedding cosine to the full-precision teacher for
+    encoders), and, with `out_dir`, write train_report.json + train_report.md and, with settings.save_model, the
+    quantized model (save_quantized) to out_dir/quantized. Memory peaks are from process start: after building the
+    student and at the end, next to the training-memory model's prediction. Under torchrun it trains data-parallel
+    and only rank 0 writes. `tokenizer`: default, the folder's own. `heldout` (--eval-text): evaluation paragraphs
+    instead of the built-in held-out ones (all of them; settings.eval_texts caps the built-in ones only). Returns
+    the report (a dict, with the history)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     s = settings if settings is not None else TrainSettings()
@@ -104,6 +106,7 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     if not s.dropout:
         config = _no_dropout_config(config)
     causal = is_causal_lm(config)
+    check_records_objective(texts or [], causal)  # before the student is built
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)

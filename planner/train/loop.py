@@ -1,7 +1,8 @@
 """The training loop: fine-tune the LoRA adapters of a quantized model on real text, as set by a TrainSettings.
 
 Objectives:
-  causal  — next-token cross-entropy on contiguous blocks of `max_len` tokens (causal LMs).
+  causal  — next-token cross-entropy on contiguous blocks of `max_len` tokens (causal LMs); given records (chat,
+            prompt/completion, instruction/output: planner.train.data.sft_examples), on their responses only.
   distill — for encoders without a head (the embedded all-MiniLM-L6-v2): match the full-precision teacher.
             loss = MSE between student and teacher last hidden states over non-padding tokens
                    + (1 − cosine) between their mean-pooled sentence embeddings.
@@ -37,9 +38,9 @@ from ..dist import RankInfo, all_sum
 from ..errors import UserError
 from .apply import trainable_parameters
 from .checkpoint import CHECKPOINT, TrainState, clean_stale_temps
-from .data import Batches, detect_objective
+from .data import Batches, check_records_objective, detect_objective, is_records
 from .evaluate import model_device
-from .losses import causal_step_loss, distill_step_loss
+from .losses import causal_step_loss, distill_step_loss, masked_causal_loss
 from .parallel import join_data_parallel
 from .settings import TrainSettings
 
@@ -101,10 +102,12 @@ class Forward:
 
     def loss(self, batch: dict, global_tokens: int, global_rows: int) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            if self.objective == "causal":
-                return causal_step_loss(self.runner, batch)
             # Normalised by the global micro-batch: DDP's mean of the ranks' gradients is then the whole batch's.
             world = self.info.world
+            if self.objective == "causal" and "labels" in batch:
+                return masked_causal_loss(self.runner, batch, global_tokens / world)
+            if self.objective == "causal":
+                return causal_step_loss(self.runner, batch)
             return distill_step_loss(self.runner, self.teacher, batch, global_tokens / world, global_rows / world)
 
 
@@ -156,7 +159,8 @@ def make_optimizer(s: TrainSettings, params):
 def train(model, tokenizer, texts, settings: TrainSettings | None = None, *, objective: str = "auto", teacher=None,
           eval_fn=None, progress: bool = True, checkpoint_dir=None, run_tag: dict | None = None,
           find_unused_parameters: bool = False) -> list[dict]:
-    """Fine-tune the trainable parameters (the adapters after apply_plan) for settings.steps optimizer steps of
+    """Fine-tune the trainable parameters (the adapters after apply_plan) on `texts` (strings, or records: dicts
+    of planner.train.data.RECORD_SHAPES, trained on their responses) for settings.steps optimizer steps of
     grad_accum micro-batches of batch_size sequences each (per rank; the global batch is
     batch_size × world size × grad_accum). settings: TrainSettings (default: its defaults).
 
@@ -172,14 +176,16 @@ def train(model, tokenizer, texts, settings: TrainSettings | None = None, *, obj
     params = trainable_parameters(model)
     if not params:
         raise UserError("the model has no trainable parameters; apply a plan with adapters (rank > 0) first")
-    texts = [t for t in texts if t and t.strip()]
+    texts = list(texts)
+    check_records_objective(texts, objective == "causal")
+    texts = texts if is_records(texts) else [t for t in texts if t and t.strip()]
     if not texts:
         raise UserError("no training text was given; pass a non-empty list of strings")
 
     device = model_device(model)
     info, runner = join_data_parallel(model, device, find_unused_parameters)
     torch.manual_seed(s.seed + info.rank)  # dropout masks differ across ranks, as they would across samples
-    data = Batches(objective, tokenizer, texts, s.batch_size, s.max_len, s.seed, info.rank, info.world)
+    data = Batches(objective, tokenizer, texts, s.batch_size, s.max_len, s.seed, info.rank, info.world, s.pack)
     if teacher is not None:
         teacher.eval()
     names = {id(p): n for n, p in model.named_parameters()}

@@ -1,10 +1,13 @@
-"""Training losses: next-token cross-entropy for causal LMs; for encoders, distillation of the
-full-precision teacher (token-state MSE + (1 - cosine) of mean-pooled embeddings)."""
+"""Training losses: next-token cross-entropy for causal LMs (over every token, or over the labelled ones: responses
+only); for encoders, distillation of the full-precision teacher (token-state MSE + (1 - cosine) of mean-pooled
+embeddings)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .data import IGNORE_INDEX
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,3 +43,16 @@ def distill_step_loss(student, teacher, batch: dict, tokens: float | None = None
 def causal_step_loss(model, batch: dict) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["input_ids"])
     return out.loss
+
+
+def masked_causal_loss(model, batch: dict, tokens: float) -> torch.Tensor:
+    """Next-token cross-entropy summed over the labelled targets (labels != -100; labels[:, t] is predicted at
+    t - 1, as transformers' own loss shifts) and divided by `tokens`. A data-parallel rank passes the global
+    micro-batch's labelled targets over the world size: every target then weighs the same whichever rank holds
+    it, and DDP's mean of the gradients is the whole batch's."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # The labels shift, not the logits (as transformers' loss does): no copy of the largest activation but its fp32 one.
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / tokens

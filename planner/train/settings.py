@@ -45,8 +45,9 @@ class TrainSettings:
     """What `lqplan train` / finetune() / train() do, as one value: the optimizer steps of grad_accum micro-batches
     of batch_size sequences (per rank) of <= max_len tokens, AdamW (lr, weight_decay) with optional clipping
     (max_grad_norm; None or 0 = off), an LR schedule with linear warm-up, evaluation (eval_every steps, on eval_texts
-    held-out paragraphs), checkpoints (save_every steps; resume), the seed, and finetune's model set-up (init,
-    method, dropout, save_model). Bad values raise UserError here, so a run fails before any work."""
+    held-out paragraphs), checkpoints (save_every steps; resume), the seed, pack (training records joined into
+    max_len blocks instead of one padded sequence each; plain texts are always packed), and finetune's model
+    set-up (init, method, dropout, save_model). Bad values raise UserError here, so a run fails before any work."""
 
     steps: int = 100
     batch_size: int = 8
@@ -72,6 +73,7 @@ class TrainSettings:
     adapter_dtype: str = "fp32"  # the adapters' dtype while training (the plan counts them at 16 bits either way)
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes) | sgd
     reference: bool = True  # evaluate the full-precision model too (streamed, cached)
+    pack: bool = False  # training records: packed into max_len blocks (planner.train.data.sft_examples)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_texts", "log_every"):
@@ -89,6 +91,7 @@ class TrainSettings:
         _choice("init", self.init, INITS)
         _choice("method", self.method, (None, *METHODS))
         _choice("bf16", self.bf16, ("auto", True, False))
+        _choice("pack", self.pack, (True, False))
         _choice("adapter_dtype", self.adapter_dtype, tuple(ADAPTER_DTYPES))
         _choice("optimizer", self.optimizer, OPTIMIZERS)
 
@@ -104,6 +107,8 @@ class TrainSettings:
                                                       "max_grad_norm", "warmup_steps", "schedule", "seed")}
         if (self.adapter_dtype, self.optimizer) != ("fp32", "adamw"):  # older checkpoints lack them: defaults
             key.update(adapter_dtype=self.adapter_dtype, optimizer=self.optimizer)
+        if self.pack:  # the examples themselves differ (older checkpoints lack it: unpacked)
+            key["pack"] = True
         if self.schedule == "cosine":
             key["steps"] = self.steps  # the schedule's shape depends on it; a constant-LR run may be extended
         return key
