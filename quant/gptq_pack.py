@@ -9,12 +9,12 @@ dimension, (in/g, out·k/32). Words are int32 (two's complement), as safetensors
 
 Values. lqplan's asymmetric INT-k stores per (row, group) a range α = max − min and a zero-point β (QA-LoRA's merge
 adds the adapter to β), value = t[q]·α + β with t[q] = q/(2^k − 1). In GPTQ's terms the step is s = α/(2^k − 1)
-and the value s·q + β = s·(q − z) with z = −β/s. A merged β is not an integer multiple of s, so:
-  zeros="float" (exact): scales fp32 (s), `offsets` fp32 (β, the value at code 0): w = s·q + β, equal to the
-                 merged layer up to one fp32 rounding (docs/gptq-layout.md has the measured error);
-  zeros="int"   (GPTQ-standard): scales fp16 (s), qzeros = round(−β/s) clamped to the k-bit range, written v1
-                 ("gptq": z − 1 stored, z kept >= 1 so that the loader's +1 cannot carry into the next field) or
-                 v2 ("gptq_v2": z stored): w = s·(q − z), lossy by up to half a step per group.
+and the value s·q + β = s·(q − z) with z = −β/s. A merged β is not an integer multiple of s, so three formats:
+  "lqplan_offsets" (exact): scales fp32 (s), `offsets` fp32 (β, the value at code 0), no qzeros: w = s·q + β,
+                   the merged layer up to one fp32 rounding (docs/gptq-layout.md has the measured error);
+  "gptq" (v1) / "gptq_v2": GPTQ-standard, scales fp16 (s), qzeros = round(−β/s) clamped to the k-bit range,
+                   stored as z − 1 (v1, z >= 1: a group that wants z = 0 is stored mirrored, codes n − q under
+                   scale −s) or z (v2): w = s·(q − z), lossy by up to half a step per group.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from torch import nn
 from .qalora import QALoRALinear
 
 WORD_BITS = 32
-ZERO_KINDS = ("float", "int")
-CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # v1: qzeros hold z − 1; v2: z itself
+EXACT_FORMAT = "lqplan_offsets"  # float offsets instead of integer qzeros
+CHECKPOINT_FORMATS = (EXACT_FORMAT, "gptq", "gptq_v2")  # GPTQ v1: qzeros hold z − 1; v2: z itself
 
 
 def check_packable(count: int, bits: int, what: str) -> None:
@@ -88,6 +88,7 @@ def unpack_cols(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 # ---- a merged QA-LoRA layer in GPTQ's layout ----------------------------------------------------------------
+@torch.no_grad()
 def merged_offsets(layer: QALoRALinear) -> torch.Tensor:
     """β' = β + scaling·(lora_B·lora_A)/g per (row, group), (out, in/g) fp32: QALoRALinear.merged_zeros' sum (fp64,
     rounded once) kept in fp32 whatever dtype the layer stores zero-points in, so fp16 configs lose nothing more."""
@@ -99,19 +100,22 @@ def merged_offsets(layer: QALoRALinear) -> torch.Tensor:
     return beta.float()
 
 
-def qalora_to_gptq(layer: QALoRALinear, zeros: str = "float", checkpoint_format: str = "gptq"):
-    """The GPTQ tensors of `layer` with its adapter merged: ({qweight, scales, g_idx, offsets | qzeros}, clamped).
+def check_format(checkpoint_format: str) -> None:
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format={checkpoint_format!r} is not supported; use one of {CHECKPOINT_FORMATS}")
+
+
+@torch.no_grad()
+def qalora_to_gptq(layer: QALoRALinear, checkpoint_format: str = EXACT_FORMAT):
+    """The GPTQ tensors of `layer` with its adapter merged: ({qweight, scales, g_idx, offsets | qzeros}, info).
 
     Shapes follow GPTQ: qweight (in·k/32, out) int32, scales (in/g, out), g_idx (in,) int32 = column // g,
-    offsets (in/g, out) fp32 or qzeros (in/g, out·k/32) int32. `clamped` counts the integer zeros that fell outside
-    the storable range (always 0 for zeros="float")."""
+    offsets (in/g, out) fp32 or qzeros (in/g, out·k/32) int32. info counts the integer zeros that fell outside the
+    storable range ("clamped_zeros") and the groups v1 stores mirrored ("mirrored_groups"); 0 for the exact format."""
     if not isinstance(layer, QALoRALinear):
         raise ValueError(f"GPTQ's layout holds QA-LoRA layers (asymmetric INT with zero-points), not "
                          f"{type(layer).__name__}")
-    if zeros not in ZERO_KINDS:
-        raise ValueError(f"zeros={zeros!r} is not supported; use one of {ZERO_KINDS}")
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(f"checkpoint_format={checkpoint_format!r} is not supported; use one of {CHECKPOINT_FORMATS}")
+    check_format(checkpoint_format)
     bits, g = layer.config.bits, layer.group_size
     out_f, in_f = layer.out_features, layer.in_features
     check_packable(in_f, bits, "a weight's input columns")
@@ -122,31 +126,40 @@ def qalora_to_gptq(layer: QALoRALinear, zeros: str = "float", checkpoint_format:
     beta = merged_offsets(layer)
     tensors = {"qweight": pack_rows(codes.T, bits),
                "g_idx": (torch.arange(in_f, device=codes.device, dtype=torch.int32) // g)}
-    if zeros == "float":
+    if checkpoint_format == EXACT_FORMAT:
         tensors.update(scales=step.float().T.contiguous(), offsets=beta.T.contiguous())
-        return tensors, 0
+        return tensors, {"clamped_zeros": 0, "mirrored_groups": 0}
     check_packable(out_f, bits, "integer zeros along the output features")
-    scales = step.half()
-    s = scales.double()
-    lowest = 1 if checkpoint_format == "gptq" else 0
+    s = step.half().double()
     # A zero range (a constant group, codes all 0): w = s·(0 − 1) = β' exactly with s = −β' and z = 1.
     flat = s == 0
-    scales = torch.where(flat, (-beta.double()).half(), scales)
+    s = torch.where(flat, (-beta.double()).half().double(), s)
     wanted = torch.where(flat, torch.ones_like(s), (-beta.double() / torch.where(flat, 1.0, s)).round())
-    z = wanted.clamp(lowest, levels)
-    clamped = int((z != wanted).sum())
+    flip = torch.zeros_like(flat)
+    if checkpoint_format == "gptq":
+        # v1 cannot store z = 0 (z − 1 = −1 fills the field with ones, and the loaders' +1 carries into the next
+        # one). s·(q − z) = (−s)·((n − q) − (n − z)): mirrored codes, a negated scale and z' = n − z hold the
+        # same values, so groups that want z <= 0 are mirrored instead of clamped to z = 1.
+        flip = (wanted <= 0) & ~flat
+        codes = torch.where(flip.repeat_interleave(g, dim=1), levels - codes, codes)
+        s = torch.where(flip, -s, s)
+        wanted = torch.where(flip, levels - wanted, wanted)
+        tensors["qweight"] = pack_rows(codes.T, bits)
+    z = wanted.clamp(1 if checkpoint_format == "gptq" else 0, levels)
+    info = {"clamped_zeros": int((z != wanted).sum()), "mirrored_groups": int(flip.sum())}
     stored = z - 1 if checkpoint_format == "gptq" else z
-    tensors.update(scales=scales.T.contiguous(), qzeros=pack_cols(stored.T.to(torch.int64), bits))
-    return tensors, clamped
+    tensors.update(scales=s.half().T.contiguous(), qzeros=pack_cols(stored.T.to(torch.int64), bits))
+    return tensors, info
 
 
-def dequantize_gptq(tensors: dict, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
+def dequantize_gptq(tensors: dict, bits: int, checkpoint_format: str = EXACT_FORMAT) -> torch.Tensor:
     """The (out, in) fp32 weight of GPTQ tensors: scales[g_idx]·(q − z[g_idx]) with integer qzeros, or
-    scales[g_idx]·q + offsets[g_idx] with float offsets (the lqplan extension). Honors any g_idx (act order)."""
+    scales[g_idx]·q + offsets[g_idx] with float offsets (the exact format). Honors any g_idx (act order)."""
     q = unpack_rows(tensors["qweight"], bits).float()  # (in, out)
     g_idx = tensors["g_idx"].long()
     scales = tensors["scales"].float()[g_idx]
-    if "offsets" in tensors:
+    check_format(checkpoint_format)
+    if checkpoint_format == EXACT_FORMAT:
         w = q * scales + tensors["offsets"].float()[g_idx]
     else:
         z = unpack_cols(tensors["qzeros"], bits).float()[:, : scales.shape[1]]
@@ -161,16 +174,15 @@ class GPTQLinear(nn.Module):
     and cast once to the input's dtype. Inference only: nothing here trains."""
 
     def __init__(self, tensors: dict, bits: int, group_size: int, in_features: int, out_features: int,
-                 bias: torch.Tensor | None = None, checkpoint_format: str = "gptq"):
+                 bias: torch.Tensor | None = None, checkpoint_format: str = EXACT_FORMAT):
         super().__init__()
-        if checkpoint_format not in CHECKPOINT_FORMATS:
-            raise ValueError(f"checkpoint_format={checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
+        check_format(checkpoint_format)
         self.bits, self.group_size = int(bits), int(group_size)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.checkpoint_format = checkpoint_format
         expected = {"qweight": (in_features * bits // WORD_BITS, out_features), "g_idx": (in_features,),
                     "scales": (in_features // group_size, out_features)}
-        if "offsets" in tensors:
+        if checkpoint_format == EXACT_FORMAT:
             expected["offsets"] = expected["scales"]
         else:
             expected["qzeros"] = (in_features // group_size, out_features * bits // WORD_BITS)
@@ -182,10 +194,6 @@ class GPTQLinear(nn.Module):
                                  f"{out_features}x{in_features} layer with groups of {group_size} needs {shape}")
             self.register_buffer(name, tensors[name])
         self.register_buffer("bias", bias)
-
-    @property
-    def zeros(self) -> str:
-        return "float" if hasattr(self, "offsets") else "int"
 
     def weight_tensors(self) -> dict:
         return {k: v for k, v in self._buffers.items() if k != "bias" and v is not None}
@@ -199,4 +207,4 @@ class GPTQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, zeros={self.zeros}, format={self.checkpoint_format}")
+                f"group_size={self.group_size}, format={self.checkpoint_format}")
