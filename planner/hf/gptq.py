@@ -190,7 +190,8 @@ def _skeleton(folder: Path, config_doc_arch: str | None) -> nn.Module:
     if cls is None:
         raise UserError(f"architecture {config_doc_arch!r} is not in this transformers version; upgrade transformers")
     config = transformers.AutoConfig.from_pretrained(folder)
-    config.quantization_config = None  # the skeleton is plain: load_gptq swaps the layers itself
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a plain skeleton: load_gptq swaps the layers in itself
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real (overwritten from the file)
         return cls._from_config(config)
 
