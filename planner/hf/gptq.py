@@ -235,4 +235,6 @@ def load_gptq(folder, device=None) -> nn.Module:
         raise UserError(f"{folder} lacks {left[0]} (and {len(left) - 1} more); the folder is incomplete, re-export it")
     for p in model.parameters():
         p.requires_grad_(False)
+    if device is not None:
+        model.to(device)  # buffers the skeleton computed (rotary tables) are not in the file
     return model.eval()
