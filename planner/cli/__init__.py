@@ -36,6 +36,7 @@ _RESUME = {
     "profile": "finished matrices are cached in --cache, rerun the same command to resume",
     "train": "training resumes only from a checkpoint: rerun with --resume if --save-every wrote one to --out, "
              "otherwise it starts over",
+    "export": "every file written is whole but the folder may lack some; rerun the same command",
 }
 
 

@@ -25,7 +25,9 @@ from ..profile.run import run_profile, save_table
 from ..profile.settings import ProfileSettings
 from ..profile.table import read_profile_csv
 from ..report.render import proof_text, write_reports
+from ..hf.gptq import export_gptq
 from ..train.evaluate import evaluate_quantized
+from ..train.export import export_merged, export_peft, load_quantized
 from ..train.finetune import finetune
 from ..train.settings import TrainSettings
 
@@ -291,5 +293,34 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _source_tokenizer(plan: Plan):
+    """The tokenizer of the plan's model folder, or None when it has none (the export is written without it)."""
+    from transformers import AutoTokenizer
+
+    source = plan.model.get("source")
+    try:
+        return AutoTokenizer.from_pretrained(source) if source and Path(source).is_dir() else None
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_export(args) -> int:
+    if args.checkpoint_format is not None and args.format != "gptq":
+        raise UserError(f"--checkpoint-format applies to --format gptq, not --format {args.format}; drop it")
+    _check_writable(args.out, "--out")
+    model, plan = load_quantized(args.quantized)
+    tokenizer = _source_tokenizer(plan)
+    if args.format == "gptq":
+        written = [export_gptq(model, args.out, args.checkpoint_format or "lqplan_offsets", tokenizer)]
+    elif args.format == "merged":
+        written = [export_merged(model, args.out, tokenizer=tokenizer)]
+    else:
+        written = list(export_peft(model, args.out, tokenizer=tokenizer))
+    print(f"export: {args.format} -> {', '.join(map(str, written))}" + ("" if tokenizer else " (no tokenizer found "
+          f"at the plan's model source {plan.model.get('source')!r})"))
+    return 0
+
+
 COMMANDS = {"plan": cmd_plan, "profile": cmd_profile, "report": cmd_report, "grid": cmd_grid,
-            "memory": cmd_memory, "aliases": cmd_aliases, "train": cmd_train, "evaluate": cmd_evaluate}
+            "memory": cmd_memory, "aliases": cmd_aliases, "train": cmd_train, "evaluate": cmd_evaluate,
+            "export": cmd_export}

@@ -175,6 +175,19 @@ def _train_parsers(sub) -> None:
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("export", help="write a saved quantized model as a GPTQ-layout, merged or PEFT folder",
+                       description="Read a folder written by `lqplan train` (OUT/quantized) and export it. gptq: "
+                       "QA-LoRA layers with their adapters merged into GPTQ's integer layout (docs/gptq-layout.md); "
+                       "merged: plain weights for AutoModel; peft: dequantized base + PEFT LoRA adapter.")
+    p.add_argument("--quantized", required=True, help="folder written by `lqplan train` (OUT/quantized)")
+    p.add_argument("--format", choices=("gptq", "merged", "peft"), required=True)
+    p.add_argument("--checkpoint-format", choices=("lqplan_offsets", "gptq", "gptq_v2"), default=None,
+                   help="--format gptq only: lqplan_offsets (default) keeps QA-LoRA's merged zero-points exact as "
+                        "float offsets (read by planner.hf.gptq.load_gptq); gptq (v1) / gptq_v2 round them to GPTQ's "
+                        "integer qzeros for transformers' GPTQ path and gptqmodel, which loses up to half a "
+                        "quantization step per group")
+    p.add_argument("--out", required=True, help="output folder")
+
 
 def _seconds(text: str) -> float:
     """argparse type for --time-limit: a number of seconds >= 0 (argparse turns the ValueError into a usage error)."""
