@@ -1,0 +1,73 @@
+"""The HF-native path end to end on CPU: a plan loaded as a transformers quantization_config, PEFT LoRA adapters
+started from the LoftQ factors, then the quantized base saved with save_pretrained and the adapter with PEFT's
+save_pretrained, both reloaded: the outputs equal lqplan's own apply_plan model at every step, and no dequantized
+copy of the base appears."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from planner.hf import LqplanConfig
+from planner.hf.peft import get_lqplan_peft_model, load_lqplan_adapter
+from planner.profile.grid import GridPoint
+from planner.train.apply import apply_plan, explicit_plan, quant_layers
+from quant import QuantConfig
+
+POINTS = [GridPoint(QuantConfig(bits=4, blocksize=64), 8), GridPoint(QuantConfig(bits=3, blocksize=32), 4),
+          GridPoint(QuantConfig(bits=2, blocksize=16), 4)]
+
+
+@pytest.fixture(scope="module")
+def folder_and_plan(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    plan = explicit_plan(AutoModelForCausalLM.from_pretrained(folder), lambda i, n, s: POINTS[i % 3],
+                         model_path=folder, iters=2)
+    return folder, plan
+
+
+def test_quantizer_then_peft_equals_apply_plan_and_round_trips(folder_and_plan, tmp_path):
+    folder, plan = folder_and_plan
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(3))
+    ref = apply_plan(AutoModelForCausalLM.from_pretrained(folder), plan, device="cpu", progress=False).eval()
+    with torch.no_grad():
+        expected = ref(ids).logits
+
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=LqplanConfig(plan=plan), device_map="cpu")
+    model.save_pretrained(tmp_path / "base")  # the packed base, before PEFT wraps its layers in place
+    peft_model = get_lqplan_peft_model(model, plan).eval()
+    with torch.no_grad():
+        got = peft_model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # step 0: the planned model, LoftQ-initialised
+    assert all(type(m).__name__ == "QuantLoRALinear" and m.rank == 0 for m in quant_layers(peft_model).values())
+
+    # one training step moves only the adapters; then both halves are saved the standard ways
+    peft_model.train()
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+    peft_model(ids, labels=ids).loss.backward()
+    opt.step()
+    peft_model.eval()
+    with torch.no_grad():
+        trained = peft_model(ids).logits
+    assert not torch.allclose(trained, got)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu")
+    reloaded = load_lqplan_adapter(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        again = reloaded(ids).logits
+    assert torch.equal(again, trained)
+    planned = {tuple(e.shape) for e in plan.matrices}
+    dense = [n for n, t in list(reloaded.named_parameters()) + list(reloaded.named_buffers())
+             if t.is_floating_point() and t.dim() == 2 and tuple(t.shape) in planned]
+    assert not dense, f"a dequantized copy of the base: {dense[:3]}"
+
+    merged = reloaded.merge_and_unload()
+    assert not quant_layers(merged) and isinstance(merged.model.layers[0].mlp.up_proj, nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trained, rtol=1e-4, atol=1e-4)
