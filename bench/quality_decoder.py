@@ -149,6 +149,13 @@ def seeds_for(arm, qlora_bits: float, settings: Settings) -> int:
     return max(settings.seeds, settings.key_seeds) if key else settings.seeds
 
 
+def text_digest(texts) -> str:
+    """sha256 (16 hex digits) of the held-out paragraphs, in order."""
+    import hashlib
+
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+
+
 # ---- one job: apply, measure, fine-tune, evaluate -----------------------------------------------------------------
 class Context:
     """What every job of one process shares, loaded once: tokenizer, pristine fp model, texts, Fisher weights."""
@@ -307,7 +314,9 @@ def render_md(r: dict) -> str:
              f"({max(r['settings']['seeds'], r['settings'].get('key_seeds', 0))} for the arms the claims compare); "
              f"perplexity on {r['heldout_texts']} held-out pydoc paragraphs, windows of {r['settings']['eval_len']} "
              "tokens, BOS first  ",
-             f"Full-precision perplexity: **{r['full_precision_ppl']:.3f}**; QLoRA's own bits: {r['qlora_bits']}  ",
+             f"Full-precision perplexity: **{r['full_precision_ppl']:.3f}** (held-out digest "
+             f"{r.get('full_precision', {}).get('heldout_digest', '?')}, on "
+             f"{r.get('full_precision', {}).get('environment', '?')}); QLoRA's own bits: {r['qlora_bits']}  ",
              f"Total time: {r['seconds']:.0f} s (profile {r['profile_seconds']:.0f} s)", "", "## Claims", ""]
     for c in r["claims"]:
         lines.append(f"- **{c['status']}** {c['claim']}" + (f" — {c['reason']}" if c["reason"] else ""))
@@ -377,9 +386,16 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
     points = {p.label: p for p in lora_grid + qalora_grid}
 
     t0 = time.perf_counter()  # profile once: data-free (both methods), then Fisher-weighted (LoRA points)
-    fisher, fkey = get_fisher(source, matrices, "pydoc", cache_dir, settings.calib_tokens, dev, progress)
     fisher_path = out_dir / "runs" / "fisher.safetensors"
-    save_fisher(fisher_path, fisher, {"key": fkey})
+    if collect:  # the run's own weights: pydoc's text (hence the Fisher key) differs between Python versions
+        from safetensors import safe_open
+
+        with safe_open(str(fisher_path), "pt") as f:
+            fkey = f.metadata()["key"]
+        fisher = load_fisher(fisher_path)
+    else:
+        fisher, fkey = get_fisher(source, matrices, "pydoc", cache_dir, settings.calib_tokens, dev, progress)
+        save_fisher(fisher_path, fisher, {"key": fkey})
     free, _ = run_profile(source, matrices, ProfileSettings(lora_grid + qalora_grid, settings.iters, solver),
                           cache_dir=cache_dir, device=str(dev), progress=progress)
     weighted, _ = run_profile(source, matrices, ProfileSettings(lora_grid, settings.iters, solver), fisher, fkey,
@@ -415,10 +431,21 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
     log(f"{len(jobs)} jobs ({parallel} at a time)")
 
     ctx = Context(str(source.folder), settings, fisher_path)
+    # The full-precision model on the same windows, first and kept in runs/: a run cut short still has it, and a
+    # --collect elsewhere reads it (pydoc's held-out text differs between Python versions; its digest is kept).
+    fp_path, digest = out_dir / "runs" / "full_precision.json", text_digest(ctx.heldout)
+    try:
+        fp = json.loads(fp_path.read_text())
+        fp = fp if fp.get("heldout_digest") == digest or collect else None
+    except (OSError, ValueError):
+        fp = None
+    if fp is None:
+        fp_model = copy.deepcopy(ctx.pristine).to(dev)
+        fp = {"ppl": ctx.perplexity(fp_model), "heldout_digest": digest, "environment": environment(dev)}
+        del fp_model
+        write_json(fp_path, fp)
+    fp_ppl = fp["ppl"]
     results = run_jobs(jobs, parallel, log, ctx, collect)
-    fp_model = copy.deepcopy(ctx.pristine).to(dev)  # the full-precision model, scored on the same windows
-    fp_ppl = ctx.perplexity(fp_model)
-    del fp_model
 
     rows = []
     for arm, plan, name in plans:
@@ -443,6 +470,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
               "model": {"name": source.name, "fingerprint": source.fingerprint, "matrices": len(matrices),
                         **({"weights": source.note} if source.note else {})},
               "params": params, "budgets": list(budgets), "qlora_bits": qlora_bits, "full_precision_ppl": fp_ppl,
+              "full_precision": fp, "heldout_digest": digest,
               "heldout_texts": len(ctx.heldout), "uniform_best": uniform_best, "rows": rows,
               "claims": check_claims(rows, uniform_best, budgets, qlora_bits), "profile_seconds": profile_seconds,
               "jobs": len(jobs), "parallel": parallel, "seconds": time.perf_counter() - t_start}
