@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--out", default="lqplan-hf-out")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
@@ -42,7 +43,9 @@ def main() -> None:
     train_data = sft_dataset(tokenizer, args.data, args.max_len)
     training = TrainingArguments(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                                  learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=10,
-                                 save_strategy="no", report_to="none", bf16=cuda, use_cpu=not cuda)
+                                 save_strategy="no", report_to="none", bf16=cuda, use_cpu=not cuda,
+                                 gradient_checkpointing=args.gradient_checkpointing,
+                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer = Trainer(model=model, args=training, train_dataset=train_data, data_collator=collator(tokenizer))
     result = trainer.train()
     model.save_pretrained(Path(args.out) / "adapter")  # the adapter only; the base is the plan applied again

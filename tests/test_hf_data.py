@@ -310,7 +310,9 @@ def test_the_example_script_fine_tunes_a_plan(tmp_path):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
     run = subprocess.run([sys.executable, str(REPO / "examples" / "finetune_hf.py"), "--model", str(folder), "--plan",
                           str(tmp_path / "plan.json"), "--data", str(tmp_path / "d.jsonl"), "--steps", "2",
-                          "--batch-size", "2", "--max-len", "32", "--out", str(tmp_path / "out")],
+                          "--batch-size", "2", "--max-len", "32", "--gradient-checkpointing", "--out",
+                          str(tmp_path / "out")],
                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "peak" in run.stdout and (tmp_path / "out" / "adapter").is_dir()
+    assert "trained 2 steps" in run.stdout and "nan" not in run.stdout.split("mean loss")[1].split(";")[0]

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 20's GPU run on one GPU, 13B-shaped model: the plan through transformers (from_pretrained with
+# LqplanConfig, quantized while loading), a short HF Trainer fine-tune of PEFT adapters (examples/finetune_hf.py),
+# and `lqplan train` on the same plan, data and batch, peaks from process start side by side.
+#   bash bench/hf_gpu.sh OUT [TOKENIZER_DIR]
+# Needs `datasets` importable (carry its wheels: pip download --no-deps datasets dill multiprocess xxhash fsspec).
+set -uo pipefail
+OUT=${1:?usage: hf_gpu.sh OUT [TOKENIZER_DIR]}; TOK=${2:-}
+M=${MODEL:-/var/tmp/llama13b}; W=${WORK:-/var/tmp/lq}; PY=${PYTHON:-python3}
+mkdir -p "$OUT" "$W"
+source "$(dirname "$0")/gpu_steps.sh"  # run, lq, GRID
+[ -f "$M/config.json" ] || run write $PY bench/write_shaped_model.py --shape llama2-13b --out "$M" ${TOK:+--tokenizer "$TOK"}
+[ -f "$W/hf-plan/plan.json" ] || run plan lq plan --budget 2.75bits --model "$M" "${GRID[@]}" --out "$W/hf-plan"
+# Chat records from the built-in pydoc prose: the first sentence asks, the rest of the paragraph answers.
+$PY - "$W/chat.jsonl" <<'PYEOF'
+import json, sys
+from planner.corpus import real_text_splits
+with open(sys.argv[1], "w") as f:
+    for p in real_text_splits()["train"]:
+        head, _, rest = p.partition(". ")
+        if rest:
+            f.write(json.dumps({"prompt": head + ".", "completion": rest}) + "\n")
+PYEOF
+run hf $PY examples/finetune_hf.py --model "$M" --plan "$W/hf-plan/plan.json" --data "$W/chat.jsonl" --steps 20 \
+  --batch-size 4 --max-len 512 --gradient-checkpointing --out "$W/hf-out"
+run lqtrain lq train --plan "$W/hf-plan/plan.json" --data "$W/chat.jsonl" --steps 20 --batch-size 4 --max-len 512 \
+  --gradient-checkpointing --eval-texts 2 --no-reference --no-save --out "$W/lq-out" --cache "$W/cache" --quiet
+cp "$W/lq-out/train_report.json" "$OUT/lqtrain-report.json" 2>/dev/null
+cp "$W/hf-plan/plan.json" "$OUT/plan.json" 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
