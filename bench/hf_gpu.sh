@@ -3,14 +3,15 @@
 # LqplanConfig, quantized while loading), a short HF Trainer fine-tune of PEFT adapters (examples/finetune_hf.py),
 # and `lqplan train` on the same plan, data and batch, peaks from process start side by side.
 #   bash bench/hf_gpu.sh OUT [TOKENIZER_DIR]
+#   SHAPE=tiny BUDGET=6bits MODEL=/tmp/tiny WORK=/tmp/w bash bench/hf_gpu.sh /tmp/out TOK   # CPU smoke run
 # Needs `datasets` importable (carry its wheels: pip download --no-deps datasets dill multiprocess xxhash fsspec).
 set -uo pipefail
 OUT=${1:?usage: hf_gpu.sh OUT [TOKENIZER_DIR]}; TOK=${2:-}
 M=${MODEL:-/var/tmp/llama13b}; W=${WORK:-/var/tmp/lq}; PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$W"
 source "$(dirname "$0")/gpu_steps.sh"  # run, lq, GRID
-[ -f "$M/config.json" ] || run write $PY bench/write_shaped_model.py --shape llama2-13b --out "$M" ${TOK:+--tokenizer "$TOK"}
-[ -f "$W/hf-plan/plan.json" ] || run plan lq plan --budget 2.75bits --model "$M" "${GRID[@]}" --out "$W/hf-plan"
+[ -f "$M/config.json" ] || run write $PY bench/write_shaped_model.py --shape "${SHAPE:-llama2-13b}" --out "$M" ${TOK:+--tokenizer "$TOK"}
+[ -f "$W/hf-plan/plan.json" ] || run plan lq plan --budget "${BUDGET:-2.75bits}" --model "$M" "${GRID[@]}" --out "$W/hf-plan"
 # Chat records from the built-in pydoc prose: the first sentence asks, the rest of the paragraph answers.
 $PY - "$W/chat.jsonl" <<'PYEOF'
 import json, sys
