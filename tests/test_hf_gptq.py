@@ -198,6 +198,18 @@ def test_cli_exports_a_saved_quantized_model(llama, tmp_path, capsys):
     assert main(["export", "--quantized", str(quantized), "--format", "merged", "--checkpoint-format", "gptq",
                  "--out", str(tmp_path / "m")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+    # --format peft: the packed base plus a standard adapter (export_peft needs the plan for the packed base)
+    assert main(["export", "--quantized", str(quantized), "--format", "peft", "--out", str(tmp_path / "p")]) == 0
+    assert "export: peft" in capsys.readouterr().out
+    from planner.hf.peft import load_lqplan_adapter
+    from planner.train.export import load_quantized
+
+    base_dir, adapter_dir = sorted(d for d in (tmp_path / "p").iterdir() if d.is_dir())[:2]
+    base_dir, adapter_dir = (base_dir, adapter_dir) if (base_dir / "model.safetensors").exists() else (adapter_dir,
+                                                                                                        base_dir)
+    peft_model = load_lqplan_adapter(load_quantized(base_dir)[0], adapter_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=0, atol=1e-4)
 
 
 # ---- transformers' GPTQ path ----------------------------------------------------------------------------------

@@ -315,7 +315,7 @@ def cmd_export(args) -> int:
     elif args.format == "merged":
         written = [export_merged(model, args.out, tokenizer=tokenizer)]
     else:
-        written = list(export_peft(model, args.out, tokenizer=tokenizer))
+        written = list(export_peft(model, args.out, tokenizer=tokenizer, plan=plan))
     print(f"export: {args.format} -> {', '.join(map(str, written))}" + ("" if tokenizer else " (no tokenizer found "
           f"at the plan's model source {plan.model.get('source')!r})"))
     return 0
