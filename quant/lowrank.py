@@ -43,12 +43,18 @@ class SolverSettings:
 def matmul_precision(settings: SolverSettings):
     """CUDA fp32 matrix products at TF32 while the block runs when the randomized solver asks for it, restored after.
     A process-wide switch: enter it once around work that may run on several threads, never per thread."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = settings.method == "randomized" and settings.tf32
+    on = settings.method == "randomized" and settings.tf32
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9 refuses to read the legacy allow_tf32 once the newer fp32_precision was set: use the newer one
+    # where it exists
+    name, value = ("fp32_precision", "tf32" if on else "ieee") if hasattr(matmul, "fp32_precision") else \
+        ("allow_tf32", on)
+    old = getattr(matmul, name)
+    setattr(matmul, name, value)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        setattr(matmul, name, old)
 
 
 def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int):

@@ -149,14 +149,22 @@ def test_solver_key_marks_full_fp32_products_and_reads_back():
 def test_matmul_precision_sets_and_restores_the_tf32_switch():
     from quant.lowrank import matmul_precision
 
-    before = torch.backends.cuda.matmul.allow_tf32
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
     with matmul_precision(SolverSettings()):
-        assert torch.backends.cuda.matmul.allow_tf32 is True
+        assert matmul.fp32_precision == "tf32"
     with matmul_precision(SolverSettings(tf32=False)):
-        assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert matmul.fp32_precision == "ieee"
     with matmul_precision(SolverSettings(method="exact")):
-        assert torch.backends.cuda.matmul.allow_tf32 is False
-    assert torch.backends.cuda.matmul.allow_tf32 == before
+        assert matmul.fp32_precision == "ieee"
+    assert matmul.fp32_precision == before
+    matmul.fp32_precision = "ieee"  # a caller that set the newer switch itself (the legacy read would raise)
+    try:
+        with matmul_precision(SolverSettings()):
+            assert matmul.fp32_precision == "tf32"
+        assert matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision = before
 
 
 def test_profile_workers_give_the_single_worker_table(tmp_path):
