@@ -22,13 +22,14 @@ ENGINE_VERSION = 2
 
 
 def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None,
-                   solver: SolverSettings | None = None) -> list[PointResult]:
+                   solver: SolverSettings | None = None, batch_bytes: int | None = None) -> list[PointResult]:
     """Decompose `w` once per (config, rank) point; results in the order of `points`. A point may be
     (config, rank, method) with method "lora" (default) or "qalora" (quant.qalora.qalora_point_errors: the error of
     W − Q − the pooled adapter's dense equivalent, at most one alternating step).
 
     The same seed is used for every point, so a point's result does not depend on which other points are asked
-    for (a bigger grid reproduces the smaller grid's numbers exactly)."""
+    for (a bigger grid reproduces the smaller grid's numbers exactly). batch_bytes: quant.fastgrid's batch memory
+    (default: its own share of the free memory)."""
     check_matrix(w)
     check_fisher(fisher, tuple(w.shape))
     w = w.float()
@@ -38,7 +39,7 @@ def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None
     if solver is None or solver.method == "randomized":
         # The randomized solver runs batched over the grid (quant.fastgrid): same contract, within 1% of exact LoftQ.
         lora = list(dict.fromkeys((p[0], p[1]) for p in points if (*p, "lora")[2] == "lora"))
-        fast = dict(zip(lora, profile_grid(w, lora, iters, fisher, solver))) if lora else {}
+        fast = dict(zip(lora, profile_grid(w, lora, iters, fisher, solver, batch_bytes=batch_bytes))) if lora else {}
     out = []
     for point in points:
         config, rank, method = (*point, "lora")[:3]

@@ -90,6 +90,31 @@ class _Quantizer:
         return values.reshape(-1)[:x.numel()].view(x.shape)
 
 
+def prepare_device(device: torch.device, configs) -> None:
+    """Do once, before several threads profile on `device`, what torch and Triton do lazily on first use and not
+    thread-safely: load CUDA's linear-algebra libraries ("lazy wrapper should be called at most once" otherwise)
+    and compile the residual kernel for every code width of `configs`."""
+    if torch.device(device).type != "cuda":
+        return
+    eye = torch.eye(2, device=device, dtype=torch.float64)
+    torch.linalg.eigh(eye)
+    torch.linalg.solve_triangular(torch.linalg.cholesky_ex(eye)[0], eye, upper=False)
+    for config in {c for c in configs if isinstance(c, QuantConfig)}:
+        quant = _Quantizer(config, device)
+        x = torch.ones(2, config.blocksize, device=device)
+        quant.residual_into(torch.empty_like(x), x, x)
+
+
+def batch_budget(device: torch.device, workers: int = 1) -> int | None:
+    """The batch memory each of `workers` concurrent profile_grid calls may use: an equal share of the free CUDA
+    memory now (None on CPU: the fixed CPU_BATCH_BYTES). Fixed before the threads start, so a batch's size does not
+    depend on what the other threads hold at the moment."""
+    if torch.device(device).type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * CUDA_BATCH_FRACTION / max(1, workers))
+
+
 def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns spanning y (batch, rows, l): Cholesky-QR twice, Gram matrix in float64.
 

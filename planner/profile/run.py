@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from quant import SolverSettings
+from quant import SolverSettings, fastgrid
 from quant.engine import profile_matrix
 from quant.lowrank import matmul_precision
 
@@ -62,8 +63,8 @@ class ProfileStats:
 
 
 def profile_one(name: str, shape, w: torch.Tensor, missing: list[GridPoint], iters: int, solver: SolverSettings,
-                fisher) -> dict:
-    results = profile_matrix(w, [(p.config, p.rank, p.method) for p in missing], iters, fisher, solver)
+                fisher, batch_bytes: int | None = None) -> dict:
+    results = profile_matrix(w, [(p.config, p.rank, p.method) for p in missing], iters, fisher, solver, batch_bytes)
     out = {}
     for p, r in zip(missing, results):
         out[p.label] = {"config": p.to_dict(), "error": r.error, "error_unweighted": r.error_unweighted,
@@ -78,8 +79,10 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
     """Profile `matrices` of `source` over `settings.grid`; returns (table, stats). `fisher` (name -> row/column
     weights) and its `fisher_key` make the profile Fisher-weighted. `only` restricts the matrices this process
     computes (distributed runs); the table still lists every matrix found in the cache. `workers`: matrices
-    decomposed at once (default CUDA_WORKERS on a GPU, each thread on its own CUDA stream, 1 on CPU); the numbers do
-    not depend on it, only the wall time."""
+    decomposed at once (default CUDA_WORKERS on a GPU, each thread on its own CUDA stream, 1 on CPU), each with an
+    equal share of the batch memory fixed before they start; the numbers do not depend on it, only the wall time,
+    except where that share caps a matrix's batch of configurations below the whole grid (a small GPU), which cuBLAS
+    may round differently."""
     grid, iters, solver = settings.grid, settings.iters, settings.solver
     dev = resolve_device(device)
     folder = cache_folder(cache_dir, source.fingerprint, settings.cache_key(fisher_key))
@@ -117,13 +120,16 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
             if weights is None:
                 raise UserError(f"the Fisher weights have no entry for {info.name}; recompute them (--calib)")
         t0 = time.perf_counter()
-        if w.device.type != "cuda":
-            return profile_one(info.name, info.shape, w, missing_of[info.name], iters, solver, weights), t0
+        if w.device.type != "cuda" or pool is None:
+            return profile_one(info.name, info.shape, w, missing_of[info.name], iters, solver, weights,
+                               batch_bytes), t0
         # Each worker thread on its own stream, after the reader's copy of w on the default stream.
-        side = torch.cuda.Stream(device=w.device)
+        if getattr(streams, "side", None) is None:
+            streams.side = torch.cuda.Stream(device=w.device)
+        side = streams.side
         side.wait_stream(torch.cuda.default_stream(w.device))
         with torch.cuda.stream(side):
-            new = profile_one(info.name, info.shape, w, missing_of[info.name], iters, solver, weights)
+            new = profile_one(info.name, info.shape, w, missing_of[info.name], iters, solver, weights, batch_bytes)
         side.synchronize()
         return new, t0
 
@@ -138,13 +144,12 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
             bar.update(1)
 
     n_workers = workers if workers is not None else (CUDA_WORKERS if torch.device(dev).type == "cuda" else 1)
-    if n_workers > 1 and torch.device(dev).type == "cuda":
-        # torch loads its CUDA linear-algebra libraries lazily, and that first load is not thread-safe ("lazy
-        # wrapper should be called at most once"): load them here, before the threads start
-        eye = torch.eye(2, device=dev, dtype=torch.float64)
-        torch.linalg.eigh(eye)
-        torch.linalg.solve_triangular(torch.linalg.cholesky_ex(eye)[0], eye, upper=False)
+    batch_bytes = None
+    if n_workers > 1 and todo:
+        fastgrid.prepare_device(torch.device(dev), [p.config for _, missing in todo for p in missing])
+        batch_bytes = fastgrid.batch_budget(torch.device(dev), n_workers)
     pool = ThreadPoolExecutor(n_workers, thread_name_prefix="lqplan-profile") if n_workers > 1 else None
+    streams = threading.local()  # one CUDA stream per worker thread, reused for its matrices
     stream = None
     try:
         with matmul_precision(solver):  # process-wide, so entered once here and not in the worker threads
