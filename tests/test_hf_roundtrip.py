@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from planner.hf import LqplanConfig
-from planner.hf.peft import get_lqplan_peft_model, load_lqplan_adapter
+from planner.hf.peft import get_lqplan_peft_model, load_lqplan_adapter, lqplan_wrappers
 from planner.profile.grid import GridPoint
 from planner.train.apply import apply_plan, explicit_plan, quant_layers
 from quant import QuantConfig
@@ -71,3 +71,21 @@ def test_quantizer_then_peft_equals_apply_plan_and_round_trips(folder_and_plan, 
     assert not quant_layers(merged) and isinstance(merged.model.layers[0].mlp.up_proj, nn.Linear)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bf16_load_keeps_the_loftq_factors_exact_in_the_adapters(folder_and_plan):
+    """Loaded at bf16 (as examples/finetune_hf.py does on a GPU), the adapters still start at the fp32 LoftQ
+    factors exactly: PEFT creates them in the base's dtype, which would round them to bf16 first."""
+    folder, plan = folder_and_plan
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=LqplanConfig(plan=plan),
+                                                 dtype=torch.bfloat16, device_map="cpu")
+    factors = {n: m.lqplan_init for n, m in quant_layers(model).items() if m.lqplan_init is not None}
+    peft_model = get_lqplan_peft_model(model)
+    wrapped = lqplan_wrappers(peft_model)
+    assert factors and len(wrapped) == len(factors)
+    for name, (a, b, scaling) in factors.items():
+        layer = next(m for n, m in wrapped.items() if n.endswith(name))
+        assert layer.lora_A["default"].weight.dtype == torch.float32
+        assert torch.equal(layer.lora_A["default"].weight, a.float())
+        torch.testing.assert_close(layer.lora_B["default"].weight, b.float() * (scaling / layer.scaling["default"]),
+                                   rtol=0, atol=0)

@@ -121,6 +121,9 @@ class LqplanLoraLinear(PeftLoraLinear):
         if tuple(a.shape) != (r, self.in_features) or tuple(b.shape) != (self.out_features, r):
             raise UserError(f"the LoftQ factors have rank {a.shape[0]} but the adapter has r={r}; keep the plan's "
                             "ranks (no r / rank_pattern override) or pass init='qlora'")
+        for module in (self.lora_A[adapter_name], self.lora_B[adapter_name]):
+            if module.weight.dtype != torch.float32:  # PEFT made them in a bf16 base's dtype: keep the factors exact
+                module.float()
         weight_a, weight_b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         weight_a.copy_(a)
         weight_b.copy_(b.float() * (scaling / self.scaling[adapter_name]))
