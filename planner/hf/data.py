@@ -91,7 +91,10 @@ def sft_dataset(tokenizer, data, max_len: int = 512, *, pack: bool = False, cach
     `data`: a file path (load_records), or records: a list of dicts, or a datasets.Dataset you loaded yourself
     (from the hub, say). Each record is BOS + its first max_len - 1 tokens, or with pack=True all records are
     joined and cut into such blocks (planner.train.data.sft_examples)."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("sft_dataset builds a datasets.Dataset; pip install -e \".[hf]\"") from None
 
     if isinstance(data, (str, Path)):
         records, source = load_records(data, option="data file", cache_dir=cache_dir), str(data)

@@ -23,7 +23,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from quant.gptq_pack import CHECKPOINT_FORMATS, EXACT_FORMAT, GPTQLinear, dequantize_gptq, qalora_to_gptq
+from quant.gptq_pack import (
+    CHECKPOINT_FORMATS,
+    EXACT_FORMAT,
+    GPTQLinear,
+    dequantize_gptq,
+    qalora_to_gptq,
+)
 from quant.methods import method_of
 from quant.qalora import QALoRALinear
 
@@ -156,7 +162,12 @@ def module_settings(qc: dict, name: str) -> tuple[int, int] | None:
     for pattern, override in (qc.get("dynamic") or {}).items():
         negative = pattern.startswith("-:")
         regex = pattern[2:] if pattern[:2] in ("+:", "-:") else pattern
-        if re.match(regex, name):
+        try:
+            matched = re.match(regex, name)
+        except re.error as e:
+            raise UserError(f"the folder's quantization_config has the invalid dynamic pattern {pattern!r} ({e}); "
+                            "re-export it with `lqplan export --format gptq`") from None
+        if matched:
             if negative:
                 return None
             return int(override.get("bits", qc["bits"])), int(override.get("group_size", qc["group_size"]))

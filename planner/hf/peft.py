@@ -29,7 +29,7 @@ from quant.methods import method_of
 
 from ..errors import UserError
 from ..plan.document import Plan
-from ..train.apply import quant_layers, set_module
+from ..train.apply import set_module
 from ..train.export import frozen_base
 
 INITS = ("loftq", "qlora")

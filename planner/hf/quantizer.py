@@ -22,7 +22,11 @@ from safetensors import safe_open
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.pytorch_utils import Conv1D
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers import (
+    HfQuantizer,
+    register_quantization_config,
+    register_quantizer,
+)
 from transformers.quantizers import auto as hf_auto
 
 from quant.blockwise import QuantizedTensor
@@ -35,7 +39,13 @@ from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
 from ..plan.document import PlanEntry
 from ..profile.grid import GridPoint
-from ..train.apply import LayerRecipe, check_fingerprint, quant_layers, resolve_names, set_module
+from ..train.apply import (
+    LayerRecipe,
+    check_fingerprint,
+    quant_layers,
+    resolve_names,
+    set_module,
+)
 from ..train.build import checkpoint_key
 from .config import QUANT_METHOD, LqplanConfig, matches
 
@@ -119,7 +129,7 @@ def check_saved(checkpoint_files, layers: dict[str, QuantLoRALinear]) -> None:
 class LqplanQuantize(ConversionOps):
     """transformers' on-load quantization step: {weight name: fp tensor} -> {that module's packed buffers}."""
 
-    def __init__(self, hf_quantizer: "LqplanHfQuantizer"):
+    def __init__(self, hf_quantizer: LqplanHfQuantizer):
         self.hf_quantizer = hf_quantizer
 
     def convert(self, input_dict, source_patterns=None, target_patterns=None, model=None, missing_keys=None,
