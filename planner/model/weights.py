@@ -36,14 +36,8 @@ class TensorEntry(NamedTuple):
     nbytes: int
 
 
-# Written by whichever transformers saved the folder, not part of the model: the same weights re-saved by another
-# version (the Gemma GGUF assembly under transformers 5.17 and 5.24) must keep their profile cache.
-CONFIG_METADATA = ("transformers_version",)
-
-
 def _config_identity(cfg: Path) -> bytes:
-    """config.json as canonical JSON (key order and whitespace do not change a model's identity), without the
-    keys in CONFIG_METADATA."""
+    """config.json as canonical JSON (key order and whitespace do not change a model's identity)."""
     fix = "restore the model's config.json (the one saved with the weights)"
     if not cfg.is_file():
         raise UserError(f"{cfg} is a folder, not a file; {fix}") if cfg.is_dir() else UserError(
@@ -54,8 +48,6 @@ def _config_identity(cfg: Path) -> bytes:
         raise UserError(f"{cfg} is not valid JSON (empty or corrupt); {fix}") from None
     except OSError as e:
         raise UserError(f"cannot read {cfg}: {e.strerror or e}; {fix}") from None
-    if isinstance(config, dict):
-        config = {k: v for k, v in config.items() if k not in CONFIG_METADATA}
     return json.dumps(config, sort_keys=True).encode()
 
 
