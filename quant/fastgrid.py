@@ -39,6 +39,9 @@ from .weighting import check_fisher, fisher_scales, weigh
 # Default cap on the batch's residual stack (chains x m x n fp32), the dominant memory of a batch.
 CPU_BATCH_BYTES = 256 << 20
 CUDA_BATCH_FRACTION = 0.25  # of the free device memory
+# All concurrent calls together (planner.profile's worker threads): three at a quarter each ran the 13B-shaped grid
+# on an H200; more workers share the same three quarters.
+CUDA_WORKERS_FRACTION = 0.75
 # A basis this wide a fraction of min(m, n) costs about what the full width costs, and subspace iteration converges
 # slowly there (on MiniLM NF8 rank 64 of 384, 1.02x exact LoftQ even with 6 power iterations): take the full width,
 # which makes the step an exact SVD.
@@ -106,13 +109,14 @@ def prepare_device(device: torch.device, configs) -> None:
 
 
 def batch_budget(device: torch.device, workers: int = 1) -> int | None:
-    """The batch memory each of `workers` concurrent profile_grid calls may use: an equal share of the free CUDA
-    memory now (None on CPU: the fixed CPU_BATCH_BYTES). Fixed before the threads start, so a batch's size does not
-    depend on what the other threads hold at the moment."""
+    """The batch memory each of `workers` concurrent profile_grid calls may use, fixed before the threads start so
+    that a batch's size does not depend on what the other threads hold at the moment: CUDA_BATCH_FRACTION of the
+    free CUDA memory now, as one call alone takes, while `workers` of them stay within CUDA_WORKERS_FRACTION (None on
+    CPU: the fixed CPU_BATCH_BYTES)."""
     if torch.device(device).type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    return int(free * CUDA_BATCH_FRACTION / max(1, workers))
+    return int(free * min(CUDA_BATCH_FRACTION, CUDA_WORKERS_FRACTION / max(1, workers)))
 
 
 def _orthonormalize(y: torch.Tensor) -> torch.Tensor:

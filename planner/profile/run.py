@@ -80,7 +80,8 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
     weights) and its `fisher_key` make the profile Fisher-weighted. `only` restricts the matrices this process
     computes (distributed runs); the table still lists every matrix found in the cache. `workers`: matrices
     decomposed at once (default CUDA_WORKERS on a GPU, each thread on its own CUDA stream, 1 on CPU), each with an
-    equal share of the batch memory fixed before they start; the numbers do not depend on it, only the wall time,
+    share of the batch memory fixed before they start (fastgrid.batch_budget); the numbers do not depend on it, only
+    the wall time,
     except where that share caps a matrix's batch of configurations below the whole grid (a small GPU), which cuBLAS
     may round differently."""
     grid, iters, solver = settings.grid, settings.iters, settings.solver
