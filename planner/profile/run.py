@@ -79,11 +79,10 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
     """Profile `matrices` of `source` over `settings.grid`; returns (table, stats). `fisher` (name -> row/column
     weights) and its `fisher_key` make the profile Fisher-weighted. `only` restricts the matrices this process
     computes (distributed runs); the table still lists every matrix found in the cache. `workers`: matrices
-    decomposed at once (default CUDA_WORKERS on a GPU, each thread on its own CUDA stream, 1 on CPU), each with an
+    decomposed at once (default CUDA_WORKERS on a GPU, each thread on its own CUDA stream, 1 on CPU), each with a
     share of the batch memory fixed before they start (fastgrid.batch_budget); the numbers do not depend on it, only
-    the wall time,
-    except where that share caps a matrix's batch of configurations below the whole grid (a small GPU), which cuBLAS
-    may round differently."""
+    the wall time, except where many workers' smaller shares cap a matrix's batch of configurations below the whole
+    grid, which cuBLAS may round differently."""
     grid, iters, solver = settings.grid, settings.iters, settings.solver
     dev = resolve_device(device)
     folder = cache_folder(cache_dir, source.fingerprint, settings.cache_key(fisher_key))
