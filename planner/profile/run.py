@@ -7,6 +7,7 @@ Each file holds every grid point computed so far for that matrix and is replaced
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -120,17 +121,17 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
             if weights is None:
                 raise UserError(f"the Fisher weights have no entry for {info.name}; recompute them (--calib)")
         t0 = time.perf_counter()
-        if w.device.type != "cuda" or pool is None:
-            return profile_one(info.name, info.shape, w, missing_of[info.name], iters, solver, weights,
-                               batch_bytes), t0
-        # Each worker thread on its own stream, after the reader's copy of w on the default stream.
-        if getattr(streams, "side", None) is None:
-            streams.side = torch.cuda.Stream(device=w.device)
-        side = streams.side
-        side.wait_stream(torch.cuda.default_stream(w.device))
-        with torch.cuda.stream(side):
+        side = None
+        if w.device.type == "cuda" and pool is not None:
+            # Each worker thread on its own stream, after the reader's copy of w on the default stream.
+            if getattr(streams, "side", None) is None:
+                streams.side = torch.cuda.Stream(device=w.device)
+            side = streams.side
+            side.wait_stream(torch.cuda.default_stream(w.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             new = profile_one(info.name, info.shape, w, missing_of[info.name], iters, solver, weights, batch_bytes)
-        side.synchronize()
+        if side is not None:
+            side.synchronize()
         return new, t0
 
     def finish(info, new, t0):
