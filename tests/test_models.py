@@ -139,12 +139,12 @@ def test_prefetch_keeps_at_most_two_matrices_alive_and_overlaps(tiny_llama, monk
     mats = discover_matrices(src)
     alive = {"now": 0, "max": 0}
     lock = threading.Lock()
-    computing = threading.Event()
-    overlapped = []
+    asked = [0]  # how many matrices the caller has finished with (and so asked for the next of)
+    asked_at_read = []
     real_load = models_stream.load_matrix
 
     def counting_load(info, device, dtype):
-        overlapped.append(computing.is_set())  # a read that starts while the caller computes = real prefetch
+        asked_at_read.append(asked[0])
         t = real_load(info, device, dtype)
         with lock:
             alive["now"] += 1
@@ -157,12 +157,16 @@ def test_prefetch_keeps_at_most_two_matrices_alive_and_overlaps(tiny_llama, monk
         return t
 
     monkeypatch.setattr(models_stream, "load_matrix", counting_load)
-    for m, w in iter_matrices(src, mats, prefetch=True):
-        computing.set()
-        time.sleep(0.01)  # the caller's "work"; the next read should happen now
-        computing.clear()
+    for i, (m, w) in enumerate(iter_matrices(src, mats, prefetch=True)):
+        # the caller's "work" lasts until the next read has started, so the check waits on no clock; without
+        # prefetch the next read would never start here and the wait gives up
+        deadline = time.monotonic() + 5
+        while len(asked_at_read) < min(i + 2, len(mats)) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        asked[0] += 1
     assert alive["max"] <= 2
-    assert sum(overlapped) >= len(mats) // 2
+    # real prefetch: the read of matrix j starts before the caller is done with matrix j-1
+    assert asked_at_read == list(range(len(mats)))[:1] + list(range(len(mats) - 1)), asked_at_read
 
     # a for-loop holds the previous tensor until next() returns; a slow rebind stretches that moment: the read
     # of the matrix after next must still wait for the previous tensor to go (ungated prefetch would reach 3)
