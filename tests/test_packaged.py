@@ -72,9 +72,28 @@ def test_gemma3_270m_is_assembled_once_as_a_plain_causal_lm(tmp_path_factory, mo
     source = resolve_model("gemma3-270m")
     config = json.loads((source.folder / "config.json").read_text())
     assert config["architectures"] == ["Gemma3ForCausalLM"] and "quantization_config" not in config
+    assert "transformers_version" not in config  # the same bytes on every machine
     assert is_causal_lm(config) and "dequantized" in source.note and "not the original bf16" in source.note
     matrices = discover_matrices(source)
     assert len(matrices) == 18 * 7 and {m.dtype for m in matrices} == {"float32"}
     assert sorted({min(m.shape) for m in matrices}) == [256, 640]
     again = resolve_model("gemma3-270m")  # the second use reads the folder: same bytes, same fingerprint
     assert again.folder == source.folder and again.fingerprint == source.fingerprint
+
+
+def test_an_assembled_folder_is_the_same_bytes_whichever_transformers_wrote_it(monkeypatch, tmp_path):
+    # transformers_version in config.json was part of the fingerprint: a plan made where 5.17 assembled the folder
+    # was refused where 5.24 did; an assembly by an earlier lqplan is made portable on its next use
+    monkeypatch.setenv("LQPLAN_MODEL_CACHE", str(tmp_path))
+    folder = tmp_path / "gemma3-270m"
+    folder.mkdir()
+    (folder / packaged.MARKER).write_text("{}")
+    from planner.model.weights import fingerprint
+
+    prints = []
+    for version in ("5.17.0", "5.24.0"):
+        (folder / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "transformers_version": version}))
+        assert packaged.packaged_folder("gemma3-270m") == folder
+        assert json.loads((folder / "config.json").read_text()) == {"model_type": "gemma3_text"}
+        prints.append(fingerprint(folder))
+    assert prints[0] == prints[1]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..fsio import write_text
 
 MARKER = "lqplan-packaged.json"  # written last into the assembled folder: its presence means the folder is complete
 
@@ -103,9 +104,17 @@ def convert(spec: PackagedModel, gguf: Path, out: Path) -> None:
     config = json.loads(config_path.read_text())
     config.pop("quantization_config", None)  # save_pretrained can re-add it from the loading kwargs
     config.setdefault("architectures", [spec.architecture])
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_portable_config(config_path, config)
     for path in out.iterdir():
         path.chmod(0o644)  # safetensors creates its file 0600; the folder is a shared, read-only cache
+
+
+def write_portable_config(path: Path, config: dict) -> None:
+    """config.json without `transformers_version`: the version that happened to assemble the folder is part of
+    the model fingerprint, so dropping it makes every machine's assembly the same bytes, and a plan made on one
+    machine is accepted on another (a GPU box with transformers 5.17 and this one with 5.24 disagreed)."""
+    config = {k: v for k, v in config.items() if k != "transformers_version"}
+    write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _say(message: str) -> None:
@@ -119,6 +128,12 @@ def packaged_folder(alias: str, progress=_say) -> Path:
     root = models_cache_dir()
     folder = root / alias
     if (folder / MARKER).is_file():
+        config = json.loads((folder / "config.json").read_text())
+        if "transformers_version" in config:  # assembled by an lqplan before write_portable_config
+            try:
+                write_portable_config(folder / "config.json", config)
+            except UserError:
+                pass  # a read-only shared cache: it still works, with this machine's own fingerprint
         return folder
     chunk_paths(spec)  # the install hint before any work
     tmp = root / f".{alias}.tmp-{os.getpid()}"
