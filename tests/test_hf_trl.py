@@ -76,7 +76,7 @@ def test_sft_trainer_trains_the_adapters_over_the_packed_base(setup, way, tmp_pa
     args = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
                          learning_rate=1e-2, max_length=32, logging_steps=1, save_strategy="no", report_to=[],
                          use_cpu=True, disable_tqdm=True, seed=0,
-                         bf16=False)  # fp32 for exact comparisons; gradient checkpointing stays on (SFTConfig's default)
+                         bf16=False)  # fp32 for exact comparisons; gradient checkpointing on (SFTConfig default)
     if way == "peft_config":
         trainer = RecordingSFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(RECORDS),
                                       processing_class=tok, peft_config=lqplan_lora_config(model, plan))
@@ -138,3 +138,31 @@ def test_sft_trainer_trains_the_adapters_over_the_packed_base(setup, way, tmp_pa
     reloaded = load_lqplan_adapter(base, tmp_path / "adapter").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, trained)
+
+
+def test_a_packed_output_head_fails_loudly_and_trains_kept_dense(setup, tmp_path):
+    """TRL computes the loss from lm_head.weight itself (its fused LM head), not by calling the head. A packed
+    head has no dense weight to give: the step fails (it used to train on a loss of 0, reading an empty weight).
+    Kept in full precision with modules_to_not_convert, the same plan trains, the head frozen."""
+    tok, folder, _, _, _ = setup
+    names = [n for n, m in tiny_llama(tok).named_modules() if isinstance(m, torch.nn.Linear)]
+    plan = explicit_plan(tiny_llama(tok), lambda i, n, s: GridPoint(QuantConfig(bits=4, blocksize=32),
+                                                                    0 if n == "lm_head" else 4),
+                         model_path=folder, names=names, iters=1)
+    assert "lm_head" in {e.name for e in plan.matrices}
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                         max_length=32, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, bf16=False)
+    for kept in ([], ["lm_head"]):
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=LqplanConfig(plan=plan, modules_to_not_convert=kept), device_map="cpu")
+        assert tuple(model.lm_head.weight.shape) == ((len(tok), 0) if not kept else (len(tok), 64))
+        head = model.lm_head.weight.clone()
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(RECORDS),
+                                 processing_class=tok, peft_config=lqplan_lora_config(model, plan))
+        if not kept:
+            with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+                trainer.train()
+            continue
+        result = trainer.train()
+        assert result.global_step == 2 and math.isfinite(result.training_loss) and result.training_loss > 1
+        assert torch.equal(model.lm_head.weight, head)
