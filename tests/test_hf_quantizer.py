@@ -151,6 +151,8 @@ def test_llama_packed_buffers_equal_apply_plans_bit_for_bit(llama):
     assert_same_buffers(model, ref)
     assert len(quant_layers(model)) == len(plan.matrices) == 14
     assert isinstance(model.model.layers[0].self_attn.v_proj, QALoRALinear)  # the entry's method
+    # the stand-in `weight` holds nothing but has the layer's rows: code multiplying by it fails instead of using 0 rows
+    assert all(layer.weight.shape == (layer.out_features, 0) for layer in quant_layers(model).values())
     assert model.is_quantized and model.config.quantization_config == LqplanConfig(plan=plan)
 
 

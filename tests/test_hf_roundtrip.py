@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from planner.hf import LqplanConfig
-from planner.hf.peft import get_lqplan_peft_model, load_lqplan_adapter, lqplan_wrappers
+from planner.hf.peft import get_lqplan_peft_model, load_lqplan_adapter, lqplan_lora_config, lqplan_wrappers
 from planner.profile.grid import GridPoint
 from planner.train.apply import apply_plan, explicit_plan, quant_layers
 from quant import QuantConfig
@@ -89,3 +89,16 @@ def test_a_bf16_load_keeps_the_loftq_factors_exact_in_the_adapters(folder_and_pl
         assert torch.equal(layer.lora_A["default"].weight, a.float())
         torch.testing.assert_close(layer.lora_B["default"].weight, b.float() * (scaling / layer.scaling["default"]),
                                    rtol=0, atol=0)
+
+
+def test_modules_kept_in_full_precision_get_no_adapter_from_the_plan(folder_and_plan):
+    """lqplan_lora_config(model, plan) on a model loaded with modules_to_not_convert: the kept planned modules are
+    dense nn.Linear, left out of the targets (they were refused as 'matches 0 quantized layers')."""
+    folder, plan = folder_and_plan
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=LqplanConfig(plan=plan, modules_to_not_convert=["layers.1.mlp"]), device_map="cpu")
+    config = lqplan_lora_config(model, plan)
+    assert sorted(config.target_modules) == sorted(e.name for e in plan.matrices if ".layers.1.mlp." not in e.name)
+    peft_model = get_lqplan_peft_model(model, plan)
+    assert type(peft_model.base_model.model.model.layers[1].mlp.up_proj) is nn.Linear
+    assert len(lqplan_wrappers(peft_model)) == len(config.target_modules)

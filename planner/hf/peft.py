@@ -29,8 +29,9 @@ from quant.methods import method_of
 
 from ..errors import UserError
 from ..plan.document import Plan
-from ..train.apply import set_module
+from ..train.apply import is_linear, set_module
 from ..train.export import frozen_base
+from .config import LqplanConfig
 
 INITS = ("loftq", "qlora")
 
@@ -220,16 +221,32 @@ def split_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def plan_ranks(plan: Plan, names) -> dict[str, int]:
-    """Module name -> the plan's rank, plan entries matched to `names` as apply_plan matches them."""
+def kept_dense(model: nn.Module) -> list[str]:
+    """Names of the linears that the LqplanConfig the model was loaded with keeps in full precision
+    (modules_to_not_convert); none for a model quantized otherwise."""
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if not isinstance(config, LqplanConfig) or not config.modules_to_not_convert:
+        return []
+    return [n for n, m in model.named_modules() if is_linear(m) and config.skips(n)]
+
+
+def plan_ranks(plan: Plan, names, kept=()) -> dict[str, int]:
+    """Module name -> the plan's rank, plan entries matched to `names` as apply_plan matches them; an entry that
+    matches none of them but one of `kept` (planned, but loaded in full precision: kept_dense) is left out."""
     if not isinstance(plan, Plan):
         raise UserError(f"plan must be a planner.plan.Plan, got {type(plan).__name__}; load one with Plan.load")
+
+    def matching(e, candidates):
+        return [n for n in candidates if n == e.name or n.endswith("." + e.name) or e.name.endswith("." + n)]
+
     out = {}
     for e in plan.matrices:
         if e.point.method != "lora":
             raise UserError(f"plan entry {e.name} is QA-LoRA, whose group-pooled adapter PEFT's LoRA cannot "
                             "express; train it with lqplan's own loop (planner.train) or re-plan with --method lora")
-        found = [n for n in names if n == e.name or n.endswith("." + e.name) or e.name.endswith("." + n)]
+        found = matching(e, names)
+        if not found and len(matching(e, kept)) == 1:
+            continue  # a dense nn.Linear: no lqplan layer to put an adapter on
         if len(found) != 1:
             raise UserError(f"plan entry {e.name} matches {len(found)} quantized layers of this model; pass the "
                             "plan the model was quantized with")
@@ -245,7 +262,7 @@ def lqplan_lora_config(model: nn.Module, plan: Plan | None = None, *, init: str 
     LoraConfig options pass through `kw`; r= or lora_alpha= there sets one value for every layer instead."""
     check_init(init)
     layers = base_layers(model)
-    from_plan = plan_ranks(plan, list(layers)) if plan is not None else {}
+    from_plan = plan_ranks(plan, list(layers), kept_dense(model)) if plan is not None else {}
     ranks, alphas = {}, {}
     for name, layer in layers.items():
         init_factors = getattr(layer, "lqplan_init", None)

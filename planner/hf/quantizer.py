@@ -85,9 +85,12 @@ def empty_layer(entry: PlanEntry, linear: nn.Module, routes_weight: bool) -> Qua
 def stand_in_weight(layer: QuantLoRALinear, dtype: torch.dtype, device: torch.device) -> None:
     """An empty `weight` (non-persistent: never saved): many models' _init_weights and forward code reach into a
     linear's `.weight` (GPT-2, T5, CLIP init it; others read its dtype or device), which the packed layer has not.
-    Zero elements, so initialising it does nothing; a buffer, so it follows the model's .to(device / dtype)."""
+    Zero elements, so initialising it does nothing; a buffer, so it follows the model's .to(device / dtype).
+    Shaped (out_features, 0), not (0,): code that multiplies by `.weight` itself instead of calling the layer
+    (TRL's SFTTrainer does, for the output head) fails on the shapes; a (0,) weight, read as 0 rows, gave TRL a
+    0-token vocabulary and a loss of 0, with no error."""
     layer._parameters.pop("weight", None)
-    layer.register_buffer("weight", torch.empty(0, dtype=dtype, device=device), persistent=False)
+    layer.register_buffer("weight", torch.empty(layer.out_features, 0, dtype=dtype, device=device), persistent=False)
 
 
 def init_factors(layer: QuantLoRALinear) -> tuple[torch.Tensor, torch.Tensor, float]:
