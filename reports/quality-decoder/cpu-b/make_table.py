@@ -14,7 +14,8 @@ for arm, label in names.items():
     if not runs:
         continue
     rs = [json.loads(p.read_text()) for p in runs]
-    plan = json.loads((folder / f"runs/4.7329-{arm}/plan.json").read_text())
+    # the device's plan (the CPU jobs ran it re-addressed to this machine's folder: setup_jobs.py)
+    plan = json.loads((folder.parent / f"runs/4.7329-{arm}/plan.json").read_text())
     after = [r["result"]["ppl_after"] for r in rs]
     first = rs[0]["result"]
     spread = f" ± {statistics.stdev(after):.3f}" if len(after) > 1 else ""
