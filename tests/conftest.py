@@ -23,6 +23,17 @@ os.environ.setdefault("LQPLAN_DEVICE", "cpu")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def seeded_tiny_llama(vocab_size: int = 1000, kv_heads: int = 2, **config):
+    """The suite's tiny causal LM: a LlamaForCausalLM 64 wide, 2 layers, 4 attention heads, built right after
+    torch.manual_seed(0), so every test that makes one with the same config gets the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
+                                        **config))
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a `python -m planner` child: this checkout first on PYTHONPATH, whatever else was there
     kept (a machine may provide dependencies through PYTHONPATH), one thread unless told otherwise."""

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import seeded_tiny_llama
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from planner.corpus import real_text_splits
@@ -33,9 +32,7 @@ POINT = GridPoint(QuantConfig(bits=4, blocksize=64), 8)
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    seeded_tiny_llama(30522).save_pretrained(folder)
     return folder
 
 

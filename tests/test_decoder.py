@@ -9,7 +9,8 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from conftest import seeded_tiny_llama
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from planner.corpus import load_calib, real_text_splits
 from planner.model.discover import is_causal_lm
@@ -23,10 +24,7 @@ def decoder_folder(tmp_path_factory, minilm_path):
     """A seeded random 2-layer Llama saved WITHOUT `architectures` in config.json (as a GGUF conversion can leave
     it), with the MiniLM vocabulary and a tokenizer that has a BOS token ([CLS], id 101)."""
     folder = tmp_path_factory.mktemp("decoder-no-arch")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    seeded_tiny_llama(30522, max_position_embeddings=256).save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
     cfg.pop("architectures", None)
     (folder / "config.json").write_text(json.dumps(cfg))

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import seeded_tiny_llama
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 from planner.errors import UserError
 from planner.plan.document import Plan
@@ -134,10 +135,7 @@ def test_export_and_load_errors(minilm_path, tmp_path):
 
 def test_causal_llama_roundtrip_and_merged_export(tmp_path):
     """Rotary buffers, an lm_head and the causal path survive save/load bit for bit."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    seeded_tiny_llama(max_position_embeddings=128).save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     plan = explicit_plan(model, lambda i, n, s: GridPoint(QuantConfig(bits=(2, 3, 4)[i % 3], blocksize=32),
                                                           4 * (1 + i % 2)),

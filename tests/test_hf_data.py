@@ -11,8 +11,9 @@ from importlib.util import find_spec
 
 import pytest
 import torch
+from conftest import seeded_tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from planner.errors import UserError
 from planner.hf.data import IGNORE_INDEX, collator, load_records, sft_dataset, sft_examples
@@ -213,10 +214,7 @@ RECORDS = [{"messages": CHAT}, {"prompt": "what is two plus two", "completion": 
 
 
 def tiny_llama(tok):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
-    return LlamaForCausalLM(config)
+    return seeded_tiny_llama(len(tok), kv_heads=4, max_position_embeddings=128)
 
 
 def quantized(tok):

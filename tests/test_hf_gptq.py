@@ -9,8 +9,9 @@ import json
 
 import pytest
 import torch
+from conftest import seeded_tiny_llama
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 from planner.errors import UserError
 from planner.hf.gptq import export_gptq, load_gptq, module_settings
@@ -84,10 +85,7 @@ def llama(tmp_path_factory):
     """A tiny LlamaForCausalLM, every projection QA-LoRA at mixed bits 2/3/4/8 and groups 16/32 (the per-module map
     matters), adapters moved as if trained."""
     base = tmp_path_factory.mktemp("llama") / "base"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(base)
+    seeded_tiny_llama(max_position_embeddings=128).save_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     plan = explicit_plan(model, lambda i, n, s: GridPoint(int_config((2, 3, 4, 8)[i % 4], (16, 32)[i % 2]),
                                                           1 + i % 2, "qalora"), model_path=base, iters=1)
@@ -222,9 +220,7 @@ def test_transformers_gptq_path_reads_the_integer_format(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch._dynamo.config, "disable", True)  # gptqmodel compiles its dequant: minutes on CPU
     base = tmp_path / "base"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(base)
+    seeded_tiny_llama().save_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     apply_plan(model, explicit_plan(model, GridPoint(int_config(2, 16), 2, "qalora"), model_path=base, iters=1),
                progress=False)

@@ -9,10 +9,11 @@ import json
 
 import pytest
 import torch
+from conftest import seeded_tiny_llama
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 from planner.errors import UserError
 from planner.hf.peft import (
@@ -194,11 +195,8 @@ def test_adapter_roundtrip_and_packed_export(applied, batch, tmp_path):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """A tiny LlamaForCausalLM, every projection planned (mixed 2/3/4 bits, ranks 4/8), LoftQ T=1."""
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("llama") / "base"
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    seeded_tiny_llama(max_position_embeddings=128).save_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     plan = explicit_plan(model, lambda i, n, s: GridPoint(QuantConfig(bits=(2, 3, 4)[i % 3], blocksize=32),
                                                           4 * (1 + i % 2)), model_path=folder, iters=1)

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from conftest import seeded_tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -72,9 +73,7 @@ def without_adapters(ref):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    seeded_tiny_llama().save_pretrained(folder)
     plan = explicit_plan(AutoModelForCausalLM.from_pretrained(folder), mixed, model_path=folder, iters=1)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=LqplanConfig(plan=plan))
     ref = apply_plan(AutoModelForCausalLM.from_pretrained(folder), plan, device="cpu", progress=False)

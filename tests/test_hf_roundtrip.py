@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import seeded_tiny_llama
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from planner.hf import LqplanConfig
 from planner.hf.peft import get_lqplan_peft_model, load_lqplan_adapter, lqplan_lora_config, lqplan_wrappers
@@ -23,9 +24,7 @@ POINTS = [GridPoint(QuantConfig(bits=4, blocksize=64), 8), GridPoint(QuantConfig
 @pytest.fixture(scope="module")
 def folder_and_plan(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    seeded_tiny_llama().save_pretrained(folder)
     plan = explicit_plan(AutoModelForCausalLM.from_pretrained(folder), lambda i, n, s: POINTS[i % 3],
                          model_path=folder, iters=2)
     return folder, plan

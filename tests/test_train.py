@@ -9,8 +9,9 @@ import math
 
 import pytest
 import torch
+from conftest import seeded_tiny_llama
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 from planner.corpus import real_text_splits
 from planner.errors import UserError
@@ -53,10 +54,7 @@ def splits():
 def tiny_llama(tmp_path_factory):
     """A seeded random 2-layer Llama with the MiniLM vocabulary, saved as a real safetensors folder."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    seeded_tiny_llama(30522, kv_heads=4, max_position_embeddings=256).save_pretrained(folder)
     return folder
 
 
