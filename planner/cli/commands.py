@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quant import SolverSettings
 
@@ -11,7 +12,6 @@ from ..api import budget_curve, make_plan, profile_manifest, read_run_stats
 from ..corpus import read_text_file
 from ..devices import resolve_device
 from ..errors import UserError
-from ..hf.data import load_records
 from ..model.discover import discover_matrices, unplanned_bytes
 from ..model.memory import memory_table
 from ..model.resolve import list_aliases, resolve_model
@@ -25,11 +25,12 @@ from ..profile.run import run_profile, save_table
 from ..profile.settings import ProfileSettings
 from ..profile.table import read_profile_csv
 from ..report.render import proof_text, write_reports
-from ..hf.gptq import export_gptq
-from ..train.evaluate import evaluate_quantized
-from ..train.export import export_merged, export_peft, load_quantized
-from ..train.finetune import finetune
-from ..train.settings import TrainSettings
+
+if TYPE_CHECKING:
+    from ..train.settings import TrainSettings
+
+# planner.train (transformers, accelerate, peft) is imported by the verbs that train, evaluate or export, not at
+# start-up: `plan` and `profile` never need it, and every start (each torchrun rank too) would load it.
 
 
 def grid_from_args(args, ranks: str | None = None):
@@ -242,6 +243,8 @@ def cmd_aliases(args) -> int:
 
 def train_settings(args) -> TrainSettings:
     """The `lqplan train` flags as TrainSettings (which rejects a bad value in one line, before any work)."""
+    from ..train.settings import TrainSettings
+
     return TrainSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          schedule=args.schedule, warmup_steps=args.warmup_steps, max_len=args.max_len,
                          gradient_checkpointing=args.gradient_checkpointing, dropout=not args.no_dropout,
@@ -258,8 +261,12 @@ def cmd_train(args) -> int:
         raise UserError("--data and --text both give the training data; pass one of them")
     texts = read_text_file(args.text) if args.text else None
     if args.data:
+        from ..hf.data import load_records  # planner.hf imports transformers' quantizer machinery: only for --data
+
         texts = load_records(args.data, cache_dir=Path(args.cache) / "datasets", progress=not args.quiet)
     heldout = read_text_file(args.eval_text, "--eval-text") if args.eval_text else None
+    from ..train.finetune import finetune
+
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -285,6 +292,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from ..train.evaluate import evaluate_quantized
+
     texts = read_text_file(args.eval_text, "--eval-text") if args.eval_text else None
     r = evaluate_quantized(args.quantized, args.model, eval_texts=args.eval_texts, max_len=args.max_len,
                            device=args.device, texts=texts)
@@ -308,9 +317,13 @@ def cmd_export(args) -> int:
     if args.checkpoint_format is not None and args.format != "gptq":
         raise UserError(f"--checkpoint-format applies to --format gptq, not --format {args.format}; drop it")
     _check_writable(args.out, "--out")
+    from ..train.export import export_merged, export_peft, load_quantized
+
     model, plan = load_quantized(args.quantized)
     tokenizer = _source_tokenizer(plan)
     if args.format == "gptq":
+        from ..hf.gptq import export_gptq
+
         written = [export_gptq(model, args.out, args.checkpoint_format or "lqplan_offsets", tokenizer)]
     elif args.format == "merged":
         written = [export_merged(model, args.out, tokenizer=tokenizer)]

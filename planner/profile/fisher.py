@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 
 import torch
-from transformers.pytorch_utils import Conv1D
 
 from ..corpus import CalibText, load_calib
 from ..errors import UserError
@@ -60,6 +59,7 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
                    batch_size: int = 16, device: str = "cpu", progress=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Row/column Fisher weights for each planned matrix (module path) of the model in `folder`."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.pytorch_utils import Conv1D  # here, not at import: it loads much of transformers
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -85,7 +85,7 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     causal = is_causal_lm(config)
     cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32).to(device)
+    model = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(device)
     modules_of = _find_modules(model, names)
     params = {n: m.weight for n, m in modules_of.items()}
     for p in model.parameters():

@@ -9,11 +9,6 @@ import math
 import re
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -114,7 +109,19 @@ def _html_table(df: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported when a figure is drawn (it takes a second to load,
+    which every CLI start would pay otherwise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _png(fig) -> bytes:
+    plt = _pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -127,7 +134,7 @@ def _heatmaps(alloc: pd.DataFrame) -> bytes | None:
         return None
     types = list(dict.fromkeys(d["type"]))
     layers = sorted(int(x) for x in d["layer"].unique())
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(types), 1.5 + 0.28 * len(layers)), squeeze=False)
+    fig, axes = _pyplot().subplots(1, 2, figsize=(4 + 1.2 * len(types), 1.5 + 0.28 * len(layers)), squeeze=False)
     for ax, col, title, fmt in ((axes[0][0], "bits_per_param", "bits/param (incl. adapters)", "{:.2f}"),
                                 (axes[0][1], "rank", "LoRA rank", "{:.0f}")):
         grid = d.pivot_table(index="layer", columns="type", values=col, aggfunc="mean").reindex(index=layers,
@@ -151,7 +158,7 @@ def _heatmaps(alloc: pd.DataFrame) -> bytes | None:
 def _curve_plot(curve: pd.DataFrame | None, uniform: pd.DataFrame | None, plan: Plan) -> bytes | None:
     if (curve is None or curve.empty) and (uniform is None or uniform.empty):
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     if curve is not None and not curve.empty:
         ok = curve.loc[curve["total_error"].notna()]
         ax.plot(ok["bits_per_param"], ok["total_error"], "o-", color="C0", label="best plan at each budget")
