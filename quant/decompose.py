@@ -1,8 +1,10 @@
-"""W ≈ Q + A·Bᵀ for one matrix: LoftQ's alternating quantize ↔ rank-r SVD (exact or randomized), with LQ-LoRA's
-row/column Fisher weighting.
+"""W ≈ Q + A·Bᵀ for one matrix: LoftQ's alternating quantize ↔ rank-r SVD (exact or randomized), plain, with
+LQ-LoRA's row/column Fisher weighting, or output-aware (quant.weighting).
 
 With F_ij ≈ r_i·c_j and D_r = diag(√r), D_c = diag(√c), the weighted rank-r step is exact: the SVD of
-D_r(W − Q)D_c = UΣVᵀ gives A = D_r⁻¹U√Σ, B = D_c⁻¹V√Σ, and the error is ‖D_r(W − Q − ABᵀ)D_c‖²_F.
+D_r(W − Q)D_c = UΣVᵀ gives A = D_r⁻¹U√Σ, B = D_c⁻¹V√Σ, and the error is ‖D_r(W − Q − ABᵀ)D_c‖²_F. Output-aware,
+D_c becomes L, the Cholesky factor of the layer's damped input second moment: the SVD of D_r(W − Q)L gives
+A = D_r⁻¹U√Σ, B = L⁻ᵀV√Σ (CLoQ's calibrated adapter for that Q) and the error ‖D_r(W − Q − ABᵀ)L‖²_F.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from .loftq import (
 )
 from .lowrank import SolverSettings, exact_lowrank, randomized_lowrank
 from .results import Decomposition
-from .weighting import weigh, weighted_error
 
 
 def decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 5, fisher=None,
@@ -30,7 +31,8 @@ def decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 5, f
 
     iters=0 or rank=0: plain quantization Q = q(W) with a zero adapter (QLoRA). Otherwise `iters` alternating
     steps Q ← q(W − ABᵀ), (A, B) ← rank-r (weighted) SVD of W − Q. The best iterate is returned; `regressed`
-    says if some step made the error worse beyond float noise."""
+    says if some step made the error worse beyond float noise. fisher: None (plain norm), LQ-LoRA's
+    (row_weights, col_weights) pair, or a quant.weighting.Weighting (diagonal or output-aware)."""
     check_matrix(w)
     if not isinstance(config, QuantConfig):
         raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -39,10 +41,10 @@ def decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 5, f
         raise ValueError(f"rank={rank} is invalid for a {m}x{n} matrix; use 0 <= rank <= {min(m, n)}")
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters={iters} is invalid; use an integer >= 0")
-    w, dr, dc, solver = prepare(w, fisher, solver)
+    w, metric, solver = prepare(w, fisher, solver)
 
     if rank == 0 or iters == 0:
-        q, err = plain_quantization(w, config, dr, dc)
+        q, err = plain_quantization(w, config, metric)
         return Decomposition(q, torch.zeros(m, rank, device=w.device), torch.zeros(n, rank, device=w.device),
                              err, [err], 0, False)
 
@@ -51,15 +53,15 @@ def decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 5, f
 
     def lowrank_step(residual):
         nonlocal start
-        target = weigh(residual, dr, dc)
+        target = metric.weigh(residual)
         if solver.method == "exact":
             a, b = exact_lowrank(target, rank)
         else:
             a, b, start = randomized_lowrank(target, rank, solver, start, generator)
-        return (a, b) if dr is None else (a / dr[:, None], b / dc[:, None])
+        return metric.unmap(a, b)
 
     def measure(residual, low):
-        return weighted_error(residual - low[0] @ low[1].T, dr, dc)
+        return metric.error(residual - low[0] @ low[1].T)
 
     trace = alternate(iters, requantize(w, config, lambda low: low[0] @ low[1].T), lowrank_step, measure,
                       regress_noise=LORA_NOISE)

@@ -14,7 +14,7 @@ from .loftq import check_matrix, plain_error
 from .lowrank import SolverSettings
 from .qalora import qalora_point_errors
 from .results import PointResult
-from .weighting import check_fisher, fisher_scales
+from .weighting import Metric, check_weighting
 
 # Bumped whenever the numbers the engine returns for the same inputs change (the profile cache keys on it).
 # 1: exact/per-point decompositions; 2: randomized points batched per rank by quant.fastgrid.
@@ -31,9 +31,9 @@ def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None
     for (a bigger grid reproduces the smaller grid's numbers exactly). batch_bytes: quant.fastgrid's batch memory
     (default: its own share of the free memory)."""
     check_matrix(w)
-    check_fisher(fisher, tuple(w.shape))
+    fisher = check_weighting(fisher, tuple(w.shape))
     w = w.float()
-    dr, dc = fisher_scales(fisher, w.device)
+    metric = Metric.of(fisher, w.device)
     plain_cache: dict[QuantConfig, float] = {}
     fast = {}
     if solver is None or solver.method == "randomized":
@@ -58,8 +58,8 @@ def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None
             raise ValueError(f"point method {method!r} is not supported; use 'lora' or 'qalora'")
         d = decompose(w, config, rank, iters, fisher, solver)
         if config not in plain_cache:
-            plain_cache[config] = d.errors[0] if (rank == 0 or iters == 0) else plain_error(w, config, dr, dc)
-        if dr is None:
+            plain_cache[config] = d.errors[0] if (rank == 0 or iters == 0) else plain_error(w, config, metric)
+        if metric.plain:
             unweighted = d.error
         else:
             unweighted = float((w - d.q.dequantize() - d.a @ d.b.T).double().pow(2).sum())
