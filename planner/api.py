@@ -93,7 +93,7 @@ def weighted_plan_error(source, plan: Plan, weights, weighted_decomposition: boo
         weighting = check_weighting(weights.get(info.name), tuple(w.shape))
         kind = get_method(e.point.method)
         q, a, b = kind.decompose(w, e.point.config, e.point.rank, settings.iters, settings.solver,
-                                 weighting if weighted_decomposition else None)
+                                 *((weighting, settings.rounding) if weighted_decomposition else (None, "nearest")))
         total += Metric.of(weighting, w.device).error(w.float() - q.dequantize() - kind.dense(a, b, e.point.config))
     return total
 

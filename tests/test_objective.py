@@ -226,3 +226,68 @@ def test_invalid_weightings_raise():
         decompose(w, nf(2, 16), 2, fisher=Weighting(rows=torch.ones(6)))
     with pytest.raises(ValueError, match="second moment is zero"):
         damped_cholesky(torch.zeros(4, 4))
+
+
+# ---- error-compensating (GPTQ) rounding ----------------------------------------------------------------------
+def test_gptq_rounding_with_identity_covariance_is_round_to_nearest():
+    from quant.errcomp import gptq_quantize
+
+    w, _, _ = small_case(m=20, n=48)
+    for cfg in (nf(2, 16), nf(4, 64), QuantConfig("int", 3, 32, double_quant=False)):
+        got, want = gptq_quantize(w, cfg, torch.eye(48)), quantize(w, cfg)
+        assert all(torch.equal(got.tensors()[k], v) for k, v in want.tensors().items())
+
+
+def test_gptq_update_is_the_optimal_compensation_and_beats_nearest():
+    from quant.codebooks import nf_codebook
+
+    # Each column's code is the nearest code of that column's value in the continuous minimiser of (w - q)ᵀH(w - q)
+    # over the columns not yet quantized, the earlier ones fixed at their codes (GPTQ's closed-form update).
+    from quant.errcomp import gptq_quantize
+
+    g = torch.Generator().manual_seed(11)
+    n = 16
+    w = torch.randn(3, n, generator=g)
+    x = samples(200, n, seed=2)
+    chol = damped_cholesky(second_moment(x))
+    h = (chol.double() @ chol.double().T)
+    cfg = QuantConfig("nf", 2, 16, double_quant=False)
+    q = gptq_quantize(w, cfg, chol)
+    got = q.dequantize().double()
+    scale = q.block_scales().double().repeat_interleave(16).view(3, n)
+    table = nf_codebook(2).double()
+    for i in range(3):
+        for j in range(n):
+            fixed, free = slice(0, j), slice(j, n)
+            delta = got[i, fixed] - w[i, fixed].double()  # the quantized prefix's error
+            # minimiser of the quadratic over the free columns: v = w_F - H_FF⁻¹ H_F,prefix · delta
+            v = w[i, free].double() - torch.linalg.solve(h[free, free], h[free, fixed] @ delta)
+            nearest = table[(v[0] / scale[i, j] - table).abs().argmin()] * scale[i, j]
+            assert float(got[i, j]) == pytest.approx(float(nearest), rel=1e-6, abs=1e-9)
+    metric = Metric.of(Weighting.output(chol), "cpu")
+    assert metric.error(w - q.dequantize()) < metric.error(w - quantize(w, cfg).dequantize())
+
+
+def test_gptq_rounding_lies_between_the_exhaustive_optimum_and_nearest():
+    import itertools
+
+    from quant.codebooks import nf_codebook
+    from quant.errcomp import gptq_quantize
+
+    g = torch.Generator().manual_seed(12)
+    n = 6  # one padded block of 16: every one of the 4^6 code choices is tried under the same stored scale
+    x = samples(100, n, seed=3)
+    chol = damped_cholesky(second_moment(x))
+    cfg = QuantConfig("nf", 2, 16, double_quant=False)
+    metric = Metric.of(Weighting.output(chol), "cpu")
+    table = nf_codebook(2)
+    beaten = 0
+    for _ in range(4):
+        w = torch.randn(1, n, generator=g)
+        scale = quantize(w, cfg).block_scales()[0]
+        best = min(metric.error(w - (table[list(c)] * scale)[None]) for c in itertools.product(range(4), repeat=n))
+        got = metric.error(w - gptq_quantize(w, cfg, chol).dequantize())
+        nearest = metric.error(w - quantize(w, cfg).dequantize())
+        assert best * (1 - 1e-6) <= got <= nearest * (1 + 1e-6)
+        beaten += got < nearest * (1 - 1e-3)
+    assert beaten >= 1  # the compensation changes some codes for the better

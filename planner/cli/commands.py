@@ -57,7 +57,7 @@ def prepare(args) -> None:
     args.budget_spec = parse_budget(args.budget) if args.command == "plan" else None
     args.settings = ProfileSettings(grid_from_args(args, model_default_ranks(args)), args.iters,
                                     SolverSettings(method=args.svd), args.calib, args.calib_tokens, args.include_head,
-                                    args.objective)
+                                    args.objective, rounding=args.rounding)
     if args.quiet and args.calib:
         from transformers.utils import logging as hf_logging
 

@@ -66,6 +66,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "||W-Q-AB'||^2; fisher: LQ-LoRA's diagonal Fisher weighting; output: the layer's output error "
                         "over the calibration inputs, weighted by the output gradients (needs --calib). Default: "
                         "fisher with --calib, data-free without")
+    p.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
+                   help="the output objective's quantizer step: nearest code per weight (default), or gptq: codes "
+                        "chosen column by column compensating the rounding error under the layer's input statistics "
+                        "(GPTQ's update; same storage, decomposed one point at a time, slower)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--distributed", type=int, default=None, metavar="N",
                    help="profile with N processes on this host (one per GPU) via torchrun; under torchrun itself "

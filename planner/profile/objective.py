@@ -24,14 +24,42 @@ def calibration_weights(source, matrices, settings: ProfileSettings, cache_dir: 
 
 def objective_record(settings: ProfileSettings, key: str | None) -> dict:
     """plan.json's method fields for the objective: fisher {source, key, tokens} (or None), and for the output
-    objective also objective = "output" and output {source, key, tokens, damping, row_weights}."""
+    objective also objective = "output" and output {source, key, tokens, damping, row_weights, rounding}."""
     calib = {"source": settings.calib, "key": key, "tokens": settings.calib_tokens}
     if settings.objective == "output":
         return {"fisher": None, "objective": "output",
-                "output": {**calib, "damping": settings.damping, "row_weights": True}}
+                "output": {**calib, "damping": settings.damping, "row_weights": True, "rounding": settings.rounding}}
     return {"fisher": calib if settings.objective == "fisher" else None}
 
 
 def plan_objective(method: dict) -> str:
     """The objective a plan's method record was made with (records before the output objective name none)."""
     return method.get("objective") or ("fisher" if method.get("fisher") else "data-free")
+
+
+def plan_weights(plan, source, cache_dir: Path, device, progress: bool = False):
+    """The weights a plan's own objective decomposes with, for applying it as it was profiled: the output statistics
+    of an output-aware plan (from the cache, or recomputed from the calibration source its method record names),
+    None for other plans."""
+    if plan_objective(plan.method) != "output":
+        return None
+    from ..model.discover import discover_matrices
+
+    record = plan.method.get("output") or {}
+    try:
+        settings = ProfileSettings(calib=record["source"], calib_tokens=int(record["tokens"]), objective="output",
+                                   damping=float(record["damping"]), rounding=record.get("rounding", "nearest"))
+    except (KeyError, TypeError, ValueError):
+        from ..errors import UserError
+
+        raise UserError("the plan's method.output record lacks source, tokens or damping; re-plan with "
+                        "--objective output") from None
+    planned = set(plan.by_name())
+    matrices = [m for m in discover_matrices(source, include_head=True) if m.name in planned]
+    return calibration_weights(source, matrices, settings, cache_dir, device, progress)[0]
+
+
+def plan_rounding(method: dict) -> str:
+    """How a plan's quantizer step rounds: "gptq" when its output objective said so, else "nearest"."""
+    return (method.get("output") or {}).get("rounding", "nearest") if plan_objective(method) == "output" \
+        else "nearest"

@@ -64,8 +64,9 @@ class ProfileStats:
 
 
 def profile_one(name: str, shape, w: torch.Tensor, missing: list[GridPoint], iters: int, solver: SolverSettings,
-                fisher, batch_bytes: int | None = None) -> dict:
-    results = profile_matrix(w, [(p.config, p.rank, p.method) for p in missing], iters, fisher, solver, batch_bytes)
+                fisher, batch_bytes: int | None = None, rounding: str = "nearest") -> dict:
+    results = profile_matrix(w, [(p.config, p.rank, p.method) for p in missing], iters, fisher, solver, batch_bytes,
+                             rounding)
     out = {}
     for p, r in zip(missing, results):
         out[p.label] = {"config": p.to_dict(), "error": r.error, "error_unweighted": r.error_unweighted,
@@ -130,7 +131,8 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
             side = streams.side
             side.wait_stream(torch.cuda.default_stream(w.device))
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            new = profile_one(info.name, info.shape, w, missing_of[info.name], iters, solver, weights, batch_bytes)
+            new = profile_one(info.name, info.shape, w, missing_of[info.name], iters, solver, weights, batch_bytes,
+                              settings.rounding)
         if side is not None:
             side.synchronize()
         return new, t0

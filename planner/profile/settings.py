@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from quant import SolverSettings
+from quant.decompose import ROUNDINGS
 from quant.engine import ENGINE_VERSION
 from quant.weighting import DEFAULT_DAMPING
 
@@ -30,6 +31,7 @@ class ProfileSettings:
     include_head: bool = False
     objective: str | None = None  # one of OBJECTIVES; None: "fisher" with a calibration source, else "data-free"
     damping: float = DEFAULT_DAMPING  # output objective: R + damping·mean(diag R)·I before its Cholesky factor
+    rounding: str = "nearest"  # output objective: "gptq" compensates rounding errors under R (quant.errcomp)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", tuple(self.grid))  # a list from a caller; frozen means hashable
@@ -50,6 +52,11 @@ class ProfileSettings:
         if objective == "output" and any(p.method != "lora" for p in self.grid):
             raise UserError("--objective output plans LoRA points only; drop --method qalora/both, or use "
                             "--objective fisher")
+        if self.rounding not in ROUNDINGS:
+            raise UserError(f"--rounding {self.rounding!r} is not supported; use one of {', '.join(ROUNDINGS)}")
+        if self.rounding != "nearest" and objective != "output":
+            raise UserError(f"--rounding {self.rounding} compensates errors under the layers' input statistics; add "
+                            "--objective output --calib pydoc, or drop --rounding")
         if not (isinstance(self.damping, (int, float)) and 0 < self.damping < float("inf")):
             raise UserError(f"damping {self.damping!r} must be a positive number, e.g. 0.01")
         object.__setattr__(self, "objective", objective)
@@ -62,11 +69,12 @@ class ProfileSettings:
         if self.objective == "output":
             if not weights_key:
                 raise ValueError("the output objective's cache key needs the output statistics' key")
-            return f"{base}-o{weights_key}-d{self.damping:g}"
+            return f"{base}-o{weights_key}-d{self.damping:g}" + ("" if self.rounding == "nearest" else
+                                                                 f"-{self.rounding}")
         return f"{base}-f{weights_key or 'none'}"
 
     def data_free(self) -> ProfileSettings:
-        return replace(self, calib=None, objective="data-free")
+        return replace(self, calib=None, objective="data-free", rounding="nearest")
 
     def method_record(self) -> dict:
         """How the profile was made, as plan.json records it (fisher filled in by the caller)."""
