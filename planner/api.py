@@ -14,7 +14,7 @@ from typing import Callable
 import pandas as pd
 
 from quant.methods import get_method
-from quant.weighting import fisher_scales, weighted_error
+from quant.weighting import Metric, check_weighting
 
 from . import __version__
 from .devices import resolve_device
@@ -34,8 +34,8 @@ from .plan.ilp import (
 )
 from .plan.train_memory import TrainShape, fixed_bytes, predict, training_table
 from .profile.cache import cache_folder
-from .profile.fisher import get_fisher
 from .profile.grid import GridPoint, default_ranks, make_grid
+from .profile.objective import calibration_weights, objective_record
 from .profile.run import run_profile, save_table
 from .profile.settings import ProfileSettings
 from .report.render import write_reports
@@ -82,19 +82,19 @@ def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, 
         created_by=f"lqplan {__version__}")
 
 
-def weighted_plan_error(source, plan: Plan, fisher, weighted_decomposition: bool, settings: ProfileSettings,
+def weighted_plan_error(source, plan: Plan, weights, weighted_decomposition: bool, settings: ProfileSettings,
                         device) -> float:
-    """Fisher-weighted error of a plan's configurations, decomposed with or without the weights."""
+    """The weighted error (Fisher or output-aware: `weights.get(name)`) of a plan's configurations, decomposed with
+    or without the weights."""
     infos = [m for m in discover_matrices(source) if m.name in plan.by_name()]
     total = 0.0
     for info, w in iter_matrices(source, infos, device=device):
         e = plan.by_name()[info.name]
-        rows, cols = fisher[info.name]
-        weights = (rows, cols) if weighted_decomposition else None
-        dr, dc = fisher_scales((rows, cols), w.device)
+        weighting = check_weighting(weights.get(info.name), tuple(w.shape))
         kind = get_method(e.point.method)
-        q, a, b = kind.decompose(w, e.point.config, e.point.rank, settings.iters, settings.solver, weights)
-        total += weighted_error(w.float() - q.dequantize() - kind.dense(a, b, e.point.config), dr, dc)
+        q, a, b = kind.decompose(w, e.point.config, e.point.rank, settings.iters, settings.solver,
+                                 *((weighting, settings.rounding) if weighted_decomposition else (None, "nearest")))
+        total += Metric.of(weighting, w.device).error(w.float() - q.dequantize() - kind.dense(a, b, e.point.config))
     return total
 
 
@@ -115,8 +115,10 @@ class _Job:
     time_limit: float | None
     train: TrainShape | None = None  # set: the budget is the fine-tune's peak GPU memory
 
-    def profile(self, fisher=None, fisher_key=None):
-        return run_profile(self.source, self.matrices, self.settings, fisher, fisher_key, cache_dir=self.cache_dir,
+    def profile(self, weights=None, weights_key=None):
+        """The profile table under the job's objective with its `weights`; without them, the data-free one."""
+        settings = self.settings if weights is not None else self.settings.data_free()
+        return run_profile(self.source, self.matrices, settings, weights, weights_key, cache_dir=self.cache_dir,
                            device=self.device, progress=self.progress)
 
     def plan(self, table: pd.DataFrame, method: dict) -> Plan:
@@ -127,15 +129,18 @@ class _Job:
                                   self.unplanned)
 
 
-def fisher_comparison(job: _Job, table: pd.DataFrame, plan: Plan, fisher) -> dict:
-    """The data-free plan for the same budget and grid, and both plans' Fisher-weighted and plain errors."""
+def fisher_comparison(job: _Job, table: pd.DataFrame, plan: Plan, weights) -> dict:
+    """The data-free plan for the same budget and grid, and both plans' weighted and plain errors. The keys name the
+    weighted plan "fisher" whatever its objective; the output objective's comparison says objective = "output"."""
     plain_table, _ = job.profile()
-    plain_plan = job.plan(plain_table, {**plan.method, "fisher": None})
+    plain_plan = job.plan(plain_table, {k: v for k, v in plan.method.items() if k not in ("objective", "output")}
+                          | {"fisher": None})
     unweighted = table.set_index(["matrix", "label"])["error_unweighted"]
     plain_by_name = plain_plan.by_name()
     return {
+        **({"objective": "output"} if job.settings.objective == "output" else {}),
         "fisher_plan_weighted_error": plan.totals["error"],
-        "plain_plan_weighted_error": weighted_plan_error(job.source, plain_plan, fisher, False, job.settings,
+        "plain_plan_weighted_error": weighted_plan_error(job.source, plain_plan, weights, False, job.settings,
                                                          job.device),
         "fisher_plan_unweighted_error": float(sum(unweighted[(e.name, e.point.label)] for e in plan.matrices)),
         "plain_plan_unweighted_error": plain_plan.totals["error"],
@@ -145,14 +150,15 @@ def fisher_comparison(job: _Job, table: pd.DataFrame, plan: Plan, fisher) -> dic
     }
 
 
-def profile_manifest(source, settings: ProfileSettings, fisher_key: str | None, cache_dir: Path,
+def profile_manifest(source, settings: ProfileSettings, weights_key: str | None, cache_dir: Path,
                      model: dict | None = None) -> dict:
     """profile.json's header, the same for `lqplan plan` and `lqplan profile`: the model as plan.json names it,
-    the settings key and the cache folder the numbers came from."""
-    key = settings.cache_key(fisher_key)
+    the objective, the settings key and the cache folder the numbers came from."""
+    key = settings.cache_key(weights_key)
     model = model or {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
                       "architecture": (source.config.get("architectures") or ["?"])[0]}
-    return {"schema": "lqplan.profile/1", "model": model, "fingerprint": source.fingerprint, "settings": key,
+    return {"schema": "lqplan.profile/1", "model": model, "fingerprint": source.fingerprint,
+            "objective": settings.objective, "settings": key,
             "cache": str(cache_folder(Path(cache_dir), source.fingerprint, key)),
             "grid": [p.to_dict() for p in settings.grid], "iters": settings.iters, "solver": settings.solver.key}
 
@@ -199,16 +205,12 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
     fixed = None
     if train is not None:
         budget_obj, budget_bits, describe, fixed = training_budget(source, matrices, settings, budget_obj, train)
-    job = _Job(source, matrices, settings.data_free(), budget_obj, budget_bits, unplanned, describe,
+    job = _Job(source, matrices, settings, budget_obj, budget_bits, unplanned, describe,
                Path(cache_dir), dev, progress, ilp_solver, time_limit, train)
 
-    fisher, fkey = (None, None)
-    if settings.calib:
-        fisher, fkey = get_fisher(source, matrices, settings.calib, job.cache_dir, settings.calib_tokens, dev,
-                                  progress)
-    table, stats = job.profile(fisher, fkey)
-    method = {**settings.method_record(), "fisher": None if fisher is None else
-              {"source": settings.calib, "key": fkey, "tokens": settings.calib_tokens}}
+    weights, wkey = calibration_weights(source, matrices, settings, job.cache_dir, dev, progress)
+    table, stats = job.profile(weights, wkey)
+    method = {**settings.method_record(), **objective_record(settings, wkey)}
     plan = job.plan(table, method)
     if train is not None:
         prediction = predict(source.config, plan.matrices, fixed["unplanned_train_bytes"], train)
@@ -216,15 +218,16 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
                                 "predicted_peak_bytes": prediction["peak_bytes"], "terms": prediction["terms"]}
 
     comparison = None
-    if fisher is not None:
-        comparison = fisher_comparison(job, table, plan, fisher)
-        plan.method["fisher"]["comparison"] = comparison  # in plan.json too, so `lqplan report` can show it
+    if weights is not None:
+        comparison = fisher_comparison(job, table, plan, weights)
+        # in plan.json too, so `lqplan report` can show it
+        plan.method["output" if settings.objective == "output" else "fisher"]["comparison"] = comparison
 
     out = Path(out_dir)
     paths = {}
     # The profile first, the plan last: a plan.json on disk always has its profile beside it.
     paths["profile"], paths["profile_manifest"] = save_table(
-        table, out, profile_manifest(source, settings, fkey, job.cache_dir, plan.model))
+        table, out, profile_manifest(source, settings, wkey, job.cache_dir, plan.model))
     plan.save(out / "plan.json")
     paths["plan"] = out / "plan.json"
 

@@ -19,7 +19,7 @@ from ..plan.budget import parse_budget
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
 from ..plan.train_memory import TrainShape, predict
-from ..profile.fisher import get_fisher
+from ..profile.objective import calibration_weights
 from ..profile.grid import DEFAULT_RANKS, default_ranks, make_grid
 from ..profile.run import run_profile, save_table
 from ..profile.settings import ProfileSettings
@@ -57,7 +57,8 @@ def prepare(args) -> None:
     _check_writable(args.cache, "--cache")
     args.budget_spec = parse_budget(args.budget) if args.command == "plan" else None
     args.settings = ProfileSettings(grid_from_args(args, model_default_ranks(args)), args.iters,
-                                    SolverSettings(method=args.svd), args.calib, args.calib_tokens, args.include_head)
+                                    SolverSettings(method=args.svd), args.calib, args.calib_tokens, args.include_head,
+                                    args.objective, rounding=args.rounding)
     if args.quiet and args.calib:
         from transformers.utils import logging as hf_logging
 
@@ -109,8 +110,12 @@ def cmd_plan(args) -> int:
               f"(`lqplan memory --plan` prints the terms)")
     if res.comparison:
         c = res.comparison
-        print(f"fisher: weighted error {c['fisher_plan_weighted_error']:.6g} (Fisher plan) vs "
-              f"{c['plain_plan_weighted_error']:.6g} (data-free plan); {c['changed_matrices']} matrices differ")
+        if c.get("objective") == "output":
+            print(f"output: output error {c['fisher_plan_weighted_error']:.6g} (output-aware plan) vs "
+                  f"{c['plain_plan_weighted_error']:.6g} (data-free plan); {c['changed_matrices']} matrices differ")
+        else:
+            print(f"fisher: weighted error {c['fisher_plan_weighted_error']:.6g} (Fisher plan) vs "
+                  f"{c['plain_plan_weighted_error']:.6g} (data-free plan); {c['changed_matrices']} matrices differ")
     for k, v in res.paths.items():
         print(f"  {k}: {v}")
     return 0
@@ -120,13 +125,11 @@ def cmd_profile(args) -> int:
     settings = args.settings
     source = resolve_model(args.model)
     matrices = discover_matrices(source, include_head=settings.include_head)
-    fisher = fkey = None
-    if settings.calib:
-        fisher, fkey = get_fisher(source, matrices, settings.calib, Path(args.cache), settings.calib_tokens,
-                                  resolve_device(args.device), not args.quiet)
-    table, stats = run_profile(source, matrices, settings, fisher, fkey, cache_dir=Path(args.cache),
+    weights, wkey = calibration_weights(source, matrices, settings, Path(args.cache), resolve_device(args.device),
+                                        not args.quiet)
+    table, stats = run_profile(source, matrices, settings, weights, wkey, cache_dir=Path(args.cache),
                                device=args.device, progress=not args.quiet)
-    paths = save_table(table, Path(args.out), profile_manifest(source, settings, fkey, Path(args.cache)))
+    paths = save_table(table, Path(args.out), profile_manifest(source, settings, wkey, Path(args.cache)))
     print(f"profile: {len(table)} rows; {stats.summary()} -> {paths[0]}")
     return 0
 

@@ -39,8 +39,8 @@ def run_cli_distributed(args, command: Callable) -> int:
                 variants.append((None, None))  # make_plan also solves the data-free plan for its comparison
         summaries = []
         for fisher, fkey in variants:
-            s = profile_distributed(ctx, source, matrices, settings.data_free(), fisher, fkey, Path(args.cache),
-                                    progress)
+            s = profile_distributed(ctx, source, matrices, settings if fisher is not None else settings.data_free(),
+                                    fisher, fkey, Path(args.cache), progress)
             if s is not None:
                 summaries.append(s)
                 print(s.line(), file=sys.stderr)

@@ -10,6 +10,7 @@ EXAMPLES = """examples:
   plan --budget 2.75bits --model llama2-13b
   lqplan plan --budget 2.75bits                      # the embedded default model (all-MiniLM-L6-v2, 384 wide)
   lqplan plan --budget 3bits --ranks 8,16,32 --calib pydoc   # Fisher-weighted (LQ-LoRA data-aware)
+  lqplan plan --budget 3bits --calib pydoc --objective output  # output-aware (input covariance, CLoQ adapters)
   lqplan plan --budget 6GB --model /path/to/hf-folder --bits 2,3,4 --ranks 64
   lqplan memory --model /path/to/folder-with-config.json
   lqplan report --plan lqplan-out/plan.json
@@ -57,8 +58,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=".lqplan-cache", help="profile cache folder (default .lqplan-cache)")
     p.add_argument("--out", default="lqplan-out", help="output folder (default lqplan-out)")
     p.add_argument("--calib", default=None,
-                   help="Fisher calibration: a UTF-8 text file, or 'pydoc' (Python's reference prose, built in)")
+                   help="calibration text for the fisher and output objectives: a UTF-8 text file, or 'pydoc' "
+                        "(Python's reference prose, built in)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--objective", choices=("data-free", "fisher", "output"), default=None,
+                   help="the error each matrix's configurations are ranked by (docs/objectives.md): data-free "
+                        "||W-Q-AB'||^2; fisher: LQ-LoRA's diagonal Fisher weighting; output: the layer's output error "
+                        "over the calibration inputs, weighted by the output gradients (needs --calib). Default: "
+                        "fisher with --calib, data-free without")
+    p.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
+                   help="the output objective's quantizer step: nearest code per weight (default), or gptq: codes "
+                        "chosen column by column compensating the rounding error under the layer's input statistics "
+                        "(GPTQ's update; same storage, decomposed one point at a time, slower)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--distributed", type=int, default=None, metavar="N",
                    help="profile with N processes on this host (one per GPU) via torchrun; under torchrun itself "

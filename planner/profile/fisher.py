@@ -29,7 +29,7 @@ from ..model.discover import is_causal_lm
 log = logging.getLogger("lqplan")
 
 
-def _find_modules(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
+def find_modules(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
     modules = dict(model.named_modules())
     out = {}
     for name in names:
@@ -38,13 +38,13 @@ def _find_modules(model: torch.nn.Module, names: list[str]) -> dict[str, torch.n
             hits = [m for k, m in modules.items() if k and (k.endswith("." + name) or name.endswith("." + k))]
             mod = hits[0] if len(hits) == 1 else None
         if mod is None or not hasattr(mod, "weight"):
-            raise UserError(f"planned matrix {name} not found in the model for Fisher calibration; "
+            raise UserError(f"planned matrix {name} not found in the model for calibration; "
                             "re-run discovery with this model")
         out[name] = mod
     return out
 
 
-def _simcse_loss(model, batch):
+def simcse_loss(model, batch):
     def embed():
         hidden = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -55,16 +55,17 @@ def _simcse_loss(model, batch):
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(a), device=logits.device))
 
 
-def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens: int = 16384, seq_len: int = 128,
-                   batch_size: int = 16, device: str = "cpu", progress=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Row/column Fisher weights for each planned matrix (module path) of the model in `folder`."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.pytorch_utils import Conv1D  # here, not at import: it loads much of transformers
+def calib_batches(folder: Path, calib: CalibText, max_tokens: int, seq_len: int, batch_size: int,
+                  needs: str = "Fisher calibration") -> list:
+    """The calibration text tokenized by the model's own tokenizer into padded batches of `batch_size` paragraphs
+    (each cut at `seq_len` tokens), stopping once `max_tokens` real tokens are reached; every calibration statistic
+    (Fisher weights, output statistics) is made from these batches."""
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
-        raise UserError(f"cannot load the tokenizer from {folder} ({type(e).__name__}); Fisher calibration needs "
+        raise UserError(f"cannot load the tokenizer from {folder} ({type(e).__name__}); {needs} needs "
                         "the model's tokenizer files in the folder, or run without --calib") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -78,15 +79,39 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
             break
     if not batches:
         raise UserError("the calibration text produced no tokens; pass a longer --calib file")
-    if tokens < max_tokens:  # plan.json records --calib-tokens: it must be what the Fisher weights were made from
+    if tokens < max_tokens:  # plan.json records --calib-tokens: it must be what the statistics were made from
         raise UserError(f"--calib-tokens {max_tokens} is more than the calibration text holds ({tokens} tokens at "
                         f"{seq_len} per paragraph); pass --calib-tokens {tokens} or fewer, or a longer --calib file")
+    return batches
+
+
+def load_calib_model(folder: Path, device: str):
+    """(model in fp32 on `device`, causal): the causal-LM class for decoders, the bare encoder otherwise."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     causal = is_causal_lm(config)
     cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(device)
-    modules_of = _find_modules(model, names)
+    return cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(device), causal
+
+
+def example_pieces(enc: dict, causal: bool) -> list[dict]:
+    """Causal LMs: one piece per example, each cut to its own tokens (padding on either side never enters).
+    Encoders: the padded batch as it is."""
+    if not causal:
+        return [enc]
+    return [{k: v[i:i + 1, enc["attention_mask"][i].bool()] for k, v in enc.items()}
+            for i in range(len(enc["input_ids"]))]
+
+
+def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens: int = 16384, seq_len: int = 128,
+                   batch_size: int = 16, device: str = "cpu", progress=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Row/column Fisher weights for each planned matrix (module path) of the model in `folder`."""
+    from transformers.pytorch_utils import Conv1D  # here, not at import: it loads much of transformers
+
+    batches = calib_batches(folder, calib, max_tokens, seq_len, batch_size)
+    model, causal = load_calib_model(folder, device)
+    modules_of = find_modules(model, names)
     params = {n: m.weight for n, m in modules_of.items()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -99,14 +124,11 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
     counted = 0
     for enc in (progress(batches) if progress else batches):
         enc = {k: v.to(device) for k, v in enc.items()}
-        # causal: one example at a time, each cut to its own tokens (padding on either side never enters)
-        pieces = ([{k: v[i:i + 1, enc["attention_mask"][i].bool()] for k, v in enc.items()}
-                   for i in range(len(enc["input_ids"]))] if causal else [enc])
-        for piece in pieces:
+        for piece in example_pieces(enc, causal):
             if causal and piece["input_ids"].shape[1] < 2:
                 continue  # a one-token paragraph has nothing to predict
             model.zero_grad(set_to_none=True)
-            loss = model(**piece, labels=piece["input_ids"]).loss if causal else _simcse_loss(model, piece)
+            loss = model(**piece, labels=piece["input_ids"]).loss if causal else simcse_loss(model, piece)
             if not math.isfinite(float(loss.detach())):
                 raise UserError("the calibration loss is not finite; check the model weights and the calibration "
                                 "text")

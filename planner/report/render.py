@@ -211,25 +211,49 @@ def _totals_frame(plan: Plan) -> pd.DataFrame:
     return pd.DataFrame([(k, v) for k, v in rows if v is not None], columns=["quantity", "value"])
 
 
+# (section title, weighted-error row, plan column, ratio column, the plan's name in the note) per objective
+_COMPARISON_NAMES = {
+    "fisher": ("Fisher weighting vs the data-free plan", "Fisher-weighted error", "Fisher plan", "Fisher / data-free",
+               "The Fisher plan minimises the Fisher-weighted error"),
+    "output": ("Output-aware objective vs the data-free plan", "output error ||D_r(W - Q - A·Bᵀ)L||²",
+               "output-aware plan", "output-aware / data-free", "The output-aware plan minimises the output error"),
+}
+
+
+def _names(comparison: dict) -> tuple:
+    return _COMPARISON_NAMES[comparison.get("objective", "fisher")]
+
+
+def plan_comparison(plan: Plan) -> dict | None:
+    """The weighted plan's comparison with the data-free plan as plan.json keeps it (Fisher or output objective)."""
+    for key in ("fisher", "output"):
+        record = plan.method.get(key)
+        if isinstance(record, dict) and record.get("comparison"):
+            return record["comparison"]
+    return None
+
+
 def fisher_frame(comparison: dict | None) -> pd.DataFrame | None:
-    """The Fisher plan against the data-free plan (api.fisher_comparison), one row per measure."""
+    """The weighted (Fisher or output-aware) plan against the data-free plan (api.fisher_comparison), one row per
+    measure."""
     if not comparison:
         return None
     c = comparison
-    rows = [("Fisher-weighted error", c.get("fisher_plan_weighted_error"), c.get("plain_plan_weighted_error")),
+    _, weighted, column, ratio, _ = _names(c)
+    rows = [(weighted, c.get("fisher_plan_weighted_error"), c.get("plain_plan_weighted_error")),
             ("plain error ||W - Q - A·Bᵀ||²", c.get("fisher_plan_unweighted_error"),
              c.get("plain_plan_unweighted_error"))]
     df = pd.DataFrame([r for r in rows if r[1] is not None and r[2] is not None],
-                      columns=["measure", "Fisher plan", "data-free plan"])
-    df["Fisher / data-free"] = df["Fisher plan"] / df["data-free plan"]
+                      columns=["measure", column, "data-free plan"])
+    df[ratio] = df[column] / df["data-free plan"]
     return df
 
 
 def _fisher_note(comparison: dict) -> str:
     changed, total = comparison.get("changed_matrices"), comparison.get("matrices")
     of = f" of {total}" if total is not None else ""
-    return (f"Matrices whose configuration differs between the two plans: {changed}{of}. The Fisher plan minimises "
-            "the Fisher-weighted error, so it should not be above the data-free plan's on that row.")
+    return (f"Matrices whose configuration differs between the two plans: {changed}{of}. {_names(comparison)[4]}, "
+            "so it should not be above the data-free plan's on that row.")
 
 
 def _human_bytes(n: int) -> str:
@@ -284,7 +308,7 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
 
     per_layer, per_type = _group(alloc, "layer"), _group(alloc, "type")
     extra = dict(extra or {})
-    comparison = extra.pop("fisher_comparison", None) or (plan.method.get("fisher") or {}).get("comparison")
+    comparison = extra.pop("fisher_comparison", None) or plan_comparison(plan)
     fisher_df = fisher_frame(comparison)
     run = {"model": plan.model.get("name", ""), **({"weights": plan.model["weights"]} if plan.model.get("weights")
                                                    else {}), "matrices": len(plan.matrices), **extra}
@@ -305,7 +329,7 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
 
     sections = [("Totals", None, "totals"), ("Run", run_df, None)]
     if fisher_df is not None:
-        sections.append(("Fisher weighting vs the data-free plan", fisher_df, "fisher"))
+        sections.append((_names(comparison)[0], fisher_df, "fisher"))
     sections += [("Allocation per layer", per_layer, None), ("Allocation per matrix type", per_type, None)]
     if uni_df is not None:
         sections.append(("Uniform configurations (the same one for every matrix)", uni_df, None))

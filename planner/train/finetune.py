@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ..corpus import real_text_splits
-from ..devices import dequant_backend_from_env
+from ..api import DEFAULT_CACHE
+from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
 from ..fsio import write_json, write_text
 from ..model.discover import discover_matrices, is_causal_lm
@@ -20,6 +21,7 @@ from ..model.resolve import resolve_model
 from ..model.weights import FLOAT_CODES
 from ..plan.document import Plan
 from ..plan.train_memory import TrainShape, predict
+from ..profile.objective import plan_weights
 from .apply import LayerRecipe, quantized_bytes
 from .build import build_student
 from .data import check_records_objective
@@ -97,7 +99,10 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
                         "made for> (--model)")
     source = resolve_model(folder)
     plan.check_model(source.fingerprint)  # before anything is loaded or written
-    recipe = LayerRecipe.of(plan, s.init, s.method)
+    weights = None
+    if s.init == "loftq":  # an output-aware plan's adapters start at its calibrated decomposition
+        weights = plan_weights(plan, source, Path(cache_dir or DEFAULT_CACHE), resolve_device(device), progress)
+    recipe = LayerRecipe.of(plan, s.init, s.method, fisher=weights)
     import torch.distributed as dist
 
     joined_here = dist.is_available() and not dist.is_initialized()
