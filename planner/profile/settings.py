@@ -1,6 +1,7 @@
 """What a profile is computed with, as one frozen value validated once: the grid, the LoftQ iterations, the
-low-rank solver, the Fisher calibration source, and whether the output head is planned. Its cache key names the
-numbers it produces."""
+low-rank solver, the Fisher calibration source, whether the output head is planned, and the fused groups whose
+members the plan gives one configuration (planner.plan.tie). Its cache key names the numbers it produces (a tie
+changes the plan, not the profile, so it is not in the key)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from quant import SolverSettings
 from quant.engine import ENGINE_VERSION
 
 from ..errors import UserError
+from ..plan.tie import parse_tie
 from .grid import GridPoint, make_grid
 
 
@@ -21,9 +23,11 @@ class ProfileSettings:
     calib: str | None = None  # "pydoc" or a text file; None: data-free
     calib_tokens: int = 16384
     include_head: bool = False
+    tie: tuple[str, ...] = ()  # "qkv", "gate_up"; a "qkv,gate_up" string is read as the --tie flag is
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", tuple(self.grid))  # a list from a caller; frozen means hashable
+        object.__setattr__(self, "tie", parse_tie(self.tie))
         if not self.grid:
             raise UserError("the grid is empty; pass at least one --bits/--blocks/--ranks value")
         if not isinstance(self.iters, int) or self.iters < 0:
@@ -39,5 +43,7 @@ class ProfileSettings:
         return replace(self, calib=None)
 
     def method_record(self) -> dict:
-        """How the profile was made, as plan.json records it (fisher filled in by the caller)."""
-        return {"iters": self.iters, "solver": self.solver.key, "grid": [p.label for p in self.grid]}
+        """How the profile was made, as plan.json records it (fisher filled in by the caller), and the tie when
+        there is one (plans without one keep the bytes they always had)."""
+        return {"iters": self.iters, "solver": self.solver.key, "grid": [p.label for p in self.grid],
+                **({"tie": list(self.tie)} if self.tie else {})}
