@@ -32,6 +32,7 @@ from .plan.ilp import (
     solve,
     uniform_solutions,
 )
+from .plan.tie import TIE_GROUPS, tie_groups, untied_names
 from .plan.train_memory import TrainShape, fixed_bytes, predict, training_table
 from .profile.cache import cache_folder
 from .profile.grid import GridPoint, default_ranks, make_grid
@@ -51,6 +52,7 @@ class PlanResult:
     stats: object
     paths: dict = field(default_factory=dict)
     comparison: dict | None = None
+    tie_cost: dict | None = None
 
 
 def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, budget_bits: int, method: dict,
@@ -121,10 +123,11 @@ class _Job:
         return run_profile(self.source, self.matrices, settings, weights, weights_key, cache_dir=self.cache_dir,
                            device=self.device, progress=self.progress)
 
-    def plan(self, table: pd.DataFrame, method: dict) -> Plan:
+    def plan(self, table: pd.DataFrame, method: dict, tie: bool = True) -> Plan:
+        """The optimal plan of `table` at the budget; tie=False solves it without the settings' tie."""
         costs = table if self.train is None else training_table(table, self.settings.grid, self.train)
         solution = solve(costs, self.budget_bits, solver=self.ilp_solver, describe=self.describe,
-                         time_limit=self.time_limit)
+                         time_limit=self.time_limit, tie=self.settings.tie if tie else ())
         return plan_from_solution(self.source, self.matrices, table, solution, self.budget, self.budget_bits, method,
                                   self.unplanned)
 
@@ -148,6 +151,31 @@ def fisher_comparison(job: _Job, table: pd.DataFrame, plan: Plan, weights) -> di
         "changed_matrices": sum(1 for e in plan.matrices if plain_by_name[e.name].point != e.point),
         "matrices": len(plan.matrices),
     }
+
+
+def tie_comparison(job: _Job, table: pd.DataFrame, plan: Plan) -> dict:
+    """What the tie cost: the untied optimum of the same table at the same budget beside the tied plan (totals of
+    the planned matrices' storage and error), and how many groups and matrices the tie joined."""
+    untied = job.plan(table, {k: v for k, v in plan.method.items() if k != "tie"}, tie=False)
+    groups = tie_groups([e.name for e in plan.matrices], job.settings.tie)
+    tied_error, untied_error = plan.totals["error"], untied.totals["error"]
+    return {"tied_error": tied_error, "untied_error": untied_error,
+            "relative_error_increase": (tied_error - untied_error) / untied_error if untied_error > 0 else 0.0,
+            "tied_bits": plan.totals["bits"], "untied_bits": untied.totals["bits"],
+            "tied_bits_per_param": plan.totals["bits_per_param"],
+            "untied_bits_per_param": untied.totals["bits_per_param"],
+            "untied_status": untied.solver.get("status"), "groups": len(groups),
+            "tied_matrices": sum(len(g.members) for g in groups),
+            "changed_matrices": sum(1 for e, u in zip(plan.matrices, untied.matrices) if e.point != u.point)}
+
+
+def warn_untied(matrices, tie) -> None:
+    """One warning line per group of `tie` that ties nothing in this model (BERT has no gate/up): the option is
+    kept, since a script may pass the same --tie for every model."""
+    for name in untied_names([m.name for m in matrices], tie):
+        tails = " / ".join("+".join(t) for t in TIE_GROUPS[name])
+        log.warning("--tie %s ties nothing in this model: no layer has two or more of %s; planned without it",
+                    name, tails)
 
 
 def profile_manifest(source, settings: ProfileSettings, weights_key: str | None, cache_dir: Path,
@@ -201,7 +229,9 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
         settings = ProfileSettings(make_grid(ranks=default_ranks(min(m.shape) for m in matrices)))
     matrices = discover_matrices(source, include_head=settings.include_head)
     dev = str(resolve_device(device))
-    budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, settings.grid, budget)
+    budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, settings.grid, budget,
+                                                                  settings.tie)
+    warn_untied(matrices, settings.tie)
     fixed = None
     if train is not None:
         budget_obj, budget_bits, describe, fixed = training_budget(source, matrices, settings, budget_obj, train)
@@ -216,6 +246,11 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
         prediction = predict(source.config, plan.matrices, fixed["unplanned_train_bytes"], train)
         plan.budget["train"] = {**train.to_dict(), "fixed_bytes": fixed["fixed_bytes"],
                                 "predicted_peak_bytes": prediction["peak_bytes"], "terms": prediction["terms"]}
+
+    tie_cost = None
+    if settings.tie:
+        tie_cost = tie_comparison(job, table, plan)
+        plan.method["tie_cost"] = tie_cost  # in plan.json too, so `lqplan report` can show it
 
     comparison = None
     if weights is not None:
@@ -232,7 +267,7 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
     paths["plan"] = out / "plan.json"
 
     if reports:
-        curve = budget_curve(table, planned_params(matrices))
+        curve = budget_curve(table, planned_params(matrices), settings.tie)
         uniform = uniform_solutions(table, budget_bits)
         extra = {"profile_seconds": round(stats.seconds, 2), "computed_points": stats.computed_points,
                  "cached_points": stats.cached_points, "computed_matrices": len(stats.computed_matrices),
@@ -244,18 +279,19 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
         if comparison:
             extra["fisher_comparison"] = comparison
         paths.update(write_reports(plan, table, out, curve, uniform, extra))
-    return PlanResult(plan, table, stats, paths, comparison)
+    return PlanResult(plan, table, stats, paths, comparison, tie_cost)
 
 
 CURVE_BITS_PER_PARAM = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.127, 4.5, 5.0)
 RUN_STATS = "run.json"
 
 
-def budget_curve(table: pd.DataFrame, params: int) -> pd.DataFrame | None:
-    """The reports' error-budget curve: the ILP re-solved at CURVE_BITS_PER_PARAM (None when it cannot be)."""
+def budget_curve(table: pd.DataFrame, params: int, tie=()) -> pd.DataFrame | None:
+    """The reports' error-budget curve: the ILP re-solved at CURVE_BITS_PER_PARAM, with the plan's tie (None when
+    it cannot be)."""
     budgets = [int(b * params) for b in sorted({round(b, 3) for b in CURVE_BITS_PER_PARAM})]
     try:
-        return error_budget_curve(table, budgets)
+        return error_budget_curve(table, budgets, tie=tie)
     except UserError:
         return None
 

@@ -18,6 +18,7 @@ from ..model.resolve import list_aliases, resolve_model
 from ..plan.budget import parse_budget
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
+from ..plan.tie import parse_tie
 from ..plan.train_memory import TrainShape, predict
 from ..profile.objective import calibration_weights
 from ..profile.grid import DEFAULT_RANKS, default_ranks, make_grid
@@ -56,9 +57,10 @@ def prepare(args) -> None:
     _check_writable(args.out, "--out")
     _check_writable(args.cache, "--cache")
     args.budget_spec = parse_budget(args.budget) if args.command == "plan" else None
+    tie = parse_tie(args.tie) if args.command == "plan" else ()  # before the model is resolved: a typo fails at once
     args.settings = ProfileSettings(grid_from_args(args, model_default_ranks(args)), args.iters,
                                     SolverSettings(method=args.svd), args.calib, args.calib_tokens, args.include_head,
-                                    args.objective, rounding=args.rounding)
+                                    args.objective, rounding=args.rounding, tie=tie)
     if args.quiet and args.calib:
         from transformers.utils import logging as hf_logging
 
@@ -108,6 +110,11 @@ def cmd_plan(args) -> int:
               f"{'on' if train['gradient_checkpointing'] else 'off'}) is predicted to peak at "
               f"{train['predicted_peak_bytes'] / 1e9:.2f} GB of the {res.plan.budget['spec']} budget "
               f"(`lqplan memory --plan` prints the terms)")
+    if res.tie_cost:
+        c = res.tie_cost
+        print(f"tie: {','.join(res.plan.method['tie'])} joins {c['tied_matrices']} matrices in {c['groups']} groups; "
+              f"error {c['tied_error']:.6g} vs {c['untied_error']:.6g} untied at the same budget "
+              f"({100 * c['relative_error_increase']:+.2f}%)")
     if res.comparison:
         c = res.comparison
         if c.get("objective") == "output":
@@ -148,7 +155,7 @@ def cmd_report(args) -> int:
     stats = read_run_stats(folder)
     if "solver_seconds" in stats:  # a timing: kept out of plan.json, shown in the totals as the first render did
         plan.solver["seconds"] = stats.pop("solver_seconds")
-    paths = write_reports(plan, table, out, budget_curve(table, plan.totals["params"]),
+    paths = write_reports(plan, table, out, budget_curve(table, plan.totals["params"], plan.method.get("tie") or ()),
                           uniform_solutions(table, budget_bits), stats)
     for k, v in paths.items():
         print(f"  {k}: {v}")

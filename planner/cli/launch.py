@@ -30,7 +30,7 @@ def run_cli_distributed(args, command: Callable) -> int:
         source = resolve_model(args.model)
         matrices = discover_matrices(source, include_head=settings.include_head)
         if args.command == "plan":  # infeasible: fail now, not after the profile
-            resolve_budget(source, matrices, settings.grid, args.budget_spec)
+            resolve_budget(source, matrices, settings.grid, args.budget_spec, settings.tie)
         progress = not args.quiet
         variants = [(None, None)]
         if settings.calib:
@@ -116,6 +116,6 @@ def _check_inputs(args) -> None:
     source = resolve_model(args.model)
     matrices = discover_matrices(source, include_head=args.settings.include_head)
     if args.command == "plan":
-        resolve_budget(source, matrices, args.settings.grid, args.budget_spec)
+        resolve_budget(source, matrices, args.settings.grid, args.budget_spec, args.settings.tie)
     if args.settings.calib:
         load_calib(args.settings.calib)

@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   lqplan plan --budget 3bits --ranks 8,16,32 --calib pydoc   # Fisher-weighted (LQ-LoRA data-aware)
   lqplan plan --budget 3bits --calib pydoc --objective output  # output-aware (input covariance, CLoQ adapters)
   lqplan plan --budget 6GB --model /path/to/hf-folder --bits 2,3,4 --ranks 64
+  lqplan plan --budget 3bits --model smollm2-135m --tie qkv,gate_up   # one config per fused q/k/v and gate/up
   lqplan memory --model /path/to/folder-with-config.json
   lqplan report --plan lqplan-out/plan.json
 """
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the ILP may branch to prove optimality; then the best plan found is kept, marked "
                    "'feasible' with its gap (default 60; 0 = no limit)")
     p.add_argument("--no-report", action="store_true", help="write plan.json only")
+    p.add_argument("--tie", default=None, metavar="GROUPS",
+                   help="fused groups whose members get one configuration, for serving engines that fuse them "
+                   "(vLLM): qkv (q/k/v projections of a layer), gate_up (gate/up projections), or qkv,gate_up; "
+                   "the report shows what the tie costs against the untied plan (docs/tie.md)")
     _model_args(p)
     _grid_args(p)
     _train_shape_args(p, "with --train-batch the budget (in bytes) is the fine-tune's peak GPU memory")

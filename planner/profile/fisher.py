@@ -24,7 +24,7 @@ import torch
 from ..corpus import CalibText, load_calib
 from ..errors import UserError
 from ..fsio import write_bytes
-from ..model.discover import is_causal_lm
+from ..model.discover import is_causal_lm, same_module
 
 log = logging.getLogger("lqplan")
 
@@ -35,7 +35,7 @@ def find_modules(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn
     for name in names:
         mod = modules.get(name)
         if mod is None:  # tolerate a base-model prefix difference ("bert.encoder…" vs "encoder…")
-            hits = [m for k, m in modules.items() if k and (k.endswith("." + name) or name.endswith("." + k))]
+            hits = [m for k, m in modules.items() if k and same_module(k, name)]
             mod = hits[0] if len(hits) == 1 else None
         if mod is None or not hasattr(mod, "weight"):
             raise UserError(f"planned matrix {name} not found in the model for calibration; "

@@ -1,6 +1,7 @@
 """What a profile is computed with, as one frozen value validated once: the grid, the LoftQ iterations, the
-low-rank solver, the objective and its calibration source, and whether the output head is planned. Its cache key
-names the numbers it produces.
+low-rank solver, the objective and its calibration source, whether the output head is planned, and the
+fused groups whose members the plan gives one configuration (planner.plan.tie). Its cache key names the
+numbers it produces (a tie changes the plan, not the profile, so it is not in the key).
 
 Objectives (docs/objectives.md): "data-free" ‖W − Q − ABᵀ‖²; "fisher" LQ-LoRA's diagonal Fisher ‖D_r E D_c‖²;
 "output" the output-aware ‖D_r E L‖² with L·Lᵀ the damped input second moment. A calibration source without an
@@ -16,6 +17,7 @@ from quant.engine import ENGINE_VERSION
 from quant.weighting import DEFAULT_DAMPING
 
 from ..errors import UserError
+from ..plan.tie import parse_tie
 from .grid import GridPoint, make_grid
 
 OBJECTIVES = ("data-free", "fisher", "output")
@@ -32,9 +34,11 @@ class ProfileSettings:
     objective: str | None = None  # one of OBJECTIVES; None: "fisher" with a calibration source, else "data-free"
     damping: float = DEFAULT_DAMPING  # output objective: R + damping·mean(diag R)·I before its Cholesky factor
     rounding: str = "nearest"  # output objective: "gptq" compensates rounding errors under R (quant.errcomp)
+    tie: tuple[str, ...] = ()  # "qkv", "gate_up"; a "qkv,gate_up" string is read as the --tie flag is
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", tuple(self.grid))  # a list from a caller; frozen means hashable
+        object.__setattr__(self, "tie", parse_tie(self.tie))
         if not self.grid:
             raise UserError("the grid is empty; pass at least one --bits/--blocks/--ranks value")
         if not isinstance(self.iters, int) or self.iters < 0:
@@ -77,5 +81,7 @@ class ProfileSettings:
         return replace(self, calib=None, objective="data-free", rounding="nearest")
 
     def method_record(self) -> dict:
-        """How the profile was made, as plan.json records it (fisher filled in by the caller)."""
-        return {"iters": self.iters, "solver": self.solver.key, "grid": [p.label for p in self.grid]}
+        """How the profile was made, as plan.json records it (fisher filled in by the caller), and the tie when
+        there is one (plans without one keep the bytes they always had)."""
+        return {"iters": self.iters, "solver": self.solver.key, "grid": [p.label for p in self.grid],
+                **({"tie": list(self.tie)} if self.tie else {})}

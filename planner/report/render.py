@@ -33,6 +33,10 @@ HOW_TO_READ = (
      "a small non-zero gap; it bounds how much better any plan could be."),
     ("Fisher comparison", "with --calib, the plan minimises the Fisher-weighted error; it is compared with the "
      "data-free plan for the same budget and grid, both measured by the Fisher-weighted error (and the plain one)."),
+    ("Tie", "with --tie, the members of each fused group (q/k/v, gate/up of one layer) share one configuration, as "
+     "serving engines that fuse them require; the plan is the best tied plan, compared with the best untied plan "
+     "at the same budget: the relative error increase is what the tie costs. The curve and the uniform "
+     "configurations are tied plans too (one configuration everywhere satisfies every tie)."),
     ("Heatmaps", "each matrix's bits/param (incl. adapters) and LoRA rank by layer (rows) and matrix type (columns): "
      "brighter cells are where the budget went."),
     ("Error-budget curve", "the best error reachable at each budget (line) against one configuration for every matrix "
@@ -205,7 +209,9 @@ def _totals_frame(plan: Plan) -> pd.DataFrame:
     rows = [("budget", b.get("spec", "")), ("budget bits", b.get("bits")),
             ("planned parameters", t.get("params")), ("bits/param", t.get("bits_per_param")),
             ("bits", t.get("bits")), ("bytes", t.get("bytes")), ("model bytes", t.get("model_bytes")),
-            ("total error", t.get("error")), ("solver", s.get("solver", s.get("name"))),
+            ("total error", t.get("error")),
+            ("tie", ", ".join(map(str, plan.method["tie"])) if plan.method.get("tie") else None),
+            ("solver", s.get("solver", s.get("name"))),
             ("solver status", s.get("status")), ("optimality proof", proof_text(s)),
             (BOUND_ROW, s.get("bound")), (GAP_ROW, s.get("gap")), ("solver seconds", s.get("seconds"))]
     return pd.DataFrame([(k, v) for k, v in rows if v is not None], columns=["quantity", "value"])
@@ -247,6 +253,29 @@ def fisher_frame(comparison: dict | None) -> pd.DataFrame | None:
                       columns=["measure", column, "data-free plan"])
     df[ratio] = df[column] / df["data-free plan"]
     return df
+
+
+def tie_frame(method: dict) -> pd.DataFrame | None:
+    """The tied plan against the untied optimum at the same budget (api.tie_comparison), one row per plan."""
+    c = method.get("tie_cost")
+    keys = ("tied_error", "untied_error", "tied_bits", "untied_bits")
+    if not isinstance(c, dict) or not all(isinstance(c.get(k), (int, float)) for k in keys):
+        return None
+    rows = [("tied (this plan)", c["tied_error"], c["tied_bits"], c.get("tied_bits_per_param")),
+            ("untied, same budget", c["untied_error"], c["untied_bits"], c.get("untied_bits_per_param"))]
+    df = pd.DataFrame(rows, columns=["plan", "total error", "bits", "bits/param"])
+    untied = float(c["untied_error"])
+    df["error vs untied"] = [f"{(float(c['tied_error']) - untied) / untied:+.3%}" if untied > 0 else "", ""]
+    return df
+
+
+def _tie_note(method: dict) -> str:
+    c = method["tie_cost"]
+    status = c.get("untied_status")
+    unproven = f" The untied plan is not proven optimal (status {status})." if status not in (None, "optimal") else ""
+    return (f"Tie {', '.join(map(str, method.get('tie') or []))}: {c.get('tied_matrices')} matrices in "
+            f"{c.get('groups')} fused groups share their group's configuration. Matrices configured differently in "
+            f"the untied plan: {c.get('changed_matrices')}.{unproven}")
 
 
 def _fisher_note(comparison: dict) -> str:
@@ -328,6 +357,9 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
             run_df = pd.DataFrame([(k, str(v)) for k, v in run.items()], columns=["item", "value"])
 
     sections = [("Totals", None, "totals"), ("Run", run_df, None)]
+    tie_df = tie_frame(plan.method)
+    if tie_df is not None:
+        sections.append(("Tied groups vs the untied plan", tie_df, "tie"))
     if fisher_df is not None:
         sections.append((_names(comparison)[0], fisher_df, "fisher"))
     sections += [("Allocation per layer", per_layer, None), ("Allocation per matrix type", per_type, None)]
@@ -340,6 +372,8 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
         md += [f"## {head}", "", _totals_md(plan) if special == "totals" else _md_table(df), ""]
         if special == "fisher":
             md += [_fisher_note(comparison), ""]
+        if special == "tie":
+            md += [_tie_note(plan.method), ""]
         if special == "totals":
             for name in images:
                 md += [f"![{name}]({name})", ""]
@@ -353,6 +387,8 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
         body.append(_html_table(_totals_frame(plan) if special == "totals" else df))
         if special == "fisher":
             body.append(f"<p>{html.escape(_fisher_note(comparison))}</p>")
+        if special == "tie":
+            body.append(f"<p>{html.escape(_tie_note(plan.method))}</p>")
         if special == "totals":
             for name, data in images.items():
                 b64 = base64.b64encode(data).decode("ascii")

@@ -23,6 +23,7 @@ from quant.weighting import Weighting
 
 from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
+from ..model.discover import same_module
 from ..model.weights import fingerprint as folder_fingerprint
 from ..plan.document import Plan, PlanEntry
 from ..profile.grid import GridPoint
@@ -81,7 +82,7 @@ def resolve_names(model: nn.Module, plan: Plan) -> dict[str, str]:
         if name in modules and is_linear(modules[name]):
             found = [name]
         else:
-            found = [n for n in linears if n.endswith("." + name) or name.endswith("." + n)]
+            found = [n for n in linears if same_module(n, name)]
         if not found:
             if name in modules:
                 raise UserError(f"planned matrix {name!r} is a {type(modules[name]).__name__}, not torch.nn.Linear "
