@@ -393,7 +393,7 @@ def test_no_traceback_in_a_real_process(argv, env, tmp_path):
     bad_plan.write_text("{not json")
     argv = [a.format(truncated=truncated, bad_plan=bad_plan) for a in argv]
     proc = subprocess.run([sys.executable, "-m", "planner", *argv, "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
                           env=subprocess_env())
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

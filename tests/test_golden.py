@@ -114,6 +114,7 @@ def outputs(tmp_path_factory):
     return {name: run(name, root) for name in RUNS}
 
 
+@pytest.mark.slow  # the module builds three plans (about a minute on 2 cores)
 @pytest.mark.parametrize("name", list(RUNS))
 def test_plan_equals_golden_copy(outputs, name):
     got = json.loads(outputs[name]["plan.json"])
@@ -121,12 +122,14 @@ def test_plan_equals_golden_copy(outputs, name):
     assert json_differences(got, want, REL_TOL[name]) == []
 
 
+@pytest.mark.slow  # the module builds three plans (about a minute on 2 cores)
 @pytest.mark.parametrize("name", list(RUNS))
 def test_profile_equals_golden_copy(outputs, name):
     want = (GOLDEN / name / "profile.csv").read_text()
     assert csv_differences(outputs[name]["profile.csv"], want, REL_TOL[name]) == []
 
 
+@pytest.mark.slow  # the module builds three plans (about a minute on 2 cores)
 @pytest.mark.parametrize("name", list(RUNS))
 def test_cache_keys_equal_golden_copy(outputs, name):
     assert outputs[name]["cache_keys.txt"] == (GOLDEN / name / "cache_keys.txt").read_text()
