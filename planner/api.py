@@ -202,13 +202,13 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
     job = _Job(source, matrices, settings.data_free(), budget_obj, budget_bits, unplanned, describe,
                Path(cache_dir), dev, progress, ilp_solver, time_limit, train)
 
-    fisher, fkey = (None, None)
+    fisher, fkey, tokenizer = (None, None, None)
     if settings.calib:
-        fisher, fkey = get_fisher(source, matrices, settings.calib, job.cache_dir, settings.calib_tokens, dev,
-                                  progress)
+        fisher, fkey, tokenizer = get_fisher(source, matrices, settings.calib, job.cache_dir, settings.calib_tokens,
+                                             dev, progress)
     table, stats = job.profile(fisher, fkey)
     method = {**settings.method_record(), "fisher": None if fisher is None else
-              {"source": settings.calib, "key": fkey, "tokens": settings.calib_tokens}}
+              {"source": settings.calib, "key": fkey, "tokens": settings.calib_tokens, "tokenizer": tokenizer}}
     plan = job.plan(table, method)
     if train is not None:
         prediction = predict(source.config, plan.matrices, fixed["unplanned_train_bytes"], train)

@@ -15,6 +15,7 @@ from ..hf.data import load_records
 from ..model.discover import discover_matrices, unplanned_bytes
 from ..model.memory import memory_table
 from ..model.resolve import list_aliases, resolve_model
+from ..model.tokenizer import load_tokenizer
 from ..plan.budget import parse_budget
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
@@ -121,8 +122,8 @@ def cmd_profile(args) -> int:
     matrices = discover_matrices(source, include_head=settings.include_head)
     fisher = fkey = None
     if settings.calib:
-        fisher, fkey = get_fisher(source, matrices, settings.calib, Path(args.cache), settings.calib_tokens,
-                                  resolve_device(args.device), not args.quiet)
+        fisher, fkey, _ = get_fisher(source, matrices, settings.calib, Path(args.cache), settings.calib_tokens,
+                                     resolve_device(args.device), not args.quiet)
     table, stats = run_profile(source, matrices, settings, fisher, fkey, cache_dir=Path(args.cache),
                                device=args.device, progress=not args.quiet)
     paths = save_table(table, Path(args.out), profile_manifest(source, settings, fkey, Path(args.cache)))
@@ -295,13 +296,8 @@ def cmd_evaluate(args) -> int:
 
 def _source_tokenizer(plan: Plan):
     """The tokenizer of the plan's model folder, or None when it has none (the export is written without it)."""
-    from transformers import AutoTokenizer
-
     source = plan.model.get("source")
-    try:
-        return AutoTokenizer.from_pretrained(source) if source and Path(source).is_dir() else None
-    except (OSError, ValueError):
-        return None
+    return load_tokenizer(source, required=False) if source and Path(source).is_dir() else None
 
 
 def cmd_export(args) -> int:
