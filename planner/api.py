@@ -238,9 +238,9 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
     job = _Job(source, matrices, settings, budget_obj, budget_bits, unplanned, describe,
                Path(cache_dir), dev, progress, ilp_solver, time_limit, train)
 
-    weights, wkey = calibration_weights(source, matrices, settings, job.cache_dir, dev, progress)
+    weights, wkey, tokenizer = calibration_weights(source, matrices, settings, job.cache_dir, dev, progress)
     table, stats = job.profile(weights, wkey)
-    method = {**settings.method_record(), **objective_record(settings, wkey)}
+    method = {**settings.method_record(), **objective_record(settings, wkey, tokenizer)}
     plan = job.plan(table, method)
     if train is not None:
         prediction = predict(source.config, plan.matrices, fixed["unplanned_train_bytes"], train)

@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..model.discover import discover_matrices, unplanned_bytes
 from ..model.memory import memory_table
 from ..model.resolve import list_aliases, resolve_model
+from ..model.tokenizer import load_tokenizer
 from ..plan.budget import parse_budget
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
@@ -132,7 +133,7 @@ def cmd_profile(args) -> int:
     settings = args.settings
     source = resolve_model(args.model)
     matrices = discover_matrices(source, include_head=settings.include_head)
-    weights, wkey = calibration_weights(source, matrices, settings, Path(args.cache), resolve_device(args.device),
+    weights, wkey, _ = calibration_weights(source, matrices, settings, Path(args.cache), resolve_device(args.device),
                                         not args.quiet)
     table, stats = run_profile(source, matrices, settings, weights, wkey, cache_dir=Path(args.cache),
                                device=args.device, progress=not args.quiet)
@@ -314,13 +315,8 @@ def cmd_evaluate(args) -> int:
 
 def _source_tokenizer(plan: Plan):
     """The tokenizer of the plan's model folder, or None when it has none (the export is written without it)."""
-    from transformers import AutoTokenizer
-
     source = plan.model.get("source")
-    try:
-        return AutoTokenizer.from_pretrained(source) if source and Path(source).is_dir() else None
-    except (OSError, ValueError):
-        return None
+    return load_tokenizer(source, required=False) if source and Path(source).is_dir() else None
 
 
 def cmd_export(args) -> int:

@@ -34,7 +34,7 @@ def run_cli_distributed(args, command: Callable) -> int:
         progress = not args.quiet
         variants = [(None, None)]
         if settings.calib:
-            variants = [share_fisher(ctx, source, matrices, settings, Path(args.cache), progress)]
+            variants = [share_fisher(ctx, source, matrices, settings, Path(args.cache), progress)[:2]]
             if args.command == "plan":
                 variants.append((None, None))  # make_plan also solves the data-free plan for its comparison
         summaries = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,7 @@ from ..corpus import CalibText, load_calib
 from ..errors import UserError
 from ..fsio import write_bytes
 from ..model.discover import is_causal_lm, same_module
+from ..model.tokenizer import bos_id, load_tokenizer, short_digest, tokenizer_digest
 
 log = logging.getLogger("lqplan")
 
@@ -55,30 +57,47 @@ def simcse_loss(model, batch):
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(a), device=logits.device))
 
 
-def calib_batches(folder: Path, calib: CalibText, max_tokens: int, seq_len: int, batch_size: int,
-                  needs: str = "Fisher calibration") -> list:
-    """The calibration text tokenized by the model's own tokenizer into padded batches of `batch_size` paragraphs
-    (each cut at `seq_len` tokens), stopping once `max_tokens` real tokens are reached; every calibration statistic
-    (Fisher weights, output statistics) is made from these batches."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:  # transformers raises many types for a missing/broken tokenizer
-        raise UserError(f"cannot load the tokenizer from {folder} ({type(e).__name__}); {needs} needs "
-                        "the model's tokenizer files in the folder, or run without --calib") from None
+def calibration_batches(tokenizer, texts: list[str], causal: bool, max_tokens: int, seq_len: int,
+                        batch_size: int) -> tuple[list[dict], int]:
+    """The calibration paragraphs as padded batches of at most seq_len tokens each, until max_tokens are reached;
+    returns (batches, tokens). A causal LM's paragraphs start with BOS where the tokenizer has one, whether or not
+    the tokenizer adds it by itself (Gemma's does, SmolLM2's does not), as in training and evaluation; an
+    encoder's get the tokenizer's own special tokens ([CLS] … [SEP])."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    bos = bos_id(tokenizer) if causal else None
     batches, tokens = [], 0
-    for i in range(0, len(calib.texts), batch_size):
-        enc = tokenizer(calib.texts[i:i + batch_size], truncation=True, max_length=seq_len, padding=True,
-                        return_tensors="pt")
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i:i + batch_size]
+        if bos is None:
+            enc = tokenizer(chunk, truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
+        else:
+            rows = [[bos, *x] for x in tokenizer(chunk, add_special_tokens=False, truncation=True,
+                                                 max_length=seq_len - 1)["input_ids"]]
+            enc = {"input_ids": torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id or 0),
+                   "attention_mask": torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)}
+            for j, row in enumerate(rows):  # padded on the right; each causal example is cut to its own tokens
+                enc["input_ids"][j, :len(row)] = torch.tensor(row)
+                enc["attention_mask"][j, :len(row)] = 1
         batches.append(enc)
         tokens += int(enc["attention_mask"].sum())
         if tokens >= max_tokens:
             break
+    return batches, tokens
+
+
+def calib_batches(folder: Path, calib: CalibText, max_tokens: int, seq_len: int, batch_size: int,
+                  needs: str = "Fisher calibration", tokenizer=None) -> list:
+    """The calibration text tokenized by the model's own tokenizer (`tokenizer`: default, the folder's, checked by
+    planner.model.tokenizer) into padded batches (calibration_batches), until `max_tokens` real tokens are reached;
+    every calibration statistic (Fisher weights, output statistics) is made from these batches."""
+    from transformers import AutoConfig
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
+    causal = is_causal_lm(AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
+    batches, tokens = calibration_batches(tokenizer, calib.texts, causal, max_tokens, seq_len, batch_size)
     if not batches:
-        raise UserError("the calibration text produced no tokens; pass a longer --calib file")
+        raise UserError(f"the calibration text produced no tokens; {needs} needs a longer --calib file")
     if tokens < max_tokens:  # plan.json records --calib-tokens: it must be what the statistics were made from
         raise UserError(f"--calib-tokens {max_tokens} is more than the calibration text holds ({tokens} tokens at "
                         f"{seq_len} per paragraph); pass --calib-tokens {tokens} or fewer, or a longer --calib file")
@@ -105,11 +124,13 @@ def example_pieces(enc: dict, causal: bool) -> list[dict]:
 
 
 def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens: int = 16384, seq_len: int = 128,
-                   batch_size: int = 16, device: str = "cpu", progress=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Row/column Fisher weights for each planned matrix (module path) of the model in `folder`."""
+                   batch_size: int = 16, device: str = "cpu", progress=None,
+                   tokenizer=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Row/column Fisher weights for each planned matrix (module path) of the model in `folder` (`tokenizer`:
+    default, the folder's own)."""
     from transformers.pytorch_utils import Conv1D  # here, not at import: it loads much of transformers
 
-    batches = calib_batches(folder, calib, max_tokens, seq_len, batch_size)
+    batches = calib_batches(folder, calib, max_tokens, seq_len, batch_size, tokenizer=tokenizer)
     model, causal = load_calib_model(folder, device)
     modules_of = find_modules(model, names)
     params = {n: m.weight for n, m in modules_of.items()}
@@ -173,22 +194,33 @@ def load_fisher(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {}
 
 
-def get_fisher(source, matrices, calib: str, cache_dir: Path, tokens: int, device, progress: bool):
-    """Fisher row/column weights for the calibration source, computed once and reused from the cache."""
+class Fisher(NamedTuple):
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    key: str        # names the calibration text, its token count and the tokenizer (profile cache keys use it)
+    tokenizer: str  # the tokenizer's digest (planner.model.tokenizer)
+
+
+def get_fisher(source, matrices, calib: str, cache_dir: Path, tokens: int, device, progress: bool) -> Fisher:
+    """Fisher row/column weights for the calibration source, computed once and reused from the cache. The key
+    names the tokenizer too: the model fingerprint covers the weights only, and another tokenizer gives other
+    gradients from the same text."""
     text = load_calib(calib)
-    key = f"{text.name.replace('/', '_')[-40:]}-{text.digest}-{tokens}"
+    tokenizer = load_tokenizer(source.folder)
+    digest = tokenizer_digest(tokenizer)
+    key = f"{text.name.replace('/', '_')[-40:]}-{text.digest}-{tokens}-tok{short_digest(digest)}"
     path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "fisher" / f"{key}.safetensors"
     names = [m.name for m in matrices]
     if path.exists():
         weights = load_fisher(path)
         if all(n in weights for n in names):
             log.info("fisher: reusing %s", path)
-            return weights, key
+            return Fisher(weights, key, digest)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = lambda it: tqdm(it, desc="fisher", unit="batch", dynamic_ncols=True)  # noqa: E731
-    weights = compute_fisher(source.folder, names, text, max_tokens=tokens, device=str(device), progress=bar)
-    save_fisher(path, weights, {"calib": text.name, "digest": text.digest, "tokens": tokens})
-    return weights, key
+    weights = compute_fisher(source.folder, names, text, max_tokens=tokens, device=str(device), progress=bar,
+                             tokenizer=tokenizer)
+    save_fisher(path, weights, {"calib": text.name, "digest": text.digest, "tokens": tokens, "tokenizer": digest})
+    return Fisher(weights, key, digest)

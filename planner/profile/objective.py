@@ -12,20 +12,22 @@ from .settings import ProfileSettings
 
 
 def calibration_weights(source, matrices, settings: ProfileSettings, cache_dir: Path, device, progress: bool):
-    """(weights, key) for `settings.objective`: weights maps a matrix name to what quant's decompositions take
-    (`.get(name)`), key names them in the profile cache key; (None, None) for the data-free objective."""
+    """(weights, key, tokenizer digest) for `settings.objective`: weights maps a matrix name to what quant's
+    decompositions take (`.get(name)`), key names them in the profile cache key (the tokenizer included: the
+    weights' fingerprint cannot see a tokenizer converted differently); (None, None, None) for data-free."""
     if settings.objective == "fisher":
         return get_fisher(source, matrices, settings.calib, Path(cache_dir), settings.calib_tokens, device, progress)
     if settings.objective == "output":
         return get_output_stats(source, matrices, settings.calib, Path(cache_dir), settings.calib_tokens, device,
                                 progress, settings.damping)
-    return None, None
+    return None, None, None
 
 
-def objective_record(settings: ProfileSettings, key: str | None) -> dict:
+def objective_record(settings: ProfileSettings, key: str | None, tokenizer: str | None = None) -> dict:
     """plan.json's method fields for the objective: fisher {source, key, tokens} (or None), and for the output
     objective also objective = "output" and output {source, key, tokens, damping, row_weights, rounding}."""
-    calib = {"source": settings.calib, "key": key, "tokens": settings.calib_tokens}
+    calib = {"source": settings.calib, "key": key, "tokens": settings.calib_tokens,
+             **({"tokenizer": tokenizer} if tokenizer else {})}
     if settings.objective == "output":
         return {"fisher": None, "objective": "output",
                 "output": {**calib, "damping": settings.damping, "row_weights": True, "rounding": settings.rounding}}

@@ -37,6 +37,7 @@ from quant.weighting import Weighting, damped_cholesky
 from ..corpus import CalibText, load_calib
 from ..errors import UserError
 from ..fsio import write_bytes, write_json
+from ..model.tokenizer import load_tokenizer, short_digest, tokenizer_digest
 from .cache import safe_name
 from .fisher import calib_batches, example_pieces, find_modules, load_calib_model
 
@@ -124,12 +125,14 @@ class _Recorder:
 
 def compute_output_stats(folder: Path, matrices, calib: CalibText, max_tokens: int = 16384, seq_len: int = 128,
                          batch_size: int = 16, device: str = "cpu", rows: bool = True,
-                         progress=None) -> dict[str, GroupStats]:
-    """Input groups (keyed by their first member) of the planned `matrices` (MatrixInfo) of the model in `folder`.
-    rows=False skips the backward pass: every member's row weights are then ones (R alone)."""
+                         progress=None, tokenizer=None) -> dict[str, GroupStats]:
+    """Input groups (keyed by their first member) of the planned `matrices` (MatrixInfo) of the model in `folder`
+    (`tokenizer`: default, the folder's own). rows=False skips the backward pass: every member's row weights are
+    then ones (R alone)."""
     names = [m.name for m in matrices]
     layer_of = {m.name: m.layer for m in matrices}
-    batches = calib_batches(folder, calib, max_tokens, seq_len, batch_size, needs="The output-aware objective")
+    batches = calib_batches(folder, calib, max_tokens, seq_len, batch_size, needs="The output-aware objective",
+                            tokenizer=tokenizer)
     model, causal = load_calib_model(folder, device)
     model.eval()
     for p in model.parameters():
@@ -274,23 +277,26 @@ class OutputStats:
 
 
 def get_output_stats(source, matrices, calib: str, cache_dir: Path, tokens: int, device, progress: bool,
-                     damping: float) -> tuple[OutputStats, str]:
+                     damping: float) -> tuple[OutputStats, str, str]:
     """The output statistics of `source` on the calibration source `calib`, computed once and read from the cache
-    afterwards; returns them with their key."""
+    afterwards; returns them with their key and the tokenizer's digest (part of the key)."""
     text = load_calib(calib)
-    key = stats_key(text, tokens)
+    tokenizer = load_tokenizer(source.folder)
+    digest = tokenizer_digest(tokenizer)
+    key = f"{stats_key(text, tokens)}-tok{short_digest(digest)}"
     folder = stats_folder(cache_dir, source.fingerprint, key)
     names = [m.name for m in matrices]
     index = _read_index(folder)
     if index is not None and all(n in {m for g in index["groups"].values() for m in g["members"]} for n in names):
         log.info("output statistics: reusing %s", folder)
-        return OutputStats(folder, index, damping), key
+        return OutputStats(folder, index, damping), key, digest
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = lambda it: tqdm(it, desc="calibration", unit="batch", dynamic_ncols=True)  # noqa: E731
-    groups = compute_output_stats(source.folder, matrices, text, max_tokens=tokens, device=str(device), progress=bar)
+    groups = compute_output_stats(source.folder, matrices, text, max_tokens=tokens, device=str(device), progress=bar,
+                                  tokenizer=tokenizer)
     save_output_stats(folder, groups, {"calib": text.name, "digest": text.digest, "tokens": tokens,
-                                       "row_weights": True})
-    return OutputStats(folder, _read_index(folder), damping), key
+                                       "row_weights": True, "tokenizer": digest})
+    return OutputStats(folder, _read_index(folder), damping), key, digest

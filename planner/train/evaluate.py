@@ -17,8 +17,8 @@ from ..devices import resolve_device
 from ..dist import all_sum, joined_shard
 from ..errors import UserError
 from ..model.discover import is_causal_lm
+from ..model.tokenizer import bos_id, load_tokenizer, tokenizer_digest
 from ..model.weights import fingerprint
-from .data import bos_id
 from .export import load_quantized
 from .losses import mean_pool
 
@@ -143,7 +143,7 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
     Returns {metric, quantized, full_precision, texts}."""
     from pathlib import Path
 
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     if eval_texts < 1 or max_len < 2:
         raise UserError(f"eval_texts={eval_texts} and max_len={max_len} must be >= 1 and >= 2")
@@ -156,11 +156,8 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
 
     plan.check_model(fingerprint(source))  # another model would give meaningless numbers, not an error
     if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load a tokenizer from {source} ({type(e).__name__}); pass --model with a "
-                            "tokenizer") from None
+        tokenizer = load_tokenizer(source)
+    digest = tokenizer_digest(tokenizer)
     # `texts` (--eval-text): the caller's paragraphs, all of them; else the first eval_texts built-in held-out ones
     held = _check_texts(texts) if texts is not None else real_text_splits()["heldout"][:eval_texts]
 
@@ -170,6 +167,6 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
     if causal:
         ppl = dict(max_len=max_len, stride=max(1, max_len // 2))
         return {"metric": "perplexity", "quantized": perplexity(quantized, tokenizer, held, **ppl),
-                "full_precision": perplexity(fp, tokenizer, held, **ppl), "texts": len(held)}
+                "full_precision": perplexity(fp, tokenizer, held, **ppl), "texts": len(held), "tokenizer": digest}
     return {"metric": "embedding_cosine", "quantized": embedding_cosine(quantized, fp, tokenizer, held, max_len),
-            "full_precision": 1.0, "texts": len(held)}
+            "full_precision": 1.0, "texts": len(held), "tokenizer": digest}

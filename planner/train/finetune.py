@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..fsio import write_json, write_text
 from ..model.discover import discover_matrices, is_causal_lm
 from ..model.resolve import resolve_model
+from ..model.tokenizer import load_tokenizer, tokenizer_digest
 from ..model.weights import FLOAT_CODES
 from ..plan.document import Plan
 from ..plan.train_memory import TrainShape, predict
@@ -88,7 +89,7 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     and only rank 0 writes. `tokenizer`: default, the folder's own. `heldout` (--eval-text): evaluation paragraphs
     instead of the built-in held-out ones (all of them; settings.eval_texts caps the built-in ones only). Returns
     the report (a dict, with the history)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
 
     s = settings if settings is not None else TrainSettings()
     s.check_checkpoint_folder(out_dir)  # before anything is loaded
@@ -113,10 +114,8 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     causal = is_causal_lm(config)
     check_records_objective(texts or [], causal)  # before the student is built
     if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load a tokenizer from {folder} ({type(e).__name__}); pass tokenizer=...") from None
+        tokenizer = load_tokenizer(folder)
+    digest = tokenizer_digest(tokenizer)  # before any call leaves its padding settings on the tokenizer
     splits = real_text_splits()
     held = list(heldout) if heldout is not None else splits["heldout"][:s.eval_texts]
     train_texts = texts if texts is not None else splits["train"]
@@ -156,7 +155,7 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     steady = rates[min(3, len(rates) - 1):] if rates else []  # the first steps include warm-up
     held_bytes = quantized_bytes(student)
     result = {"schema": "lqplan.train-report/1", "model": str(folder), "weights": source.note,
-              "architecture": type(student).__name__,
+              "architecture": type(student).__name__, "tokenizer": digest,
               "device": str(dev), "world_size": dist_info.world, "init": s.init, "method": s.method,
               "metric": metric, "full_precision": fp_metric, "before": evals[0], "after": evals[-1], "steps": s.steps,
               "batch_size": s.batch_size, "grad_accum": s.grad_accum,
