@@ -106,6 +106,8 @@ def test_plan_scores_like_apply_plan_and_the_streamed_reference_like_the_residen
     m = scorer.score_model(student(llama, plan_file))
     assert doc["kl"] == pytest.approx(m["kl"], rel=1e-6)
     assert doc["perplexity"] == pytest.approx(m["perplexity"], rel=1e-6)
+    again = scorer.score(plan_file)  # every layer reused from the first build: the same numbers exactly
+    assert again["plan"]["layers_reused"] == 14 and (again["kl"], again["nll"]) == (doc["kl"], doc["nll"])
     streamed = PlanScorer(llama, texts=texts, eval_tokens=300, batch_size=3, device="cpu", stream=True, **WINDOWS)
     assert streamed.stream and not scorer.stream
     assert streamed.score(plan_file)["kl"] == pytest.approx(doc["kl"], rel=1e-6)
