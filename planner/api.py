@@ -34,15 +34,15 @@ from .plan.ilp import (
 )
 from .plan.tie import TIE_GROUPS, tie_groups, untied_names
 from .plan.train_memory import TrainShape, fixed_bytes, predict, training_table
-from .profile.cache import cache_folder
+from .profile.cache import DEFAULT_CACHE, cache_folder
 from .profile.grid import GridPoint, default_ranks, make_grid
 from .profile.objective import calibration_weights, objective_record
 from .profile.run import run_profile, save_table
 from .profile.settings import ProfileSettings
 from .report.render import write_reports
+from .train.score import DEFAULT_EVAL_TOKENS, DEFAULT_MAX_LEN, PlanScorer
 
 log = logging.getLogger("lqplan")
-DEFAULT_CACHE = Path(".lqplan-cache")
 
 
 @dataclass
@@ -280,6 +280,32 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
             extra["fisher_comparison"] = comparison
         paths.update(write_reports(plan, table, out, curve, uniform, extra))
     return PlanResult(plan, table, stats, paths, comparison, tie_cost)
+
+
+def evaluate_plan(plan, *, model: str | None = None, texts: list[str] | None = None, text_source: str | None = None,
+                  eval_tokens: int | None = DEFAULT_EVAL_TOKENS, max_len: int = DEFAULT_MAX_LEN,
+                  stride: int | None = None, batch_size: int | None = None, device: str = "auto",
+                  stream: bool | None = None, out_dir=None, cache_dir=DEFAULT_CACHE, progress: bool = True) -> dict:
+    """`lqplan evaluate --plan`: the plan's quantized model with its initial adapters scored against the
+    full-precision model (planner.train.score.PlanScorer: KL(fp ‖ quantized) per token, both perplexities, top-1
+    agreement) on `texts` (default: the built-in held-out prose) cut to `eval_tokens` tokens; the result is written
+    atomically to out_dir/evaluate.json (default: beside the plan) and returned with its "path". `model`: the
+    full-precision model (default: the plan's model.source). To score many plans of one model, make one
+    PlanScorer and call its score() per plan: the full-precision model then runs once."""
+    path = Path(plan)
+    plan_obj = Plan.load(path)  # a bad plan fails before any model is loaded
+    folder = model or plan_obj.model.get("source")
+    if model is None and not (folder and (Path(folder) / "config.json").is_file()):
+        raise UserError(f"the plan's model folder {folder!r} was not found; pass --model <the folder, alias or hub id "
+                        "the plan was made for>")
+    source = resolve_model(folder)
+    plan_obj.check_model(source.fingerprint)  # before the full-precision pass
+    scorer = PlanScorer(source, texts=texts, text_source=text_source, eval_tokens=eval_tokens, max_len=max_len,
+                        stride=stride, batch_size=batch_size, device=device, stream=stream, progress=progress)
+    result = scorer.score(plan_obj, plan_path=path, cache_dir=cache_dir)
+    out = (Path(out_dir) if out_dir is not None else path.parent) / "evaluate.json"
+    write_json(out, result)
+    return {**result, "path": str(out)}
 
 
 CURVE_BITS_PER_PARAM = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.127, 4.5, 5.0)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from quant import SolverSettings
 
-from ..api import budget_curve, make_plan, profile_manifest, read_run_stats
+from ..api import budget_curve, evaluate_plan, make_plan, profile_manifest, read_run_stats
 from ..corpus import read_text_file
 from ..devices import resolve_device
 from ..errors import UserError
@@ -302,14 +302,57 @@ def cmd_train(args) -> int:
     return 0
 
 
+PLAN_ONLY = ("eval_tokens", "stride", "batch_size", "out")
+QUANTIZED_ONLY = ("eval_texts",)
+
+
 def cmd_evaluate(args) -> int:
     from ..train.evaluate import evaluate_quantized
 
+    given = [k for k in (QUANTIZED_ONLY if args.plan else PLAN_ONLY) if getattr(args, k) is not None]
+    given += ["stream"] if args.quantized and args.stream else []
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UserError(f"{flag} applies to evaluate {'--quantized' if args.plan else '--plan'}, not "
+                        f"{'--plan' if args.plan else '--quantized'}; drop it")
     texts = read_text_file(args.eval_text, "--eval-text") if args.eval_text else None
-    r = evaluate_quantized(args.quantized, args.model, eval_texts=args.eval_texts, max_len=args.max_len,
-                           device=args.device, texts=texts)
+    if args.plan:
+        return evaluate_plan_command(args, texts)
+    r = evaluate_quantized(args.quantized, args.model, eval_texts=64 if args.eval_texts is None else args.eval_texts,
+                           max_len=args.max_len or 128, device=args.device, texts=texts)
     print(f"{r['metric']} on {r['texts']} {'--eval-text' if texts else 'held-out'} texts: quantized {r['quantized']:.4f}, "
           f"full precision {r['full_precision']:.4f}")
+    return 0
+
+
+def evaluate_plan_command(args, texts) -> int:
+    """`lqplan evaluate --plan P`: one evaluate_plan call and its one-screen summary."""
+    from ..train.score import DEFAULT_EVAL_TOKENS, DEFAULT_MAX_LEN, HELDOUT
+
+    _check_writable(args.out or Path(args.plan).parent, "--out")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    r = evaluate_plan(args.plan, model=args.model, texts=texts, text_source=args.eval_text,
+                      eval_tokens=DEFAULT_EVAL_TOKENS if args.eval_tokens is None else args.eval_tokens,
+                      max_len=args.max_len or DEFAULT_MAX_LEN, stride=args.stride, batch_size=args.batch_size,
+                      device=args.device, stream=True if args.stream else None, out_dir=args.out,
+                      cache_dir=args.cache, progress=not args.quiet)
+    p, t, ppl, s = r["plan"], r["tokens"], r["perplexity"], r["seconds"]
+    print(f"evaluate: {r['model']['name']} with plan {p['path']} ({p['bits_per_param']:.4f} bits/param, predicted "
+          f"error {p['predicted_error']:.6g}; {p['init']} T={p['iters']}"
+          f"{', Fisher-weighted' if p['fisher_weighted'] else ''})")
+    where = "the built-in held-out prose" if t["source"] == HELDOUT else t["source"]
+    print(f"  text: {t['scored']} tokens of {where} in {t['windows']} windows of <= {t['max_len']} tokens, stride "
+          f"{t['stride']}{', BOS first' if t['bos'] is not None else ''}; token digest {t['digest']}")
+    print(f"  KL(fp || quantized): {r['kl']:.6f} nats/token; top-1 agreement {100 * r['top1_agreement']:.2f}%")
+    print(f"  perplexity: full precision {ppl['full_precision']:.4f}, quantized {ppl['quantized']:.4f} "
+          f"({100 * (ppl['quantized'] / ppl['full_precision'] - 1):+.2f}%)")
+    print(f"  time: full-precision pass {s['full_precision']:.1f} s, quantize {s['quantize']:.1f} s, score "
+          f"{s['score']:.1f} s on {r['device']}; peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB "
+          f"({r['peak_memory_kind']})")
+    print(f"  result: {r['path']}")
     return 0
 
 

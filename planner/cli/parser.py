@@ -183,13 +183,37 @@ def _train_parsers(sub) -> None:
     p.add_argument("--cache", default=".lqplan-cache", help="cache folder for the reference metric and --data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("evaluate", help="evaluate a saved quantized model against its full-precision model")
-    p.add_argument("--quantized", required=True, help="folder written by `lqplan train` (OUT/quantized)")
+    p = sub.add_parser("evaluate", help="score a plan's quantized model against the full-precision model (KL, "
+                       "perplexity), or a saved quantized model",
+                       description="--plan: build the plan's quantized model with its initial LoftQ/LQ-LoRA adapters "
+                       "and score it against the full-precision model on held-out text: KL(fp || quantized) per "
+                       "token, perplexity of both, top-1 agreement, on the same BOS-first windows; writes "
+                       "evaluate.json (docs/evaluate.md). --quantized: perplexity (causal LMs) or embedding cosine "
+                       "(encoders) of a folder written by `lqplan train`, and of its full-precision model.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--plan", default=None, help="plan.json written by `lqplan plan`")
+    which.add_argument("--quantized", default=None, help="folder written by `lqplan train` (OUT/quantized)")
     p.add_argument("--model", default=None, help="full-precision model folder (default: the plan's model.source)")
-    p.add_argument("--eval-texts", type=int, default=64, help="held-out paragraphs (default 64)")
-    p.add_argument("--eval-text", default=None, metavar="FILE", help=EVAL_TEXT_HELP)
-    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--eval-text", default=None, metavar="FILE", help="UTF-8 evaluation text, paragraphs split on "
+                   "blank lines (default: the built-in held-out pydoc prose); with --plan its first --eval-tokens "
+                   "tokens are scored, with --quantized all of it")
+    p.add_argument("--eval-tokens", type=int, default=None, metavar="N",
+                   help="--plan: score the first N tokens of the text (default 4096)")
+    p.add_argument("--eval-texts", type=int, default=None, metavar="N",
+                   help="--quantized: the first N built-in held-out paragraphs (default 64)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="tokens per window, BOS included (default 512 with --plan, 128 with --quantized)")
+    p.add_argument("--stride", type=int, default=None, help="--plan: tokens between window starts; each window "
+                   "scores the tokens after the previous one's (default max-len // 2)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="--plan: windows per forward (default: as many as keep a batch's logits near 256 MiB)")
+    p.add_argument("--stream", action="store_true", help="--plan: run the full-precision model one layer block at "
+                   "a time (default: when its fp32 weights exceed 4 GiB)")
+    p.add_argument("--out", default=None, help="--plan: folder for evaluate.json (default: the plan's folder)")
+    p.add_argument("--cache", default=".lqplan-cache",
+                   help="--plan: where a Fisher plan's Fisher weights are read or computed (default .lqplan-cache)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("export", help="write a saved quantized model as a GPTQ-layout, merged or PEFT folder",
                        description="Read a folder written by `lqplan train` (OUT/quantized) and export it. gptq: "

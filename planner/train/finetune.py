@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..corpus import real_text_splits
-from ..api import DEFAULT_CACHE
+from ..profile.cache import DEFAULT_CACHE
 from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
 from ..fsio import write_json, write_text
