@@ -68,7 +68,7 @@ def reference_perplexity(source: ModelSource, config, tokenizer, texts: list[str
     # windows start with BOS where the tokenizer has one: a value cached before that (no "-bos") is not reused;
     # the model fingerprint covers the weights only, so the key names the tokenizer too
     bos = "-bos" if bos_id(tokenizer) is not None else ""
-    key = f"ppl-{text_digest(texts)}-L{max_len}-S{stride}-fp32{bos}-tok{short_digest(tokenizer_digest(tokenizer))}"
+    key = f"ppl-{text_digest(texts)}-L{max_len}-S{stride}-fp32{bos}-tok_{short_digest(tokenizer_digest(tokenizer))}"
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "reference" / f"{key}.json"
