@@ -32,7 +32,7 @@ from .plan.ilp import (
     solve,
     uniform_solutions,
 )
-from .plan.train_memory import TrainShape, fixed_bytes, predict, training_table
+from .plan.train_memory import ReferenceWeights, TrainShape, fixed_bytes, predict, training_table
 from .profile.cache import cache_folder
 from .profile.fisher import get_fisher
 from .profile.grid import GridPoint, default_ranks, make_grid
@@ -211,9 +211,12 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
               {"source": settings.calib, "key": fkey, "tokens": settings.calib_tokens}}
     plan = job.plan(table, method)
     if train is not None:
-        prediction = predict(source.config, plan.matrices, fixed["unplanned_train_bytes"], train)
+        # `lqplan train` runs the full-precision reference pass by default: its phase is part of the prediction
+        prediction = predict(source.config, plan.matrices, fixed["unplanned_train_bytes"], train,
+                             reference=ReferenceWeights.of(source.tensors))
         plan.budget["train"] = {**train.to_dict(), "fixed_bytes": fixed["fixed_bytes"],
-                                "predicted_peak_bytes": prediction["peak_bytes"], "terms": prediction["terms"]}
+                                "predicted_peak_bytes": prediction["peak_bytes"], "terms": prediction["terms"],
+                                "phases": prediction["phases"]}
 
     comparison = None
     if fisher is not None:

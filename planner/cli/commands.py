@@ -18,7 +18,7 @@ from ..model.resolve import list_aliases, resolve_model
 from ..plan.budget import parse_budget
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
-from ..plan.train_memory import TrainShape, predict
+from ..plan.train_memory import ReferenceWeights, TrainShape, predict
 from ..profile.fisher import get_fisher
 from ..profile.grid import DEFAULT_RANKS, default_ranks, make_grid
 from ..profile.run import run_profile, save_table
@@ -225,12 +225,16 @@ def memory_of_plan(args) -> int:
                                             args.adapter_dtype)
     planned = {e.name for e in plan.matrices}
     matrices = [m for m in discover_matrices(source, include_head=True) if m.name in planned]
-    p = predict(source.config, plan.matrices, unplanned_bytes(source, matrices, float_bytes=2), shape)
+    p = predict(source.config, plan.matrices, unplanned_bytes(source, matrices, float_bytes=2), shape,
+                reference=ReferenceWeights.of(source.tensors))
     ckpt = "on" if shape.gradient_checkpointing else "off"
     print(f"predicted peak GPU memory of the fine-tune: {p['peak_bytes'] / 2**30:.2f} GiB (batch {shape.batch} x "
-          f"{shape.seq_len} tokens, checkpointing {ckpt}, {shape.optimizer}, {shape.adapter_dtype} adapters)")
+          f"{shape.seq_len} tokens, checkpointing {ckpt}, {shape.optimizer}, {shape.adapter_dtype} adapters), in "
+          f"its {p['peak_phase']} phase")
     for term, value in p["terms"].items():
         print(f"  {term:18} {value / 2**30:9.3f} GiB")
+    for phase, value in p["phases"].items():
+        print(f"  phase {phase:12} {value / 2**30:9.3f} GiB")
     return 0
 
 
@@ -272,10 +276,11 @@ def cmd_train(args) -> int:
               f"{r['world_size']}; {r['metric']}: full precision {_fmt(r['full_precision'])}, before "
               f"{r['before']:.4f}, after {r['after']:.4f}; {rate} tokens/s; peak memory "
               f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']}, from process start)")
-        predicted = (r.get("predicted_memory") or {}).get("peak_bytes")
+        p = r.get("predicted_memory") or {}
+        predicted = p.get("peak_bytes")
         if predicted and r["peak_memory_kind"] == "cuda_allocated":
-            print(f"  memory model: predicted peak {predicted / 2**20:.0f} MiB, measured "
-                  f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_bytes'] / predicted:.3f}x)")
+            print(f"  memory model: predicted peak {predicted / 2**20:.0f} MiB (its {p['peak_phase']} phase), "
+                  f"measured {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_bytes'] / predicted:.3f}x)")
         if r.get("resumed_from") is not None:
             print(f"  resumed from the checkpoint at step {r['resumed_from']}")
         print(f"  report: {Path(args.out) / 'train_report.md'}")

@@ -18,6 +18,7 @@ from ..dist import all_sum, joined_shard
 from ..errors import UserError
 from ..model.discover import is_causal_lm
 from ..model.weights import fingerprint
+from ..plan.train_memory import EVAL_WINDOWS
 from .data import bos_id
 from .export import load_quantized
 from .losses import mean_pool
@@ -40,7 +41,7 @@ def _check_texts(texts) -> list[str]:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, batch_size: int = 4,
+def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, batch_size: int = EVAL_WINDOWS,
                device=None, shard: bool = False) -> float:
     """exp(mean next-token NLL) over `texts` joined by blank lines, with a sliding window: windows of `max_len`
     tokens every `stride` tokens, each scoring only the tokens not scored before (all context kept). Where the
@@ -78,7 +79,6 @@ def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, b
             group = windows[i:i + batch_size]
             cols = prefix + max(e - s for s, e, _ in group)
             batch = torch.zeros(len(group), cols, dtype=torch.long)
-            labels = torch.full((len(group), cols), -100, dtype=torch.long)
             mask = torch.zeros(len(group), cols, dtype=torch.long)
             for row, (s, e, new) in enumerate(group):
                 n = prefix + e - s
@@ -86,12 +86,17 @@ def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, b
                     batch[row, 0] = bos
                 batch[row, prefix:n] = ids[s:e]
                 mask[row, :n] = 1
-                labels[row, n - new:n] = ids[e - new:e]
-            logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float()
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
-                                   ignore_index=-100, reduction="sum")
-            nll += float(loss)
-            count += int((labels[:, 1:] != -100).sum())
+            logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits
+            for row, (s, e, new) in enumerate(group):
+                n = prefix + e - s
+                first = max(n - new, 1)  # position 0 has no context to be predicted from
+                # One window's scored positions at a time: the fp32 copy and log-softmax are that slice's, never the
+                # whole batch's logits (the largest tensors of an evaluation; planner.plan.train_memory counts them).
+                loss = F.cross_entropy(logits[row, first - 1:n - 1].float(), batch[row, first:n].to(device),
+                                       reduction="sum")
+                nll += float(loss)
+                count += n - first
+            del logits, loss  # not alive while the next batch's logits are computed
     finally:
         model.train(was_training)
     if world > 1:
