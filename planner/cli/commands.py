@@ -141,7 +141,9 @@ def cmd_report(args) -> int:
     table = read_profile_csv(csv)
     _check_profile_matches(plan, table, csv.with_name("profile.json"))
     budget_bits = plan.totals.get("budget_bits", plan.budget.get("bits", plan.totals["bits"]))
-    stats = read_run_stats(folder)
+    # the phase timings were written after the first render: leaving them out renders what that render did
+    stats = {k: v for k, v in read_run_stats(folder).items()
+             if not k.startswith("phase_") and k != "seconds_from_process_start"}
     if "solver_seconds" in stats:  # a timing: kept out of plan.json, shown in the totals as the first render did
         plan.solver["seconds"] = stats.pop("solver_seconds")
     paths = write_reports(plan, table, out, budget_curve(table, plan.totals["params"]),
