@@ -209,7 +209,7 @@ def test_uniform_and_qlora_plans_cost_what_the_grid_says(tmp_path):
 
     source = resolve_model(None)
     matrices = discover_matrices(source)
-    s = StudySettings(models=(("m", "m"),), bits="2,4", blocks="64", ranks="8")
+    s = StudySettings(models=(("m", "m"),), bits="2,4", blocks="64", ranks="8", qlora_rank=8)
     points = uniform_points(s, matrices, budget_bits(source, matrices, 3.0))
     assert [p.label for p in points] == ["nf2-b64-dq8/256-r8"]  # NF4 with an adapter costs more than 3 bits
     names = [m.name for m in matrices]
@@ -230,3 +230,75 @@ def test_uniform_and_qlora_plans_cost_what_the_grid_says(tmp_path):
     assert q.totals["bits_per_param"] <= qlora_bits(matrices, 8) < q.totals["bits_per_param"] + 1e-4
     assert plan.totals["bits"] == sum(points[0].bits(m.shape) for m in matrices)
     assert plan.totals["params"] == planned_params(matrices)
+
+
+# ---- the whole study, every process run in this one (the real plan/train CLI, a stand-in for evaluate) ---------
+class _Done:
+    def __init__(self, rc: int):
+        self.rc, self.pid = rc, -1
+
+    def poll(self):
+        return self.rc
+
+
+class _InProcess(Runner):
+    """Runs each `python -m planner VERB ...` through planner.cli.main here; `evaluate` writes a KL that grows with
+    the plan's profiled error (a stand-in until the CLI scores plans), so claim (a) has numbers to judge."""
+
+    def _launch(self, task):
+        if task.argv is None:
+            return super()._launch(task)
+        from planner.cli import main
+        from planner.plan.document import Plan
+
+        task._t0, task.state = time.monotonic(), "running"
+        args = task.argv[3:]
+        if args[0] == "evaluate":
+            plan = Plan.load(args[args.index("--plan") + 1])
+            out = Path(args[args.index("--out") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "evaluate.json").write_text(json.dumps({"kl": plan.totals["error"], "perplexity": 1.0}))
+            rc = 0
+        else:
+            rc = main(args)
+        task._proc = _Done(rc)
+        self.commands.append({"key": task.key, "argv": task.argv})
+
+
+@pytest.mark.slow
+def test_the_study_end_to_end_on_a_tiny_decoder(tmp_path, monkeypatch, minilm_path):
+    from conftest import seeded_tiny_llama
+    from transformers import AutoTokenizer
+
+    from planner.study import run as study_run
+    from planner.study.settings import tiny_settings
+
+    folder = tmp_path / "tiny"
+    seeded_tiny_llama(30522, max_position_embeddings=256).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path, bos_token="[CLS]").save_pretrained(folder)
+    caps = {"objectives": None, "evaluate_plan": True, "evaluate_flags": ["--out", "--eval-texts", "--max-len"],
+            "tie": False}
+    monkeypatch.setattr(study_run.calls, "capabilities", lambda env=None: caps)
+    monkeypatch.setattr(study_run, "Runner", _InProcess)
+    s = tiny_settings((("tiny", str(folder)),), budgets=(4.5,), near_budget=5.0, objectives=("data-free", "fisher"),
+                      headline="fisher", steps=1, slots=1)
+    r = study_run.run_study(s, tmp_path / "work", tmp_path / "out", command="test")
+    assert {t["state"] for t in r["tasks"].values()} == {"ok"}
+    m = r["models"][0]
+    kinds = sorted((a["kind"], a["objective"] or "", a["budget"]) for a in m["arms"].values())
+    assert kinds == [("loftq", "", 4.5), ("loftq", "", m["qlora_bits"]), ("plan", "data-free", 4.5),
+                     ("plan", "data-free", m["qlora_bits"]),
+                     ("plan", "fisher", 4.5), ("plan", "fisher", m["qlora_bits"]), ("qlora", "", m["qlora_bits"])]
+    q = next(a for a in m["arms"].values() if a["kind"] == "qlora")
+    assert len(q["runs"]) == 2 and q["init"] == "qlora" and q["kl"] == pytest.approx(q["plan_error"])
+    assert [u["label"] for u in m["uniform"].values()] == ["nf2-b64-dq8/256-r4", "nf4-b64-dq8/256-r4"]
+    assert all(u["kl"] is not None for u in m["uniform"].values())
+    assert [c["id"] for c in m["claims"]] == list("abcde") and m["claims"][0]["status"] != "NOT MEASURED"
+    assert m["fp_ppl"] > 1 and all(a["status"] == "ok" for a in m["arms"].values())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "kl_vs_bits.png", "ppl_vs_bits.png", "results.json", "runs.tar.gz", "study.log", "study.md"]
+    assert "| 4.5 | lqplan (fisher) |" in (tmp_path / "out" / "study.md").read_text()
+    again = study_run.run_study(s, tmp_path / "work", tmp_path / "out2", command="test")  # resumes: nothing runs
+    assert again["commands"] == []
+    assert [(c["status"], c["detail"]) for c in again["models"][0]["claims"]] == \
+        [(c["status"], c["detail"]) for c in m["claims"]]

@@ -76,7 +76,7 @@ def model_md(m: dict, s: dict) -> list[str]:
     for b, _, _, a in sorted(rows, key=lambda x: x[:3]):
         same = f" (= {a['same_as']})" if a.get("same_as") else ""
         lines.append(f"| {b} | {arm_name(a)} | {a['config']}{same} | {a['bits_per_param']:.4f} | "
-                     f"{fmt(a['predicted'].get(head))} | {fmt(a.get('kl'))} | {fmt(a.get('ppl_init'), '.3f')} | "
+                     f"{fmt(a['predicted'].get(head))} | {fmt(a.get('kl'))} | {fmt(a.get('ppl_before_mean'), '.3f')} | "
                      f"{after_text(a)} | {a['status']} |")
     lines += ["", "### Every uniform configuration that fits, before fine-tuning (claim a)", "",
               "| configuration | bits/param | predicted error (data-free) | KL before | ppl before |", "|---|---|---|---|---|"]
