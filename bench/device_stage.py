@@ -25,34 +25,25 @@ STUDY_ARGS = ""
 
 
 def run_md(manifest: dict, models: list[str], study_args: str, stage_dir: str) -> str:
-    cmds = stage.run_commands(manifest, models, study_args, stage_dir)
-    need = stage.pieces_for(manifest, models)
+    calls = stage.run_calls(manifest, models, study_args, stage_dir)
     check = ("nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python3 -c "
              "'import torch, transformers; print(torch.__version__, transformers.__version__)'; ")
     lines = [f"# Device calls for the GPU study ({', '.join(models)})", "",
-             f"Made by `python bench/device_stage.py prepare --models {','.join(models)}`; payload "
+             f"Made by `python bench/device_stage.py prepare --models {','.join(models)}`: payload "
              f"{manifest['total'] / 1e6:.1f} MB in {len(manifest['pieces'])} pieces of at most "
              f"{manifest['piece_size'] / 1e6:.1f} MB. Make the calls back to back: a warm machine keeps /var/tmp only "
-             "about 30 s after a call. Each `put` prints which pieces the machine holds; if one says pieces are "
-             "missing, the machine was given back: start again from call 1.", ""]
-    for i, (cmd, piece) in enumerate(zip(cmds, need), 1):
-        first = check if i == 1 else ""
-        last = i == len(cmds)
-        call = {"command": first + cmd, "carry": [f"{stage_dir}/{stage.MANIFEST}", f"{stage_dir}/{piece['name']}"],
-                "timeout_s": 600 if last else 180}
-        if last:
-            call["command"] = "T=$(( $(date +%s) + 575 )); " + call["command"] + " --deadline-at $T"
-        if len(call["command"]) > 2000:
-            raise stage.StageError(f"call {i} is {len(call['command'])} characters, over the device's 2,000")
-        lines += [f"## Call {i} of {len(cmds)}" + (": last piece, install, the study" if last else ""), "",
-                  "```json", json.dumps(call, indent=1), "```", ""]
-    folders = " ".join(f"--model {m}={stage.DEVICE_MODELS}/{m}" for m in models)
-    resume = {"command": f"T=$(( $(date +%s) + 575 )); export PYTHONPATH={stage.DEVICE_SITE} PYTHONUNBUFFERED=1; "
-                         f"python3 bench/gpu_study.py --device cuda {folders} {study_args} --work /var/tmp/lqstudy "
-                         "--out $OUT --deadline-at $T".replace("  ", " "), "timeout_s": 600}
-    lines += ["## If the study was cut at its deadline: resume on the same warm machine", "",
-              "The same study, same work folder: only what has no output yet runs. Within 30 s of the last call.", "",
-              "```json", json.dumps(resume, indent=1), "```", ""]
+             "about 30 s after a call. Each `put` prints which pieces the machine holds; one that says pieces are "
+             "missing means the machine was given back: start again from call 1. A call that runs the study brings "
+             "back its report for the models so far; the next model's pieces follow it, and the study call after "
+             "them resumes the earlier model where its deadline stopped it.", ""]
+    for i, call in enumerate(calls, 1):
+        body = {"command": (check if i == 1 else "") + call["command"], "timeout_s": call["timeout_s"]}
+        if call["piece"]:
+            body["carry"] = [f"{stage_dir}/{stage.MANIFEST}", f"{stage_dir}/{call['piece']}"]
+        if len(body["command"]) > 2000:
+            raise stage.StageError(f"call {i}: {len(body['command'])} characters, over the device's 2,000")
+        title = f"Call {i}: {call['title']}" if i < len(calls) else f"If needed: {call['title']}"
+        lines += [f"## {title}", "", "```json", json.dumps(body, indent=1), "```", ""]
     return "\n".join(lines)
 
 

@@ -155,6 +155,11 @@ def test_pieces_put_and_extract_round_trip(tmp_path):
     assert {k: v.read_bytes() for k, v in got.items()} == {k: blobs[k] for k in ("dep.whl", "m-meta.tar.xz", "m.whl")}
     with pytest.raises(stage.StageError, match="pieces piece-07 are not"):
         stage.extract(man, root, ["n"], tmp_path / "files")
+    calls = stage.run_calls(man, ["m", "n"], "--steps 50")
+    assert [c["piece"] for c in calls] == [f"piece-0{i}" for i in range(1, 7)] + ["piece-07", None]
+    assert "install --models m &&" in calls[5]["command"] and "--model m=" in calls[5]["command"]
+    assert "--model n=" not in calls[5]["command"] and "install --models n &&" in calls[6]["command"]
+    assert all("--work /var/tmp/lqstudy --steps 50 --out $OUT --deadline-at $T" in c["command"] for c in calls[5:])
     (st / "piece-02").write_bytes(b"xxxxxxx")
     with pytest.raises(stage.StageError, match="sha256"):
         stage.put(st / "piece-02", st / stage.MANIFEST, root)

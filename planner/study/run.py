@@ -244,7 +244,9 @@ class ModelStudy:
              "weights": self.source.note, "weights_sha256": weights_sha256(self.source), "tokenizer": self.tokenizer,
              "architecture": (self.source.config.get("architectures") or ["?"])[0], "matrices": len(self.matrices),
              "params": self.params, "qlora_bits": self.qlora_bits, "budgets": self.budgets,
-             "budget_bits": self.budget_bits, "arms": self.arms, "uniform": self.uniform, "fp_ppl": fp_ppl,
+             "budget_bits": self.budget_bits, "arms": {k: compact(a) for k, a in self.arms.items()},
+             "uniform": {k: compact(u) for k, u in self.uniform.items()}, "fp_ppl": fp_ppl,
+             "profiles": {o: str(self.work / "plans" / f"{o}-{self.qlora_bits}") for o in self.tables},
              "fp_ppl_spread": [min(fp), max(fp)] if fp else None, "gpu_estimates_gb": self.gpu,
              "skipped": self.skipped}
         m["claims"] = [] if self.skipped else judge(m, self.s)
@@ -255,6 +257,15 @@ class ModelStudy:
         if not states:
             return "not run"
         return "ok" if all(x == "ok" for x in states) else ", ".join(sorted(set(states)))
+
+
+def compact(arm: dict) -> dict:
+    """An arm as results.json keeps it: how many matrices take each configuration instead of the whole choice
+    (the plan file in runs.tar.gz has it)."""
+    counts: dict[str, int] = {}
+    for label in arm["choice"].values():
+        counts[label] = counts.get(label, 0) + 1
+    return {**{k: v for k, v in arm.items() if k != "choice"}, "config_counts": dict(sorted(counts.items()))}
 
 
 def weights_sha256(source) -> dict[str, str]:
@@ -353,12 +364,18 @@ def run_study(s: StudySettings, work: Path, out: Path, command: str = "", log=No
 
 
 def write_outputs(result: dict, work: Path, out: Path) -> None:
+    """results.json, study.md, the plots, and runs.tar.gz: every plan, report and log under `work`, with the one
+    profile table per objective (each plan folder has a copy; the one beside the plan at QLoRA's bits is kept)."""
     write_json(out / "results.json", result)
     write_text(out / "study.md", render_md(result))
     for name, data in plots(result).items():
         (out / name).write_bytes(data)
+    keep = {Path(d) for m in result["models"] for d in m.get("profiles", {}).values()}
     with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
         for path in sorted(work.rglob("*")):
             rel = path.relative_to(work)
-            if path.is_file() and rel.parts[0] != "cache" and path.suffix in (".json", ".csv", ".log", ".md"):
-                tar.add(path, arcname=str(Path("runs") / rel))
+            if not path.is_file() or rel.parts[0] == "cache" or path.suffix not in (".json", ".csv", ".log", ".md"):
+                continue
+            if path.name in ("profile.csv", "profile.json") and path.parent not in keep:
+                continue
+            tar.add(path, arcname=str(Path("runs") / rel))

