@@ -10,6 +10,7 @@ solver with and without steps 3-4).
 
     python bench/bench_ilp.py [--models 13b,70b] [--budgets 2.5,2.75,3.0,3.5,4.127] [--profile path/profile.csv]
                               [--mip-time-limit 60] [--threads 2] [--repeat 3] [--skip-mip] [--seed 0]
+                              [--tie qkv,gate_up]
     python bench/bench_ilp.py --methods [--budget 2.75] [--cbc-time-limit 400] [--skip-plain]
 """
 
@@ -71,12 +72,12 @@ def _timed(table, budget, repeat, **kwargs):
 def bench_instance(name: str, table: pd.DataFrame, budgets: list[float], args) -> list[dict]:
     params = params_of(table)
     print(f"== {name}: {table['matrix'].nunique()} matrices x {table.groupby('matrix').size().max()} configs, "
-          f"{params:,} params", flush=True)
+          f"{params:,} params" + (f", tie {args.tie}" if args.tie else ""), flush=True)
     out = []
     for bpp in budgets:
         budget = int(bpp * params)
         try:
-            wall, sol = _timed(table, budget, args.repeat, threads=args.threads)
+            wall, sol = _timed(table, budget, args.repeat, threads=args.threads, tie=args.tie)
         except InfeasibleBudget as exc:  # small real matrices: the scales and adapters alone can exceed it
             print(f"{bpp:5.3f} bits/param  infeasible: the smallest plan takes {exc.min_bits / params:.4f}", flush=True)
             continue
@@ -86,7 +87,7 @@ def bench_instance(name: str, table: pd.DataFrame, budgets: list[float], args) -
                 f"objective {sol.objective:.10g}  LP gap {sol.gap:.2e}  kept {sol.pruned['in_model']}")
         for solver in () if args.skip_mip else ("highs", "cbc"):
             w, s = _timed(table, budget, 1, solver=solver, threads=args.threads, time_limit=args.mip_time_limit,
-                          exact_dp=False)
+                          exact_dp=False, tie=args.tie)
             proved = "proved" if s.status == "optimal" else "NOT proved"
             row |= {f"{solver}_s": w, f"{solver}_proved": s.status == "optimal", f"{solver}_ratio": s.objective / sol.objective}
             line += f"  | {solver} {w:6.2f} s {proved}, objective ratio {s.objective / sol.objective:.9f}"
@@ -138,6 +139,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="runs of the exact solver (median reported)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tie", default="", help="fused groups solved as one item each (planner.plan.tie), e.g. qkv,gate_up")
     ap.add_argument("--methods", action="store_true", help="the earlier method comparison on the random 70B table")
     ap.add_argument("--budget", type=float, default=2.75, help="--methods: bits per parameter")
     ap.add_argument("--cbc-time-limit", type=float, default=400.0, help="--methods: CBC's limit")

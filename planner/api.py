@@ -14,7 +14,7 @@ from typing import Callable
 import pandas as pd
 
 from quant.methods import get_method
-from quant.weighting import fisher_scales, weighted_error
+from quant.weighting import Metric, check_weighting
 
 from . import __version__
 from .devices import resolve_device
@@ -32,16 +32,17 @@ from .plan.ilp import (
     solve,
     uniform_solutions,
 )
+from .plan.tie import TIE_GROUPS, tie_groups, untied_names
 from .plan.train_memory import TrainShape, fixed_bytes, predict, training_table
-from .profile.cache import cache_folder
-from .profile.fisher import get_fisher
+from .profile.cache import DEFAULT_CACHE, cache_folder
 from .profile.grid import GridPoint, default_ranks, make_grid
+from .profile.objective import calibration_weights, objective_record
 from .profile.run import run_profile, save_table
 from .profile.settings import ProfileSettings
 from .report.render import write_reports
+from .train.score import DEFAULT_EVAL_TOKENS, DEFAULT_MAX_LEN, PlanScorer
 
 log = logging.getLogger("lqplan")
-DEFAULT_CACHE = Path(".lqplan-cache")
 
 
 @dataclass
@@ -51,6 +52,7 @@ class PlanResult:
     stats: object
     paths: dict = field(default_factory=dict)
     comparison: dict | None = None
+    tie_cost: dict | None = None
 
 
 def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, budget_bits: int, method: dict,
@@ -82,19 +84,19 @@ def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, 
         created_by=f"lqplan {__version__}")
 
 
-def weighted_plan_error(source, plan: Plan, fisher, weighted_decomposition: bool, settings: ProfileSettings,
+def weighted_plan_error(source, plan: Plan, weights, weighted_decomposition: bool, settings: ProfileSettings,
                         device) -> float:
-    """Fisher-weighted error of a plan's configurations, decomposed with or without the weights."""
+    """The weighted error (Fisher or output-aware: `weights.get(name)`) of a plan's configurations, decomposed with
+    or without the weights."""
     infos = [m for m in discover_matrices(source) if m.name in plan.by_name()]
     total = 0.0
     for info, w in iter_matrices(source, infos, device=device):
         e = plan.by_name()[info.name]
-        rows, cols = fisher[info.name]
-        weights = (rows, cols) if weighted_decomposition else None
-        dr, dc = fisher_scales((rows, cols), w.device)
+        weighting = check_weighting(weights.get(info.name), tuple(w.shape))
         kind = get_method(e.point.method)
-        q, a, b = kind.decompose(w, e.point.config, e.point.rank, settings.iters, settings.solver, weights)
-        total += weighted_error(w.float() - q.dequantize() - kind.dense(a, b, e.point.config), dr, dc)
+        q, a, b = kind.decompose(w, e.point.config, e.point.rank, settings.iters, settings.solver,
+                                 *((weighting, settings.rounding) if weighted_decomposition else (None, "nearest")))
+        total += Metric.of(weighting, w.device).error(w.float() - q.dequantize() - kind.dense(a, b, e.point.config))
     return total
 
 
@@ -115,27 +117,33 @@ class _Job:
     time_limit: float | None
     train: TrainShape | None = None  # set: the budget is the fine-tune's peak GPU memory
 
-    def profile(self, fisher=None, fisher_key=None):
-        return run_profile(self.source, self.matrices, self.settings, fisher, fisher_key, cache_dir=self.cache_dir,
+    def profile(self, weights=None, weights_key=None):
+        """The profile table under the job's objective with its `weights`; without them, the data-free one."""
+        settings = self.settings if weights is not None else self.settings.data_free()
+        return run_profile(self.source, self.matrices, settings, weights, weights_key, cache_dir=self.cache_dir,
                            device=self.device, progress=self.progress)
 
-    def plan(self, table: pd.DataFrame, method: dict) -> Plan:
+    def plan(self, table: pd.DataFrame, method: dict, tie: bool = True) -> Plan:
+        """The optimal plan of `table` at the budget; tie=False solves it without the settings' tie."""
         costs = table if self.train is None else training_table(table, self.settings.grid, self.train)
         solution = solve(costs, self.budget_bits, solver=self.ilp_solver, describe=self.describe,
-                         time_limit=self.time_limit)
+                         time_limit=self.time_limit, tie=self.settings.tie if tie else ())
         return plan_from_solution(self.source, self.matrices, table, solution, self.budget, self.budget_bits, method,
                                   self.unplanned)
 
 
-def fisher_comparison(job: _Job, table: pd.DataFrame, plan: Plan, fisher) -> dict:
-    """The data-free plan for the same budget and grid, and both plans' Fisher-weighted and plain errors."""
+def fisher_comparison(job: _Job, table: pd.DataFrame, plan: Plan, weights) -> dict:
+    """The data-free plan for the same budget and grid, and both plans' weighted and plain errors. The keys name the
+    weighted plan "fisher" whatever its objective; the output objective's comparison says objective = "output"."""
     plain_table, _ = job.profile()
-    plain_plan = job.plan(plain_table, {**plan.method, "fisher": None})
+    plain_plan = job.plan(plain_table, {k: v for k, v in plan.method.items() if k not in ("objective", "output")}
+                          | {"fisher": None})
     unweighted = table.set_index(["matrix", "label"])["error_unweighted"]
     plain_by_name = plain_plan.by_name()
     return {
+        **({"objective": "output"} if job.settings.objective == "output" else {}),
         "fisher_plan_weighted_error": plan.totals["error"],
-        "plain_plan_weighted_error": weighted_plan_error(job.source, plain_plan, fisher, False, job.settings,
+        "plain_plan_weighted_error": weighted_plan_error(job.source, plain_plan, weights, False, job.settings,
                                                          job.device),
         "fisher_plan_unweighted_error": float(sum(unweighted[(e.name, e.point.label)] for e in plan.matrices)),
         "plain_plan_unweighted_error": plain_plan.totals["error"],
@@ -145,14 +153,40 @@ def fisher_comparison(job: _Job, table: pd.DataFrame, plan: Plan, fisher) -> dic
     }
 
 
-def profile_manifest(source, settings: ProfileSettings, fisher_key: str | None, cache_dir: Path,
+def tie_comparison(job: _Job, table: pd.DataFrame, plan: Plan) -> dict:
+    """What the tie cost: the untied optimum of the same table at the same budget beside the tied plan (totals of
+    the planned matrices' storage and error), and how many groups and matrices the tie joined."""
+    untied = job.plan(table, {k: v for k, v in plan.method.items() if k != "tie"}, tie=False)
+    groups = tie_groups([e.name for e in plan.matrices], job.settings.tie)
+    tied_error, untied_error = plan.totals["error"], untied.totals["error"]
+    return {"tied_error": tied_error, "untied_error": untied_error,
+            "relative_error_increase": (tied_error - untied_error) / untied_error if untied_error > 0 else 0.0,
+            "tied_bits": plan.totals["bits"], "untied_bits": untied.totals["bits"],
+            "tied_bits_per_param": plan.totals["bits_per_param"],
+            "untied_bits_per_param": untied.totals["bits_per_param"],
+            "untied_status": untied.solver.get("status"), "groups": len(groups),
+            "tied_matrices": sum(len(g.members) for g in groups),
+            "changed_matrices": sum(1 for e, u in zip(plan.matrices, untied.matrices) if e.point != u.point)}
+
+
+def warn_untied(matrices, tie) -> None:
+    """One warning line per group of `tie` that ties nothing in this model (BERT has no gate/up): the option is
+    kept, since a script may pass the same --tie for every model."""
+    for name in untied_names([m.name for m in matrices], tie):
+        tails = " / ".join("+".join(t) for t in TIE_GROUPS[name])
+        log.warning("--tie %s ties nothing in this model: no layer has two or more of %s; planned without it",
+                    name, tails)
+
+
+def profile_manifest(source, settings: ProfileSettings, weights_key: str | None, cache_dir: Path,
                      model: dict | None = None) -> dict:
     """profile.json's header, the same for `lqplan plan` and `lqplan profile`: the model as plan.json names it,
-    the settings key and the cache folder the numbers came from."""
-    key = settings.cache_key(fisher_key)
+    the objective, the settings key and the cache folder the numbers came from."""
+    key = settings.cache_key(weights_key)
     model = model or {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
                       "architecture": (source.config.get("architectures") or ["?"])[0]}
-    return {"schema": "lqplan.profile/1", "model": model, "fingerprint": source.fingerprint, "settings": key,
+    return {"schema": "lqplan.profile/1", "model": model, "fingerprint": source.fingerprint,
+            "objective": settings.objective, "settings": key,
             "cache": str(cache_folder(Path(cache_dir), source.fingerprint, key)),
             "grid": [p.to_dict() for p in settings.grid], "iters": settings.iters, "solver": settings.solver.key}
 
@@ -195,41 +229,45 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
         settings = ProfileSettings(make_grid(ranks=default_ranks(min(m.shape) for m in matrices)))
     matrices = discover_matrices(source, include_head=settings.include_head)
     dev = str(resolve_device(device))
-    budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, settings.grid, budget)
+    budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, settings.grid, budget,
+                                                                  settings.tie)
+    warn_untied(matrices, settings.tie)
     fixed = None
     if train is not None:
         budget_obj, budget_bits, describe, fixed = training_budget(source, matrices, settings, budget_obj, train)
-    job = _Job(source, matrices, settings.data_free(), budget_obj, budget_bits, unplanned, describe,
+    job = _Job(source, matrices, settings, budget_obj, budget_bits, unplanned, describe,
                Path(cache_dir), dev, progress, ilp_solver, time_limit, train)
 
-    fisher, fkey = (None, None)
-    if settings.calib:
-        fisher, fkey = get_fisher(source, matrices, settings.calib, job.cache_dir, settings.calib_tokens, dev,
-                                  progress)
-    table, stats = job.profile(fisher, fkey)
-    method = {**settings.method_record(), "fisher": None if fisher is None else
-              {"source": settings.calib, "key": fkey, "tokens": settings.calib_tokens}}
+    weights, wkey, tokenizer = calibration_weights(source, matrices, settings, job.cache_dir, dev, progress)
+    table, stats = job.profile(weights, wkey)
+    method = {**settings.method_record(), **objective_record(settings, wkey, tokenizer)}
     plan = job.plan(table, method)
     if train is not None:
         prediction = predict(source.config, plan.matrices, fixed["unplanned_train_bytes"], train)
         plan.budget["train"] = {**train.to_dict(), "fixed_bytes": fixed["fixed_bytes"],
                                 "predicted_peak_bytes": prediction["peak_bytes"], "terms": prediction["terms"]}
 
+    tie_cost = None
+    if settings.tie:
+        tie_cost = tie_comparison(job, table, plan)
+        plan.method["tie_cost"] = tie_cost  # in plan.json too, so `lqplan report` can show it
+
     comparison = None
-    if fisher is not None:
-        comparison = fisher_comparison(job, table, plan, fisher)
-        plan.method["fisher"]["comparison"] = comparison  # in plan.json too, so `lqplan report` can show it
+    if weights is not None:
+        comparison = fisher_comparison(job, table, plan, weights)
+        # in plan.json too, so `lqplan report` can show it
+        plan.method["output" if settings.objective == "output" else "fisher"]["comparison"] = comparison
 
     out = Path(out_dir)
     paths = {}
     # The profile first, the plan last: a plan.json on disk always has its profile beside it.
     paths["profile"], paths["profile_manifest"] = save_table(
-        table, out, profile_manifest(source, settings, fkey, job.cache_dir, plan.model))
+        table, out, profile_manifest(source, settings, wkey, job.cache_dir, plan.model))
     plan.save(out / "plan.json")
     paths["plan"] = out / "plan.json"
 
     if reports:
-        curve = budget_curve(table, planned_params(matrices))
+        curve = budget_curve(table, planned_params(matrices), settings.tie)
         uniform = uniform_solutions(table, budget_bits)
         extra = {"profile_seconds": round(stats.seconds, 2), "computed_points": stats.computed_points,
                  "cached_points": stats.cached_points, "computed_matrices": len(stats.computed_matrices),
@@ -241,18 +279,45 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
         if comparison:
             extra["fisher_comparison"] = comparison
         paths.update(write_reports(plan, table, out, curve, uniform, extra))
-    return PlanResult(plan, table, stats, paths, comparison)
+    return PlanResult(plan, table, stats, paths, comparison, tie_cost)
+
+
+def evaluate_plan(plan, *, model: str | None = None, texts: list[str] | None = None, text_source: str | None = None,
+                  eval_tokens: int | None = DEFAULT_EVAL_TOKENS, max_len: int = DEFAULT_MAX_LEN,
+                  stride: int | None = None, batch_size: int | None = None, device: str = "auto",
+                  stream: bool | None = None, out_dir=None, cache_dir=DEFAULT_CACHE, progress: bool = True) -> dict:
+    """`lqplan evaluate --plan`: the plan's quantized model with its initial adapters scored against the
+    full-precision model (planner.train.score.PlanScorer: KL(fp ‖ quantized) per token, both perplexities, top-1
+    agreement) on `texts` (default: the built-in held-out prose) cut to `eval_tokens` tokens; the result is written
+    atomically to out_dir/evaluate.json (default: beside the plan) and returned with its "path". `model`: the
+    full-precision model (default: the plan's model.source). To score many plans of one model, make one
+    PlanScorer and call its score() per plan: the full-precision model then runs once."""
+    path = Path(plan)
+    plan_obj = Plan.load(path)  # a bad plan fails before any model is loaded
+    folder = model or plan_obj.model.get("source")
+    if model is None and not (folder and (Path(folder) / "config.json").is_file()):
+        raise UserError(f"the plan's model folder {folder!r} was not found; pass --model <the folder, alias or hub id "
+                        "the plan was made for>")
+    source = resolve_model(folder)
+    plan_obj.check_model(source.fingerprint)  # before the full-precision pass
+    scorer = PlanScorer(source, texts=texts, text_source=text_source, eval_tokens=eval_tokens, max_len=max_len,
+                        stride=stride, batch_size=batch_size, device=device, stream=stream, progress=progress)
+    result = scorer.score(plan_obj, plan_path=path, cache_dir=cache_dir)
+    out = (Path(out_dir) if out_dir is not None else path.parent) / "evaluate.json"
+    write_json(out, result)
+    return {**result, "path": str(out)}
 
 
 CURVE_BITS_PER_PARAM = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.127, 4.5, 5.0)
 RUN_STATS = "run.json"
 
 
-def budget_curve(table: pd.DataFrame, params: int) -> pd.DataFrame | None:
-    """The reports' error-budget curve: the ILP re-solved at CURVE_BITS_PER_PARAM (None when it cannot be)."""
+def budget_curve(table: pd.DataFrame, params: int, tie=()) -> pd.DataFrame | None:
+    """The reports' error-budget curve: the ILP re-solved at CURVE_BITS_PER_PARAM, with the plan's tie (None when
+    it cannot be)."""
     budgets = [int(b * params) for b in sorted({round(b, 3) for b in CURVE_BITS_PER_PARAM})]
     try:
-        return error_budget_curve(table, budgets)
+        return error_budget_curve(table, budgets, tie=tie)
     except UserError:
         return None
 

@@ -7,7 +7,6 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from scipy.stats import norm
 
 from .packing import unpack_codes
 
@@ -26,6 +25,8 @@ NF4_PUBLISHED = (
 @lru_cache(maxsize=None)
 def nf_construction(bits: int) -> tuple[float, ...]:
     """The QLoRA construction of NF-k as a tuple of fp32 values."""
+    from scipy.stats import norm  # here, not at import: scipy.stats takes seconds to load and NF4 never needs it
+
     half = 2 ** (bits - 1)
     # Probabilities from an fp32 torch.linspace and values cast to fp32 before normalising, as bitsandbytes
     # does: a float64 linspace lands one ulp off on 8 of NF4's 16 values.

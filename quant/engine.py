@@ -14,7 +14,7 @@ from .loftq import check_matrix, plain_error
 from .lowrank import SolverSettings
 from .qalora import qalora_point_errors
 from .results import PointResult
-from .weighting import check_fisher, fisher_scales
+from .weighting import Metric, check_weighting
 
 # Bumped whenever the numbers the engine returns for the same inputs change (the profile cache keys on it).
 # 1: exact/per-point decompositions; 2: randomized points batched per rank by quant.fastgrid.
@@ -22,7 +22,8 @@ ENGINE_VERSION = 2
 
 
 def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None,
-                   solver: SolverSettings | None = None, batch_bytes: int | None = None) -> list[PointResult]:
+                   solver: SolverSettings | None = None, batch_bytes: int | None = None,
+                   rounding: str = "nearest") -> list[PointResult]:
     """Decompose `w` once per (config, rank) point; results in the order of `points`. A point may be
     (config, rank, method) with method "lora" (default) or "qalora" (quant.qalora.qalora_point_errors: the error of
     W − Q − the pooled adapter's dense equivalent, at most one alternating step).
@@ -31,12 +32,12 @@ def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None
     for (a bigger grid reproduces the smaller grid's numbers exactly). batch_bytes: quant.fastgrid's batch memory
     (default: its own share of the free memory)."""
     check_matrix(w)
-    check_fisher(fisher, tuple(w.shape))
+    fisher = check_weighting(fisher, tuple(w.shape))
     w = w.float()
-    dr, dc = fisher_scales(fisher, w.device)
+    metric = Metric.of(fisher, w.device)
     plain_cache: dict[QuantConfig, float] = {}
     fast = {}
-    if solver is None or solver.method == "randomized":
+    if rounding == "nearest" and (solver is None or solver.method == "randomized"):
         # The randomized solver runs batched over the grid (quant.fastgrid): same contract, within 1% of exact LoftQ.
         lora = list(dict.fromkeys((p[0], p[1]) for p in points if (*p, "lora")[2] == "lora"))
         fast = dict(zip(lora, profile_grid(w, lora, iters, fisher, solver, batch_bytes=batch_bytes))) if lora else {}
@@ -56,10 +57,15 @@ def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None
             continue
         if method != "lora":
             raise ValueError(f"point method {method!r} is not supported; use 'lora' or 'qalora'")
-        d = decompose(w, config, rank, iters, fisher, solver)
+        d = decompose(w, config, rank, iters, fisher, solver, rounding)
         if config not in plain_cache:
-            plain_cache[config] = d.errors[0] if (rank == 0 or iters == 0) else plain_error(w, config, dr, dc)
-        if dr is None:
+            if rank == 0 or iters == 0:
+                plain_cache[config] = d.errors[0]
+            elif rounding == "nearest":
+                plain_cache[config] = plain_error(w, config, metric)
+            else:
+                plain_cache[config] = decompose(w, config, 0, 0, fisher, solver, rounding).error
+        if metric.plain:
             unweighted = d.error
         else:
             unweighted = float((w - d.q.dequantize() - d.a @ d.b.T).double().pow(2).sum())

@@ -15,6 +15,10 @@ for throughput on a GPU:
 - quantize-dequantize skips packing and integer widening (int32 codes, one gather);
 - errors stay on the device until the batch ends (one host sync per batch, not per step).
 
+Output-aware weighting (quant.weighting: ‖D_r·E·L‖²) runs the same loop with the weighted residual D_r·(W − Q)·L
+formed by one (m, n) x (n, n) product per chain and step, and a fourth (m, n) buffer per chain for the plain
+residual; the adapter is mapped back through L⁻ᵀ by a triangular solve.
+
 A point's numbers depend only on (w, config, rank, iters, fisher, settings): the Gaussian start comes from the
 solver's seed for that rank's width, never from the batch, so a subset of the grid reproduces the full grid's
 numbers (bit for bit on CPU; on CUDA up to the float rounding cuBLAS picks for a different batch size).
@@ -34,7 +38,7 @@ from .config import QuantConfig
 from .loftq import LORA_NOISE, alternate, check_matrix, pick_best
 from .lowrank import SolverSettings
 from .results import PointResult
-from .weighting import check_fisher, fisher_scales, weigh
+from .weighting import Metric, check_weighting
 
 # Default cap on the batch's residual stack (chains x m x n fp32), the dominant memory of a batch.
 CPU_BATCH_BYTES = 256 << 20
@@ -166,15 +170,16 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=-1).double().square().sum(-1)
 
 
-def _batch_cap(m: int, n: int, device: torch.device, batch_bytes: int | None) -> int:
+def _batch_cap(m: int, n: int, device: torch.device, batch_bytes: int | None, output: bool = False) -> int:
     if batch_bytes is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             batch_bytes = int(free * CUDA_BATCH_FRACTION)
         else:
             batch_bytes = CPU_BATCH_BYTES
-    # Per chain: its residual, the error temporary and a quantizer's temporaries, each m x n fp32.
-    return max(1, batch_bytes // (3 * 4 * m * n))
+    # Per chain: its residual, the error temporary and a quantizer's temporaries, each m x n fp32 (output-aware: and
+    # the plain residual beside the weighted one).
+    return max(1, batch_bytes // ((4 if output else 3) * 4 * m * n))
 
 
 def profile_grid(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: int, fisher=None,
@@ -186,7 +191,7 @@ def profile_grid(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: 
     warm_power_iters: power iterations in steps 2..iters (default min(1, solver.power_iters)).
     batch_bytes: memory for one batch of chains (default: a quarter of free CUDA memory, 256 MiB on CPU)."""
     check_matrix(w)
-    weights = check_fisher(fisher, tuple(w.shape))
+    weights = check_weighting(fisher, tuple(w.shape))
     solver = solver or SolverSettings()
     if solver.method != "randomized":
         raise ValueError(f"profile_grid runs the randomized solver, got method={solver.method!r}; "
@@ -205,7 +210,7 @@ def profile_grid(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: 
 
     w = w.float()
     device = w.device
-    dr, dc = fisher_scales(weights, device)
+    metric = Metric.of(weights, device)
 
     quantizers: dict[QuantConfig, _Quantizer] = {}
     for config, _ in points:
@@ -219,8 +224,8 @@ def profile_grid(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: 
         if config not in plain:
             t0 = time.perf_counter()
             r = w - quantizers[config](w)
-            err = _sq_norms(weigh(r, dr, dc)[None])
-            unw = err if dr is None else _sq_norms(r[None])
+            err = _sq_norms(metric.weigh(r)[None])
+            unw = err if metric.plain else _sq_norms(r[None])
             plain[config] = (float(err[0]), float(unw[0]), time.perf_counter() - t0)
         return plain[config]
 
@@ -233,7 +238,7 @@ def profile_grid(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: 
         else:
             by_rank.setdefault(rank, []).append(config)
 
-    cap = _batch_cap(m, n, device, batch_bytes)
+    cap = _batch_cap(m, n, device, batch_bytes, metric.output)
     for rank, configs in by_rank.items():
         width = min(rank + solver.oversample, m, n)
         cold_p, warm = solver.power_iters, warm_p
@@ -245,8 +250,8 @@ def profile_grid(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: 
         for lo in range(0, len(configs), cap):
             batch = configs[lo:lo + cap]
             t0 = time.perf_counter()
-            errs, unws, quant_err = _run_chains(w, [quantizers[c] for c in batch], rank, iters, omega, cold_p,
-                                                warm, dr, dc)
+            run = _run_output_chains if metric.output else _run_chains
+            errs, unws, quant_err = run(w, [quantizers[c] for c in batch], rank, iters, omega, cold_p, warm, metric)
             errs, unws, quant_err = errs.cpu().tolist(), unws.cpu().tolist(), quant_err.cpu().tolist()
             secs = (time.perf_counter() - t0) / len(batch)
             for i, config in enumerate(batch):
@@ -256,9 +261,10 @@ def profile_grid(w: torch.Tensor, points: list[tuple[QuantConfig, int]], iters: 
     return [results[(c, r)] for c, r in points]
 
 
-def _run_chains(w, quantizers, rank, iters, omega, cold_p, warm_p, dr, dc):
+def _run_chains(w, quantizers, rank, iters, omega, cold_p, warm_p, metric: Metric):
     """LoftQ chains of one rank, one per quantizer, batched through quant.loftq.alternate. Returns per-chain errors
     (k, iters) weighted and unweighted (float64, on the device) and the weighted error of q(W) (k,)."""
+    dr, dc = metric.dr, metric.dc
     k = len(quantizers)
     m, n = w.shape
     t = torch.empty(k, m, n, device=w.device, dtype=torch.float32)
@@ -294,6 +300,44 @@ def _run_chains(w, quantizers, rank, iters, omega, cold_p, warm_p, dr, dc):
         t /= dr[:, None]
         t /= dc[None, :]
         return err, _sq_norms(torch.baddbmm(t, a, b.transpose(-1, -2), alpha=-1))
+
+    trace = alternate(iters, quantize_step, lowrank_step, measure, regress_noise=LORA_NOISE, keep_best=False)
+    errs, unws = zip(*trace.errors)
+    return torch.stack(errs, 1), torch.stack(unws, 1), quant_err
+
+
+def _run_output_chains(w, quantizers, rank, iters, omega, cold_p, warm_p, metric: Metric):
+    """_run_chains under the output-aware metric ‖D_r·E·L‖²: the plain residuals p (k, m, n) are kept beside the
+    weighted ones t = D_r·p·L, the rank-r fit is made on t and mapped back through D_r⁻¹ and L⁻ᵀ for the next step's
+    target and the unweighted error."""
+    k = len(quantizers)
+    m, n = w.shape
+    p = torch.empty(k, m, n, device=w.device, dtype=torch.float32)
+    t = torch.empty_like(p)
+    start = quant_err = None
+
+    def quantize_step(low):
+        nonlocal quant_err
+        for i, quant in enumerate(quantizers):
+            target = w if low is None else torch.addmm(w, low[2][i], low[3][i].T, alpha=-1)
+            quant.residual_into(p[i], w, target)
+        torch.matmul(p, metric.chol, out=t)
+        if metric.dr is not None:
+            t.mul_(metric.dr[:, None])
+        if quant_err is None:
+            quant_err = _sq_norms(t)
+        return None, t
+
+    def lowrank_step(t):
+        nonlocal start
+        y = _subspace(t, omega if start is None else start, cold_p if start is None else warm_p)
+        a_w, b_w, start = _rayleigh_ritz(t, y, rank)
+        return (a_w, b_w, *metric.unmap(a_w, b_w))
+
+    def measure(t, low):
+        a_w, b_w, a, b = low
+        err = _sq_norms(torch.baddbmm(t, a_w, b_w.transpose(-1, -2), alpha=-1))
+        return err, _sq_norms(torch.baddbmm(p, a, b.transpose(-1, -2), alpha=-1))
 
     trace = alternate(iters, quantize_step, lowrank_step, measure, regress_noise=LORA_NOISE, keep_best=False)
     errs, unws = zip(*trace.errors)

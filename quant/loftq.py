@@ -15,7 +15,7 @@ import torch
 from .blockwise import QuantizedTensor, quantize, quantize_dequantize
 from .config import QuantConfig
 from .lowrank import SolverSettings
-from .weighting import check_fisher, fisher_scales, weighted_error
+from .weighting import Metric, check_weighting
 
 # Relative slack under which an error increase across LoftQ steps counts as float noise, not a regression.
 LORA_NOISE = 1e-6
@@ -39,23 +39,23 @@ def check_matrix(w: torch.Tensor) -> None:
         raise ValueError("weight matrix contains NaN or Inf values; fix or drop the matrix before decomposing")
 
 
-def prepare(w: torch.Tensor, fisher, solver: SolverSettings | None):
-    """The inputs of a one-matrix loop: (W in fp32, dr, dc, solver) with the Fisher weights checked and square-rooted
-    on W's device ((None, None) without), the solver defaulting to the randomized one."""
-    weights = check_fisher(fisher, tuple(w.shape))
+def prepare(w: torch.Tensor, weights, solver: SolverSettings | None):
+    """The inputs of a one-matrix loop: (W in fp32, its Metric, solver) with the weights (None, a diagonal Fisher
+    pair or a quant.weighting.Weighting) checked and put on W's device, the solver defaulting to the randomized one."""
+    weights = check_weighting(weights, tuple(w.shape))
     w = w.float()
-    return (w, *fisher_scales(weights, w.device), solver or SolverSettings())
+    return w, Metric.of(weights, w.device), solver or SolverSettings()
 
 
-def plain_quantization(w: torch.Tensor, config: QuantConfig, dr, dc) -> tuple[QuantizedTensor, float]:
+def plain_quantization(w: torch.Tensor, config: QuantConfig, metric: Metric) -> tuple[QuantizedTensor, float]:
     """T = 0 (or rank 0): Q = q(W) with no adapter, and its (weighted) error measured on the packed storage."""
     q = quantize(w, config)
-    return q, weighted_error(w - q.dequantize(), dr, dc)
+    return q, metric.error(w - q.dequantize())
 
 
-def plain_error(w: torch.Tensor, config: QuantConfig, dr, dc) -> float:
+def plain_error(w: torch.Tensor, config: QuantConfig, metric: Metric) -> float:
     """The (weighted) error of q(W) alone, without packing."""
-    return weighted_error(w - quantize_dequantize(w, config), dr, dc)
+    return metric.error(w - quantize_dequantize(w, config))
 
 
 def requantize(w: torch.Tensor, config: QuantConfig, dense: Callable[[Any], torch.Tensor]):

@@ -52,7 +52,7 @@ from .loftq import (
 )
 from .lowrank import SolverSettings, balance_factors, exact_lowrank, randomized_lowrank
 from .results import QALoRADecomposition
-from .weighting import fisher_scales, weighted_error
+from .weighting import Metric, check_weighting
 
 # Relative slack for comparing iterates, 100x LoRA's (quant.loftq.LORA_NOISE) and used for ties too: steps after the
 # first re-quantize shifted groups, which changes the error only by fp32 rounding of zero-points and codes flipping
@@ -172,9 +172,13 @@ def qalora_decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int
     check_rank(rank, (m, n), g)
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
         raise ValueError(f"iters={iters!r} is invalid; use an integer >= 0")
-    w, dr, dc, solver = prepare(w, fisher, solver)
+    w, metric, solver = prepare(w, fisher, solver)
+    if metric.output:
+        raise ValueError("QA-LoRA's group-pooled adapter takes the data-free or diagonal Fisher objective, not the "
+                         "output-aware one; plan QA-LoRA points without --objective output")
+    dr, dc = metric.dr, metric.dc
     if rank == 0 or iters == 0:
-        q, err = plain_quantization(w, config, dr, dc)
+        q, err = plain_quantization(w, config, metric)
         return QALoRADecomposition(q, torch.zeros(rank, n // g, device=w.device),
                                    torch.zeros(m, rank, device=w.device), err, [err], 0, False)
 
@@ -187,7 +191,7 @@ def qalora_decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int
         return lora_a, lora_b, adapter_weight(lora_a, lora_b, g)
 
     def measure(residual, low):
-        return weighted_error(residual - low[2], dr, dc)
+        return metric.error(residual - low[2])
 
     # Ties within float noise keep the earlier iterate: later ones only move mass from zero-points to L.
     trace = alternate(iters, requantize(w, config, lambda low: low[2]), lowrank_step, measure,
@@ -217,7 +221,8 @@ def qalora_point_errors(w: torch.Tensor, config: QuantConfig, rank: int, iters: 
     w = w.float()
     recon = dec.q.dequantize() + adapter_weight(dec.lora_a, dec.lora_b, config.blocksize)
     unweighted = float((w - recon).double().pow(2).sum())
-    plain = dec.error if dec.best_iter == 0 else plain_error(w, config, *fisher_scales(fisher, w.device))
+    plain = dec.error if dec.best_iter == 0 else plain_error(w, config, Metric.of(check_weighting(fisher, w.shape),
+                                                                                  w.device))
     return {"error": dec.error, "error_unweighted": unweighted, "quant_error": plain, "best_iter": dec.best_iter,
             "regressed": dec.regressed}
 

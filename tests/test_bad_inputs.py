@@ -159,6 +159,19 @@ def _min_bits_per_param() -> str:
     return f"{_min_plan_bits() / sum(m * n for m, n in TINY_SHAPES):.6f}"  # as the message prints it
 
 
+def _break_tie(doc: dict) -> None:
+    """Record a qkv tie in the plan and give layer 0's key the grid's other rank (bytes and totals kept exact)."""
+    from planner.plan.document import PlanEntry
+
+    doc["method"]["tie"] = ["qkv"]
+    key = next(m for m in doc["matrices"] if m["name"].endswith("layer.0.attention.self.key"))
+    old = key["bytes"]
+    key["rank"] = 4 - key["rank"]
+    key["bytes"] = PlanEntry.from_dict(key).point.bits(tuple(key["shape"])) // 8
+    doc["totals"]["bytes"] += key["bytes"] - old
+    doc["totals"]["bits"] = 8 * doc["totals"]["bytes"]
+
+
 def _fail_disk_write(monkeypatch):
     # A full disk as the atomic writer meets it: part of the temp file is written, then ENOSPC.
     real = Path.write_bytes
@@ -258,6 +271,9 @@ CASES = {
     "grid-ranks-empty": (lambda c: c.plan("--ranks", ","), None, ["--ranks is empty", "e.g. --ranks 4"]),
     "grid-rank-larger-than-matrix": (lambda c: c.plan("--ranks", "100", "--budget", "64bits"), None,
                                      ["rank 100 is larger than matrix", "(64)", "lower --ranks"]),
+    "tie-unknown": (lambda c: c.plan("--tie", "qkv,qvk"), None, ["--tie 'qkv,qvk': 'qvk' is not a fused group",
+                                                                 "use qkv, gate_up"]),
+    "tie-empty": (lambda c: c.plan("--tie="), None, ["--tie names no group", "use qkv, gate_up"]),
     "iters-negative": (lambda c: c.plan("--iters", "-1"), None, ["--iters -1 is negative", "use 0"]),
     "iters-not-integer": (lambda c: c.plan("--iters", "x"), None, ["invalid int value: 'x'", "--help"]),
     "grid-shape": (lambda c: ["grid", "--shape", "12by4"], None, ["'12by4' is not MxN", "e.g. 5120x13824"]),
@@ -274,6 +290,9 @@ CASES = {
                                   "--out", str(c.out)], None, ["malformed", "bits=5", "re-create it"]),
     "plan-edited-bytes": (lambda c: ["report", "--plan", c.plan_copy(lambda d: d["matrices"][0].update(bytes=1)),
                                      "--out", str(c.out)], None, ["bytes=1 but its configuration costs", "re-create"]),
+    "plan-tie-broken": (lambda c: ["report", "--plan", c.plan_copy(_break_tie), "--out", str(c.out)], None,
+                        ["ties qkv but the members of", "encoder.layer.0.attention.self.{query,key,value}",
+                         "re-create it"]),
     "plan-other-model": (lambda c: ["report", "--plan", c.plan_copy(), "--profile", str(c.env["other_profile"]),
                                     "--out", str(c.out)], None, ["is for another model", "pass --profile"]),
     "profile-corrupt": (lambda c: ["report", "--plan", c.plan_copy(), "--profile",
@@ -374,7 +393,7 @@ def test_no_traceback_in_a_real_process(argv, env, tmp_path):
     bad_plan.write_text("{not json")
     argv = [a.format(truncated=truncated, bad_plan=bad_plan) for a in argv]
     proc = subprocess.run([sys.executable, "-m", "planner", *argv, "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
                           env=subprocess_env())
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

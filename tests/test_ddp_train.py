@@ -33,6 +33,7 @@ def report(out: Path) -> dict:
     return json.loads((out / "train_report.json").read_text())
 
 
+@pytest.mark.slow  # torchrun and two training ranks, beside a one-process reference
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(plan_file, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     env = subprocess_env()

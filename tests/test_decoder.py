@@ -100,7 +100,8 @@ def test_causal_fisher_is_the_mean_of_per_example_squared_next_token_gradients(d
     model.train()
     sums, count, tokens = {n: 0.0 for n in names}, 0, 0
     for text in calib.texts:
-        ids = bos_tok(text, truncation=True, max_length=32, return_tensors="pt")["input_ids"]
+        # BOS first, then the text: no other special token ([SEP]) although this tokenizer would add it
+        ids = torch.tensor([[101] + bos_tok(text, add_special_tokens=False, truncation=True, max_length=31)["input_ids"]])
         model.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
         for n in names:

@@ -176,6 +176,7 @@ def _cache_values(cache: Path) -> dict:
     return out
 
 
+@pytest.mark.slow  # torchrun and two ranks start, beside a one-process reference
 def test_two_gloo_ranks_match_one_process(tmp_path, minilm_path):
     from planner.cli import main
     from planner.model.discover import discover_matrices

@@ -69,11 +69,13 @@ def _kill_after(k: int, cache: Path, out: Path) -> int:
     finally:
         proc.kill()
         proc.wait()
+        proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()  # killed mid-profile: nothing reached the output folder
     return len(_results(cache))
 
 
+@pytest.mark.slow  # four `python -m planner` starts and a full profile
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     cache, out = tmp_path / "cache", tmp_path / "out"
     finished: dict[str, tuple[int, bytes]] = {}

@@ -502,7 +502,7 @@ def test_no_traceback_in_a_real_process(argv, env, tmp_path):
     argv = [a.format(cfgdir=cfgdir, floatbits=tmp_path / "plan.json") for a in argv]
     out = [] if argv[0] == "memory" else ["--out", str(tmp_path / "out")]
     proc = subprocess.run([sys.executable, "-m", "planner", *argv, *out],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=180, env=subprocess_env())
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600, env=subprocess_env())
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.splitlines()

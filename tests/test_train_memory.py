@@ -20,6 +20,7 @@ from planner.plan.train_memory import (
 )
 from planner.profile.grid import GridPoint
 from planner.train.apply import apply_plan, explicit_plan
+from planner.train.loop import _checkpointing
 from quant import QuantConfig
 
 RANKS = {"q_proj": 8, "k_proj": 4, "v_proj": 8, "o_proj": 0, "gate_proj": 16, "up_proj": 4, "down_proj": 8}
@@ -44,7 +45,7 @@ def saved_bytes(model, batch: int, seq: int, checkpointing: bool) -> int:
     """Bytes of the distinct storages autograd saves in one forward with labels (the loss included)."""
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(model, True)  # as lqplan train turns it on
     seen = {}
 
     def pack(t):

@@ -66,7 +66,7 @@ def killed_run(plan_file, out: Path, tmp_path: Path, mode: str, when: int) -> No
     driver.write_text(CHILD)
     env = subprocess_env()
     proc = subprocess.run([sys.executable, str(driver), mode, str(when), "train", "--plan", str(plan_file),
-                           "--out", str(out), *ARGS], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                           "--out", str(out), *ARGS], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 

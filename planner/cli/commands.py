@@ -4,32 +4,35 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quant import SolverSettings
 
-from ..api import budget_curve, make_plan, profile_manifest, read_run_stats
+from ..api import budget_curve, evaluate_plan, make_plan, profile_manifest, read_run_stats
 from ..corpus import read_text_file
 from ..devices import resolve_device
 from ..errors import UserError
-from ..hf.data import load_records
 from ..model.discover import discover_matrices, unplanned_bytes
 from ..model.memory import memory_table
 from ..model.resolve import list_aliases, resolve_model
+from ..model.tokenizer import load_tokenizer
 from ..plan.budget import parse_budget
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
+from ..plan.tie import parse_tie
 from ..plan.train_memory import TrainShape, predict
-from ..profile.fisher import get_fisher
+from ..profile.objective import calibration_weights
 from ..profile.grid import DEFAULT_RANKS, default_ranks, make_grid
 from ..profile.run import run_profile, save_table
 from ..profile.settings import ProfileSettings
 from ..profile.table import read_profile_csv
 from ..report.render import proof_text, write_reports
-from ..hf.gptq import export_gptq
-from ..train.evaluate import evaluate_quantized
-from ..train.export import export_merged, export_peft, load_quantized
-from ..train.finetune import finetune
-from ..train.settings import TrainSettings
+
+if TYPE_CHECKING:
+    from ..train.settings import TrainSettings
+
+# planner.train (transformers, accelerate, peft) is imported by the verbs that train, evaluate or export, not at
+# start-up: `plan` and `profile` never need it, and every start (each torchrun rank too) would load it.
 
 
 def grid_from_args(args, ranks: str | None = None):
@@ -55,8 +58,10 @@ def prepare(args) -> None:
     _check_writable(args.out, "--out")
     _check_writable(args.cache, "--cache")
     args.budget_spec = parse_budget(args.budget) if args.command == "plan" else None
+    tie = parse_tie(args.tie) if args.command == "plan" else ()  # before the model is resolved: a typo fails at once
     args.settings = ProfileSettings(grid_from_args(args, model_default_ranks(args)), args.iters,
-                                    SolverSettings(method=args.svd), args.calib, args.calib_tokens, args.include_head)
+                                    SolverSettings(method=args.svd), args.calib, args.calib_tokens, args.include_head,
+                                    args.objective, rounding=args.rounding, tie=tie)
     if args.quiet and args.calib:
         from transformers.utils import logging as hf_logging
 
@@ -106,10 +111,19 @@ def cmd_plan(args) -> int:
               f"{'on' if train['gradient_checkpointing'] else 'off'}) is predicted to peak at "
               f"{train['predicted_peak_bytes'] / 1e9:.2f} GB of the {res.plan.budget['spec']} budget "
               f"(`lqplan memory --plan` prints the terms)")
+    if res.tie_cost:
+        c = res.tie_cost
+        print(f"tie: {','.join(res.plan.method['tie'])} joins {c['tied_matrices']} matrices in {c['groups']} groups; "
+              f"error {c['tied_error']:.6g} vs {c['untied_error']:.6g} untied at the same budget "
+              f"({100 * c['relative_error_increase']:+.2f}%)")
     if res.comparison:
         c = res.comparison
-        print(f"fisher: weighted error {c['fisher_plan_weighted_error']:.6g} (Fisher plan) vs "
-              f"{c['plain_plan_weighted_error']:.6g} (data-free plan); {c['changed_matrices']} matrices differ")
+        if c.get("objective") == "output":
+            print(f"output: output error {c['fisher_plan_weighted_error']:.6g} (output-aware plan) vs "
+                  f"{c['plain_plan_weighted_error']:.6g} (data-free plan); {c['changed_matrices']} matrices differ")
+        else:
+            print(f"fisher: weighted error {c['fisher_plan_weighted_error']:.6g} (Fisher plan) vs "
+                  f"{c['plain_plan_weighted_error']:.6g} (data-free plan); {c['changed_matrices']} matrices differ")
     for k, v in res.paths.items():
         print(f"  {k}: {v}")
     return 0
@@ -119,13 +133,11 @@ def cmd_profile(args) -> int:
     settings = args.settings
     source = resolve_model(args.model)
     matrices = discover_matrices(source, include_head=settings.include_head)
-    fisher = fkey = None
-    if settings.calib:
-        fisher, fkey = get_fisher(source, matrices, settings.calib, Path(args.cache), settings.calib_tokens,
-                                  resolve_device(args.device), not args.quiet)
-    table, stats = run_profile(source, matrices, settings, fisher, fkey, cache_dir=Path(args.cache),
+    weights, wkey, _ = calibration_weights(source, matrices, settings, Path(args.cache), resolve_device(args.device),
+                                        not args.quiet)
+    table, stats = run_profile(source, matrices, settings, weights, wkey, cache_dir=Path(args.cache),
                                device=args.device, progress=not args.quiet)
-    paths = save_table(table, Path(args.out), profile_manifest(source, settings, fkey, Path(args.cache)))
+    paths = save_table(table, Path(args.out), profile_manifest(source, settings, wkey, Path(args.cache)))
     print(f"profile: {len(table)} rows; {stats.summary()} -> {paths[0]}")
     return 0
 
@@ -144,7 +156,7 @@ def cmd_report(args) -> int:
     stats = read_run_stats(folder)
     if "solver_seconds" in stats:  # a timing: kept out of plan.json, shown in the totals as the first render did
         plan.solver["seconds"] = stats.pop("solver_seconds")
-    paths = write_reports(plan, table, out, budget_curve(table, plan.totals["params"]),
+    paths = write_reports(plan, table, out, budget_curve(table, plan.totals["params"], plan.method.get("tie") or ()),
                           uniform_solutions(table, budget_bits), stats)
     for k, v in paths.items():
         print(f"  {k}: {v}")
@@ -242,6 +254,8 @@ def cmd_aliases(args) -> int:
 
 def train_settings(args) -> TrainSettings:
     """The `lqplan train` flags as TrainSettings (which rejects a bad value in one line, before any work)."""
+    from ..train.settings import TrainSettings
+
     return TrainSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          schedule=args.schedule, warmup_steps=args.warmup_steps, max_len=args.max_len,
                          gradient_checkpointing=args.gradient_checkpointing, dropout=not args.no_dropout,
@@ -258,8 +272,12 @@ def cmd_train(args) -> int:
         raise UserError("--data and --text both give the training data; pass one of them")
     texts = read_text_file(args.text) if args.text else None
     if args.data:
+        from ..hf.data import load_records  # planner.hf imports transformers' quantizer machinery: only for --data
+
         texts = load_records(args.data, cache_dir=Path(args.cache) / "datasets", progress=not args.quiet)
     heldout = read_text_file(args.eval_text, "--eval-text") if args.eval_text else None
+    from ..train.finetune import finetune
+
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -284,33 +302,77 @@ def cmd_train(args) -> int:
     return 0
 
 
+PLAN_ONLY = ("eval_tokens", "stride", "batch_size", "out")
+QUANTIZED_ONLY = ("eval_texts",)
+
+
 def cmd_evaluate(args) -> int:
+    from ..train.evaluate import evaluate_quantized
+
+    given = [k for k in (QUANTIZED_ONLY if args.plan else PLAN_ONLY) if getattr(args, k) is not None]
+    given += ["stream"] if args.quantized and args.stream else []
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UserError(f"{flag} applies to evaluate {'--quantized' if args.plan else '--plan'}, not "
+                        f"{'--plan' if args.plan else '--quantized'}; drop it")
     texts = read_text_file(args.eval_text, "--eval-text") if args.eval_text else None
-    r = evaluate_quantized(args.quantized, args.model, eval_texts=args.eval_texts, max_len=args.max_len,
-                           device=args.device, texts=texts)
+    if args.plan:
+        return evaluate_plan_command(args, texts)
+    r = evaluate_quantized(args.quantized, args.model, eval_texts=64 if args.eval_texts is None else args.eval_texts,
+                           max_len=args.max_len or 128, device=args.device, texts=texts)
     print(f"{r['metric']} on {r['texts']} {'--eval-text' if texts else 'held-out'} texts: quantized {r['quantized']:.4f}, "
           f"full precision {r['full_precision']:.4f}")
     return 0
 
 
+def evaluate_plan_command(args, texts) -> int:
+    """`lqplan evaluate --plan P`: one evaluate_plan call and its one-screen summary."""
+    from ..train.score import DEFAULT_EVAL_TOKENS, DEFAULT_MAX_LEN, HELDOUT
+
+    _check_writable(args.out or Path(args.plan).parent, "--out")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    r = evaluate_plan(args.plan, model=args.model, texts=texts, text_source=args.eval_text,
+                      eval_tokens=DEFAULT_EVAL_TOKENS if args.eval_tokens is None else args.eval_tokens,
+                      max_len=args.max_len or DEFAULT_MAX_LEN, stride=args.stride, batch_size=args.batch_size,
+                      device=args.device, stream=True if args.stream else None, out_dir=args.out,
+                      cache_dir=args.cache, progress=not args.quiet)
+    p, t, ppl, s = r["plan"], r["tokens"], r["perplexity"], r["seconds"]
+    print(f"evaluate: {r['model']['name']} with plan {p['path']} ({p['bits_per_param']:.4f} bits/param, predicted "
+          f"error {p['predicted_error']:.6g}; {p['init']} T={p['iters']}"
+          f"{', Fisher-weighted' if p['fisher_weighted'] else ''})")
+    where = "the built-in held-out prose" if t["source"] == HELDOUT else t["source"]
+    print(f"  text: {t['scored']} tokens of {where} in {t['windows']} windows of <= {t['max_len']} tokens, stride "
+          f"{t['stride']}{', BOS first' if t['bos'] is not None else ''}; token digest {t['digest']}")
+    print(f"  KL(fp || quantized): {r['kl']:.6f} nats/token; top-1 agreement {100 * r['top1_agreement']:.2f}%")
+    print(f"  perplexity: full precision {ppl['full_precision']:.4f}, quantized {ppl['quantized']:.4f} "
+          f"({100 * (ppl['quantized'] / ppl['full_precision'] - 1):+.2f}%)")
+    print(f"  time: full-precision pass {s['full_precision']:.1f} s, quantize {s['quantize']:.1f} s, score "
+          f"{s['score']:.1f} s on {r['device']}; peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB "
+          f"({r['peak_memory_kind']})")
+    print(f"  result: {r['path']}")
+    return 0
+
+
 def _source_tokenizer(plan: Plan):
     """The tokenizer of the plan's model folder, or None when it has none (the export is written without it)."""
-    from transformers import AutoTokenizer
-
     source = plan.model.get("source")
-    try:
-        return AutoTokenizer.from_pretrained(source) if source and Path(source).is_dir() else None
-    except (OSError, ValueError):
-        return None
+    return load_tokenizer(source, required=False) if source and Path(source).is_dir() else None
 
 
 def cmd_export(args) -> int:
     if args.checkpoint_format is not None and args.format != "gptq":
         raise UserError(f"--checkpoint-format applies to --format gptq, not --format {args.format}; drop it")
     _check_writable(args.out, "--out")
+    from ..train.export import export_merged, export_peft, load_quantized
+
     model, plan = load_quantized(args.quantized)
     tokenizer = _source_tokenizer(plan)
     if args.format == "gptq":
+        from ..hf.gptq import export_gptq
+
         written = [export_gptq(model, args.out, args.checkpoint_format or "lqplan_offsets", tokenizer)]
     elif args.format == "merged":
         written = [export_merged(model, args.out, tokenizer=tokenizer)]

@@ -30,17 +30,17 @@ def run_cli_distributed(args, command: Callable) -> int:
         source = resolve_model(args.model)
         matrices = discover_matrices(source, include_head=settings.include_head)
         if args.command == "plan":  # infeasible: fail now, not after the profile
-            resolve_budget(source, matrices, settings.grid, args.budget_spec)
+            resolve_budget(source, matrices, settings.grid, args.budget_spec, settings.tie)
         progress = not args.quiet
         variants = [(None, None)]
         if settings.calib:
-            variants = [share_fisher(ctx, source, matrices, settings, Path(args.cache), progress)]
+            variants = [share_fisher(ctx, source, matrices, settings, Path(args.cache), progress)[:2]]
             if args.command == "plan":
                 variants.append((None, None))  # make_plan also solves the data-free plan for its comparison
         summaries = []
         for fisher, fkey in variants:
-            s = profile_distributed(ctx, source, matrices, settings.data_free(), fisher, fkey, Path(args.cache),
-                                    progress)
+            s = profile_distributed(ctx, source, matrices, settings if fisher is not None else settings.data_free(),
+                                    fisher, fkey, Path(args.cache), progress)
             if s is not None:
                 summaries.append(s)
                 print(s.line(), file=sys.stderr)
@@ -116,6 +116,6 @@ def _check_inputs(args) -> None:
     source = resolve_model(args.model)
     matrices = discover_matrices(source, include_head=args.settings.include_head)
     if args.command == "plan":
-        resolve_budget(source, matrices, args.settings.grid, args.budget_spec)
+        resolve_budget(source, matrices, args.settings.grid, args.budget_spec, args.settings.tie)
     if args.settings.calib:
         load_calib(args.settings.calib)

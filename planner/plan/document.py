@@ -2,13 +2,14 @@
 
 Layout:
   schema, created_by, model {name, source, fingerprint, architecture}, budget {spec, kind, value, bits},
-  method {iters, solver, fisher}, solver {solver, status, gap, objective, bound} (no timings: same inputs, same bytes),
+  method {iters, solver, fisher, tie (only when tied), tie_cost}, solver {solver, status, gap, objective, bound} (no timings: same inputs, same bytes),
   totals {params, bits, bits_per_param, bytes, model_bytes, error},
   matrices [{name, shape, kind, bits, blocksize, double_quant, dq_bits, dq_blocksize, dq_dtype, scale_dtype,
              asymmetric, rank, method, error, bytes}]
 `bytes` of a matrix is its exact quantized storage plus 16-bit adapters (GridPoint.bits / 8). An entry's method is
 "lora" (a full-width adapter) or "qalora" (QA-LoRA's group-pooled adapter); plans written before QA-LoRA existed
-have no method key and read as "lora".
+have no method key and read as "lora". A plan with method.tie (fused groups, planner.plan.tie) is refused unless every
+group's members share one configuration.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from quant import QuantConfig
 from ..errors import UserError
 from ..fsio import write_json
 from ..profile.grid import GridPoint
+from .tie import parse_tie, tie_groups
 
 SCHEMA = "lqplan.plan/1"
 
@@ -210,6 +212,22 @@ class Plan:
         for where, key in ((self.totals, "unplanned_bytes"), (self.totals, "budget_bits"), (self.budget, "bits")):
             if key in where and not (_is_int(where[key]) and where[key] >= 0):
                 raise UserError(f"plan {key}={where[key]!r} is not an integer >= 0; re-create the plan")
+        self._check_tie()
+
+    def _check_tie(self) -> None:
+        """With method.tie recorded, the members of every tied group share one configuration."""
+        if "tie" not in self.method:
+            return
+        tie = self.method["tie"]
+        if not isinstance(tie, list):
+            raise UserError(f"plan method.tie {tie!r} is not a list of group names; re-create the plan")
+        by = self.by_name()
+        for g in tie_groups(by, parse_tie(tie, "plan method.tie")):
+            labels = [by[m].point.label for m in g.members]
+            if any(by[m].point != by[g.members[0]].point for m in g.members):
+                pairs = ", ".join(f"{m} {label}" for m, label in zip(g.members, labels))
+                raise UserError(f"the plan ties {g.name} but the members of {g.item} differ ({pairs}); the plan was "
+                                "edited or is corrupt; re-create it with `lqplan plan --tie`")
 
 
 def _recomputed_totals(plan: Plan, stored: dict) -> dict:

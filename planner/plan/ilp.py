@@ -27,10 +27,11 @@ instance measured (bench/bench_ilp.py, 560 x 48): 1.5-2.0 s with steps 1-4 and 3
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,7 @@ from .instance import (
     table_params,
 )
 from .mip import DEFAULT_SOLVER, SOLVERS, solve_mip
+from .tie import TieGroup, expand_choice, group_table, parse_tie, tie_groups
 
 # Seconds the MIP may branch before the best plan found so far is returned with status "feasible" and its gap to
 # the LP bound: knapsacks over near-identical matrices (a model whose layers look alike) can branch for many
@@ -123,12 +125,50 @@ def _solve_exact(inst: Instance, restricted, rc: np.ndarray | None, incumbent: n
 
 def solve(table: pd.DataFrame, budget_bits: int, solver: str = DEFAULT_SOLVER, threads: int = 2,
           time_limit: float | None = DEFAULT_TIME_LIMIT, describe: Callable[[int], str] | None = None,
-          fix_by_bound: bool = True, exact_dp: bool = True, _instance: Instance | None = None) -> Solution:
+          fix_by_bound: bool = True, exact_dp: bool = True, tie: Sequence[str] = (),
+          _instance: Instance | None = None) -> Solution:
     """Optimal configuration per matrix under `budget_bits` (see the module docstring for the method).
 
     describe(bits) -> str words a bit count in the user's unit for the infeasibility message (see
     planner.plan.budget.Budget.format_bits). fix_by_bound=False skips steps 3-4 and exact_dp=False step 5's DP (for
-    benchmarking the MIP solvers)."""
+    benchmarking the MIP solvers). tie: fused groups ("qkv", "gate_up"; planner.plan.tie) whose members get one
+    configuration: the knapsack is solved over each group as one item, the choice expanded to its members.
+    _instance: the prepared Instance of the table (of the grouped table, with a tie), reused across budgets."""
+    t0 = time.perf_counter()
+    tied, groups = tied_table(table, tie)
+    if groups:
+        sol = _solve(tied, budget_bits, solver, threads, time_limit, describe, fix_by_bound, exact_dp, _instance,
+                     smallest="every matrix at its cheapest configuration, each tied group at the cheapest one all "
+                              "its members have")
+        sol = expand_solution(table, sol, groups)
+    else:
+        sol = _solve(table, budget_bits, solver, threads, time_limit, describe, fix_by_bound, exact_dp, _instance)
+    sol.seconds = time.perf_counter() - t0
+    return sol
+
+
+def tied_table(table: pd.DataFrame, tie: Sequence[str]) -> tuple[pd.DataFrame, list[TieGroup]]:
+    """The table the knapsack is solved over for `tie`: each group of two or more members as one item
+    (planner.plan.tie.group_table), and the groups; the table itself and [] when nothing is tied."""
+    names = parse_tie(tie, "tie")
+    groups = tie_groups(pd.unique(table["matrix"].astype(str)), names) if names else []
+    return (group_table(table, groups), groups) if groups else (table, [])
+
+
+def expand_solution(table: pd.DataFrame, sol: Solution, groups: Sequence[TieGroup]) -> Solution:
+    """A solution over group items as one over the table's matrices: each member takes its group's label, the
+    totals are the members' own rows (the LP bound and multiplier stay the grouped instance's)."""
+    choice = expand_choice(sol.choice, groups)
+    bits, error = _totals(table, choice)
+    out = dataclasses.replace(sol, choice=choice, total_bits=bits, total_error=error, objective=error,
+                              gap=(error - sol.bound) / max(abs(error), 1e-300))
+    verify(table, out, sol.budget_bits)
+    return out
+
+
+def _solve(table: pd.DataFrame, budget_bits: int, solver: str, threads: int, time_limit: float | None,
+           describe: Callable[[int], str] | None, fix_by_bound: bool, exact_dp: bool, _instance: Instance | None,
+           smallest: str = "every matrix at its cheapest configuration") -> Solution:
     t0 = time.perf_counter()
     solver = str(solver).lower()
     if solver not in SOLVERS:
@@ -137,8 +177,8 @@ def solve(table: pd.DataFrame, budget_bits: int, solver: str = DEFAULT_SOLVER, t
     budget_bits = int(budget_bits)
     if budget_bits < inst.min_bits:
         say = describe or default_describe(inst.params)
-        raise InfeasibleBudget(f"the budget, {say(budget_bits)}, is below the smallest possible plan (every matrix at "
-                               f"its cheapest configuration); raise it to at least {say(inst.min_bits)}",
+        raise InfeasibleBudget(f"the budget, {say(budget_bits)}, is below the smallest possible plan ({smallest}); "
+                               f"raise it to at least {say(inst.min_bits)}",
                                inst.min_bits, budget_bits)
     bound, multiplier, lp_rows, k = inst.relax(budget_bits)
     rows = inst.greedy(budget_bits, lp_rows, k)
@@ -194,6 +234,16 @@ def verify(table: pd.DataFrame, solution: Solution, budget_bits: int) -> None:
         missing, extra = sorted(names - set(choice))[:3], sorted(set(choice) - names)[:3]
         raise SolutionError(f"solution does not pick exactly one configuration per matrix (missing {missing}, "
                             f"unknown {extra})")
+    bits, error = _totals(table, choice)
+    if bits > budget_bits:
+        raise SolutionError(f"solution uses {bits} bits, over the budget of {budget_bits}")
+    if bits != solution.total_bits or not math.isclose(error, solution.total_error, rel_tol=1e-12, abs_tol=1e-300):
+        raise SolutionError(f"solution totals ({solution.total_bits} bits, error {solution.total_error}) differ from "
+                            f"its choices ({bits} bits, error {error})")
+
+
+def _totals(table: pd.DataFrame, choice: dict[str, str]) -> tuple[int, float]:
+    """(storage bits, error) of one label per matrix, summed from the table's rows."""
     keys = pd.MultiIndex.from_arrays([table["matrix"].astype(str), table["label"].astype(str)])
     want = pd.MultiIndex.from_tuples(list(choice.items()))
     pos = keys.get_indexer(want)
@@ -201,12 +251,7 @@ def verify(table: pd.DataFrame, solution: Solution, budget_bits: int) -> None:
         bad = want[int(np.flatnonzero(pos < 0)[0])]
         raise SolutionError(f"solution picks {bad[1]!r} for {bad[0]}, which the table does not have")
     bits = int(table["storage_bits"].to_numpy(dtype=np.int64)[pos].sum())
-    error = math.fsum(table["error"].to_numpy(dtype=np.float64)[pos].tolist())
-    if bits > budget_bits:
-        raise SolutionError(f"solution uses {bits} bits, over the budget of {budget_bits}")
-    if bits != solution.total_bits or not math.isclose(error, solution.total_error, rel_tol=1e-12, abs_tol=1e-300):
-        raise SolutionError(f"solution totals ({solution.total_bits} bits, error {solution.total_error}) differ from "
-                            f"its choices ({bits} bits, error {error})")
+    return bits, math.fsum(table["error"].to_numpy(dtype=np.float64)[pos].tolist())
 
 
 def uniform_solutions(table: pd.DataFrame, budget_bits: int) -> pd.DataFrame:
@@ -231,11 +276,12 @@ def lp_curve(inst: Instance, budgets_bits) -> np.ndarray:
 
 
 def error_budget_curve(table: pd.DataFrame, budgets_bits: list[int], solver: str = DEFAULT_SOLVER,
-                       threads: int = 2, time_limit: float | None = CURVE_TIME_LIMIT) -> pd.DataFrame:
+                       threads: int = 2, time_limit: float | None = CURVE_TIME_LIMIT,
+                       tie: Sequence[str] = ()) -> pd.DataFrame:
     """The LP curve (lp_bound, one pass) and the exact optimum at each budget (the table is prepared once, the
     exact DP solves each point; the time-limited MIP only where the DP's limits are exceeded); infeasible budgets
-    get status "infeasible"."""
-    inst = Instance(table)
+    get status "infeasible". tie: as solve's, at every budget (the LP curve is the tied instance's)."""
+    inst = Instance(tied_table(table, tie)[0])
     budgets = sorted(int(x) for x in budgets_bits)
     lp = lp_curve(inst, budgets)
     rows = []
@@ -243,7 +289,7 @@ def error_budget_curve(table: pd.DataFrame, budgets_bits: list[int], solver: str
         row = {"budget_bits": b, "budget_bits_per_param": b / inst.params if inst.params else math.nan,
                "lp_bound": lp_b}
         try:
-            sol = solve(table, b, solver=solver, threads=threads, time_limit=time_limit, _instance=inst)
+            sol = solve(table, b, solver=solver, threads=threads, time_limit=time_limit, tie=tie, _instance=inst)
         except InfeasibleBudget:
             rows.append({**row, "total_bits": math.nan, "bits_per_param": math.nan, "total_error": math.nan,
                          "bound": math.nan, "gap": math.nan, "status": "infeasible"})

@@ -12,6 +12,9 @@ from .grid import GridPoint
 
 log = logging.getLogger("lqplan.profile")
 
+# The cache folder every verb uses unless told otherwise (profiles, calibration statistics, reference metrics).
+DEFAULT_CACHE = Path(".lqplan-cache")
+
 
 def safe_name(name: str) -> str:
     # Matrix names are dotted module paths; keep them readable but filesystem-safe.

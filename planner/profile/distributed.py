@@ -28,7 +28,7 @@ from ..dist import Context, broadcast
 from ..errors import UserError
 from ..fsio import write_json
 from .cache import cache_folder, cached_points, missing_points, safe_name
-from .fisher import get_fisher
+from .objective import calibration_weights
 from .run import run_profile
 from .settings import ProfileSettings
 
@@ -68,13 +68,19 @@ def missing_costs(folder: Path, matrices, grid) -> dict[str, int]:
 
 
 def share_fisher(ctx: Context, source, matrices, settings: ProfileSettings, cache_dir: Path, progress: bool):
-    """Fisher weights computed (or loaded from the cache) once, by rank 0, and sent to every rank: no two processes
-    write the same cache file, and hosts need not share the cache folder."""
+    """The objective's weights computed (or loaded from the cache) once, by rank 0. Fisher weights (a few vectors per
+    matrix) are sent to every rank: no two processes write the same cache file, and hosts need not share the cache
+    folder. Output statistics (an n x n matrix per input group) are not sent: the other ranks wait for rank 0 and
+    read them from the cache, so a host that does not share rank 0's cache folder computes its own copy."""
     result = None
     if ctx.info.rank == 0:
-        result = get_fisher(source, matrices, settings.calib, Path(cache_dir), settings.calib_tokens, ctx.device,
-                            progress)
-    return broadcast(result, ctx.info.rank)
+        result = calibration_weights(source, matrices, settings, Path(cache_dir), ctx.device, progress)
+    if settings.objective != "output":
+        return broadcast(result, ctx.info.rank)
+    broadcast(None, ctx.info.rank)  # rank 0 has written the statistics
+    if ctx.info.rank == 0:
+        return result
+    return calibration_weights(source, matrices, settings, Path(cache_dir), ctx.device, False)
 
 
 @dataclass

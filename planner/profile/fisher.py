@@ -18,34 +18,35 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from transformers.pytorch_utils import Conv1D
 
 from ..corpus import CalibText, load_calib
 from ..errors import UserError
 from ..fsio import write_bytes
-from ..model.discover import is_causal_lm
+from ..model.discover import is_causal_lm, same_module
+from ..model.tokenizer import bos_id, load_tokenizer, short_digest, tokenizer_digest
 
 log = logging.getLogger("lqplan")
 
 
-def _find_modules(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
+def find_modules(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
     modules = dict(model.named_modules())
     out = {}
     for name in names:
         mod = modules.get(name)
         if mod is None:  # tolerate a base-model prefix difference ("bert.encoder…" vs "encoder…")
-            hits = [m for k, m in modules.items() if k and (k.endswith("." + name) or name.endswith("." + k))]
+            hits = [m for k, m in modules.items() if k and same_module(k, name)]
             mod = hits[0] if len(hits) == 1 else None
         if mod is None or not hasattr(mod, "weight"):
-            raise UserError(f"planned matrix {name} not found in the model for Fisher calibration; "
+            raise UserError(f"planned matrix {name} not found in the model for calibration; "
                             "re-run discovery with this model")
         out[name] = mod
     return out
 
 
-def _simcse_loss(model, batch):
+def simcse_loss(model, batch):
     def embed():
         hidden = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -56,37 +57,82 @@ def _simcse_loss(model, batch):
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(a), device=logits.device))
 
 
-def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens: int = 16384, seq_len: int = 128,
-                   batch_size: int = 16, device: str = "cpu", progress=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Row/column Fisher weights for each planned matrix (module path) of the model in `folder`."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:  # transformers raises many types for a missing/broken tokenizer
-        raise UserError(f"cannot load the tokenizer from {folder} ({type(e).__name__}); Fisher calibration needs "
-                        "the model's tokenizer files in the folder, or run without --calib") from None
+def calibration_batches(tokenizer, texts: list[str], causal: bool, max_tokens: int, seq_len: int,
+                        batch_size: int) -> tuple[list[dict], int]:
+    """The calibration paragraphs as padded batches of at most seq_len tokens each, until max_tokens are reached;
+    returns (batches, tokens). A causal LM's paragraphs start with BOS where the tokenizer has one, whether or not
+    the tokenizer adds it by itself (Gemma's does, SmolLM2's does not), as in training and evaluation; an
+    encoder's get the tokenizer's own special tokens ([CLS] … [SEP])."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    bos = bos_id(tokenizer) if causal else None
     batches, tokens = [], 0
-    for i in range(0, len(calib.texts), batch_size):
-        enc = tokenizer(calib.texts[i:i + batch_size], truncation=True, max_length=seq_len, padding=True,
-                        return_tensors="pt")
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i:i + batch_size]
+        if bos is None:
+            enc = tokenizer(chunk, truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
+        else:
+            rows = [[bos, *x] for x in tokenizer(chunk, add_special_tokens=False, truncation=True,
+                                                 max_length=seq_len - 1)["input_ids"]]
+            enc = {"input_ids": torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id or 0),
+                   "attention_mask": torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)}
+            for j, row in enumerate(rows):  # padded on the right; each causal example is cut to its own tokens
+                enc["input_ids"][j, :len(row)] = torch.tensor(row)
+                enc["attention_mask"][j, :len(row)] = 1
         batches.append(enc)
         tokens += int(enc["attention_mask"].sum())
         if tokens >= max_tokens:
             break
+    return batches, tokens
+
+
+def calib_batches(folder: Path, calib: CalibText, max_tokens: int, seq_len: int, batch_size: int,
+                  needs: str = "Fisher calibration", tokenizer=None) -> list:
+    """The calibration text tokenized by the model's own tokenizer (`tokenizer`: default, the folder's, checked by
+    planner.model.tokenizer) into padded batches (calibration_batches), until `max_tokens` real tokens are reached;
+    every calibration statistic (Fisher weights, output statistics) is made from these batches."""
+    from transformers import AutoConfig
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
+    causal = is_causal_lm(AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
+    batches, tokens = calibration_batches(tokenizer, calib.texts, causal, max_tokens, seq_len, batch_size)
     if not batches:
-        raise UserError("the calibration text produced no tokens; pass a longer --calib file")
-    if tokens < max_tokens:  # plan.json records --calib-tokens: it must be what the Fisher weights were made from
+        raise UserError(f"the calibration text produced no tokens; {needs} needs a longer --calib file")
+    if tokens < max_tokens:  # plan.json records --calib-tokens: it must be what the statistics were made from
         raise UserError(f"--calib-tokens {max_tokens} is more than the calibration text holds ({tokens} tokens at "
                         f"{seq_len} per paragraph); pass --calib-tokens {tokens} or fewer, or a longer --calib file")
+    return batches
+
+
+def load_calib_model(folder: Path, device: str):
+    """(model in fp32 on `device`, causal): the causal-LM class for decoders, the bare encoder otherwise."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     causal = is_causal_lm(config)
     cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32).to(device)
-    modules_of = _find_modules(model, names)
+    return cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(device), causal
+
+
+def example_pieces(enc: dict, causal: bool) -> list[dict]:
+    """Causal LMs: one piece per example, each cut to its own tokens (padding on either side never enters).
+    Encoders: the padded batch as it is."""
+    if not causal:
+        return [enc]
+    return [{k: v[i:i + 1, enc["attention_mask"][i].bool()] for k, v in enc.items()}
+            for i in range(len(enc["input_ids"]))]
+
+
+def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens: int = 16384, seq_len: int = 128,
+                   batch_size: int = 16, device: str = "cpu", progress=None,
+                   tokenizer=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Row/column Fisher weights for each planned matrix (module path) of the model in `folder` (`tokenizer`:
+    default, the folder's own)."""
+    from transformers.pytorch_utils import Conv1D  # here, not at import: it loads much of transformers
+
+    batches = calib_batches(folder, calib, max_tokens, seq_len, batch_size, tokenizer=tokenizer)
+    model, causal = load_calib_model(folder, device)
+    modules_of = find_modules(model, names)
     params = {n: m.weight for n, m in modules_of.items()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -99,14 +145,11 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
     counted = 0
     for enc in (progress(batches) if progress else batches):
         enc = {k: v.to(device) for k, v in enc.items()}
-        # causal: one example at a time, each cut to its own tokens (padding on either side never enters)
-        pieces = ([{k: v[i:i + 1, enc["attention_mask"][i].bool()] for k, v in enc.items()}
-                   for i in range(len(enc["input_ids"]))] if causal else [enc])
-        for piece in pieces:
+        for piece in example_pieces(enc, causal):
             if causal and piece["input_ids"].shape[1] < 2:
                 continue  # a one-token paragraph has nothing to predict
             model.zero_grad(set_to_none=True)
-            loss = model(**piece, labels=piece["input_ids"]).loss if causal else _simcse_loss(model, piece)
+            loss = model(**piece, labels=piece["input_ids"]).loss if causal else simcse_loss(model, piece)
             if not math.isfinite(float(loss.detach())):
                 raise UserError("the calibration loss is not finite; check the model weights and the calibration "
                                 "text")
@@ -151,22 +194,33 @@ def load_fisher(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {}
 
 
-def get_fisher(source, matrices, calib: str, cache_dir: Path, tokens: int, device, progress: bool):
-    """Fisher row/column weights for the calibration source, computed once and reused from the cache."""
+class Fisher(NamedTuple):
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    key: str        # names the calibration text, its token count and the tokenizer (profile cache keys use it)
+    tokenizer: str  # the tokenizer's digest (planner.model.tokenizer)
+
+
+def get_fisher(source, matrices, calib: str, cache_dir: Path, tokens: int, device, progress: bool) -> Fisher:
+    """Fisher row/column weights for the calibration source, computed once and reused from the cache. The key
+    names the tokenizer too: the model fingerprint covers the weights only, and another tokenizer gives other
+    gradients from the same text."""
     text = load_calib(calib)
-    key = f"{text.name.replace('/', '_')[-40:]}-{text.digest}-{tokens}"
+    tokenizer = load_tokenizer(source.folder)
+    digest = tokenizer_digest(tokenizer)
+    key = f"{text.name.replace('/', '_')[-40:]}-{text.digest}-{tokens}-tok{short_digest(digest)}"
     path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "fisher" / f"{key}.safetensors"
     names = [m.name for m in matrices]
     if path.exists():
         weights = load_fisher(path)
         if all(n in weights for n in names):
             log.info("fisher: reusing %s", path)
-            return weights, key
+            return Fisher(weights, key, digest)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = lambda it: tqdm(it, desc="fisher", unit="batch", dynamic_ncols=True)  # noqa: E731
-    weights = compute_fisher(source.folder, names, text, max_tokens=tokens, device=str(device), progress=bar)
-    save_fisher(path, weights, {"calib": text.name, "digest": text.digest, "tokens": tokens})
-    return weights, key
+    weights = compute_fisher(source.folder, names, text, max_tokens=tokens, device=str(device), progress=bar,
+                             tokenizer=tokenizer)
+    save_fisher(path, weights, {"calib": text.name, "digest": text.digest, "tokens": tokens, "tokenizer": digest})
+    return Fisher(weights, key, digest)

@@ -64,8 +64,9 @@ class ProfileStats:
 
 
 def profile_one(name: str, shape, w: torch.Tensor, missing: list[GridPoint], iters: int, solver: SolverSettings,
-                fisher, batch_bytes: int | None = None) -> dict:
-    results = profile_matrix(w, [(p.config, p.rank, p.method) for p in missing], iters, fisher, solver, batch_bytes)
+                fisher, batch_bytes: int | None = None, rounding: str = "nearest") -> dict:
+    results = profile_matrix(w, [(p.config, p.rank, p.method) for p in missing], iters, fisher, solver, batch_bytes,
+                             rounding)
     out = {}
     for p, r in zip(missing, results):
         out[p.label] = {"config": p.to_dict(), "error": r.error, "error_unweighted": r.error_unweighted,
@@ -78,7 +79,8 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
                 fisher_key: str | None = None, *, cache_dir: Path = Path(".lqplan-cache"), device: str = "auto",
                 progress: bool = True, only: set[str] | None = None, workers: int | None = None):
     """Profile `matrices` of `source` over `settings.grid`; returns (table, stats). `fisher` (name -> row/column
-    weights) and its `fisher_key` make the profile Fisher-weighted. `only` restricts the matrices this process
+    weights, or the output objective's planner.profile.output_stats.OutputStats; anything with .get(name)) and its
+    `fisher_key` make the profile weighted by `settings.objective`. `only` restricts the matrices this process
     computes (distributed runs); the table still lists every matrix found in the cache. `workers`: matrices
     decomposed at once (default CUDA_WORKERS on a GPU, each thread on its own CUDA stream, 1 on CPU), each with a
     share of the batch memory fixed before they start (fastgrid.batch_budget); the numbers do not depend on it, only
@@ -119,7 +121,7 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
         if fisher is not None:
             weights = fisher.get(info.name)
             if weights is None:
-                raise UserError(f"the Fisher weights have no entry for {info.name}; recompute them (--calib)")
+                raise UserError(f"the calibration statistics have no entry for {info.name}; recompute them (--calib)")
         t0 = time.perf_counter()
         side = None
         if w.device.type == "cuda" and pool is not None:
@@ -129,7 +131,8 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
             side = streams.side
             side.wait_stream(torch.cuda.default_stream(w.device))
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            new = profile_one(info.name, info.shape, w, missing_of[info.name], iters, solver, weights, batch_bytes)
+            new = profile_one(info.name, info.shape, w, missing_of[info.name], iters, solver, weights, batch_bytes,
+                              settings.rounding)
         if side is not None:
             side.synchronize()
         return new, t0

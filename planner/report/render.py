@@ -9,11 +9,6 @@ import math
 import re
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -38,6 +33,10 @@ HOW_TO_READ = (
      "a small non-zero gap; it bounds how much better any plan could be."),
     ("Fisher comparison", "with --calib, the plan minimises the Fisher-weighted error; it is compared with the "
      "data-free plan for the same budget and grid, both measured by the Fisher-weighted error (and the plain one)."),
+    ("Tie", "with --tie, the members of each fused group (q/k/v, gate/up of one layer) share one configuration, as "
+     "serving engines that fuse them require; the plan is the best tied plan, compared with the best untied plan "
+     "at the same budget: the relative error increase is what the tie costs. The curve and the uniform "
+     "configurations are tied plans too (one configuration everywhere satisfies every tie)."),
     ("Heatmaps", "each matrix's bits/param (incl. adapters) and LoRA rank by layer (rows) and matrix type (columns): "
      "brighter cells are where the budget went."),
     ("Error-budget curve", "the best error reachable at each budget (line) against one configuration for every matrix "
@@ -114,7 +113,19 @@ def _html_table(df: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported when a figure is drawn (it takes a second to load,
+    which every CLI start would pay otherwise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _png(fig) -> bytes:
+    plt = _pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -127,7 +138,7 @@ def _heatmaps(alloc: pd.DataFrame) -> bytes | None:
         return None
     types = list(dict.fromkeys(d["type"]))
     layers = sorted(int(x) for x in d["layer"].unique())
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(types), 1.5 + 0.28 * len(layers)), squeeze=False)
+    fig, axes = _pyplot().subplots(1, 2, figsize=(4 + 1.2 * len(types), 1.5 + 0.28 * len(layers)), squeeze=False)
     for ax, col, title, fmt in ((axes[0][0], "bits_per_param", "bits/param (incl. adapters)", "{:.2f}"),
                                 (axes[0][1], "rank", "LoRA rank", "{:.0f}")):
         grid = d.pivot_table(index="layer", columns="type", values=col, aggfunc="mean").reindex(index=layers,
@@ -151,7 +162,7 @@ def _heatmaps(alloc: pd.DataFrame) -> bytes | None:
 def _curve_plot(curve: pd.DataFrame | None, uniform: pd.DataFrame | None, plan: Plan) -> bytes | None:
     if (curve is None or curve.empty) and (uniform is None or uniform.empty):
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     if curve is not None and not curve.empty:
         ok = curve.loc[curve["total_error"].notna()]
         ax.plot(ok["bits_per_param"], ok["total_error"], "o-", color="C0", label="best plan at each budget")
@@ -198,31 +209,80 @@ def _totals_frame(plan: Plan) -> pd.DataFrame:
     rows = [("budget", b.get("spec", "")), ("budget bits", b.get("bits")),
             ("planned parameters", t.get("params")), ("bits/param", t.get("bits_per_param")),
             ("bits", t.get("bits")), ("bytes", t.get("bytes")), ("model bytes", t.get("model_bytes")),
-            ("total error", t.get("error")), ("solver", s.get("solver", s.get("name"))),
+            ("total error", t.get("error")),
+            ("tie", ", ".join(map(str, plan.method["tie"])) if plan.method.get("tie") else None),
+            ("solver", s.get("solver", s.get("name"))),
             ("solver status", s.get("status")), ("optimality proof", proof_text(s)),
             (BOUND_ROW, s.get("bound")), (GAP_ROW, s.get("gap")), ("solver seconds", s.get("seconds"))]
     return pd.DataFrame([(k, v) for k, v in rows if v is not None], columns=["quantity", "value"])
 
 
+# (section title, weighted-error row, plan column, ratio column, the plan's name in the note) per objective
+_COMPARISON_NAMES = {
+    "fisher": ("Fisher weighting vs the data-free plan", "Fisher-weighted error", "Fisher plan", "Fisher / data-free",
+               "The Fisher plan minimises the Fisher-weighted error"),
+    "output": ("Output-aware objective vs the data-free plan", "output error ||D_r(W - Q - A·Bᵀ)L||²",
+               "output-aware plan", "output-aware / data-free", "The output-aware plan minimises the output error"),
+}
+
+
+def _names(comparison: dict) -> tuple:
+    return _COMPARISON_NAMES[comparison.get("objective", "fisher")]
+
+
+def plan_comparison(plan: Plan) -> dict | None:
+    """The weighted plan's comparison with the data-free plan as plan.json keeps it (Fisher or output objective)."""
+    for key in ("fisher", "output"):
+        record = plan.method.get(key)
+        if isinstance(record, dict) and record.get("comparison"):
+            return record["comparison"]
+    return None
+
+
 def fisher_frame(comparison: dict | None) -> pd.DataFrame | None:
-    """The Fisher plan against the data-free plan (api.fisher_comparison), one row per measure."""
+    """The weighted (Fisher or output-aware) plan against the data-free plan (api.fisher_comparison), one row per
+    measure."""
     if not comparison:
         return None
     c = comparison
-    rows = [("Fisher-weighted error", c.get("fisher_plan_weighted_error"), c.get("plain_plan_weighted_error")),
+    _, weighted, column, ratio, _ = _names(c)
+    rows = [(weighted, c.get("fisher_plan_weighted_error"), c.get("plain_plan_weighted_error")),
             ("plain error ||W - Q - A·Bᵀ||²", c.get("fisher_plan_unweighted_error"),
              c.get("plain_plan_unweighted_error"))]
     df = pd.DataFrame([r for r in rows if r[1] is not None and r[2] is not None],
-                      columns=["measure", "Fisher plan", "data-free plan"])
-    df["Fisher / data-free"] = df["Fisher plan"] / df["data-free plan"]
+                      columns=["measure", column, "data-free plan"])
+    df[ratio] = df[column] / df["data-free plan"]
     return df
+
+
+def tie_frame(method: dict) -> pd.DataFrame | None:
+    """The tied plan against the untied optimum at the same budget (api.tie_comparison), one row per plan."""
+    c = method.get("tie_cost")
+    keys = ("tied_error", "untied_error", "tied_bits", "untied_bits")
+    if not isinstance(c, dict) or not all(isinstance(c.get(k), (int, float)) for k in keys):
+        return None
+    rows = [("tied (this plan)", c["tied_error"], c["tied_bits"], c.get("tied_bits_per_param")),
+            ("untied, same budget", c["untied_error"], c["untied_bits"], c.get("untied_bits_per_param"))]
+    df = pd.DataFrame(rows, columns=["plan", "total error", "bits", "bits/param"])
+    untied = float(c["untied_error"])
+    df["error vs untied"] = [f"{(float(c['tied_error']) - untied) / untied:+.3%}" if untied > 0 else "", ""]
+    return df
+
+
+def _tie_note(method: dict) -> str:
+    c = method["tie_cost"]
+    status = c.get("untied_status")
+    unproven = f" The untied plan is not proven optimal (status {status})." if status not in (None, "optimal") else ""
+    return (f"Tie {', '.join(map(str, method.get('tie') or []))}: {c.get('tied_matrices')} matrices in "
+            f"{c.get('groups')} fused groups share their group's configuration. Matrices configured differently in "
+            f"the untied plan: {c.get('changed_matrices')}.{unproven}")
 
 
 def _fisher_note(comparison: dict) -> str:
     changed, total = comparison.get("changed_matrices"), comparison.get("matrices")
     of = f" of {total}" if total is not None else ""
-    return (f"Matrices whose configuration differs between the two plans: {changed}{of}. The Fisher plan minimises "
-            "the Fisher-weighted error, so it should not be above the data-free plan's on that row.")
+    return (f"Matrices whose configuration differs between the two plans: {changed}{of}. {_names(comparison)[4]}, "
+            "so it should not be above the data-free plan's on that row.")
 
 
 def _human_bytes(n: int) -> str:
@@ -277,7 +337,7 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
 
     per_layer, per_type = _group(alloc, "layer"), _group(alloc, "type")
     extra = dict(extra or {})
-    comparison = extra.pop("fisher_comparison", None) or (plan.method.get("fisher") or {}).get("comparison")
+    comparison = extra.pop("fisher_comparison", None) or plan_comparison(plan)
     fisher_df = fisher_frame(comparison)
     run = {"model": plan.model.get("name", ""), **({"weights": plan.model["weights"]} if plan.model.get("weights")
                                                    else {}), "matrices": len(plan.matrices), **extra}
@@ -297,8 +357,11 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
             run_df = pd.DataFrame([(k, str(v)) for k, v in run.items()], columns=["item", "value"])
 
     sections = [("Totals", None, "totals"), ("Run", run_df, None)]
+    tie_df = tie_frame(plan.method)
+    if tie_df is not None:
+        sections.append(("Tied groups vs the untied plan", tie_df, "tie"))
     if fisher_df is not None:
-        sections.append(("Fisher weighting vs the data-free plan", fisher_df, "fisher"))
+        sections.append((_names(comparison)[0], fisher_df, "fisher"))
     sections += [("Allocation per layer", per_layer, None), ("Allocation per matrix type", per_type, None)]
     if uni_df is not None:
         sections.append(("Uniform configurations (the same one for every matrix)", uni_df, None))
@@ -309,6 +372,8 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
         md += [f"## {head}", "", _totals_md(plan) if special == "totals" else _md_table(df), ""]
         if special == "fisher":
             md += [_fisher_note(comparison), ""]
+        if special == "tie":
+            md += [_tie_note(plan.method), ""]
         if special == "totals":
             for name in images:
                 md += [f"![{name}]({name})", ""]
@@ -322,6 +387,8 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
         body.append(_html_table(_totals_frame(plan) if special == "totals" else df))
         if special == "fisher":
             body.append(f"<p>{html.escape(_fisher_note(comparison))}</p>")
+        if special == "tie":
+            body.append(f"<p>{html.escape(_tie_note(plan.method))}</p>")
         if special == "totals":
             for name, data in images.items():
                 b64 = base64.b64encode(data).decode("ascii")

@@ -19,12 +19,15 @@ from quant import SolverSettings, quantize
 from quant.layers import QuantLoRALinear, set_backend
 from quant.lowrank import balance_factors
 from quant.methods import get_method
+from quant.weighting import Weighting
 
 from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
+from ..model.discover import same_module
 from ..model.weights import fingerprint as folder_fingerprint
 from ..plan.document import Plan, PlanEntry
 from ..profile.grid import GridPoint
+from ..profile.objective import plan_objective, plan_rounding
 
 log = logging.getLogger("lqplan")
 INITS = ("loftq", "qlora", "qalora")
@@ -79,7 +82,7 @@ def resolve_names(model: nn.Module, plan: Plan) -> dict[str, str]:
         if name in modules and is_linear(modules[name]):
             found = [name]
         else:
-            found = [n for n in linears if n.endswith("." + name) or name.endswith("." + n)]
+            found = [n for n in linears if same_module(n, name)]
         if not found:
             if name in modules:
                 raise UserError(f"planned matrix {name!r} is a {type(modules[name]).__name__}, not torch.nn.Linear "
@@ -187,7 +190,7 @@ def _entry_methods(plan: Plan, method: str | None) -> dict[str, str]:
 
 
 def build_layer(entry, method: str, w: torch.Tensor, bias, init: str, iters: int, weights, alpha, dropout: float,
-                 solver: SolverSettings, adapter_dtype: torch.dtype) -> QuantLoRALinear:
+                 solver: SolverSettings, adapter_dtype: torch.dtype, rounding: str = "nearest") -> QuantLoRALinear:
     """The quantized layer of one plan entry from its fp32 weight `w` (on the target device)."""
     rank, config, kind = entry.point.rank, entry.point.config, get_method(method)
     zero_init = init == "qlora" or rank == 0 or iters == 0  # LoftQ with 0 steps is QLoRA's initialisation
@@ -195,7 +198,7 @@ def build_layer(entry, method: str, w: torch.Tensor, bias, init: str, iters: int
         if zero_init:
             return kind.layer(quantize(w, config), bias, rank=rank, alpha=alpha, dropout=dropout,
                               adapter_dtype=adapter_dtype)
-        q, a, b = kind.decompose(w, config, rank, iters, solver, weights)
+        q, a, b = kind.decompose(w, config, rank, iters, solver, weights, rounding)
         if weights is not None and kind.balance_weighted:
             a, b = balance_factors(a, b)  # the product is kept exactly
         return kind.layer(q, bias, a, b, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
@@ -206,12 +209,15 @@ def build_layer(entry, method: str, w: torch.Tensor, bias, init: str, iters: int
 @dataclass(frozen=True)
 class LayerRecipe:
     """How each plan entry's layer is built, settled once: its method, the initialisation, LoftQ's iterations and
-    solver, and the Fisher weights (name -> (rows, cols)) for LQ-LoRA's weighted decomposition."""
+    solver, and the weights of the plan's objective for the weighted decomposition: name -> (rows, cols) for LQ-LoRA's
+    Fisher, or the output statistics (planner.profile.output_stats.OutputStats, name -> quant.weighting.Weighting)
+    for the output-aware objective (CLoQ's calibrated adapters, alternated with Q as LoftQ does)."""
     methods: dict
     init: str
     iters: int
     solver: SolverSettings
     fisher: dict | None = None
+    rounding: str = "nearest"  # the output objective's quantizer step (quant.decompose), as the plan was profiled
 
     @classmethod
     def of(cls, plan: Plan, init: str = "loftq", method: str | None = None, iters: int | None = None,
@@ -223,20 +229,24 @@ class LayerRecipe:
                 raise UserError(f"init='qalora' with method={method!r} contradict each other; pass method='qalora', "
                                 "init='loftq'")
             method, init = "qalora", "loftq"
-        if fisher is None and plan.method.get("fisher") and init == "loftq":
-            log.warning("the plan was made with Fisher weights; pass fisher=... to decompose the same way")
+        if fisher is None and plan_objective(plan.method) != "data-free" and init == "loftq":
+            log.warning("the plan was made with the %s objective; pass fisher=... (planner.profile.objective."
+                        "plan_weights) to decompose the same way", plan_objective(plan.method))
         if fisher is not None:
             missing = [e.name for e in plan.matrices if e.name not in fisher]
             if missing:
                 raise UserError(f"fisher weights lack {len(missing)} planned matrices (e.g. {missing[0]}); compute "
                                 "them for this plan's model or pass fisher=None")
         return cls(_entry_methods(plan, method), init, int(plan.method.get("iters", 5) if iters is None else iters),
-                   solver or solver_from_key(plan.method.get("solver")), fisher)
+                   solver or solver_from_key(plan.method.get("solver")), fisher,
+                   plan_rounding(plan.method) if fisher is not None else "nearest")
 
     def layer(self, entry, w: torch.Tensor, bias, alpha, dropout: float, adapter_dtype: torch.dtype):
-        weights = None if self.fisher is None else tuple(t.to(w.device) for t in self.fisher[entry.name])
+        weights = None if self.fisher is None else self.fisher.get(entry.name)
+        if weights is not None:
+            weights = weights.to(w.device) if isinstance(weights, Weighting) else tuple(t.to(w.device) for t in weights)
         return build_layer(entry, self.methods[entry.name], w, bias, self.init, self.iters, weights, alpha, dropout,
-                           self.solver, adapter_dtype)
+                           self.solver, adapter_dtype, self.rounding)
 
     def progress(self, entries):
         from tqdm.auto import tqdm
@@ -260,9 +270,10 @@ def apply_plan(model: nn.Module, plan: Plan, *, model_path=None, fingerprint: st
     forcing it on LoRA entries holds fewer adapter bytes than the plan counts); None (default) follows the plan.
 
     init="loftq": LoftQ / LQ-LoRA. quant.decompose(W, entry config, entry rank, iters) (QA-LoRA entries:
-        quant.qalora.qalora_decompose) with `iters` from the plan's method (default 5) and optional Fisher
-        row/column weights `fisher[name] = (rows, cols)`; the adapters start at the decomposition, so the layer's
-        weight Q + adapter approximates W.
+        quant.qalora.qalora_decompose) with `iters` from the plan's method (default 5) and optional weights of the
+        plan's objective, `fisher[name]` = (rows, cols) for Fisher plans, or the output statistics of an output-aware
+        plan (planner.profile.objective.plan_weights gives either); the adapters start at the decomposition, so the
+        layer's weight Q + adapter approximates W.
     init="qlora" (or "loftq" with iters=0): Q = q(W) and PEFT's zero-product adapter (lora_A Kaiming-uniform,
         lora_B zero; two zero factors would never receive a gradient).
     init="qalora": the older spelling of method="qalora" with init="loftq".

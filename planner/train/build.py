@@ -18,7 +18,7 @@ from torch import nn
 from quant.layers import set_backend
 
 from ..errors import UserError
-from ..model.discover import MatrixInfo, discover_matrices
+from ..model.discover import MatrixInfo, discover_matrices, same_module
 from ..model.resolve import ModelSource
 from ..model.stream import load_matrix
 from ..plan.document import Plan
@@ -30,7 +30,7 @@ def checkpoint_key(name: str, keys) -> str | None:
     base-model prefix in either direction ("model.", "bert.", ...)."""
     if name in keys:
         return name
-    hits = [k for k in keys if k.endswith("." + name) or name.endswith("." + k)]
+    hits = [k for k in keys if same_module(k, name)]
     return hits[0] if len(hits) == 1 else None
 
 

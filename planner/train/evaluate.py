@@ -7,7 +7,9 @@ the rest train), so held-out text is never seen by calibration or fine-tuning.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +19,8 @@ from ..devices import resolve_device
 from ..dist import all_sum, joined_shard
 from ..errors import UserError
 from ..model.discover import is_causal_lm
+from ..model.tokenizer import bos_id, load_tokenizer, tokenizer_digest
 from ..model.weights import fingerprint
-from .data import bos_id
 from .export import load_quantized
 from .losses import mean_pool
 
@@ -39,59 +41,114 @@ def _check_texts(texts) -> list[str]:
     return texts
 
 
-@torch.no_grad()
-def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, batch_size: int = 4,
-               device=None, shard: bool = False) -> float:
-    """exp(mean next-token NLL) over `texts` joined by blank lines, with a sliding window: windows of `max_len`
-    tokens every `stride` tokens, each scoring only the tokens not scored before (all context kept). Where the
-    tokenizer has a BOS token, every window starts with it (context, not scored) and holds max_len - 1 text
-    tokens, so the first text token is scored too, as the model sees text in training.
+@dataclass(frozen=True)
+class EvalWindows:
+    """A token stream cut into causal-LM evaluation windows: windows of `max_len` tokens every `stride` tokens,
+    each scoring only the tokens not scored before (all context kept). Where the tokenizer has a BOS token
+    (`bos`), every window starts with it (context, not scored) and holds max_len - 1 text tokens, so the first text
+    token is scored too, as the model sees text in training. spans: (start, end, new) per window: text tokens
+    ids[start:end], of which the last `new` are scored."""
+    ids: torch.Tensor
+    spans: tuple[tuple[int, int, int], ...]
+    bos: int | None
+    max_len: int
+    stride: int
 
-    shard=True inside a joined process group (DDP): each rank scores every world-th window and the sums are
-    all-reduced, so every rank returns the whole text's perplexity for 1/world of the work. Every rank must call."""
+    @property
+    def prefix(self) -> int:
+        return 0 if self.bos is None else 1
+
+    @property
+    def scored(self) -> int:
+        """Tokens scored over all windows (without BOS the first token has no context and is not scored)."""
+        return sum(new for _, _, new in self.spans) - (1 - self.prefix if self.spans and self.spans[0][0] == 0 else 0)
+
+    def digest(self) -> str:
+        """sha256 (16 hex digits) of the token ids (int64, little-endian), BOS, max_len and stride: equal digests,
+        equal windows."""
+        h = hashlib.sha256(self.ids.to(torch.int64).numpy().astype("<i8").tobytes())
+        h.update(f"|bos={self.bos}|L={self.max_len}|S={self.stride}".encode())
+        return h.hexdigest()[:16]
+
+    def shard(self, rank: int, world: int) -> "EvalWindows":
+        """Every world-th window from `rank` (data-parallel evaluation)."""
+        return replace(self, spans=self.spans[rank::world])
+
+    def batches(self, batch_size: int):
+        """(input_ids, attention_mask, labels) per `batch_size` windows, right-padded; labels are -100 except at
+        the scored tokens (labels[:, t] is the token at position t; next_token_targets() shifts them)."""
+        for i in range(0, len(self.spans), batch_size):
+            group = self.spans[i:i + batch_size]
+            cols = self.prefix + max(e - s for s, e, _ in group)
+            batch = torch.zeros(len(group), cols, dtype=torch.long)
+            labels = torch.full((len(group), cols), -100, dtype=torch.long)
+            mask = torch.zeros(len(group), cols, dtype=torch.long)
+            for row, (s, e, new) in enumerate(group):
+                n = self.prefix + e - s
+                if self.prefix:
+                    batch[row, 0] = self.bos
+                batch[row, self.prefix:n] = self.ids[s:e]
+                mask[row, :n] = 1
+                labels[row, n - new:n] = self.ids[e - new:e]
+            yield batch, mask, labels
+
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, targets): the bool mask of the (batch, seq) positions whose logits predict a scored token, and
+    those tokens in the same (row-major) order, so logits[positions] scores against targets."""
+    following = labels[:, 1:]
+    positions = torch.zeros_like(labels, dtype=torch.bool)
+    positions[:, :-1] = following != -100
+    return positions, following[following != -100]
+
+
+def eval_windows(tokenizer, texts, max_len: int, stride: int, max_tokens: int | None = None) -> EvalWindows:
+    """`texts` joined by blank lines, tokenized without special tokens (the first `max_tokens` tokens where
+    given) and cut into EvalWindows."""
     texts = _check_texts(texts)
     if not 0 < stride <= max_len:
         raise UserError(f"stride={stride} must be in 1..max_len ({max_len}); e.g. stride = max_len // 2")
-    device = device or model_device(model)
     bos = bos_id(tokenizer)
     prefix = 0 if bos is None else 1
     width = max_len - prefix  # text tokens per window
     stride = min(stride, width)  # a stride past the window would leave tokens unscored
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
     if ids.numel() < 2 - prefix or width < 1:
         raise UserError("evaluation text has fewer than 2 tokens; pass more text")
-    windows = []  # (start, end, number of new target tokens at the end)
+    spans = []
     prev_end = 0
     for start in range(0, ids.numel() - 1 + prefix, stride):
         end = min(start + width, ids.numel())
-        windows.append((start, end, end - prev_end))
+        spans.append((start, end, end - prev_end))
         prev_end = end
         if end == ids.numel():
             break
+    return EvalWindows(ids, tuple(spans), bos, max_len, stride)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, batch_size: int = 4,
+               device=None, shard: bool = False) -> float:
+    """exp(mean next-token NLL) over `texts` joined by blank lines, scored in the sliding BOS-first windows of
+    eval_windows (EvalWindows says how).
+
+    shard=True inside a joined process group (DDP): each rank scores every world-th window and the sums are
+    all-reduced, so every rank returns the whole text's perplexity for 1/world of the work. Every rank must call."""
+    windows = eval_windows(tokenizer, texts, max_len, stride)
+    device = device or model_device(model)
     rank, world = joined_shard() if shard else (0, 1)
-    windows = windows[rank::world]
+    windows = windows.shard(rank, world)
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
     try:
-        for i in range(0, len(windows), batch_size):
-            group = windows[i:i + batch_size]
-            cols = prefix + max(e - s for s, e, _ in group)
-            batch = torch.zeros(len(group), cols, dtype=torch.long)
-            labels = torch.full((len(group), cols), -100, dtype=torch.long)
-            mask = torch.zeros(len(group), cols, dtype=torch.long)
-            for row, (s, e, new) in enumerate(group):
-                n = prefix + e - s
-                if prefix:
-                    batch[row, 0] = bos
-                batch[row, prefix:n] = ids[s:e]
-                mask[row, :n] = 1
-                labels[row, n - new:n] = ids[e - new:e]
+        for batch, mask, labels in windows.batches(batch_size):
             logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float()
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
-                                   ignore_index=-100, reduction="sum")
-            nll += float(loss)
-            count += int((labels[:, 1:] != -100).sum())
+            positions, targets = next_token_targets(labels)
+            nll += float(F.cross_entropy(logits[positions.to(device)], targets.to(device), reduction="sum"))
+            count += targets.numel()
     finally:
         model.train(was_training)
     if world > 1:
@@ -143,7 +200,7 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
     Returns {metric, quantized, full_precision, texts}."""
     from pathlib import Path
 
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     if eval_texts < 1 or max_len < 2:
         raise UserError(f"eval_texts={eval_texts} and max_len={max_len} must be >= 1 and >= 2")
@@ -156,11 +213,8 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
 
     plan.check_model(fingerprint(source))  # another model would give meaningless numbers, not an error
     if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load a tokenizer from {source} ({type(e).__name__}); pass --model with a "
-                            "tokenizer") from None
+        tokenizer = load_tokenizer(source)
+    digest = tokenizer_digest(tokenizer)
     # `texts` (--eval-text): the caller's paragraphs, all of them; else the first eval_texts built-in held-out ones
     held = _check_texts(texts) if texts is not None else real_text_splits()["heldout"][:eval_texts]
 
@@ -170,6 +224,6 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
     if causal:
         ppl = dict(max_len=max_len, stride=max(1, max_len // 2))
         return {"metric": "perplexity", "quantized": perplexity(quantized, tokenizer, held, **ppl),
-                "full_precision": perplexity(fp, tokenizer, held, **ppl), "texts": len(held)}
+                "full_precision": perplexity(fp, tokenizer, held, **ppl), "texts": len(held), "tokenizer": digest}
     return {"metric": "embedding_cosine", "quantized": embedding_cosine(quantized, fp, tokenizer, held, max_len),
-            "full_precision": 1.0, "texts": len(held)}
+            "full_precision": 1.0, "texts": len(held), "tokenizer": digest}

@@ -12,14 +12,17 @@ from pathlib import Path
 import torch
 
 from ..corpus import real_text_splits
-from ..devices import dequant_backend_from_env
+from ..profile.cache import DEFAULT_CACHE
+from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
 from ..fsio import write_json, write_text
 from ..model.discover import discover_matrices, is_causal_lm
 from ..model.resolve import resolve_model
+from ..model.tokenizer import load_tokenizer, tokenizer_digest
 from ..model.weights import FLOAT_CODES
 from ..plan.document import Plan
 from ..plan.train_memory import TrainShape, predict
+from ..profile.objective import plan_weights
 from .apply import LayerRecipe, quantized_bytes
 from .build import build_student
 from .data import check_records_objective
@@ -86,7 +89,7 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     and only rank 0 writes. `tokenizer`: default, the folder's own. `heldout` (--eval-text): evaluation paragraphs
     instead of the built-in held-out ones (all of them; settings.eval_texts caps the built-in ones only). Returns
     the report (a dict, with the history)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
 
     s = settings if settings is not None else TrainSettings()
     s.check_checkpoint_folder(out_dir)  # before anything is loaded
@@ -97,7 +100,10 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
                         "made for> (--model)")
     source = resolve_model(folder)
     plan.check_model(source.fingerprint)  # before anything is loaded or written
-    recipe = LayerRecipe.of(plan, s.init, s.method)
+    weights = None
+    if s.init == "loftq":  # an output-aware plan's adapters start at its calibrated decomposition
+        weights = plan_weights(plan, source, Path(cache_dir or DEFAULT_CACHE), resolve_device(device), progress)
+    recipe = LayerRecipe.of(plan, s.init, s.method, fisher=weights)
     import torch.distributed as dist
 
     joined_here = dist.is_available() and not dist.is_initialized()
@@ -108,10 +114,8 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     causal = is_causal_lm(config)
     check_records_objective(texts or [], causal)  # before the student is built
     if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load a tokenizer from {folder} ({type(e).__name__}); pass tokenizer=...") from None
+        tokenizer = load_tokenizer(folder)
+    digest = tokenizer_digest(tokenizer)  # before any call leaves its padding settings on the tokenizer
     splits = real_text_splits()
     held = list(heldout) if heldout is not None else splits["heldout"][:s.eval_texts]
     train_texts = texts if texts is not None else splits["train"]
@@ -151,7 +155,7 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     steady = rates[min(3, len(rates) - 1):] if rates else []  # the first steps include warm-up
     held_bytes = quantized_bytes(student)
     result = {"schema": "lqplan.train-report/1", "model": str(folder), "weights": source.note,
-              "architecture": type(student).__name__,
+              "architecture": type(student).__name__, "tokenizer": digest,
               "device": str(dev), "world_size": dist_info.world, "init": s.init, "method": s.method,
               "metric": metric, "full_precision": fp_metric, "before": evals[0], "after": evals[-1], "steps": s.steps,
               "batch_size": s.batch_size, "grad_accum": s.grad_accum,

@@ -41,7 +41,10 @@ def distill_step_loss(student, teacher, batch: dict, tokens: float | None = None
 
 
 def causal_step_loss(model, batch: dict) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["input_ids"])
+    # use_cache=False: training never reads a generation cache, and under gradient checkpointing transformers would
+    # warn before turning it off itself
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["input_ids"],
+                use_cache=False)
     return out.loss
 
 
@@ -50,7 +53,7 @@ def masked_causal_loss(model, batch: dict, tokens: float) -> torch.Tensor:
     t - 1, as transformers' own loss shifts) and divided by `tokens`. A data-parallel rank passes the global
     micro-batch's labelled targets over the world size: every target then weighs the same whichever rank holds
     it, and DDP's mean of the gradients is the whole batch's."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     # The labels shift, not the logits (as transformers' loss does): no copy of the largest activation but its fp32 one.
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),

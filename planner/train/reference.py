@@ -15,8 +15,9 @@ from torch import nn
 
 from ..fsio import write_json
 from ..model.resolve import ModelSource
+from ..model.tokenizer import bos_id, short_digest, tokenizer_digest
 from .build import load_tensors, meta_names, skeleton
-from .evaluate import bos_id, perplexity
+from .evaluate import perplexity
 
 
 def layer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -64,9 +65,10 @@ def reference_perplexity(source: ModelSource, config, tokenizer, texts: list[str
                          device, cache_dir=None) -> float:
     """The full-precision (fp32) model's perplexity on `texts`, streamed layer by layer and cached in
     cache_dir/<fingerprint>/reference/ by the text's digest and the window settings."""
-    # windows start with BOS where the tokenizer has one: a value cached before that (no "-bos") is not reused
+    # windows start with BOS where the tokenizer has one: a value cached before that (no "-bos") is not reused;
+    # the model fingerprint covers the weights only, so the key names the tokenizer too
     bos = "-bos" if bos_id(tokenizer) is not None else ""
-    key = f"ppl-{text_digest(texts)}-L{max_len}-S{stride}-fp32{bos}"
+    key = f"ppl-{text_digest(texts)}-L{max_len}-S{stride}-fp32{bos}-tok{short_digest(tokenizer_digest(tokenizer))}"
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "reference" / f"{key}.json"
@@ -78,5 +80,6 @@ def reference_perplexity(source: ModelSource, config, tokenizer, texts: list[str
     # the same window batches as the quantized model's evaluation, so the figures compare like for like
     value = perplexity(model, tokenizer, texts, max_len=max_len, stride=stride, device=device)
     if path is not None:
-        write_json(path, {"perplexity": value, "texts": len(texts), "max_len": max_len, "stride": stride})
+        write_json(path, {"perplexity": value, "texts": len(texts), "max_len": max_len, "stride": stride,
+                          "tokenizer": tokenizer_digest(tokenizer)})
     return value
