@@ -64,14 +64,15 @@ from planner.model.tokenizer import load_tokenizer, tokenizer_digest  # noqa: E4
 from planner.plan.document import Plan  # noqa: E402
 from planner.plan.ilp import uniform_solutions  # noqa: E402
 from planner.profile.fisher import get_fisher, load_fisher, save_fisher  # noqa: E402
-from planner.profile.grid import GridPoint, make_grid  # noqa: E402
+from planner.profile.grid import make_grid  # noqa: E402
 from planner.profile.run import run_profile  # noqa: E402
 from planner.profile.settings import ProfileSettings  # noqa: E402
+from planner.study.arms import qlora_bits as qlora_budget  # noqa: E402
 from planner.train.apply import apply_plan, quantized_bytes  # noqa: E402
 from planner.train.evaluate import perplexity  # noqa: E402
 from planner.train.loop import train  # noqa: E402
 from planner.train.settings import TrainSettings  # noqa: E402
-from quant import NF4_QLORA, SolverSettings  # noqa: E402
+from quant import SolverSettings  # noqa: E402
 
 SCHEMA = "lqplan.quality-decoder/1"
 ARM_NAMES = {"qlora": "QLoRA (NF4+dq b64, zero-init)", "loftq": "uniform LoftQ", "ilp": "lqplan (data-free)",
@@ -136,14 +137,6 @@ def make_tiny_decoder(folder: Path) -> Path:
     (folder / "config.json").write_text(json.dumps(cfg))
     AutoTokenizer.from_pretrained(default_model_path(), bos_token="[CLS]").save_pretrained(folder)
     return folder
-
-
-def qlora_budget(matrices, rank: int) -> float:
-    """QLoRA's own bits/param on these matrices (NF4 b64 dq + rank-`rank` adapters), rounded up to 1e-4 so its
-    configuration fits the budget it names."""
-    point = GridPoint(NF4_QLORA, rank)
-    exact = sum(point.bits(m.shape) for m in matrices) / planned_params(matrices)
-    return math.ceil(exact * 1e4) / 1e4
 
 
 def seeds_for(arm, qlora_bits: float, settings: Settings) -> int:
