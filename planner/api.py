@@ -41,7 +41,6 @@ from .profile.objective import calibration_weights, objective_record
 from .profile.run import run_profile, save_table
 from .profile.settings import ProfileSettings
 from .report.render import write_reports
-from .train.score import DEFAULT_EVAL_TOKENS, DEFAULT_MAX_LEN, PlanScorer
 
 log = logging.getLogger("lqplan")
 
@@ -335,16 +334,17 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
     return PlanResult(plan, table, stats, paths, comparison, tie_cost)
 
 
-def evaluate_plan(plan, *, model: str | None = None, texts: list[str] | None = None, text_source: str | None = None,
-                  eval_tokens: int | None = DEFAULT_EVAL_TOKENS, max_len: int = DEFAULT_MAX_LEN,
-                  stride: int | None = None, batch_size: int | None = None, device: str = "auto",
-                  stream: bool | None = None, out_dir=None, cache_dir=DEFAULT_CACHE, progress: bool = True) -> dict:
+def evaluate_plan(plan, *, model: str | None = None, out_dir=None, cache_dir=DEFAULT_CACHE, **scoring) -> dict:
     """`lqplan evaluate --plan`: the plan's quantized model with its initial adapters scored against the
     full-precision model (planner.train.score.PlanScorer: KL(fp ‖ quantized) per token, both perplexities, top-1
-    agreement) on `texts` (default: the built-in held-out prose) cut to `eval_tokens` tokens; the result is written
-    atomically to out_dir/evaluate.json (default: beside the plan) and returned with its "path". `model`: the
-    full-precision model (default: the plan's model.source). To score many plans of one model, make one
-    PlanScorer and call its score() per plan: the full-precision model then runs once."""
+    agreement); `scoring`: PlanScorer's settings (texts, text_source, eval_tokens, max_len, stride, batch_size,
+    device, stream, progress; its defaults: 4096 tokens of the built-in held-out prose in windows of 512). The
+    result is written atomically to out_dir/evaluate.json (default: beside the plan) and returned with its "path".
+    `model`: the full-precision model (default: the plan's model.source); `cache_dir`: where the weights of a Fisher
+    or output-aware plan are read or computed. To score many plans of one model, make one PlanScorer and call its
+    score() per plan: the full-precision model then runs once."""
+    from .train.score import PlanScorer  # torch and transformers: loaded when a plan is scored, not at start-up
+
     path = Path(plan)
     plan_obj = Plan.load(path)  # a bad plan fails before any model is loaded
     folder = model or plan_obj.model.get("source")
@@ -353,8 +353,7 @@ def evaluate_plan(plan, *, model: str | None = None, texts: list[str] | None = N
                         "the plan was made for>")
     source = resolve_model(folder)
     plan_obj.check_model(source.fingerprint)  # before the full-precision pass
-    scorer = PlanScorer(source, texts=texts, text_source=text_source, eval_tokens=eval_tokens, max_len=max_len,
-                        stride=stride, batch_size=batch_size, device=device, stream=stream, progress=progress)
+    scorer = PlanScorer(source, **scoring)
     result = scorer.score(plan_obj, plan_path=path, cache_dir=cache_dir)
     out = (Path(out_dir) if out_dir is not None else path.parent) / "evaluate.json"
     write_json(out, result)

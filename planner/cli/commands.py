@@ -334,22 +334,21 @@ def cmd_evaluate(args) -> int:
 
 def evaluate_plan_command(args, texts) -> int:
     """`lqplan evaluate --plan P`: one evaluate_plan call and its one-screen summary."""
-    from ..train.score import DEFAULT_EVAL_TOKENS, DEFAULT_MAX_LEN, HELDOUT
+    from ..train.score import HELDOUT
 
     _check_writable(args.out or Path(args.plan).parent, "--out")
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    r = evaluate_plan(args.plan, model=args.model, texts=texts, text_source=args.eval_text,
-                      eval_tokens=DEFAULT_EVAL_TOKENS if args.eval_tokens is None else args.eval_tokens,
-                      max_len=args.max_len or DEFAULT_MAX_LEN, stride=args.stride, batch_size=args.batch_size,
-                      device=args.device, stream=True if args.stream else None, out_dir=args.out,
-                      cache_dir=args.cache, progress=not args.quiet)
+    given = {k: getattr(args, k) for k in ("eval_tokens", "max_len", "stride", "batch_size")
+             if getattr(args, k) is not None}  # the others: PlanScorer's defaults
+    r = evaluate_plan(args.plan, model=args.model, out_dir=args.out, cache_dir=args.cache, texts=texts,
+                      text_source=args.eval_text, device=args.device, stream=True if args.stream else None,
+                      progress=not args.quiet, **given)
     p, t, ppl, s = r["plan"], r["tokens"], r["perplexity"], r["seconds"]
     print(f"evaluate: {r['model']['name']} with plan {p['path']} ({p['bits_per_param']:.4f} bits/param, predicted "
-          f"error {p['predicted_error']:.6g}; {p['init']} T={p['iters']}"
-          f"{', Fisher-weighted' if p['fisher_weighted'] else ''})")
+          f"error {p['predicted_error']:.6g}; {p['init']} T={p['iters']}, {p['objective']} decomposition)")
     where = "the built-in held-out prose" if t["source"] == HELDOUT else t["source"]
     print(f"  text: {t['scored']} tokens of {where} in {t['windows']} windows of <= {t['max_len']} tokens, stride "
           f"{t['stride']}{', BOS first' if t['bos'] is not None else ''}; token digest {t['digest']}")

@@ -103,7 +103,7 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     source = resolve_model(folder)
     plan.check_model(source.fingerprint)  # before anything is loaded or written
     weights = None
-    if s.init == "loftq":  # an output-aware plan's adapters start at its calibrated decomposition
+    if s.init == "loftq":  # a Fisher or output-aware plan's adapters start at its weighted decomposition
         weights = plan_weights(plan, source, Path(cache_dir or DEFAULT_CACHE), resolve_device(device), progress)
     recipe = LayerRecipe.of(plan, s.init, s.method, fisher=weights)
     import torch.distributed as dist
