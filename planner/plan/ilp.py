@@ -16,13 +16,10 @@ Before the solver sees it, the instance is made small without changing its optim
    the incumbent; it gives the same plan as the dense table (dense_solve, used when the sparse lists outgrow the
    limits but the table fits). Past DP_MAX_CELLS / DP_MAX_BYTES the MIP solver below runs with a time limit. The DP
    is hand-written because branch and bound stalls on the instances real models give: layers whose matrices
-   have nearly equal errors make millions of near-equivalent plans, and HiGHS and CBC both ran out a 60 s limit
-   on a 132M Llama's 84 matrices (gap 1e-3 left), where the DP takes well under a second and is exact; on
-   near-symmetric 13B/70B tables (bench/bench_ilp.py) the sparse DP, searching alike matrices side by side,
-   proves the optimum in about 0.5 s at most (1.3 s under a load of 2).
-MIP solver: HiGHS, the one that meets issue 5's target (proven optimal in <= 5 s on 2 cores) on every 70B-sized
-instance measured (bench/bench_ilp.py, 560 x 48): 1.5-2.0 s with steps 1-4 and 3.5 s without, where CBC took 0.55 s,
-8.2 s and 4.7 s on three seeds/budgets with them and 16 s without; CBC (issue 3's choice) stays available as solver="cbc".
+   have nearly equal errors make millions of near-equivalent plans that HiGHS and CBC cannot separate within a
+   time limit, where the DP is exact and fast (timings: reports/benchmarks.md, section 3b).
+MIP solver: HiGHS by default (the faster of the two on 70B-sized instances, same section); CBC stays available as
+solver="cbc".
 With a tie (planner.plan.tie), the same steps run on the grouped table, where each fused group is one item whose
 costs and errors are its members' sums, and the choice is expanded back to the members.
 """
