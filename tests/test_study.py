@@ -13,7 +13,9 @@ from planner.study import stage
 from planner.study.claims import claim_a, claim_b, claim_c, claim_d, claim_e, spearman
 from planner.study.runner import Runner, Task
 from planner.study.settings import StudySettings
-from planner.study.tokens import KNOWN_IDS, KNOWN_TEXT, known_answer
+from planner.model.packaged import PACKAGED
+from planner.model.tokenizer import tokenizer_digest
+from planner.study.tokens import known_answer
 
 
 def _py(code: str) -> list[str]:
@@ -200,10 +202,11 @@ def test_known_answer_refuses_a_tokenizer_that_splits_the_text_differently(tmp_p
 
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path)
     ok = known_answer("tiny", tmp_path)
-    assert ok["status"] == "no known answer" and len(ok["digest"]) == 16
+    assert ok["status"] == "no known answer"
+    assert ok["digest"] == tokenizer_digest(AutoTokenizer.from_pretrained(tmp_path))  # the digest plans record
     bad = known_answer("smollm2-135m", tmp_path)  # a BERT WordPiece tokenizer is not SmolLM2's BPE
-    assert bad["status"] == "fail" and bad["expected_tokens"] == len(KNOWN_IDS["smollm2-135m"])
-    assert KNOWN_TEXT.count("*") == 22
+    assert bad["status"] == "fail" and bad["expected_tokens"] == len(PACKAGED["smollm2-135m"].known.ids)
+    assert "instead of the 9 the model was trained with" in bad["problem"]
 
 
 # ---- arms --------------------------------------------------------------------------------------------------------

@@ -88,9 +88,8 @@ class ModelStudy:
                  f"{self.qlora_bits}, tokenizer {self.tokenizer['status']} ({self.tokenizer['tokens']} tokens, "
                  f"digest {self.tokenizer['digest']})")
         if self.tokenizer["status"] == "fail":
-            self.skipped = (f"the tokenizer gives {self.tokenizer['tokens']} tokens for the known text, not "
-                            f"{self.tokenizer['expected_tokens']} (first difference at {self.tokenizer['first_difference']}): "
-                            "a wrong conversion; assemble the folder with the tokenizer files of the CPU machine")
+            self.skipped = (f"the tokenizer {self.tokenizer['problem']}: a wrong conversion; assemble the folder "
+                            "with the tokenizer files of the CPU machine")
             self.log(f"{self.name}: SKIPPED: {self.skipped}")
             return
         # The plan at QLoRA's bits profiles (the profile.csv beside it is the objective's table); the other budgets
