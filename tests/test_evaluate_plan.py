@@ -113,7 +113,8 @@ def test_plan_scores_like_apply_plan_and_the_streamed_reference_like_the_residen
     assert streamed.stream and not scorer.stream
     assert streamed.score(plan_file)["kl"] == pytest.approx(doc["kl"], rel=1e-6)
     t = doc["tokens"]
-    assert (t["scored"], t["windows"], t["max_len"], t["stride"], t["bos"]) == (300, 9, 64, 32, 101)  # starts 0, 32, ..., 256
+    # windows start at text tokens 0, 32, ..., 256 (the last one reaches token 300)
+    assert (t["scored"], t["windows"], t["max_len"], t["stride"], t["bos"]) == (300, 9, 64, 32, 101)
     assert t["digest"] == streamed.windows.digest() and doc["plan"]["objective"] == "data-free"
     assert t["tokenizer"] == tokenizer_digest(AutoTokenizer.from_pretrained(llama))
     assert doc["full_precision_pass"] == {"streamed": False, "head_cached": True}

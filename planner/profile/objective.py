@@ -4,11 +4,14 @@ statistics (planner.profile.output_stats)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .fisher import get_fisher
 from .output_stats import get_output_stats
 from .settings import ProfileSettings
+
+log = logging.getLogger("lqplan")
 
 
 def calibration_weights(source, matrices, settings: ProfileSettings, cache_dir: Path, device, progress: bool):
@@ -64,6 +67,9 @@ def plan_calibration(plan, source, cache_dir: Path, device, progress: bool = Fal
     planned = set(plan.by_name())
     matrices = [m for m in discover_matrices(source, include_head=True) if m.name in planned]
     weights, key, _ = calibration_weights(source, matrices, settings, cache_dir, device, progress)
+    if record.get("key") not in (None, key):  # an edited calibration file, or another tokenizer since planning
+        log.warning("the plan's %s weights were computed as %s, these are %s: the layers are not decomposed exactly "
+                    "as the plan was profiled", objective, record["key"], key)
     return weights, key
 
 

@@ -39,6 +39,7 @@ from ..model.discover import is_causal_lm
 from ..model.resolve import resolve_model
 from ..model.tokenizer import load_tokenizer, tokenizer_digest
 from ..plan.document import Plan
+from ..profile.cache import DEFAULT_CACHE
 from ..profile.objective import plan_calibration, plan_objective
 from .apply import LayerRecipe
 from .build import build_student
@@ -264,7 +265,7 @@ class PlanScorer:
                 "perplexity": {"full_precision": math.exp(sums["nll_fp"] / n), "quantized": math.exp(sums["nll"] / n)},
                 "nll": {"full_precision": sums["nll_fp"] / n, "quantized": sums["nll"] / n}, "tokens": n}
 
-    def score(self, plan, *, plan_path=None, cache_dir=".lqplan-cache") -> dict:
+    def score(self, plan, *, plan_path=None, cache_dir=DEFAULT_CACHE) -> dict:
         """Build `plan`'s quantized model with its initial adapters (LoftQ / LQ-LoRA as the plan was profiled: its
         iterations, solver and the weights of its objective, planner.profile.objective.plan_calibration, read from
         or computed into `cache_dir`) and score it. Returns the result document: model, plan, tokens, metrics,
@@ -297,8 +298,9 @@ class PlanScorer:
                      "objective": plan_objective(plan.method), "weights_key": weights_key,
                      "rounding": recipe.rounding,
                      "layers_reused": getattr(build, "reused", 0)},
-            "tokens": {**self.text, "tokenizer": self.tokenizer_digest, "scored": metrics["tokens"], "windows": len(w.spans), "max_len": w.max_len,
-                       "stride": w.stride, "bos": w.bos, "batch_size": self.batch_size, "digest": w.digest()},
+            "tokens": {**self.text, "tokenizer": self.tokenizer_digest, "scored": metrics["tokens"],
+                       "windows": len(w.spans), "max_len": w.max_len, "stride": w.stride, "bos": w.bos,
+                       "batch_size": self.batch_size, "digest": w.digest()},
             "kl": metrics["kl"], "top1_agreement": metrics["top1_agreement"],
             "perplexity": metrics["perplexity"], "nll": metrics["nll"],
             "full_precision_pass": {"streamed": self.stream, "head_cached": self._fp is None},
