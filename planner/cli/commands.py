@@ -11,7 +11,6 @@ from ..api import budget_curve, make_plan, profile_manifest, read_run_stats
 from ..corpus import read_text_file
 from ..devices import resolve_device
 from ..errors import UserError
-from ..hf.data import load_records
 from ..model.discover import discover_matrices, unplanned_bytes
 from ..model.memory import memory_table
 from ..model.resolve import list_aliases, resolve_model
@@ -25,11 +24,9 @@ from ..profile.run import run_profile, save_table
 from ..profile.settings import ProfileSettings
 from ..profile.table import read_profile_csv
 from ..report.render import proof_text, write_reports
-from ..hf.gptq import export_gptq
-from ..train.evaluate import evaluate_quantized
-from ..train.export import export_merged, export_peft, load_quantized
-from ..train.finetune import finetune
-from ..train.settings import TrainSettings
+
+# The train / evaluate / export verbs import their stages (planner.train, planner.hf) when they run: `lqplan plan`
+# never loads them, nor what they load (accelerate, PEFT, transformers' quantizer and loading machinery).
 
 
 def grid_from_args(args, ranks: str | None = None):
@@ -246,8 +243,10 @@ def cmd_aliases(args) -> int:
     return 0
 
 
-def train_settings(args) -> TrainSettings:
+def train_settings(args):
     """The `lqplan train` flags as TrainSettings (which rejects a bad value in one line, before any work)."""
+    from ..train.settings import TrainSettings
+
     return TrainSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          schedule=args.schedule, warmup_steps=args.warmup_steps, max_len=args.max_len,
                          gradient_checkpointing=args.gradient_checkpointing, dropout=not args.no_dropout,
@@ -258,12 +257,16 @@ def train_settings(args) -> TrainSettings:
 
 
 def cmd_train(args) -> int:
+    from ..train.finetune import finetune
+
     settings = train_settings(args)
     _check_writable(args.out, "--out")  # before quantizing and training, not at the first checkpoint
     if args.data and args.text:
         raise UserError("--data and --text both give the training data; pass one of them")
     texts = read_text_file(args.text) if args.text else None
     if args.data:
+        from ..hf.data import load_records
+
         texts = load_records(args.data, cache_dir=Path(args.cache) / "datasets", progress=not args.quiet)
     heldout = read_text_file(args.eval_text, "--eval-text") if args.eval_text else None
     if args.quiet:
@@ -292,6 +295,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from ..train.evaluate import evaluate_quantized
+
     texts = read_text_file(args.eval_text, "--eval-text") if args.eval_text else None
     r = evaluate_quantized(args.quantized, args.model, eval_texts=args.eval_texts, max_len=args.max_len,
                            device=args.device, texts=texts)
@@ -315,6 +320,9 @@ def cmd_export(args) -> int:
     if args.checkpoint_format is not None and args.format != "gptq":
         raise UserError(f"--checkpoint-format applies to --format gptq, not --format {args.format}; drop it")
     _check_writable(args.out, "--out")
+    from ..hf.gptq import export_gptq
+    from ..train.export import export_merged, export_peft, load_quantized
+
     model, plan = load_quantized(args.quantized)
     tokenizer = _source_tokenizer(plan)
     if args.format == "gptq":
