@@ -258,7 +258,7 @@ def cmd_aliases(args) -> int:
     return 0
 
 
-def train_settings(args) -> TrainSettings:
+def train_settings(args):
     """The `lqplan train` flags as TrainSettings (which rejects a bad value in one line, before any work)."""
     from ..train.settings import TrainSettings
 
@@ -272,6 +272,8 @@ def train_settings(args) -> TrainSettings:
 
 
 def cmd_train(args) -> int:
+    from ..train.finetune import finetune
+
     settings = train_settings(args)
     _check_writable(args.out, "--out")  # before quantizing and training, not at the first checkpoint
     if args.data and args.text:
@@ -372,6 +374,7 @@ def cmd_export(args) -> int:
     if args.checkpoint_format is not None and args.format != "gptq":
         raise UserError(f"--checkpoint-format applies to --format gptq, not --format {args.format}; drop it")
     _check_writable(args.out, "--out")
+    from ..hf.gptq import export_gptq
     from ..train.export import export_merged, export_peft, load_quantized
 
     model, plan = load_quantized(args.quantized)
