@@ -164,11 +164,25 @@ def convert(spec: PackagedModel, gguf: Path, out: Path) -> None:
     The tokenizer is rebuilt and checked first: a wrong one stops the assembly before the weights are read.
     config.json loses quantization_config (the saved weights are plain fp32; lqplan refuses quantized folders)
     and gains `architectures` when the conversion left it out."""
+    tokenizer = read_tokenizer(gguf.parent, gguf_file=gguf.name)
+    check_tokenizer(spec, tokenizer, "rebuilt from its GGUF", upgrade_hint())
+    convert_weights(gguf, out, spec.architecture)
+    tokenizer.save_pretrained(out)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("quantization_config", None)  # save_pretrained can re-add it from the loading kwargs
+    config.setdefault("architectures", [spec.architecture])
+    write_portable_config(config_path, config)
+    for path in out.iterdir():
+        path.chmod(0o644)  # safetensors creates its file 0600; the folder is a shared, read-only cache
+
+
+def convert_weights(gguf: Path, out: Path, architecture: str) -> None:
+    """The GGUF's weights dequantized to fp32 by transformers, saved to `out` (model.safetensors, config.json). The
+    weights are the same bytes from every transformers 5.x checked (5.17 to 5.25), whichever tokenizer it builds."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = read_tokenizer(gguf.parent, gguf_file=gguf.name)
-    check_tokenizer(spec, tokenizer, "rebuilt from its GGUF", upgrade_hint())
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                  local_files_only=True)
     # The weights are dequantized fp32 tensors: drop what marks the model GGUF-quantized (transformers refuses to
@@ -179,16 +193,8 @@ def convert(spec: PackagedModel, gguf: Path, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if not getattr(model.config, "architectures", None):
-        model.config.architectures = [spec.architecture]
+        model.config.architectures = [architecture]
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
-    config.pop("quantization_config", None)  # save_pretrained can re-add it from the loading kwargs
-    config.setdefault("architectures", [spec.architecture])
-    write_portable_config(config_path, config)
-    for path in out.iterdir():
-        path.chmod(0o644)  # safetensors creates its file 0600; the folder is a shared, read-only cache
 
 
 def write_portable_config(path: Path, config: dict) -> None:

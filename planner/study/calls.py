@@ -70,39 +70,31 @@ def plan_argv(model: str, objective: str, budget: float, s, caps: dict, out: Pat
 
 
 def evaluate_argv(plan: Path, s, caps: dict, out: Path, cache: Path) -> list[str]:
-    """KL(fp ‖ quantized) and perplexity of the plan's model with its initial adapters (a QLoRA plan document says
-    iters 0: plain quantization with zero-product adapters)."""
+    """KL(fp ‖ quantized) and perplexity of the plan's model with its initial adapters, on evaluate's own default
+    held-out tokens and BOS-first windows (a QLoRA plan document says iters 0: plain quantization with
+    zero-product adapters). --cache: where a Fisher or output-aware plan's weights are read."""
     flags = set(caps["evaluate_flags"])
-    args = ["evaluate", "--plan", str(plan), "--device", s.device]
-    for flag, value in (("--out", str(out)), ("--eval-texts", str(s.eval_texts)), ("--max-len", str(s.max_len)),
-                        ("--cache", str(cache)), ("--quiet", None)):
-        if flag in flags:
-            args += [flag] if value is None else [flag, value]
+    args = ["evaluate", "--plan", str(plan), "--out", str(out), "--device", s.device]
+    args += ["--cache", str(cache)] if "--cache" in flags else []
+    args += ["--quiet"] if "--quiet" in flags else []
     return lqplan(*args)
 
 
 EVALUATE_FILE = "evaluate.json"
 
 
-def _number(report: dict, keys: tuple[str, ...]) -> float | None:
-    """The first of `keys` found in `report` or one level down, as a float."""
-    for where in (report, *[v for v in report.values() if isinstance(v, dict)]):
-        for k in keys:
-            if isinstance(where.get(k), (int, float)):
-                return float(where[k])
-    return None
-
-
 def read_evaluate(out: Path) -> dict:
+    """kl (nats/token), ppl and fp_ppl (both on the same windows), tokens scored, from evaluate.json."""
     path = Path(out) / EVALUATE_FILE
-    report = json.loads(path.read_text())
-    kl = _number(report, ("kl", "kl_mean", "mean_kl", "kl_fp_q"))
-    ppl = _number(report, ("perplexity", "ppl", "quantized_perplexity", "quantized"))
-    fp = _number(report, ("full_precision_perplexity", "fp_perplexity", "full_precision"))
-    if kl is None:
-        raise UserError(f"{path} has no KL under a known key (keys: {', '.join(report)}); name its key in "
-                        "planner/study/calls.py read_evaluate")
-    return {"kl": kl, "ppl": ppl, "fp_ppl": fp, "tokens": _number(report, ("tokens", "scored_tokens"))}
+    r = json.loads(path.read_text())
+    if not isinstance(r.get("kl"), (int, float)):
+        raise UserError(f"{path} has no number under 'kl' (keys: {', '.join(r)}); planner/study/calls.py "
+                        "read_evaluate reads evaluate.json")
+    ppl = r.get("perplexity") if isinstance(r.get("perplexity"), dict) else {}
+    tokens = r.get("tokens") if isinstance(r.get("tokens"), dict) else {}
+    return {"kl": float(r["kl"]), "ppl": ppl.get("quantized"), "fp_ppl": ppl.get("full_precision"),
+            "tokens": tokens.get("scored"), "top1_agreement": r.get("top1_agreement"),
+            "tokenizer": tokens.get("tokenizer")}
 
 
 def train_argv(plan: Path, init: str, seed: int, s, out: Path, cache: Path) -> list[str]:

