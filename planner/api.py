@@ -278,8 +278,10 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
     job = _Job(source, matrices, settings, budget_obj, budget_bits, unplanned, describe,
                Path(cache_dir), dev, progress, ilp_solver, time_limit, train)
 
-    with clock("calibration"):
-        weights, wkey, tokenizer = calibration_weights(source, matrices, settings, job.cache_dir, dev, progress)
+    weights = wkey = tokenizer = None
+    if settings.calib:  # the data-free objective reads no calibration text
+        with clock("calibration"):
+            weights, wkey, tokenizer = calibration_weights(source, matrices, settings, job.cache_dir, dev, progress)
     with clock("profile"):
         table, stats = job.profile(weights, wkey)
     method = {**settings.method_record(), **objective_record(settings, wkey, tokenizer)}

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from planner.model import packaged
 from planner.study import stage
 from planner.study.claims import claim_a, claim_b, claim_c, claim_d, claim_e, spearman
 from planner.study.runner import Runner, Task
 from planner.study.settings import StudySettings
-from planner.model.packaged import PACKAGED
-from planner.model.tokenizer import tokenizer_digest
 from planner.study.tokens import known_answer
 
 
@@ -132,6 +131,28 @@ def test_spearman_and_claim_e():
     assert e["rho_ppl"] == {"fisher": pytest.approx(-1.0), "output": pytest.approx(1.0)} and e["status"] == "PASS"
 
 
+def test_the_commands_carry_each_objective_and_only_the_flags_evaluate_offers(tmp_path):
+    from planner.study import calls
+
+    s = StudySettings(models=(("m", "m"),), calib_tokens=512)
+    caps = {"objectives": ["data-free", "fisher", "output"], "evaluate_plan": True, "evaluate_flags": ["--out"]}
+    argv = calls.plan_argv("M", "output", 2.75, s, caps, tmp_path / "o", tmp_path / "c")
+    assert argv[3:7] == ["plan", "--budget", "2.75bits", "--model"]
+    assert " --objective output --calib pydoc --calib-tokens 512 " in " ".join(argv) + " "
+    assert "--calib" not in calls.plan_argv("M", "data-free", 3, s, caps, tmp_path, tmp_path)
+    old = {**caps, "objectives": None}  # an lqplan without --objective: Fisher is --calib, data-free is plain
+    assert "--objective" not in calls.plan_argv("M", "fisher", 3, s, old, tmp_path, tmp_path)
+    assert calls.supported_objectives(old) == {"data-free", "fisher"}
+    ev = calls.evaluate_argv(tmp_path / "p.json", s, caps, tmp_path / "kl", tmp_path / "c")
+    assert ev[3:] == ["evaluate", "--plan", str(tmp_path / "p.json"), "--out", str(tmp_path / "kl"), "--device",
+                      "auto"]
+    (tmp_path / "kl").mkdir()
+    (tmp_path / "kl" / "evaluate.json").write_text(json.dumps(
+        {"kl": 0.25, "perplexity": {"quantized": 20.0, "full_precision": 17.0}, "tokens": {"scored": 4095}}))
+    assert calls.read_evaluate(tmp_path / "kl") == {"kl": 0.25, "ppl": 20.0, "fp_ppl": 17.0, "tokens": 4095,
+                                                    "top1_agreement": None, "tokenizer": None}
+
+
 # ---- staging -----------------------------------------------------------------------------------------------------
 def test_pieces_put_and_extract_round_trip(tmp_path):
     src = tmp_path / "src"
@@ -178,35 +199,33 @@ def test_assemble_requires_every_byte_of_the_cpu_assembly(tmp_path, monkeypatch)
     site = tmp_path / "site"
     (site / "pkg").mkdir(parents=True)
     (site / "pkg" / "a.gguf").write_bytes(b"gguf-bytes")
-    record = {"files": stage.model_files(here), "gguf": ["pkg/a.gguf"],
+    record = {"files": stage.model_files(here), "gguf": ["pkg/a.gguf"], "architecture": "LlamaForCausalLM",
               "gguf_sha256": stage.hashlib.sha256(b"gguf-bytes").hexdigest()}
 
     def fake_convert(weights: bytes):
-        def convert(gguf, out):
-            assert gguf.read_bytes() == b"gguf-bytes"
+        def convert(gguf, out, architecture):
+            assert gguf.read_bytes() == b"gguf-bytes" and architecture == "LlamaForCausalLM"
             out.mkdir(parents=True)
             (out / "model.safetensors").write_bytes(weights)
-            return out / "model.safetensors"
+            (out / "config.json").write_text('{"the device": "its own"}')
         return convert
 
-    monkeypatch.setattr(stage, "convert_weights", fake_convert(b"weights"))
+    monkeypatch.setattr(packaged, "convert_weights", fake_convert(b"weights"))
     folder = stage.assemble("m", record, meta, site, tmp_path / "models", log=lambda m: None)
     assert stage.model_files(folder) == record["files"]
-    monkeypatch.setattr(stage, "convert_weights", fake_convert(b"other weights"))
+    monkeypatch.setattr(packaged, "convert_weights", fake_convert(b"other weights"))
     with pytest.raises(stage.StageError, match="model.safetensors"):
         stage.assemble("m2", record, meta, site, tmp_path / "models", log=lambda m: None)
 
 
-def test_known_answer_refuses_a_tokenizer_that_splits_the_text_differently(tmp_path, minilm_path):
+def test_known_answer_names_a_tokenizer_that_splits_the_text_differently(tmp_path, minilm_path):
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path)
     ok = known_answer("tiny", tmp_path)
-    assert ok["status"] == "no known answer"
-    assert ok["digest"] == tokenizer_digest(AutoTokenizer.from_pretrained(tmp_path))  # the digest plans record
+    assert ok["status"] == "no known answer" and ok["digest"].startswith("sha256:")
     bad = known_answer("smollm2-135m", tmp_path)  # a BERT WordPiece tokenizer is not SmolLM2's BPE
-    assert bad["status"] == "fail" and bad["expected_tokens"] == len(PACKAGED["smollm2-135m"].known.ids)
-    assert "instead of the 9 the model was trained with" in bad["problem"]
+    assert bad["status"] == "fail" and "instead of the 9" in bad["problem"] and bad["expected_tokens"] == 9
 
 
 # ---- arms --------------------------------------------------------------------------------------------------------
@@ -250,26 +269,15 @@ class _Done:
 
 
 class _InProcess(Runner):
-    """Runs each `python -m planner VERB ...` through planner.cli.main here; `evaluate` writes a KL that grows with
-    the plan's profiled error (a stand-in until the CLI scores plans), so claim (a) has numbers to judge."""
+    """Runs each `python -m planner VERB ...` through planner.cli.main in this process (the real CLI)."""
 
     def _launch(self, task):
         if task.argv is None:
             return super()._launch(task)
         from planner.cli import main
-        from planner.plan.document import Plan
 
         task._t0, task.state = time.monotonic(), "running"
-        args = task.argv[3:]
-        if args[0] == "evaluate":
-            plan = Plan.load(args[args.index("--plan") + 1])
-            out = Path(args[args.index("--out") + 1])
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "evaluate.json").write_text(json.dumps({"kl": plan.totals["error"], "perplexity": 1.0}))
-            rc = 0
-        else:
-            rc = main(args)
-        task._proc = _Done(rc)
+        task._proc = _Done(main(task.argv[3:]))
         self.commands.append({"key": task.key, "argv": task.argv})
 
 
@@ -284,28 +292,28 @@ def test_the_study_end_to_end_on_a_tiny_decoder(tmp_path, monkeypatch, minilm_pa
     folder = tmp_path / "tiny"
     seeded_tiny_llama(30522, max_position_embeddings=256).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_path, bos_token="[CLS]").save_pretrained(folder)
-    caps = {"objectives": None, "evaluate_plan": True, "evaluate_flags": ["--out", "--eval-texts", "--max-len"],
-            "tie": False}
+    caps = {"objectives": ["data-free", "fisher", "output"], "evaluate_plan": True,
+            "evaluate_flags": ["--cache", "--eval-tokens", "--out", "--quiet"], "tie": True}
     monkeypatch.setattr(study_run.calls, "capabilities", lambda env=None: caps)
     monkeypatch.setattr(study_run, "Runner", _InProcess)
-    s = tiny_settings((("tiny", str(folder)),), budgets=(4.5,), near_budget=5.0, objectives=("data-free", "fisher"),
-                      headline="fisher", steps=1, slots=1)
+    s = tiny_settings((("tiny", str(folder)),), budgets=(4.5,), near_budget=5.0, objectives=("data-free",),
+                      headline="data-free", steps=1, key_seeds=1, slots=1)
     r = study_run.run_study(s, tmp_path / "work", tmp_path / "out", command="test")
     assert {t["state"] for t in r["tasks"].values()} == {"ok"}
     m = r["models"][0]
     kinds = sorted((a["kind"], a["objective"] or "", a["budget"]) for a in m["arms"].values())
     assert kinds == [("loftq", "", 4.5), ("loftq", "", m["qlora_bits"]), ("plan", "data-free", 4.5),
-                     ("plan", "data-free", m["qlora_bits"]),
-                     ("plan", "fisher", 4.5), ("plan", "fisher", m["qlora_bits"]), ("qlora", "", m["qlora_bits"])]
+                     ("plan", "data-free", m["qlora_bits"]), ("qlora", "", m["qlora_bits"])]
     q = next(a for a in m["arms"].values() if a["kind"] == "qlora")
-    assert len(q["runs"]) == 2 and q["init"] == "qlora" and q["kl"] == pytest.approx(q["plan_error"])
+    loftq4 = next(a for a in m["arms"].values() if a["kind"] == "loftq" and a["config"] == q["config"])
+    assert len(q["runs"]) == 1 and q["init"] == "qlora" and q["kl"] > loftq4["kl"] > 0  # same codes, LoftQ's adapters
     assert [u["label"] for u in m["uniform"].values()] == ["nf2-b64-dq8/256-r4", "nf4-b64-dq8/256-r4"]
     assert all(u["kl"] is not None for u in m["uniform"].values())
     assert [c["id"] for c in m["claims"]] == list("abcde") and m["claims"][0]["status"] != "NOT MEASURED"
     assert m["fp_ppl"] > 1 and all(a["status"] == "ok" for a in m["arms"].values())
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "kl_vs_bits.png", "ppl_vs_bits.png", "results.json", "runs.tar.gz", "study.log", "study.md"]
-    assert "| 4.5 | lqplan (fisher) |" in (tmp_path / "out" / "study.md").read_text()
+    assert "| 4.5 | lqplan (data-free) |" in (tmp_path / "out" / "study.md").read_text()
     again = study_run.run_study(s, tmp_path / "work", tmp_path / "out2", command="test")  # resumes: nothing runs
     assert again["commands"] == []
     assert [(c["status"], c["detail"]) for c in again["models"][0]["claims"]] == \

