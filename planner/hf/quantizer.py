@@ -6,6 +6,9 @@ linear's meta `weight`, so the checkpoint tensor of that name is routed to it: t
 one tensor at a time onto its device, and each planned weight goes through LqplanQuantize (the quantizer's
 get_quantize_ops hook), which quantizes it there exactly as apply_plan does (planner.train.apply's LayerRecipe and
 build_layer) and returns the packed buffers in its place; the fp matrix is gone before the next one is read.
+transformers maps every shard for the whole load, so every page it reads would stay in the process's resident
+memory (26 GB of host RSS for a 13B model); after each planned weight the pages read so far are dropped from the
+process (planner.model.pages), and host memory stays near one shard's worth.
 With init="loftq" the LoftQ factors stay on the module as `lqplan_init` for PEFT adapters to start from.
 A model saved with save_pretrained holds the packed buffers and a config.json with the plan; loading that folder
 builds the same modules and reads the buffers as they are (no quantization). register() (run on import) makes
@@ -37,6 +40,7 @@ from quant.qalora import QALoRALinear
 
 from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
+from ..model.pages import release_mapped_pages
 from ..plan.document import PlanEntry
 from ..profile.grid import GridPoint
 from ..train.apply import (
@@ -143,6 +147,7 @@ class LqplanQuantize(ConversionOps):
             out.update(self.hf_quantizer.quantize_weight(model, key, value))
             if missing_keys is not None:
                 missing_keys.discard(key)  # the weight is now the packed buffers, which are set in its place
+        release_mapped_pages(self.hf_quantizer.shard_files)
         return out
 
 
@@ -161,6 +166,7 @@ class LqplanHfQuantizer(HfQuantizer):
         self.targets: dict[str, tuple[str, PlanEntry, bool]] = {}  # weight name -> (module, entry, Conv1D?)
         self.recipe: LayerRecipe | None = None
         self.failure: Exception | None = None
+        self.shard_files: list[str] = []  # the safetensors files being read (their mapped pages are released)
 
     # ---- before loading ----------------------------------------------------------------------------------
     def validate_environment(self, *args, **kwargs):
@@ -181,6 +187,7 @@ class LqplanHfQuantizer(HfQuantizer):
         config = self.quantization_config
         plan = config.plan
         self.recipe = LayerRecipe.of(plan, config.init, iters=config.iters)
+        self.shard_files = [str(f) for f in checkpoint_files or [] if str(f).endswith(".safetensors")]
         if not self.pre_quantized:
             # a saved quantized folder has other bytes than the model the plan was made for: nothing to compare
             check_fingerprint(model, plan, checkpoint_folder(model, checkpoint_files))
@@ -251,6 +258,7 @@ class LqplanHfQuantizer(HfQuantizer):
 
     # ---- after loading -----------------------------------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs):
+        release_mapped_pages(self.shard_files)  # what was read after the last planned weight
         if self.failure is not None:
             raise self.failure  # a UserError from build_layer (e.g. non-finite weights), or out of memory
         for name in self.modules:
