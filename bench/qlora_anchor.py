@@ -2,6 +2,8 @@
 (BitsAndBytesConfig, bf16 compute), PEFT LoRA of rank 16 on the seven projections, AdamW, the same pydoc token
 blocks and batch as `lqplan train`, gradient checkpointing in train mode (transformers only checkpoints then).
 Prints one JSON line: GPU peaks from process start (allocated, reserved), host max RSS, tokens/s, load seconds.
+--profile-steps N: N more steps under torch.profiler after the timed ones, their time per step by kind of kernel
+(bench/kernel_summary.py) in the JSON under "profile" (the peaks and tokens/s are read before them).
 
     python bench/qlora_anchor.py --model /var/tmp/llama13b --batch-size 4 --max-len 512 --steps 20 \
         --gradient-checkpointing --out reports/memory-raw/qlora.json
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from planner.corpus import real_text_splits  # noqa: E402
 from planner.train.data import causal_blocks  # noqa: E402
@@ -35,6 +38,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--profile-steps", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from peft import LoraConfig, get_peft_model
@@ -59,7 +63,8 @@ def main(argv=None) -> dict:
     opt = torch.optim.AdamW(params, lr=2e-4)
     gen = torch.Generator().manual_seed(0)
     rates = []
-    for _ in range(args.steps):
+
+    def step():
         ids = blocks[torch.randint(len(blocks), (args.batch_size,), generator=gen)].to(dev)
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -71,6 +76,10 @@ def main(argv=None) -> dict:
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         rates.append(ids.numel() / (time.perf_counter() - t))
+        return loss
+
+    for _ in range(args.steps):
+        loss = step()
     result = {"arm": "qlora-bnb-nf4-dq+peft", "model": args.model, "batch_size": args.batch_size,
               "max_len": args.max_len, "steps": args.steps, "rank": args.rank,
               "gradient_checkpointing": args.gradient_checkpointing,
@@ -80,6 +89,14 @@ def main(argv=None) -> dict:
               "peak_reserved_bytes": torch.cuda.max_memory_reserved(dev),
               "host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "final_loss": float(loss.detach()), "trainable_params": sum(q.numel() for q in params)}
+    if args.profile_steps:
+        from kernel_summary import summarize
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.profile_steps):
+                step()
+        result["profile"] = summarize(prof, args.profile_steps)
     print(json.dumps(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
