@@ -1,6 +1,8 @@
 """Where does a real decoder's perplexity go wrong on a GPU? Issue 18's H200 study scored QLoRA NF4 b64 with
 zero-initialised adapters (exactly the quantized model) at perplexity 2,453 before fine-tuning, where this CPU
-scores the same plan on the same weights at 23.05 (fp 17.29).
+scores the same plan on the same weights at 23.05 (fp 17.29). The cause was found since: the H200's transformers
+5.17.0 rebuilt Gemma 3's GGUF tokenizer as a Unigram model without merges (docs/models.md); the tokenizer is now
+loaded with its known-answer check, so this script compares the forward passes only.
 
 One run scores Gemma 3 270M on the same held-out windows in every combination that could explain it, side by side
 with the CPU reference of the same combination:
@@ -88,13 +90,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="reports/decoder-gpu-check")
     args = p.parse_args(argv)
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from planner.model.discover import discover_matrices
+        from planner.model.tokenizer import load_tokenizer
 
         dev = resolve_device(args.device)
         source = resolve_model(args.model)
-        tokenizer = AutoTokenizer.from_pretrained(source.folder)
+        tokenizer = load_tokenizer(source.folder)
         texts = real_text_splits()["heldout"][:args.texts]
         plan = qlora_plan(source, discover_matrices(source))
         models = {}

@@ -39,13 +39,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=None)
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
+
+    from planner.model.tokenizer import load_tokenizer
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     source = resolve_model(args.model)
-    config = AutoConfig.from_pretrained(args.model)
-    tok = AutoTokenizer.from_pretrained(args.model)
+    config = AutoConfig.from_pretrained(source.folder)
+    tok = load_tokenizer(source.folder)
     texts = real_text_splits()["train"]
     rows = []
     for plan_path in args.plans:

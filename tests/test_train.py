@@ -250,6 +250,9 @@ def test_finetune_command_helper_end_to_end(tiny_llama, tok, tmp_path):
     held = real_text_splits()["heldout"][:4]
     assert report["full_precision"] == pytest.approx(perplexity(fp, tok, held, max_len=32, stride=16), rel=1e-6)
     assert "| quantized, after fine-tuning |" in (tmp_path / "run" / "train_report.md").read_text()
+    from planner.model.tokenizer import tokenizer_digest
+    assert report["tokenizer"] == tokenizer_digest(tok)  # the results that depend on tokens name the tokenizer
+    assert f"Tokenizer: `{report['tokenizer']}`" in (tmp_path / "run" / "train_report.md").read_text()
     loaded, _ = load_quantized(tmp_path / "run" / "quantized")
     assert sum(p.requires_grad for p in loaded.parameters()) == 2 * len(plan.matrices)
     # `lqplan evaluate`'s library call scores the reloaded model exactly as the run's final evaluation did

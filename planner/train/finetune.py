@@ -206,6 +206,7 @@ def write_report(result: dict, out_dir) -> dict:
         f"{r['global_batch']} sequences of <= {r['max_len']} tokens (batch {r['batch_size']} x "
         f"{r['world_size']} ranks x {r['grad_accum']} accumulation), lr {r['lr']:g}.",
         *([f"Weights: {r['weights']}."] if r.get("weights") else []),
+        *([f"Tokenizer: `{r['tokenizer']}`."] if r.get("tokenizer") else []),
         "", f"| metric ({r['metric']}) | value |", "|---|---|",
         f"| full-precision model | {fmt(r['full_precision'])} |",
         f"| quantized, before fine-tuning | {fmt(r['before'])} |",
