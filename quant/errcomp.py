@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .blockwise import QuantizedTensor, _quantize_blocks
+from .blockwise import QuantizedTensor, quantize_blocks
 from .codebooks import codebook, midpoints
 from .config import QuantConfig
 from .packing import pack_codes
@@ -41,7 +41,7 @@ def gptq_quantize(target: torch.Tensor, config: QuantConfig, chol: torch.Tensor,
     m, n = target.shape
     if chol.shape != (n, n):
         raise ValueError(f"the input covariance factor has shape {tuple(chol.shape)}; the matrix needs ({n}, {n})")
-    codes_ref, scale_f, _, stored = _quantize_blocks(target.float(), config)
+    codes_ref, scale_f, _, stored = quantize_blocks(target.float(), config)
     numel = m * n
     scale = scale_f.repeat_interleave(config.blocksize)[:numel].view(m, n).double()
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)

@@ -138,7 +138,7 @@ def test_encoder_statistics_leave_padding_out(minilm_path):
 def test_the_cache_holds_one_layer_and_reuses_the_pass(llama_folder, tmp_path, monkeypatch):
     source = resolve_model(str(llama_folder))
     matrices = discover_matrices(source)
-    stats, key = get_output_stats(source, matrices, "pydoc", tmp_path, TOKENS, "cpu", False, 0.01)
+    stats, key, _ = get_output_stats(source, matrices, "pydoc", tmp_path, TOKENS, "cpu", False, 0.01)
     folder = stats.folder
     assert folder.parent.name == "output-stats" and key == folder.name and key.endswith(f"-{TOKENS}")
     index = json.loads((folder / "index.json").read_text())
@@ -151,7 +151,7 @@ def test_the_cache_holds_one_layer_and_reuses_the_pass(llama_folder, tmp_path, m
     import planner.profile.output_stats as mod
 
     monkeypatch.setattr(mod, "compute_output_stats", lambda *a, **k: pytest.fail("the cached pass was recomputed"))
-    again, _ = get_output_stats(source, matrices, "pydoc", tmp_path, TOKENS, "cpu", False, 0.01)
+    again, *_ = get_output_stats(source, matrices, "pydoc", tmp_path, TOKENS, "cpu", False, 0.01)
     name = matrices[0].name
     assert torch.equal(again.get(name).chol, stats.get(name).chol)
 
@@ -204,7 +204,7 @@ def test_an_output_plan_records_its_objective_and_minimises_the_output_error(out
     # the plan's total is the sum of its matrices' output errors, each what the weighted decomposition gives
     assert plan.totals["error"] == pytest.approx(sum(e.error for e in plan.matrices), rel=1e-12)
     source = resolve_model(str(llama_folder))
-    stats, _ = get_output_stats(source, discover_matrices(source), "pydoc", root / "cache", TOKENS, "cpu", False, 0.01)
+    stats, *_ = get_output_stats(source, discover_matrices(source), "pydoc", root / "cache", TOKENS, "cpu", False, 0.01)
     settings = ProfileSettings(make_grid("2,4", "64", "4"), iters=2, calib="pydoc", objective="output")
     assert weighted_plan_error(source, plan, stats, True, settings, "cpu") == pytest.approx(plan.totals["error"],
                                                                                            rel=2e-2)

@@ -27,9 +27,11 @@ from .tokenizer import KnownAnswer, known_answer_error, read_tokenizer
 
 MARKER = "lqplan-packaged.json"  # written last into the assembled folder: its presence means the folder is complete
 TOKENIZER_FILE = "tokenizer.json"
-# The transformers release that rebuilds these GGUF tokenizers right (checked against each model's known answer;
-# 5.17 rebuilds Gemma 3's as a Unigram model). pyproject.toml's extras hold the same floor.
-TRANSFORMERS_FLOOR = "5.25"
+# The first transformers release that rebuilds both GGUF tokenizers right: 5.23.0, 5.24.0 and 5.25.0 write the same
+# tokenizer.json for each; 5.20.2 and 5.22.2 rebuild Gemma 3's merges but not the BOS its tokenizer adds; 5.17.0
+# rebuilds Gemma 3's as a Unigram model without merges and gives SmolLM2's EOS as its BOS. pyproject.toml's gemma
+# extra holds the same floor.
+TRANSFORMERS_FLOOR = "5.23"
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def part_paths(spec: PackagedModel) -> list[Path]:
             what = f"{package} is not installed" if folder is None else f"{folder / file} is missing"
             raise UserError(f"--model {spec.alias} needs its packaged weights ({what}); run `{spec.install}`")
         paths.append(folder / file)
-    if importlib.util.find_spec("gguf") is None:
+    if _package_folder("gguf") is None:  # found as the parts are, without importing it
         raise UserError(f"--model {spec.alias} needs the gguf reader (gguf is not installed); run `{spec.install}`")
     return paths
 
@@ -162,11 +164,25 @@ def convert(spec: PackagedModel, gguf: Path, out: Path) -> None:
     The tokenizer is rebuilt and checked first: a wrong one stops the assembly before the weights are read.
     config.json loses quantization_config (the saved weights are plain fp32; lqplan refuses quantized folders)
     and gains `architectures` when the conversion left it out."""
+    tokenizer = read_tokenizer(gguf.parent, gguf_file=gguf.name)
+    check_tokenizer(spec, tokenizer, "rebuilt from its GGUF", upgrade_hint())
+    convert_weights(gguf, out, spec.architecture)
+    tokenizer.save_pretrained(out)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("quantization_config", None)  # save_pretrained can re-add it from the loading kwargs
+    config.setdefault("architectures", [spec.architecture])
+    write_portable_config(config_path, config)
+    for path in out.iterdir():
+        path.chmod(0o644)  # safetensors creates its file 0600; the folder is a shared, read-only cache
+
+
+def convert_weights(gguf: Path, out: Path, architecture: str) -> None:
+    """The GGUF's weights dequantized to fp32 by transformers, saved to `out` (model.safetensors, config.json). The
+    weights are the same bytes from every transformers 5.x checked (5.17 to 5.25), whichever tokenizer it builds."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = read_tokenizer(gguf.parent, gguf_file=gguf.name)
-    check_tokenizer(spec, tokenizer, "rebuilt from its GGUF", upgrade_hint())
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                  local_files_only=True)
     # The weights are dequantized fp32 tensors: drop what marks the model GGUF-quantized (transformers refuses to
@@ -177,16 +193,8 @@ def convert(spec: PackagedModel, gguf: Path, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if not getattr(model.config, "architectures", None):
-        model.config.architectures = [spec.architecture]
+        model.config.architectures = [architecture]
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
-    config.pop("quantization_config", None)  # save_pretrained can re-add it from the loading kwargs
-    config.setdefault("architectures", [spec.architecture])
-    write_portable_config(config_path, config)
-    for path in out.iterdir():
-        path.chmod(0o644)  # safetensors creates its file 0600; the folder is a shared, read-only cache
 
 
 def write_portable_config(path: Path, config: dict) -> None:

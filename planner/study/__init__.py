@@ -1,0 +1,8 @@
+"""The decoder study on one GPU (bench/gpu_study.py): for each real decoder, profile once per objective, plan every
+budget from the cached profiles, build the uniform and QLoRA arms, measure every arm's KL before fine-tuning, give
+every arm the same fine-tune, and judge claims (a)-(e) with their numbers.
+
+Modules: `settings` (what one study run is), `calls` (every `lqplan` command the study runs, one function each),
+`arms` (QLoRA's bits, the uniform plans), `runner` (processes in parallel under a deadline and a GPU-memory
+budget), `claims`, `report` (table, plots, environment), `run` (the whole study), `stage` (bringing the wheels
+and the CPU-assembled model files onto the GPU machine in pieces)."""

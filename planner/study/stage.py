@@ -1,0 +1,418 @@
+"""Bringing a study's inputs onto the GPU machine, whose calls each carry at most 64 MiB and which keeps /var/tmp only
+while it stays warm between quick calls.
+
+prepare (here, in the checkout that the device calls send): the wheels the device lacks (pinned to the versions
+installed here) and each model's small files as assembled here (config, tokenizer, provenance marker: everything
+but the weights, whose sha256 is recorded instead) are laid end to end in one payload and cut into pieces that fit
+one call beside the working tree. manifest.json names every file's place and sha256 and every assembled file's
+sha256; RUN.md holds the exact device commands.
+
+put (device, one call per piece): checks the piece's sha256 and keeps it under /var/tmp.
+
+install (device, the last call): reads the needed files back out of the pieces, checks each, installs the wheels
+into one folder (PYTHONPATH), joins each model's GGUF from the installed packages, converts it to fp32 safetensors
+with the device's own transformers and requires every byte of the result to equal the assembly made here. The
+tokenizer therefore comes from here (the device's transformers 5.17 converts Gemma 3's GGUF tokenizer wrongly, but
+reads a tokenizer.json written by 5.25 to the same ids), and the folder is byte for byte the CPU machine's: same
+fingerprint, same tokenizer digest.
+
+The put step imports nothing beyond the standard library, so a piece call costs seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+SCHEMA = "lqplan.device-stage/1"
+MiB = 1 << 20
+CALL_LIMIT = 64 * MiB  # what one device call may carry, the working tree included
+PIECE_CAP = 55 * 10**6  # under the 60 MB the device's notes ask for
+DEVICE_PYTHON = "3.12"
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64")
+# Packages lqplan imports that the device image lacks (its list: /work/.library/device/KINDS.md), as distributions.
+DEVICE_DEPS = ("PuLP", "highspy", "gguf")
+DEVICE_ROOT = Path("/var/tmp/lqstage")
+DEVICE_SITE = Path("/var/tmp/lqsite")
+DEVICE_MODELS = Path("/var/tmp/lqmodels")
+DEVICE_WORK = Path("/var/tmp/lqstudy")
+
+
+class StageError(Exception):
+    """A stage step that cannot go on: one line naming the problem and the fix."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---- prepare (the CPU machine) -----------------------------------------------------------------------------------
+def tree_bytes(repo: Path) -> int:
+    """Bytes of what a device call sends besides `carry`: tracked and untracked-not-ignored files."""
+    out = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "-co", "--exclude-standard"], check=True,
+                         capture_output=True).stdout
+    total = 0
+    for name in filter(None, out.split(b"\0")):
+        path = repo / os.fsdecode(name)
+        if path.is_file() and not path.is_symlink():
+            total += path.stat().st_size
+    return total
+
+
+def piece_size(tree: int, manifest_bytes: int) -> int:
+    """The largest piece that fits one call beside the tree and the manifest, 1 MiB to spare, at most PIECE_CAP."""
+    room = CALL_LIMIT - tree - manifest_bytes - MiB
+    if room < 8 * MiB:
+        raise StageError(f"the working tree is {tree / MiB:.1f} MiB, leaving {room / MiB:.1f} MiB a call for pieces; "
+                         "remove large untracked files from the checkout (or ignore them) and prepare again")
+    return min(PIECE_CAP, room)
+
+
+def installed_version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        raise StageError(f"{dist} is not installed here; install it (the device gets the version installed "
+                         "here), then prepare again") from None
+
+
+def download_wheels(dists: list[str], folder: Path) -> list[Path]:
+    """Each distribution's wheel at the version installed here, for the device's Python and platform."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wheels = []
+    for dist in dists:
+        pin = f"{dist}=={installed_version(dist)}"
+        norm = dist.lower().replace("-", "_")
+        found = [p for p in folder.glob("*.whl") if p.name.lower().startswith(norm + "-")
+                 and p.name.split("-")[1] == installed_version(dist)]
+        if not found:
+            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                   "--python-version", DEVICE_PYTHON, "--implementation", "cp", "-d", str(folder), pin]
+            for tag in PLATFORMS:
+                cmd[-1:-1] = ["--platform", tag]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            found = [p for p in folder.glob("*.whl") if p.name.lower().startswith(norm + "-")
+                     and p.name.split("-")[1] == installed_version(dist)]
+            if done.returncode != 0 or not found:
+                raise StageError(f"pip download {pin} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        wheels.append(found[0])
+    return wheels
+
+
+def model_parts(alias: str) -> tuple[list[str], list[str], str]:
+    """A packaged model's wheels (distribution names), its GGUF as paths relative to the install folder in the
+    order they are joined, and the GGUF's sha256, from planner.model.packaged."""
+    from importlib.metadata import packages_distributions
+
+    from ..model.packaged import PACKAGED
+
+    if alias not in PACKAGED:
+        raise StageError(f"{alias!r} is not a packaged model; use one of {', '.join(PACKAGED)}")
+    spec = PACKAGED[alias]
+    owners = packages_distributions()
+    dists = []
+    for package, _ in spec.parts:
+        if package not in owners:
+            raise StageError(f"{package} is not installed here; run `{spec.install}`, then prepare again")
+        dists.append(owners[package][0])
+    return dists, [f"{package}/{file}" for package, file in spec.parts], spec.sha256
+
+
+def model_files(folder: Path) -> dict[str, dict]:
+    """sha256 and size of every file of an assembled model folder."""
+    return {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def meta_archive(folder: Path) -> bytes:
+    """The folder's files except the weights, as a deterministic tar.xz."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and p.suffix != ".safetensors":
+                info = tarfile.TarInfo(p.name)
+                info.size, info.mode, info.mtime = p.stat().st_size, 0o644, 0
+                with open(p, "rb") as f:
+                    tar.addfile(info, f)
+    return buf.getvalue()
+
+
+def prepare(models: dict[str, Path], stage: Path, repo: Path) -> dict:
+    """models: alias -> the folder assembled here. Writes stage/piece-NN, stage/manifest.json, stage/RUN.md."""
+    stage.mkdir(parents=True, exist_ok=True)
+    wheels_dir = stage / "wheels"
+    entries = []  # (name, path, kind, model)
+    for w in download_wheels(list(DEVICE_DEPS), wheels_dir):
+        entries.append((w.name, w, "wheel", None))
+    record = {}
+    for alias, folder in models.items():
+        dists, gguf, gguf_sha256 = model_parts(alias)
+        folder = Path(folder)
+        if not any(folder.glob("*.safetensors")):
+            raise StageError(f"{folder} holds no *.safetensors; assemble {alias} here first (lqplan plan --model "
+                             f"{alias} does), then prepare again")
+        meta = stage / f"{alias}-meta.tar.xz"
+        _write_atomic(meta, meta_archive(folder))
+        entries.append((meta.name, meta, "meta", alias))
+        record[alias] = {"files": model_files(folder), "gguf": gguf, "gguf_sha256": gguf_sha256,
+                         "architecture": json.loads((folder / "config.json").read_text())["architectures"][0]}
+        for w in download_wheels(dists, wheels_dir):
+            entries.append((w.name, w, "wheel", alias))
+
+    manifest = {"schema": SCHEMA, "models": record,
+                "versions": {d: installed_version(d) for d in ("transformers", "torch")}}
+    files = [{"name": name, "size": path.stat().st_size, "kind": kind, "model": model}
+             for name, path, kind, model in entries]
+    room = len(json.dumps(manifest)) + 400 * len(files) + 200 * (sum(f["size"] for f in files) // (8 * MiB) + 2)
+    manifest.update(lay_out([path for _, path, _, _ in entries], files, stage, piece_size(tree_bytes(repo), room)))
+    _write_atomic(stage / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    return manifest
+
+
+def lay_out(paths: list[Path], files: list[dict], stage: Path, size: int) -> dict:
+    """The files laid end to end and cut into stage/piece-NN of `size` bytes: {"files" (each with its offset and
+    sha256), "pieces", "total", "piece_size"}."""
+    offset = 0
+    for f, path in zip(files, paths):
+        f.update(offset=offset, sha256=sha256_file(path))
+        offset += f["size"]
+    total = offset
+    for old in stage.glob("piece-*"):
+        old.unlink()
+    pieces, start, reader = [], 0, _Concat(paths)
+    while start < total:
+        data = reader.read(start, min(size, total - start))
+        name = f"piece-{len(pieces) + 1:02d}"
+        _write_atomic(stage / name, data)
+        pieces.append({"name": name, "offset": start, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        start += len(data)
+    return {"files": files, "pieces": pieces, "total": total, "piece_size": size}
+
+
+class _Concat:
+    """Byte ranges of files laid end to end."""
+
+    def __init__(self, paths: list[Path]):
+        self.spans, at = [], 0
+        for p in paths:
+            n = Path(p).stat().st_size
+            self.spans.append((at, n, Path(p)))
+            at += n
+
+    def read(self, start: int, length: int) -> bytes:
+        out = bytearray()
+        for at, n, path in self.spans:
+            lo, hi = max(start, at), min(start + length, at + n)
+            if lo < hi:
+                with open(path, "rb") as f:
+                    f.seek(lo - at)
+                    out += f.read(hi - lo)
+        return bytes(out)
+
+
+def pieces_for(manifest: dict, models: list[str]) -> list[dict]:
+    """The pieces that hold the deps and these models' files."""
+    want = [f for f in manifest["files"] if f["model"] is None or f["model"] in models]
+    return [p for p in manifest["pieces"]
+            if any(f["offset"] < p["offset"] + p["size"] and p["offset"] < f["offset"] + f["size"] for f in want)]
+
+
+# ---- put / install (the device) ----------------------------------------------------------------------------------
+def put(piece: Path, manifest_path: Path, root: Path = DEVICE_ROOT) -> str:
+    """Keep one carried piece under `root` after checking it; returns a one-line status of what is there."""
+    manifest = json.loads(manifest_path.read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    known = {p["name"]: p for p in manifest["pieces"]}
+    if piece.name not in known:
+        raise StageError(f"{piece.name} is not in {manifest_path}; carry a piece that prepare wrote")
+    got = sha256_file(piece)
+    if got != known[piece.name]["sha256"]:
+        raise StageError(f"{piece.name} has sha256 {got[:12]}…, not {known[piece.name]['sha256'][:12]}…; "
+                         "prepare again and send the new pieces")
+    shutil.copyfile(manifest_path, root / f".{MANIFEST}.tmp")
+    os.replace(root / f".{MANIFEST}.tmp", root / MANIFEST)
+    shutil.copyfile(piece, root / f".{piece.name}.tmp")
+    os.replace(root / f".{piece.name}.tmp", root / piece.name)
+    return status(root)
+
+
+def status(root: Path = DEVICE_ROOT) -> str:
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"no stage under {root}: nothing sent yet, or the machine was given back since"
+    have = [p["name"] for p in manifest["pieces"] if _have(root, p)]
+    missing = [p["name"] for p in manifest["pieces"] if p["name"] not in have]
+    ready = [m for m in manifest["models"] if all(p["name"] in have for p in pieces_for(manifest, [m]))]
+    return (f"stage {root}: {len(have)} of {len(manifest['pieces'])} pieces here"
+            + (f"; missing {', '.join(missing)}" if missing else "") + f"; ready: {', '.join(ready) or 'none'}")
+
+
+def _have(root: Path, piece: dict) -> bool:
+    path = root / piece["name"]
+    return path.is_file() and path.stat().st_size == piece["size"]
+
+
+def read_range(manifest: dict, root: Path, start: int, length: int) -> bytes:
+    """Bytes [start, start + length) of the payload, read from the pieces under `root` that hold them."""
+    out = bytearray()
+    for p in manifest["pieces"]:
+        lo, hi = max(start, p["offset"]), min(start + length, p["offset"] + p["size"])
+        if lo < hi:
+            with open(root / p["name"], "rb") as f:
+                f.seek(lo - p["offset"])
+                out += f.read(hi - lo)
+    return bytes(out)
+
+
+def extract(manifest: dict, root: Path, models: list[str], out: Path) -> dict[str, Path]:
+    """The deps' and these models' files out of the pieces, each checked; name -> path."""
+    missing = [p["name"] for p in pieces_for(manifest, models) if not _have(root, p)]
+    if missing:
+        raise StageError(f"pieces {', '.join(missing)} are not on this machine (it was given back and started "
+                         "afresh, or they were never sent); send them again with `device_stage.py put`")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for f in manifest["files"]:
+        if not (f["model"] is None or f["model"] in models):
+            continue
+        data = read_range(manifest, root, f["offset"], f["size"])
+        if hashlib.sha256(data).hexdigest() != f["sha256"]:
+            raise StageError(f"{f['name']} read back from the pieces does not match its sha256; prepare again")
+        path = out / f["name"]
+        _write_atomic(path, data)
+        paths[f["name"]] = path
+    return paths
+
+
+def pip_install(wheels: list[Path], site: Path) -> None:
+    site.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--upgrade", "--target", str(site), *map(str, wheels)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise StageError(f"pip install into {site} failed: {(done.stderr or done.stdout).strip()[-400:]}")
+
+
+def assemble(alias: str, record: dict, meta: Path, site: Path, models_dir: Path, log=print) -> Path:
+    """The model folder, byte for byte the one assembled on the CPU machine, or StageError naming what differs."""
+    folder = models_dir / alias
+    if folder.is_dir() and model_files(folder) == record["files"]:
+        return folder
+    tmp = models_dir / f".{alias}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "gguf").mkdir(parents=True)
+    gguf = tmp / "gguf" / "model.gguf"
+    h = hashlib.sha256()
+    with open(gguf, "wb") as out:
+        for rel in record["gguf"]:
+            with open(site / rel, "rb") as f:
+                while block := f.read(1 << 24):
+                    h.update(block)
+                    out.write(block)
+    if h.hexdigest() != record["gguf_sha256"]:
+        raise StageError(f"{alias}: the joined GGUF has sha256 {h.hexdigest()[:12]}…, not the CPU machine's "
+                         f"{record['gguf_sha256'][:12]}…; the wheels differ, prepare again")
+    log(f"stage: converting {alias}'s GGUF with this machine's transformers")
+    from ..model.packaged import convert_weights  # not convert(): this machine's tokenizer rebuild is not used
+
+    convert_weights(gguf, tmp / "converted", record["architecture"])
+    (tmp / "model").mkdir()
+    os.replace(tmp / "converted" / "model.safetensors", tmp / "model" / "model.safetensors")
+    with tarfile.open(meta, "r:xz") as tar:
+        for member in tar.getmembers():
+            if not member.isfile() or "/" in member.name or member.name.startswith("."):
+                raise StageError(f"{meta.name} holds an unexpected entry {member.name!r}; prepare again")
+            (tmp / "model" / member.name).write_bytes(tar.extractfile(member).read())
+    got = model_files(tmp / "model")
+    if got != record["files"]:
+        diff = sorted(k for k in set(got) | set(record["files"]) if got.get(k) != record["files"].get(k))
+        raise StageError(f"{alias}: the assembled folder differs from the CPU machine's in {', '.join(diff)} "
+                         "(a transformers version that converts the weights differently?); the study would not run "
+                         "on the same model")
+    for p in (tmp / "model").iterdir():
+        p.chmod(0o644)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp / "model", folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def install(models: list[str], root: Path = DEVICE_ROOT, site: Path = DEVICE_SITE,
+            models_dir: Path = DEVICE_MODELS, log=print) -> dict[str, Path]:
+    """Extract, check, pip-install into `site` and assemble each model; alias -> its folder."""
+    manifest = json.loads((root / MANIFEST).read_text())
+    unknown = [m for m in models if m not in manifest["models"]]
+    if unknown:
+        raise StageError(f"{', '.join(unknown)} not staged (staged: {', '.join(manifest['models'])}); prepare with "
+                         "those models")
+    paths = extract(manifest, root, models, root / "files")
+    wheels = [paths[f["name"]] for f in manifest["files"] if f["kind"] == "wheel" and f["name"] in paths]
+    pip_install(wheels, site)
+    if str(site) not in sys.path:
+        sys.path.insert(0, str(site))
+    import importlib
+
+    importlib.invalidate_caches()
+    models_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for alias in models:
+        meta = paths[f"{alias}-meta.tar.xz"]
+        out[alias] = assemble(alias, manifest["models"][alias], meta, site, models_dir, log)
+        log(f"stage: {alias} -> {out[alias]} (every file equal to the CPU machine's assembly)")
+    return out
+
+
+# ---- the device commands -----------------------------------------------------------------------------------------
+def study_command(models: list[str], study_args: str) -> str:
+    """The study on the device: the staged folders, the work folder under /var/tmp (a rerun resumes there), the
+    deadline $T set by the call (its start + 575 s of the 600 s limit)."""
+    folders = " ".join(f"--model {m}={DEVICE_MODELS}/{m}" for m in models)
+    extra = f" {study_args.strip()}" if study_args.strip() else ""
+    return (f"python3 bench/gpu_study.py --device cuda {folders} --work {DEVICE_WORK}{extra} --out $OUT "
+            "--deadline-at $T")
+
+
+def run_calls(manifest: dict, models: list[str], study_args: str, stage: str = ".stage") -> list[dict]:
+    """The device `run` calls in order, as {"title", "command", "piece" (carried, or None), "timeout_s"}: for each
+    model in turn the pieces it still needs, the last of them also installing it and running the study on the
+    models so far (the work folder is kept, so the study resumes what an earlier call finished or left); then the
+    resume call."""
+    put = "python3 bench/device_stage.py put"
+    start = f"T=$(( $(date +%s) + 575 )); export PYTHONPATH={DEVICE_SITE} PYTHONUNBUFFERED=1; "
+    calls, sent = [], set()
+    for k, model in enumerate(models):
+        need = [p for p in pieces_for(manifest, [model]) if p["name"] not in sent]
+        sent |= {p["name"] for p in need}
+        for p in need[:-1]:
+            calls.append({"title": f"piece {p['name']} ({model})", "command": f"{put} {stage}/{p['name']}",
+                          "piece": p["name"], "timeout_s": 180})
+        last = f"{put} {stage}/{need[-1]['name']} && " if need else ""
+        calls.append({"title": f"{need[-1]['name'] + ', ' if need else ''}install {model}, the study on "
+                               f"{', '.join(models[:k + 1])}",
+                      "command": f"{start}{last}python3 bench/device_stage.py install --models {model} && "
+                                 f"{study_command(models[:k + 1], study_args)}",
+                      "piece": need[-1]["name"] if need else None, "timeout_s": 600})
+    calls.append({"title": f"resume the study on {', '.join(models)} if its deadline cut it",
+                  "command": start + study_command(models, study_args), "piece": None, "timeout_s": 600})
+    return calls
