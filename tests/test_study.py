@@ -293,7 +293,7 @@ def test_the_study_end_to_end_on_a_tiny_decoder(tmp_path, monkeypatch, minilm_pa
     seeded_tiny_llama(30522, max_position_embeddings=256).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_path, bos_token="[CLS]").save_pretrained(folder)
     caps = {"objectives": ["data-free", "fisher", "output"], "evaluate_plan": True,
-            "evaluate_flags": ["--cache", "--out", "--quiet"], "tie": True}
+            "evaluate_flags": ["--cache", "--eval-tokens", "--out", "--quiet"], "tie": True}
     monkeypatch.setattr(study_run.calls, "capabilities", lambda env=None: caps)
     monkeypatch.setattr(study_run, "Runner", _InProcess)
     s = tiny_settings((("tiny", str(folder)),), budgets=(4.5,), near_budget=5.0, objectives=("data-free",),
