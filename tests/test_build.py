@@ -119,4 +119,4 @@ def test_gpt2_conv1d_is_planned_with_fisher_weights_and_fine_tuned(gpt2, minilm_
                  "--out", str(tmp_path / "plan"), "--cache", str(tmp_path / "cache"), *grid]) == 0
     assert main(["train", "--plan", str(tmp_path / "plan" / "plan.json"), "--steps", "2", "--batch-size", "2",
                  "--max-len", "32", "--eval-texts", "2", "--out", str(tmp_path / "run"), "--no-save", "--quiet",
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--cache", str(tmp_path / "cache")]) == 0  # the plan's Fisher weights, reused

@@ -50,6 +50,17 @@ def test_nf_construction_follows_the_formula(bits):
     assert (built - _nf_by_formula(bits)).abs().max().item() <= 2e-7
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_nf_construction_is_bit_identical_to_scipy_stats_norm_ppf(bits):
+    """The construction reads N(0,1)'s quantiles from scipy.special.ndtri (a lighter import than scipy.stats):
+    every value equals the one norm.ppf gives, so no plan or packed byte changes."""
+    half = 2 ** (bits - 1)
+    positive = norm.ppf(torch.linspace(NF_OFFSET, 0.5, half + 1)[:-1].numpy()).tolist()
+    negative = (-norm.ppf(torch.linspace(NF_OFFSET, 0.5, half)[:-1].numpy())).tolist()
+    values = torch.tensor(positive + [0.0] + negative, dtype=torch.float32).sort().values
+    assert nf_construction(bits) == tuple((values / values.max()).tolist())
+
+
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_nf_codebook_structure(bits):
     t = nf_codebook(bits)

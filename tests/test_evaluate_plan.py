@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from planner import cli
 from planner.corpus import real_text_splits
+from planner.model.tokenizer import tokenizer_digest
 from planner.plan.document import Plan
 from planner.profile.grid import GridPoint
 from planner.train.apply import apply_plan, explicit_plan
@@ -112,9 +113,32 @@ def test_plan_scores_like_apply_plan_and_the_streamed_reference_like_the_residen
     assert streamed.stream and not scorer.stream
     assert streamed.score(plan_file)["kl"] == pytest.approx(doc["kl"], rel=1e-6)
     t = doc["tokens"]
-    assert (t["scored"], t["windows"], t["max_len"], t["stride"], t["bos"]) == (300, 9, 64, 32, 101)  # starts 0, 32, ..., 256
-    assert t["digest"] == streamed.windows.digest() and doc["plan"]["fisher_weighted"] is False
+    # windows start at text tokens 0, 32, ..., 256 (the last one reaches token 300)
+    assert (t["scored"], t["windows"], t["max_len"], t["stride"], t["bos"]) == (300, 9, 64, 32, 101)
+    assert t["digest"] == streamed.windows.digest() and doc["plan"]["objective"] == "data-free"
+    assert t["tokenizer"] == tokenizer_digest(AutoTokenizer.from_pretrained(llama))
     assert doc["full_precision_pass"] == {"streamed": False, "head_cached": True}
+
+
+def test_a_fisher_plan_is_built_with_the_fisher_weights_it_was_profiled_with(scorer, llama, tmp_path):
+    from planner.api import make_plan
+    from planner.model.resolve import resolve_model
+    from planner.profile.grid import make_grid
+    from planner.profile.objective import plan_weights
+    from planner.profile.settings import ProfileSettings
+
+    settings = ProfileSettings(make_grid("2,4", "64", "4"), iters=1, calib="pydoc", calib_tokens=256)
+    make_plan(str(llama), "5bits", settings, out_dir=tmp_path / "plan", cache_dir=tmp_path / "c", progress=False,
+              reports=False)
+    path = tmp_path / "plan" / "plan.json"
+    doc = scorer.score(path, cache_dir=tmp_path / "c")
+    assert doc["plan"]["objective"] == "fisher" and doc["plan"]["weights_key"].startswith("pydoc-")
+    plan = Plan.load(path)
+    weights = plan_weights(plan, resolve_model(str(llama)), tmp_path / "c", "cpu")
+    weighted = apply_plan(fp_model(llama), plan, model_path=llama, device="cpu", fisher=weights, progress=False)
+    plain = apply_plan(fp_model(llama), plan, model_path=llama, device="cpu", progress=False)
+    assert doc["kl"] == pytest.approx(scorer.score_model(weighted)["kl"], rel=1e-6)
+    assert abs(doc["kl"] - scorer.score_model(plain)["kl"]) > 1e-4 * doc["kl"]  # the weights made a difference
 
 
 def test_perplexities_equal_the_perplexity_function_on_the_same_windows(llama, plan_file, texts):

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from planner.model import packaged
+from planner.model.packaged import PACKAGED
+from planner.model.tokenizer import tokenizer_digest
 from planner.study import stage
 from planner.study.claims import claim_a, claim_b, claim_c, claim_d, claim_e, spearman
 from planner.study.runner import Runner, Task
@@ -218,14 +220,16 @@ def test_assemble_requires_every_byte_of_the_cpu_assembly(tmp_path, monkeypatch)
         stage.assemble("m2", record, meta, site, tmp_path / "models", log=lambda m: None)
 
 
-def test_known_answer_names_a_tokenizer_that_splits_the_text_differently(tmp_path, minilm_path):
+def test_known_answer_refuses_a_tokenizer_that_splits_the_text_differently(tmp_path, minilm_path):
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path)
     ok = known_answer("tiny", tmp_path)
-    assert ok["status"] == "no known answer" and ok["digest"].startswith("sha256:")
+    assert ok["status"] == "no known answer"
+    assert ok["digest"] == tokenizer_digest(AutoTokenizer.from_pretrained(tmp_path))  # the digest plans record
     bad = known_answer("smollm2-135m", tmp_path)  # a BERT WordPiece tokenizer is not SmolLM2's BPE
-    assert bad["status"] == "fail" and "instead of the 9" in bad["problem"] and bad["expected_tokens"] == 9
+    assert bad["status"] == "fail" and bad["expected_tokens"] == len(PACKAGED["smollm2-135m"].known.ids)
+    assert "instead of the 9 the model was trained with" in bad["problem"]
 
 
 # ---- arms --------------------------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ def test_tied_members_get_one_configuration_and_the_totals_are_their_own_rows():
     assert tied.total_error > untied.total_error and tied.total_bits <= budget
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(3))
 def test_tied_optimum_is_brute_force_and_never_below_the_untied_one(seed):
     rng = np.random.default_rng(seed)
     table = llama_table(layers=1, seed=seed, grid=make_grid("2,3,4", "32,64", "0"))
@@ -163,7 +163,7 @@ def test_tied_optimum_is_brute_force_and_never_below_the_untied_one(seed):
     lo = int(group_table(table, groups).groupby("matrix")["storage_bits"].min().sum())
     hi = int(table.groupby("matrix")["storage_bits"].max().sum())
     agreed = bound = 0
-    for frac in sorted(rng.uniform(0, 1, size=5).tolist()) + [0.0, 1.0]:
+    for frac in sorted(rng.uniform(0, 1, size=4).tolist()) + [0.0, 1.0]:
         budget = lo + int(frac * (hi - lo))
         untied, tied = solve(table, budget), solve(table, budget, tie=BOTH)
         assert members_agree(tied.choice, groups)
@@ -190,6 +190,8 @@ def test_tie_costs_nothing_when_the_untied_optimum_already_agrees():
     inst = Instance(table)
     agreed = 0
     for budget in (inst.min_bits + inst.inc_cum).tolist():
+        if agreed == 3:
+            break
         untied = solve(table, budget)
         if members_agree(untied.choice, groups) and len(set(untied.choice.values())) > 1:  # and not uniform
             tied = solve(table, budget, tie=BOTH)

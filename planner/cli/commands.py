@@ -20,7 +20,7 @@ from ..plan.budget import parse_budget
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
 from ..plan.tie import parse_tie
-from ..plan.train_memory import TrainShape, predict
+from ..plan.train_memory import ReferenceWeights, TrainShape, predict
 from ..profile.objective import calibration_weights
 from ..profile.grid import DEFAULT_RANKS, default_ranks, make_grid
 from ..profile.run import run_profile, save_table
@@ -153,7 +153,9 @@ def cmd_report(args) -> int:
     table = read_profile_csv(csv)
     _check_profile_matches(plan, table, csv.with_name("profile.json"))
     budget_bits = plan.totals.get("budget_bits", plan.budget.get("bits", plan.totals["bits"]))
-    stats = read_run_stats(folder)
+    # the phase timings were written after the first render: leaving them out renders what that render did
+    stats = {k: v for k, v in read_run_stats(folder).items()
+             if not k.startswith("phase_") and k != "seconds_from_process_start"}
     if "solver_seconds" in stats:  # a timing: kept out of plan.json, shown in the totals as the first render did
         plan.solver["seconds"] = stats.pop("solver_seconds")
     paths = write_reports(plan, table, out, budget_curve(table, plan.totals["params"], plan.method.get("tie") or ()),
@@ -237,12 +239,16 @@ def memory_of_plan(args) -> int:
                                             args.adapter_dtype)
     planned = {e.name for e in plan.matrices}
     matrices = [m for m in discover_matrices(source, include_head=True) if m.name in planned]
-    p = predict(source.config, plan.matrices, unplanned_bytes(source, matrices, float_bytes=2), shape)
+    p = predict(source.config, plan.matrices, unplanned_bytes(source, matrices, float_bytes=2), shape,
+                reference=ReferenceWeights.of(source.tensors))
     ckpt = "on" if shape.gradient_checkpointing else "off"
     print(f"predicted peak GPU memory of the fine-tune: {p['peak_bytes'] / 2**30:.2f} GiB (batch {shape.batch} x "
-          f"{shape.seq_len} tokens, checkpointing {ckpt}, {shape.optimizer}, {shape.adapter_dtype} adapters)")
+          f"{shape.seq_len} tokens, checkpointing {ckpt}, {shape.optimizer}, {shape.adapter_dtype} adapters), in "
+          f"its {p['peak_phase']} phase")
     for term, value in p["terms"].items():
         print(f"  {term:18} {value / 2**30:9.3f} GiB")
+    for phase, value in p["phases"].items():
+        print(f"  phase {phase:12} {value / 2**30:9.3f} GiB")
     return 0
 
 
@@ -252,7 +258,7 @@ def cmd_aliases(args) -> int:
     return 0
 
 
-def train_settings(args) -> TrainSettings:
+def train_settings(args):
     """The `lqplan train` flags as TrainSettings (which rejects a bad value in one line, before any work)."""
     from ..train.settings import TrainSettings
 
@@ -266,6 +272,8 @@ def train_settings(args) -> TrainSettings:
 
 
 def cmd_train(args) -> int:
+    from ..train.finetune import finetune
+
     settings = train_settings(args)
     _check_writable(args.out, "--out")  # before quantizing and training, not at the first checkpoint
     if args.data and args.text:
@@ -290,10 +298,11 @@ def cmd_train(args) -> int:
               f"{r['world_size']}; {r['metric']}: full precision {_fmt(r['full_precision'])}, before "
               f"{r['before']:.4f}, after {r['after']:.4f}; {rate} tokens/s; peak memory "
               f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']}, from process start)")
-        predicted = (r.get("predicted_memory") or {}).get("peak_bytes")
+        p = r.get("predicted_memory") or {}
+        predicted = p.get("peak_bytes")
         if predicted and r["peak_memory_kind"] == "cuda_allocated":
-            print(f"  memory model: predicted peak {predicted / 2**20:.0f} MiB, measured "
-                  f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_bytes'] / predicted:.3f}x)")
+            print(f"  memory model: predicted peak {predicted / 2**20:.0f} MiB (its {p['peak_phase']} phase), "
+                  f"measured {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_bytes'] / predicted:.3f}x)")
         if r.get("resumed_from") is not None:
             print(f"  resumed from the checkpoint at step {r['resumed_from']}")
         print(f"  report: {Path(args.out) / 'train_report.md'}")
@@ -327,22 +336,21 @@ def cmd_evaluate(args) -> int:
 
 def evaluate_plan_command(args, texts) -> int:
     """`lqplan evaluate --plan P`: one evaluate_plan call and its one-screen summary."""
-    from ..train.score import DEFAULT_EVAL_TOKENS, DEFAULT_MAX_LEN, HELDOUT
+    from ..train.score import HELDOUT
 
     _check_writable(args.out or Path(args.plan).parent, "--out")
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    r = evaluate_plan(args.plan, model=args.model, texts=texts, text_source=args.eval_text,
-                      eval_tokens=DEFAULT_EVAL_TOKENS if args.eval_tokens is None else args.eval_tokens,
-                      max_len=args.max_len or DEFAULT_MAX_LEN, stride=args.stride, batch_size=args.batch_size,
-                      device=args.device, stream=True if args.stream else None, out_dir=args.out,
-                      cache_dir=args.cache, progress=not args.quiet)
+    given = {k: getattr(args, k) for k in ("eval_tokens", "max_len", "stride", "batch_size")
+             if getattr(args, k) is not None}  # the others: PlanScorer's defaults
+    r = evaluate_plan(args.plan, model=args.model, out_dir=args.out, cache_dir=args.cache, texts=texts,
+                      text_source=args.eval_text, device=args.device, stream=True if args.stream else None,
+                      progress=not args.quiet, **given)
     p, t, ppl, s = r["plan"], r["tokens"], r["perplexity"], r["seconds"]
     print(f"evaluate: {r['model']['name']} with plan {p['path']} ({p['bits_per_param']:.4f} bits/param, predicted "
-          f"error {p['predicted_error']:.6g}; {p['init']} T={p['iters']}"
-          f"{', Fisher-weighted' if p['fisher_weighted'] else ''})")
+          f"error {p['predicted_error']:.6g}; {p['init']} T={p['iters']}, {p['objective']} decomposition)")
     where = "the built-in held-out prose" if t["source"] == HELDOUT else t["source"]
     print(f"  text: {t['scored']} tokens of {where} in {t['windows']} windows of <= {t['max_len']} tokens, stride "
           f"{t['stride']}{', BOS first' if t['bos'] is not None else ''}; token digest {t['digest']}")
@@ -366,6 +374,7 @@ def cmd_export(args) -> int:
     if args.checkpoint_format is not None and args.format != "gptq":
         raise UserError(f"--checkpoint-format applies to --format gptq, not --format {args.format}; drop it")
     _check_writable(args.out, "--out")
+    from ..hf.gptq import export_gptq
     from ..train.export import export_merged, export_peft, load_quantized
 
     model, plan = load_quantized(args.quantized)

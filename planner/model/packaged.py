@@ -27,9 +27,11 @@ from .tokenizer import KnownAnswer, known_answer_error, read_tokenizer
 
 MARKER = "lqplan-packaged.json"  # written last into the assembled folder: its presence means the folder is complete
 TOKENIZER_FILE = "tokenizer.json"
-# The transformers release that rebuilds these GGUF tokenizers right (checked against each model's known answer;
-# 5.17 rebuilds Gemma 3's as a Unigram model). pyproject.toml's extras hold the same floor.
-TRANSFORMERS_FLOOR = "5.25"
+# The first transformers release that rebuilds both GGUF tokenizers right: 5.23.0, 5.24.0 and 5.25.0 write the same
+# tokenizer.json for each; 5.20.2 and 5.22.2 rebuild Gemma 3's merges but not the BOS its tokenizer adds; 5.17.0
+# rebuilds Gemma 3's as a Unigram model without merges and gives SmolLM2's EOS as its BOS. pyproject.toml's gemma
+# extra holds the same floor.
+TRANSFORMERS_FLOOR = "5.23"
 
 
 @dataclass(frozen=True)

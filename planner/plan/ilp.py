@@ -16,13 +16,12 @@ Before the solver sees it, the instance is made small without changing its optim
    the incumbent; it gives the same plan as the dense table (dense_solve, used when the sparse lists outgrow the
    limits but the table fits). Past DP_MAX_CELLS / DP_MAX_BYTES the MIP solver below runs with a time limit. The DP
    is hand-written because branch and bound stalls on the instances real models give: layers whose matrices
-   have nearly equal errors make millions of near-equivalent plans, and HiGHS and CBC both ran out a 60 s limit
-   on a 132M Llama's 84 matrices (gap 1e-3 left), where the DP takes well under a second and is exact; on
-   near-symmetric 13B/70B tables (bench/bench_ilp.py) the sparse DP, searching alike matrices side by side,
-   proves the optimum in about 0.5 s at most (1.3 s under a load of 2).
-MIP solver: HiGHS, the one that meets issue 5's target (proven optimal in <= 5 s on 2 cores) on every 70B-sized
-instance measured (bench/bench_ilp.py, 560 x 48): 1.5-2.0 s with steps 1-4 and 3.5 s without, where CBC took 0.55 s,
-8.2 s and 4.7 s on three seeds/budgets with them and 16 s without; CBC (issue 3's choice) stays available as solver="cbc".
+   have nearly equal errors make millions of near-equivalent plans that HiGHS and CBC cannot separate within a
+   time limit, where the DP is exact and fast (timings: reports/benchmarks.md, section 3b).
+MIP solver: HiGHS by default (the faster of the two on 70B-sized instances, same section); CBC stays available as
+solver="cbc".
+With a tie (planner.plan.tie), the same steps run on the grouped table, where each fused group is one item whose
+costs and errors are its members' sums, and the choice is expanded back to the members.
 """
 
 from __future__ import annotations
@@ -139,7 +138,7 @@ def solve(table: pd.DataFrame, budget_bits: int, solver: str = DEFAULT_SOLVER, t
     if groups:
         sol = _solve(tied, budget_bits, solver, threads, time_limit, describe, fix_by_bound, exact_dp, _instance,
                      smallest="every matrix at its cheapest configuration, each tied group at the cheapest one all "
-                              "its members have")
+                              "its members take")
         sol = expand_solution(table, sol, groups)
     else:
         sol = _solve(table, budget_bits, solver, threads, time_limit, describe, fix_by_bound, exact_dp, _instance)
@@ -281,7 +280,8 @@ def error_budget_curve(table: pd.DataFrame, budgets_bits: list[int], solver: str
     """The LP curve (lp_bound, one pass) and the exact optimum at each budget (the table is prepared once, the
     exact DP solves each point; the time-limited MIP only where the DP's limits are exceeded); infeasible budgets
     get status "infeasible". tie: as solve's, at every budget (the LP curve is the tied instance's)."""
-    inst = Instance(tied_table(table, tie)[0])
+    tied, groups = tied_table(table, tie)
+    inst = Instance(tied)
     budgets = sorted(int(x) for x in budgets_bits)
     lp = lp_curve(inst, budgets)
     rows = []
@@ -289,7 +289,9 @@ def error_budget_curve(table: pd.DataFrame, budgets_bits: list[int], solver: str
         row = {"budget_bits": b, "budget_bits_per_param": b / inst.params if inst.params else math.nan,
                "lp_bound": lp_b}
         try:
-            sol = solve(table, b, solver=solver, threads=threads, time_limit=time_limit, tie=tie, _instance=inst)
+            sol = _solve(tied, b, solver, threads, time_limit, None, True, True, inst)
+            if groups:
+                sol = expand_solution(table, sol, groups)
         except InfeasibleBudget:
             rows.append({**row, "total_bits": math.nan, "bits_per_param": math.nan, "total_error": math.nan,
                          "bound": math.nan, "gap": math.nan, "status": "infeasible"})

@@ -2,7 +2,7 @@
 bounds. Pure functions over numpy arrays.
 
 Hand-written because no library solves MCKP exactly, and branch and bound (HiGHS, CBC) stalls on near-symmetric
-instances (layers whose errors agree to 1e-4): millions of near-equal plans to refute (issue 19).
+instances (layers whose errors agree to 1e-4): millions of near-equal plans to refute.
 
 Input: the restricted instance of planner.plan.ilp._restricted: rows sorted by matrix, then storage; each matrix's first
 row has shift (0 units, 0 error), its later ones more units and less error. For a target error G:

@@ -1,15 +1,16 @@
 """The MIP fallback for instances too large for the exact DP: the restricted knapsack through PuLP with HiGHS
-(highspy, warm-started from the incumbent) or PuLP's bundled CBC, under a time limit."""
+(highspy, warm-started from the incumbent) or PuLP's bundled CBC, under a time limit. PuLP is imported when the
+fallback runs, not with the planner: most plans are proven by the DP and never need it."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import warnings
 
 import numpy as np
-import pulp
 
 from ..errors import UserError
 from .instance import Instance, matrix_spans
@@ -33,33 +34,49 @@ def _silence_fd1():
         os.close(saved)
 
 
-class _HiGHSWarm(pulp.HiGHS):
-    """PuLP's HiGHS interface has no warm start; hand the variables' initial values to highspy before the run."""
+def _pulp():
+    try:
+        import pulp
+    except ImportError:
+        raise UserError("this plan needs the MIP fallback, which needs PuLP and HiGHS: pip install pulp highspy") \
+            from None
+    return pulp
 
-    def createAndConfigureSolver(self, lp):
-        with _silence_fd1():
-            super().createAndConfigureSolver(lp)
 
-    def callSolver(self, lp):
-        import highspy
+@functools.cache
+def _highs_warm():
+    """PuLP's HiGHS interface has no warm start: this subclass hands the variables' initial values to highspy
+    before the run."""
+    pulp = _pulp()
 
-        values = [0.0] * lp.solverModel.getNumCol()
-        for var in lp.variables():
-            values[var.index] = float(var.varValue or 0.0)
-        start = highspy.HighsSolution()
-        start.col_value = values
-        start.value_valid = True
-        lp.solverModel.setSolution(start)
-        super().callSolver(lp)
+    class HiGHSWarm(pulp.HiGHS):
+        def createAndConfigureSolver(self, lp):
+            with _silence_fd1():
+                super().createAndConfigureSolver(lp)
+
+        def callSolver(self, lp):
+            import highspy
+
+            values = [0.0] * lp.solverModel.getNumCol()
+            for var in lp.variables():
+                values[var.index] = float(var.varValue or 0.0)
+            start = highspy.HighsSolution()
+            start.col_value = values
+            start.value_valid = True
+            lp.solverModel.setSolution(start)
+            super().callSolver(lp)
+
+    return HiGHSWarm
 
 
 def _make_solver(name: str, threads: int, time_limit: float | None, gap_abs: float):
     # The model's objective is the error shifted by each matrix's cheapest kept row, a sum far from the total error
     # (the cheapest rows' errors are large), so a relative gap would be relative to the wrong number; the absolute
     # gap, RTOL times the total error, is the only stopping test.
+    pulp = _pulp()
     if name == "highs":
-        return _HiGHSWarm(msg=False, threads=threads, timeLimit=time_limit, gapRel=0.0, gapAbs=gap_abs,
-                          random_seed=0)
+        return _highs_warm()(msg=False, threads=threads, timeLimit=time_limit, gapRel=0.0, gapAbs=gap_abs,
+                              random_seed=0)
     if name == "cbc":
         # The CBC binary bundled with PuLP 3 (deprecated for PuLP 4, where COIN_CMD needs `pip install pulp[cbc]`).
         with warnings.catch_warnings():
@@ -72,7 +89,7 @@ def _make_solver(name: str, threads: int, time_limit: float | None, gap_abs: flo
 def solve_mip(inst: Instance, restricted, incumbent: np.ndarray, solver: str, threads: int,
                time_limit: float | None, gap_abs: float) -> tuple[np.ndarray, str]:
     rows, mats, ds, de, cap = restricted
-
+    pulp = _pulp()
     prob = pulp.LpProblem("mckp", pulp.LpMinimize)
     x = [prob.add_variable(f"x{r}", cat=pulp.LpBinary) for r in rows.tolist()]
     prob += pulp.LpAffineExpression(zip(x, de.tolist()))

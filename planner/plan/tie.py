@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from ..errors import UserError
@@ -104,32 +105,36 @@ def group_table(table: pd.DataFrame, groups: Sequence[TieGroup]) -> pd.DataFrame
     Raises UserError when a group's members have no label in common."""
     if not groups:
         return table
-    df = table.assign(matrix=table["matrix"].astype(str), label=table["label"].astype(str))
+    cols = [c for c in ("matrix", "label", "error", "storage_bits", "m", "n") if c in table.columns]
+    df = table.loc[:, cols].assign(matrix=table["matrix"].astype(str), label=table["label"].astype(str))
     item_of = {m: g.item for g in groups for m in g.members}
+    pos_of = {m: i for g in groups for i, m in enumerate(g.members)}
+    size_of = {g.item: len(g.members) for g in groups}
     member = df["matrix"].isin(item_of)
-    rows = df.loc[member]
-    shapes = "m" in df.columns and "n" in df.columns
-    parts = [df.loc[~member, [c for c in ("matrix", "label", "error", "storage_bits", "m", "n") if c in df.columns]]]
-    for g in groups:
-        mine = rows.loc[rows["matrix"].isin(g.members)]
-        count = mine.groupby("label", sort=False)["matrix"].transform("size")
-        common = mine.loc[count == len(g.members)]
-        if common.empty:
-            raise UserError(f"the {g.name} group {g.item} has no configuration that all its members have (a rank "
-                            f"or group size fits one member's shape only); widen --ranks/--groups or leave "
-                            f"{g.name} out of --tie")
-        # members in fused order, so the float sums do not depend on the table's row order
-        common = common.assign(_pos=common["matrix"].map({m: i for i, m in enumerate(g.members)}))
-        common = common.sort_values(["label", "_pos"], kind="mergesort")
-        agg = common.groupby("label", sort=False).agg(error=("error", "sum"), storage_bits=("storage_bits", "sum"))
-        agg = agg.reset_index().assign(matrix=g.item)
-        if shapes:
-            sizes = mine.drop_duplicates("matrix").set_index("matrix").loc[list(g.members)]
-            stacked = sizes["n"].nunique() == 1
-            agg["m"] = int(sizes["m"].sum()) if stacked else int((sizes["m"] * sizes["n"]).sum())
-            agg["n"] = int(sizes["n"].iloc[0]) if stacked else 1
-        parts.append(agg)
-    return pd.concat(parts, ignore_index=True)
+    rows = df.loc[member].assign(item=df.loc[member, "matrix"].map(item_of), pos=df.loc[member, "matrix"].map(pos_of))
+    count = rows.groupby(["item", "label"], sort=False)["pos"].transform("size")
+    common = rows.loc[count.to_numpy() == rows["item"].map(size_of).to_numpy()]
+    present = set(pd.unique(common["item"]))
+    missing = [g for g in groups if g.item not in present]
+    if missing:
+        g = missing[0]
+        raise UserError(f"the {g.name} group {g.item} has no configuration that all its members have (a rank "
+                        f"or group size fits one member's shape only); widen --ranks/--groups or leave "
+                        f"{g.name} out of --tie")
+    # members in fused order, so the float sums do not depend on the table's row order
+    common = common.sort_values(["item", "label", "pos"], kind="mergesort")
+    agg = common.groupby(["item", "label"], sort=False).agg(error=("error", "sum"),
+                                                            storage_bits=("storage_bits", "sum"))
+    agg = agg.reset_index().rename(columns={"item": "matrix"})
+    if "m" in cols and "n" in cols:
+        shapes = rows.drop_duplicates("matrix").assign(size=lambda d: d["m"] * d["n"])
+        by_item = shapes.groupby("item").agg(m=("m", "sum"), n=("n", "first"), inputs=("n", "nunique"),
+                                             size=("size", "sum"))
+        stacked = by_item["inputs"] == 1  # q/k/v and gate/up share their input: the fused matrix stacks rows
+        by_item["m"] = by_item["m"].where(stacked, by_item["size"])
+        by_item["n"] = by_item["n"].where(stacked, 1)
+        agg = agg.join(by_item[["m", "n"]].astype(np.int64), on="matrix")
+    return pd.concat([df.loc[~member], agg], ignore_index=True)
 
 
 def expand_choice(choice: dict[str, str], groups: Sequence[TieGroup]) -> dict[str, str]:

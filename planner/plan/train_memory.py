@@ -8,13 +8,19 @@ Llama-family decoder layer, per token: two RMSNorm inputs in fp32 (4h each) and 
 q (2h), k and v (2·kv each), the attention output (2h) and its log-sum-exp (4 per head), the MLP's gate, up,
 SiLU and product outputs (2i each) and each adapter's rank-r product (2r); fp32 adapters add one bf16 copy of
 their factors per layer. tests/test_train_memory.py checks these byte counts exactly against autograd's saved
-tensors on the CPU; the GPU's transient terms (loss backward, workspace) are measured (reports/memory.md)."""
+tensors on the CPU; the GPU's transient terms (loss backward, workspace) are measured (reports/memory.md).
+
+`lqplan train` has phases besides the training steps, and the predicted peak is the largest of them: building the
+student, the evaluations of the student (before and after training), and the full-precision reference pass (fp32,
+streamed one layer block at a time, before the student is built). The last two score EVAL_WINDOWS windows of
+seq_len tokens per forward; tests/test_train_memory.py checks their working sets against the CPU allocator."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from ..errors import UserError
+from ..model.weights import FLOAT_CODES
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 # optimizer state bytes per adapter parameter: AdamW keeps two moments at the parameter's dtype (fp32 here);
@@ -23,6 +29,7 @@ STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2, "sgd": 0}
 ADAPTER_DTYPES = {"fp32": 4, "bf16": 2}
 # cuBLAS keeps its workspace between GEMMs; measured on the H200 with torch 2.11 (reports/memory.md)
 CUDA_WORKSPACE = 32 * 2**20
+EVAL_WINDOWS = 4  # windows per forward of planner.train.evaluate.perplexity (the evaluations and the reference pass)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,56 @@ class Architecture:
                             "num_attention_heads, vocab_size): the training-memory model covers decoder LMs") from None
 
 
+@dataclass(frozen=True)
+class ReferenceWeights:
+    """What the streamed full-precision reference (planner.train.reference) holds, in fp32 bytes: every tensor
+    outside the numbered layer blocks (`outside`, loaded once), the largest block's tensors (`block`, one block on the
+    device at a time), and the values of the largest single tensor (`largest`: read at its stored 16-bit dtype and
+    cast on the device, so both copies exist for a moment)."""
+    outside: int
+    block: int
+    largest: int
+
+    @classmethod
+    def of(cls, tensors: dict) -> "ReferenceWeights":
+        """From a model's safetensors entries (key -> TensorEntry): floating tensors at 4 bytes a value."""
+        outside, blocks, largest = 0, {}, 0
+        for key, e in tensors.items():
+            values = 1
+            for d in e.shape:
+                values *= d
+            size = 4 * values if e.dtype in FLOAT_CODES else e.nbytes
+            layer = _layer_of(key)
+            if layer < 0:
+                outside += size
+            else:
+                blocks[layer] = blocks.get(layer, 0) + size
+            largest = max(largest, values)
+        return cls(outside, max(blocks.values(), default=0), largest)
+
+
+def reference_peak_bytes(arch: "Architecture", weights: ReferenceWeights, seq_len: int) -> int:
+    """The reference pass's peak: its resident weights plus the largest of its working sets for EVAL_WINDOWS windows
+    of seq_len tokens (n tokens), all fp32: a tensor being loaded (its 16-bit read beside its fp32 copy); a layer's
+    forward (the block's input, the residual and the normed input, 3·4h per token, and the MLP's activation, up
+    projection and their product, 3·4i); the head (the fp32 logits, 4V per token, beside the final norm's output
+    during the projection or one window's log-softmax after it)."""
+    n = EVAL_WINDOWS * seq_len
+    h, i, v = arch.hidden, arch.intermediate, arch.vocab
+    work = max(2 * weights.largest, 4 * n * (3 * h + 3 * i), 4 * n * v + 4 * max(n * h, seq_len * v))
+    return weights.outside + weights.block + work + CUDA_WORKSPACE
+
+
+def eval_work_bytes(arch: "Architecture", seq_len: int, largest: int) -> int:
+    """The working set of one evaluation forward of the student (no autograd, 16-bit activations) over EVAL_WINDOWS
+    windows of seq_len tokens (n tokens): a layer's (block input, residual and normed input, 3·2h per token; the MLP's
+    activation, up projection and product, 3·2i; the largest matrix dequantized, 2 bytes a value) or the head's (the
+    16-bit logits, 2V per token, beside the final norm's output or one window's fp32 copy and log-softmax, 8V)."""
+    n = EVAL_WINDOWS * seq_len
+    h, i, v = arch.hidden, arch.intermediate, arch.vocab
+    return max(2 * n * (3 * h + 3 * i) + 2 * largest, 2 * n * v + max(2 * n * h, 8 * seq_len * v))
+
+
 def layer_activation_bytes(arch: Architecture, tokens: int, ranks: list[int]) -> int:
     """Bytes autograd saves for one decoder layer of `tokens` tokens whose adapters have `ranks`."""
     h, i, kv = arch.hidden, arch.intermediate, arch.kv_dim
@@ -104,11 +161,12 @@ def apply_peak_bytes(packed: int, adapter_bytes: int, unplanned: int, largest: i
 
 
 def predict(config: dict, plan_entries, unplanned_train_bytes: int, shape: TrainShape,
-            zero_init: bool = False) -> dict:
-    """The predicted peak and its terms (bytes): the training phase's terms, and peak_bytes = the larger of their
-    sum and the build's peak (apply_peak_bytes). `plan_entries`: PlanEntry-like objects (name, shape, point);
-    `unplanned_train_bytes`: every tensor the plan does not cover, at its training dtype; `zero_init`: QLoRA's
-    initialisation (no LoftQ decomposition while building)."""
+            zero_init: bool = False, reference: ReferenceWeights | None = None) -> dict:
+    """The predicted peak and its terms (bytes): the training phase's terms, each phase's peak (`phases`: build,
+    evaluate, train, and reference when `reference` is given) and peak_bytes, the largest of them (`peak_phase`).
+    `plan_entries`: PlanEntry-like objects (name, shape, point); `unplanned_train_bytes`: every tensor the plan does
+    not cover, at its training dtype; `zero_init`: QLoRA's initialisation (no LoftQ decomposition while building);
+    `reference`: the streamed full-precision reference pass's weights, when the run includes that pass."""
     arch = Architecture.from_config(config)
     packed = adapter_params = largest = 0
     ranks_by_layer: dict[int, list[int]] = {}
@@ -131,8 +189,16 @@ def predict(config: dict, plan_entries, unplanned_train_bytes: int, shape: Train
              "activations": activations, "logits_and_loss": head,
              "cuda_workspace": CUDA_WORKSPACE}
     build = apply_peak_bytes(packed, terms["adapter_params"], unplanned_train_bytes, largest, zero_init)
-    return {"shape": shape.to_dict(), "terms": terms, "train_peak_bytes": sum(terms.values()),
-            "apply_peak_bytes": build, "peak_bytes": max(sum(terms.values()), build), "adapter_params": adapter_params}
+    # the last evaluation runs after the last step: the optimizer's states exist, the gradients were freed
+    evaluate = (packed + unplanned_train_bytes + terms["adapter_params"] + terms["optimizer_states"]
+                + eval_work_bytes(arch, shape.seq_len, largest) + CUDA_WORKSPACE)
+    phases = {"build": build, "evaluate": evaluate, "train": sum(terms.values())}
+    if reference is not None:
+        phases["reference"] = reference_peak_bytes(arch, reference, shape.seq_len)
+    peak_phase = max(phases, key=phases.get)
+    return {"shape": shape.to_dict(), "terms": terms, "train_peak_bytes": phases["train"],
+            "apply_peak_bytes": build, "phases": phases, "peak_phase": peak_phase, "peak_bytes": phases[peak_phase],
+            "adapter_params": adapter_params}
 
 
 def train_cost_bits(point, shape, train: TrainShape) -> int:
@@ -173,10 +239,11 @@ def _layer_of(name: str) -> int:
 def fixed_bytes(config: dict, unplanned_train_bytes: int, shape: TrainShape, ranks_hint: int) -> int:
     """What the fine-tune needs besides the planned matrices' packed storage and adapter training state, for a
     budget in GPU bytes: unplanned tensors, activations (with adapters of rank `ranks_hint` for their rank-r
-    products), logits and loss, workspace."""
+    products), logits and loss, or an evaluation's working set where that is larger, and the workspace."""
     arch = Architecture.from_config(config)
     per_layer = layer_activation_bytes(arch, shape.tokens, [ranks_hint] * 7)
     head = head_bytes(arch, shape.tokens)
     largest = max(arch.intermediate, arch.hidden) * arch.hidden
     activations = _activations(arch, shape, per_layer, arch.layers * per_layer, head, 2 * largest)
-    return unplanned_train_bytes + activations + head + CUDA_WORKSPACE
+    work = max(activations + head, eval_work_bytes(arch, shape.seq_len, largest))
+    return unplanned_train_bytes + work + CUDA_WORKSPACE

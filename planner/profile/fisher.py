@@ -207,7 +207,7 @@ def get_fisher(source, matrices, calib: str, cache_dir: Path, tokens: int, devic
     text = load_calib(calib)
     tokenizer = load_tokenizer(source.folder)
     digest = tokenizer_digest(tokenizer)
-    key = f"{text.name.replace('/', '_')[-40:]}-{text.digest}-{tokens}-tok{short_digest(digest)}"
+    key = f"{text.name.replace('/', '_')[-40:]}-{text.digest}-{tokens}-tok_{short_digest(digest)}"
     path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "fisher" / f"{key}.safetensors"
     names = [m.name for m in matrices]
     if path.exists():

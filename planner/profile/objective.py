@@ -4,11 +4,14 @@ statistics (planner.profile.output_stats)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .fisher import get_fisher
 from .output_stats import get_output_stats
 from .settings import ProfileSettings
+
+log = logging.getLogger("lqplan")
 
 
 def calibration_weights(source, matrices, settings: ProfileSettings, cache_dir: Path, device, progress: bool):
@@ -39,26 +42,40 @@ def plan_objective(method: dict) -> str:
     return method.get("objective") or ("fisher" if method.get("fisher") else "data-free")
 
 
-def plan_weights(plan, source, cache_dir: Path, device, progress: bool = False):
-    """The weights a plan's own objective decomposes with, for applying it as it was profiled: the output statistics
-    of an output-aware plan (from the cache, or recomputed from the calibration source its method record names),
-    None for other plans."""
-    if plan_objective(plan.method) != "output":
-        return None
+def plan_calibration(plan, source, cache_dir: Path, device, progress: bool = False):
+    """(weights, key): the weights a plan's own objective decomposes with, for applying it as it was profiled, and
+    the key that names them: LQ-LoRA's Fisher row/column weights of a Fisher plan, the output statistics of an
+    output-aware plan (each from the cache, or recomputed from the calibration source its method record names);
+    (None, None) for a data-free plan."""
+    objective = plan_objective(plan.method)
+    if objective == "data-free":
+        return None, None
     from ..model.discover import discover_matrices
 
-    record = plan.method.get("output") or {}
+    record = plan.method.get(objective) or {}
     try:
-        settings = ProfileSettings(calib=record["source"], calib_tokens=int(record["tokens"]), objective="output",
-                                   damping=float(record["damping"]), rounding=record.get("rounding", "nearest"))
+        extra = {"damping": float(record["damping"]), "rounding": record.get("rounding", "nearest")} \
+            if objective == "output" else {}
+        settings = ProfileSettings(calib=record["source"], calib_tokens=int(record["tokens"]), objective=objective,
+                                   **extra)
     except (KeyError, TypeError, ValueError):
         from ..errors import UserError
 
-        raise UserError("the plan's method.output record lacks source, tokens or damping; re-plan with "
-                        "--objective output") from None
+        needs = "source, tokens or damping" if objective == "output" else "source or tokens"
+        raise UserError(f"the plan's method.{objective} record lacks {needs}; re-plan with --objective "
+                        f"{objective}") from None
     planned = set(plan.by_name())
     matrices = [m for m in discover_matrices(source, include_head=True) if m.name in planned]
-    return calibration_weights(source, matrices, settings, cache_dir, device, progress)[0]
+    weights, key, _ = calibration_weights(source, matrices, settings, cache_dir, device, progress)
+    if record.get("key") not in (None, key):  # an edited calibration file, or another tokenizer since planning
+        log.warning("the plan's %s weights were computed as %s, these are %s: the layers are not decomposed exactly "
+                    "as the plan was profiled", objective, record["key"], key)
+    return weights, key
+
+
+def plan_weights(plan, source, cache_dir: Path, device, progress: bool = False):
+    """The weights of plan_calibration (None for a data-free plan)."""
+    return plan_calibration(plan, source, cache_dir, device, progress)[0]
 
 
 def plan_rounding(method: dict) -> str:

@@ -85,12 +85,11 @@ class ModelStudy:
 
     def start(self) -> None:
         self.log(f"{self.name}: {len(self.matrices)} matrices, {self.params:,} planned parameters, QLoRA's bits "
-                 f"{self.qlora_bits}, tokenizer known answer: {self.tokenizer['status']}, digest "
-                 f"{self.tokenizer['digest']}")
+                 f"{self.qlora_bits}, tokenizer {self.tokenizer['status']} ({self.tokenizer['tokens']} tokens, "
+                 f"digest {self.tokenizer['digest']})")
         if self.tokenizer["status"] == "fail":
-            self.skipped = (f"its tokenizer {self.tokenizer['problem']}: a wrong conversion; assemble the folder "
-                            "with the tokenizer files of a machine whose transformers converts it right "
-                            "(docs/gpu-study.md)")
+            self.skipped = (f"the tokenizer {self.tokenizer['problem']}: a wrong conversion; assemble the folder "
+                            "with the tokenizer files of the CPU machine")
             self.log(f"{self.name}: SKIPPED: {self.skipped}")
             return
         # The plan at QLoRA's bits profiles (the profile.csv beside it is the objective's table); the other budgets

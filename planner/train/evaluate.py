@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..model.discover import is_causal_lm
 from ..model.tokenizer import bos_id, load_tokenizer, tokenizer_digest
 from ..model.weights import fingerprint
+from ..plan.train_memory import EVAL_WINDOWS
 from .export import load_quantized
 from .losses import mean_pool
 
@@ -129,7 +130,7 @@ def eval_windows(tokenizer, texts, max_len: int, stride: int, max_tokens: int | 
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, batch_size: int = 4,
+def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, batch_size: int = EVAL_WINDOWS,
                device=None, shard: bool = False) -> float:
     """exp(mean next-token NLL) over `texts` joined by blank lines, scored in the sliding BOS-first windows of
     eval_windows (EvalWindows says how).
@@ -145,10 +146,16 @@ def perplexity(model, tokenizer, texts, max_len: int = 512, stride: int = 256, b
     nll, count = 0.0, 0
     try:
         for batch, mask, labels in windows.batches(batch_size):
-            logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float()
-            positions, targets = next_token_targets(labels)
-            nll += float(F.cross_entropy(logits[positions.to(device)], targets.to(device), reduction="sum"))
-            count += targets.numel()
+            logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits
+            for row in range(labels.shape[0]):
+                # One window's scored positions at a time: the fp32 copy and log-softmax are that slice's, never the
+                # whole batch's logits (the largest tensors of an evaluation; planner.plan.train_memory counts them).
+                positions, targets = next_token_targets(labels[row:row + 1])
+                if targets.numel():
+                    nll += float(F.cross_entropy(logits[row:row + 1][positions.to(device)].float(), targets.to(device),
+                                                 reduction="sum"))
+                    count += targets.numel()
+            del logits  # not alive while the next batch's logits are computed
     finally:
         model.train(was_training)
     if world > 1:

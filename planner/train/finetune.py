@@ -21,8 +21,8 @@ from ..model.resolve import resolve_model
 from ..model.tokenizer import load_tokenizer, tokenizer_digest
 from ..model.weights import FLOAT_CODES
 from ..plan.document import Plan
-from ..plan.train_memory import TrainShape, predict
 from ..profile.objective import plan_weights
+from ..plan.train_memory import ReferenceWeights, TrainShape, predict
 from .apply import LayerRecipe, quantized_bytes
 from .build import build_student
 from .data import check_records_objective
@@ -30,7 +30,7 @@ from .evaluate import embedding_cosine, perplexity
 from .export import save_quantized
 from .loop import train
 from .parallel import setup_distributed
-from .reference import reference_perplexity
+from .reference import cached_reference_perplexity, reference_perplexity
 from .settings import TrainSettings
 
 ADAPTER_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -62,8 +62,9 @@ def training_dtype(device, s: TrainSettings) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def predicted_memory(source, plan: Plan, s: TrainSettings, dtype: torch.dtype) -> dict | None:
-    """The training-memory model's prediction for this run (decoders; None where the model has no decoder sizes)."""
+def predicted_memory(source, plan: Plan, s: TrainSettings, dtype: torch.dtype, reference: bool) -> dict | None:
+    """The training-memory model's prediction for this run, every phase it runs included (`reference`: the
+    full-precision reference pass runs); decoders only, None where the model has no decoder sizes."""
     planned = {e.name for e in plan.matrices}
     infos = {m.tensor_key for m in discover_matrices(source, include_head=True) if m.name in planned}
     unplanned = sum(math.prod(e.shape) * dtype.itemsize if e.dtype in FLOAT_CODES else e.nbytes
@@ -71,7 +72,8 @@ def predicted_memory(source, plan: Plan, s: TrainSettings, dtype: torch.dtype) -
     shape = TrainShape(s.batch_size, s.max_len, s.gradient_checkpointing, s.optimizer, s.adapter_dtype)
     try:
         return predict(source.config, plan.matrices, unplanned, shape,
-                       zero_init=s.init == "qlora" or not plan.method.get("iters", 5))
+                       zero_init=s.init == "qlora" or not plan.method.get("iters", 5),
+                       reference=ReferenceWeights.of(source.tensors) if reference else None)
     except UserError:
         return None
 
@@ -101,7 +103,7 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     source = resolve_model(folder)
     plan.check_model(source.fingerprint)  # before anything is loaded or written
     weights = None
-    if s.init == "loftq":  # an output-aware plan's adapters start at its calibrated decomposition
+    if s.init == "loftq":  # a Fisher or output-aware plan's adapters start at its weighted decomposition
         weights = plan_weights(plan, source, Path(cache_dir or DEFAULT_CACHE), resolve_device(device), progress)
     recipe = LayerRecipe.of(plan, s.init, s.method, fisher=weights)
     import torch.distributed as dist
@@ -120,12 +122,16 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     held = list(heldout) if heldout is not None else splits["heldout"][:s.eval_texts]
     train_texts = texts if texts is not None else splits["train"]
     teacher, fp_metric, window = None, None, dict(max_len=s.max_len, stride=max(1, s.max_len // 2))
+    reference_ran = False  # the streamed full-precision pass ran in this process (not read from the cache)
     if causal:
         metric = "perplexity"
         evaluate = lambda m: perplexity(m, tokenizer, held, shard=True, **window)  # noqa: E731
         if s.reference:
-            fp_metric = reference_perplexity(source, config, tokenizer, held, device=dev, cache_dir=cache_dir,
-                                             **window)
+            fp_metric = cached_reference_perplexity(source, tokenizer, held, cache_dir=cache_dir, **window)
+            reference_ran = fp_metric is None
+            if reference_ran:
+                fp_metric = reference_perplexity(source, config, tokenizer, held, device=dev, cache_dir=cache_dir,
+                                                 **window)
     else:
         metric = "embedding_cosine"
         teacher = AutoModel.from_pretrained(folder, dtype=torch.float32).to(dev).eval()
@@ -165,7 +171,7 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
               "resumed_from": next((h["resumed_from"] for h in history if "resumed_from" in h), None),
               "quantize_seconds": round(quantize_seconds, 3), "train_seconds": round(train_seconds, 3),
               "tokens_per_s": statistics.median(steady) if steady else None, **peak_memory(dev),
-              "apply_peaks": apply_peaks, "predicted_memory": predicted_memory(source, plan, s, dtype),
+              "apply_peaks": apply_peaks, "predicted_memory": predicted_memory(source, plan, s, dtype, reference_ran),
               "quantized_bytes": held_bytes, "plan_bytes": plan.totals.get("bytes"),
               "bytes_match_plan": held_bytes == plan.totals.get("bytes"), "history": history}
     if out is not None and dist_info.main:
@@ -214,8 +220,9 @@ def write_report(result: dict, out_dir) -> dict:
         f"| peak memory after building the student | {_fmt_bytes(r['apply_peaks']['peak_memory_bytes'])} |",
         f"| GPU reserved peak / host max RSS | {_fmt_bytes(r.get('peak_reserved_bytes'))} / "
         f"{_fmt_bytes(r['host_max_rss_bytes'])} |",
-        f"| predicted training peak (memory model) | "
-        f"{_fmt_bytes((r.get('predicted_memory') or {}).get('peak_bytes'))} |",
+        f"| predicted peak (memory model; its largest phase) | "
+        f"{_fmt_bytes((r.get('predicted_memory') or {}).get('peak_bytes'))} "
+        f"({(r.get('predicted_memory') or {}).get('peak_phase', '-')}) |",
         f"| quantized bytes held / plan | {r['quantized_bytes']:,} / {r['plan_bytes']:,} "
         f"({'equal' if r['bytes_match_plan'] else 'DIFFERENT'}) |",
     ]

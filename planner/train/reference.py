@@ -5,6 +5,7 @@ result is cached by model fingerprint and evaluation-text digest, so it is compu
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from pathlib import Path
@@ -61,24 +62,43 @@ def text_digest(texts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _cache_path(source: ModelSource, tokenizer, texts: list[str], max_len: int, stride: int, cache_dir) -> Path | None:
+    if cache_dir is None:
+        return None
+    # windows start with BOS where the tokenizer has one: a value cached before that (no "-bos") is not reused;
+    # the model fingerprint covers the weights only, so the key names the tokenizer too
+    bos = "-bos" if bos_id(tokenizer) is not None else ""
+    key = f"ppl-{text_digest(texts)}-L{max_len}-S{stride}-fp32{bos}-tok_{short_digest(tokenizer_digest(tokenizer))}"
+    return Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "reference" / f"{key}.json"
+
+
+def cached_reference_perplexity(source: ModelSource, tokenizer, texts: list[str], *, max_len: int, stride: int,
+                                cache_dir=None) -> float | None:
+    """reference_perplexity's cached value, or None where it would have to be computed."""
+    path = _cache_path(source, tokenizer, texts, max_len, stride, cache_dir)
+    if path is None:
+        return None
+    try:
+        return float(json.loads(path.read_text())["perplexity"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or unreadable: computed again
+
+
 def reference_perplexity(source: ModelSource, config, tokenizer, texts: list[str], *, max_len: int, stride: int,
                          device, cache_dir=None) -> float:
     """The full-precision (fp32) model's perplexity on `texts`, streamed layer by layer and cached in
     cache_dir/<fingerprint>/reference/ by the text's digest and the window settings."""
-    # windows start with BOS where the tokenizer has one: a value cached before that (no "-bos") is not reused;
-    # the model fingerprint covers the weights only, so the key names the tokenizer too
-    bos = "-bos" if bos_id(tokenizer) is not None else ""
-    key = f"ppl-{text_digest(texts)}-L{max_len}-S{stride}-fp32{bos}-tok{short_digest(tokenizer_digest(tokenizer))}"
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "reference" / f"{key}.json"
-        try:
-            return float(json.loads(path.read_text())["perplexity"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # missing or unreadable: compute it
+    cached = cached_reference_perplexity(source, tokenizer, texts, max_len=max_len, stride=stride, cache_dir=cache_dir)
+    if cached is not None:
+        return cached
     model = streamed_reference(source, config, causal=True, device=device)
     # the same window batches as the quantized model's evaluation, so the figures compare like for like
     value = perplexity(model, tokenizer, texts, max_len=max_len, stride=stride, device=device)
+    # The model sits in reference cycles (its hooks close over it; transformers' construction leaves frames that hold
+    # it), so dropping the name frees nothing: its fp32 embeddings and head would stay allocated into training.
+    del model
+    gc.collect()
+    path = _cache_path(source, tokenizer, texts, max_len, stride, cache_dir)
     if path is not None:
         write_json(path, {"perplexity": value, "texts": len(texts), "max_len": max_len, "stride": stride,
                           "tokenizer": tokenizer_digest(tokenizer)})

@@ -35,9 +35,12 @@ import torch.nn.functional as F
 from ..corpus import real_text_splits
 from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
-from ..model.discover import discover_matrices, is_causal_lm
+from ..model.discover import is_causal_lm
 from ..model.resolve import resolve_model
+from ..model.tokenizer import load_tokenizer, tokenizer_digest
 from ..plan.document import Plan
+from ..profile.cache import DEFAULT_CACHE
+from ..profile.objective import plan_calibration, plan_objective
 from .apply import LayerRecipe
 from .build import build_student
 from .evaluate import eval_windows, next_token_targets
@@ -112,14 +115,14 @@ class _LayerMemo:
     plans of one model share most of their layers, and a scored layer is only read, never trained, so one instance
     serves every plan that holds it."""
 
-    def __init__(self, recipe: LayerRecipe, fisher_key, store: dict):
-        self.recipe, self.fisher_key, self.store = recipe, fisher_key, store
+    def __init__(self, recipe: LayerRecipe, weights_key: str | None, store: dict):
+        self.recipe, self.weights_key, self.store = recipe, weights_key, store
         self.reused = 0
 
     def layer(self, entry, w, bias, alpha, dropout, adapter_dtype):
         r = self.recipe
-        key = (entry.name, entry.point, r.methods[entry.name], r.init, r.iters, r.solver.key, self.fisher_key, alpha,
-               dropout, adapter_dtype)
+        key = (entry.name, entry.point, r.methods[entry.name], r.init, r.iters, r.solver.key, self.weights_key,
+               r.rounding, alpha, dropout, adapter_dtype)
         if key in self.store:
             self.reused += 1
         else:
@@ -165,7 +168,7 @@ class PlanScorer:
                  eval_tokens: int | None = DEFAULT_EVAL_TOKENS, max_len: int = DEFAULT_MAX_LEN,
                  stride: int | None = None, batch_size: int | None = None, device=None, stream: bool | None = None,
                  tokenizer=None, progress: bool = False, reuse_layers: bool = True):
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         if eval_tokens is not None and eval_tokens < 2:
             raise UserError(f"--eval-tokens {eval_tokens} must be at least 2, e.g. 4096")
@@ -178,12 +181,8 @@ class PlanScorer:
         if not is_causal_lm(self.config):
             raise UserError(f"{self.source.name} is not a causal language model; KL and perplexity need one (an "
                             "encoder's plan is scored by `lqplan train`'s embedding cosine)")
-        if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(self.source.folder)
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot load a tokenizer from {self.source.folder} ({type(e).__name__}); pass "
-                                "--model with a tokenizer") from None
+        tokenizer = tokenizer or load_tokenizer(self.source.folder)
+        self.tokenizer_digest = tokenizer_digest(tokenizer)  # before a call leaves padding settings on it
         held = real_text_splits()["heldout"] if texts is None else [texts] if isinstance(texts, str) else texts
         self.windows = eval_windows(tokenizer, held, max_len, stride or max(1, max_len // 2), eval_tokens)
         self.text = {"source": HELDOUT if texts is None else (text_source or "texts"), "text_digest": text_digest(
@@ -266,35 +265,18 @@ class PlanScorer:
                 "perplexity": {"full_precision": math.exp(sums["nll_fp"] / n), "quantized": math.exp(sums["nll"] / n)},
                 "nll": {"full_precision": sums["nll_fp"] / n, "quantized": sums["nll"] / n}, "tokens": n}
 
-    def fisher_weights(self, plan: Plan, cache_dir) -> tuple[dict | None, str | None]:
-        """(weights, key): the Fisher row/column weights a Fisher plan was decomposed with (from the plan's
-        calibration source, read from or computed into `cache_dir` as `lqplan plan` does) and their cache key;
-        (None, None) for a data-free plan."""
-        from ..profile.fisher import get_fisher
-
-        recorded = plan.method.get("fisher")
-        if not recorded:
-            return None, None
-        planned = plan.by_name()
-        matrices = [m for m in discover_matrices(self.source, include_head=True) if m.name in planned]
-        weights, key = get_fisher(self.source, matrices, recorded["source"], Path(cache_dir),
-                                  int(recorded["tokens"]), self.device, self.progress)
-        if recorded.get("key") not in (None, key):
-            raise UserError(f"the plan's calibration text {recorded['source']!r} has changed since planning (key "
-                            f"{recorded['key']} then, {key} now); restore it or re-plan")
-        return weights, key
-
-    def score(self, plan, *, plan_path=None, cache_dir=".lqplan-cache") -> dict:
-        """Build `plan`'s quantized model with its initial adapters (LoftQ / LQ-LoRA as the plan was profiled:
-        its iterations, solver and, for a Fisher plan, the same Fisher weights) and score it. Returns the result
-        document: model, plan, tokens, metrics, timings, peak memory and versions."""
+    def score(self, plan, *, plan_path=None, cache_dir=DEFAULT_CACHE) -> dict:
+        """Build `plan`'s quantized model with its initial adapters (LoftQ / LQ-LoRA as the plan was profiled: its
+        iterations, solver and the weights of its objective, planner.profile.objective.plan_calibration, read from
+        or computed into `cache_dir`) and score it. Returns the result document: model, plan, tokens, metrics,
+        timings, peak memory and versions."""
         if not isinstance(plan, Plan):
             plan_path = plan_path or plan
             plan = Plan.load(plan)
         plan.check_model(self.source.fingerprint)
-        fisher, fisher_key = self.fisher_weights(plan, cache_dir)
-        recipe = LayerRecipe.of(plan, fisher=fisher)
-        build = recipe if self._layers is None else _LayerMemo(recipe, fisher_key, self._layers)
+        weights, weights_key = plan_calibration(plan, self.source, Path(cache_dir), self.device, self.progress)
+        recipe = LayerRecipe.of(plan, fisher=weights)
+        build = recipe if self._layers is None else _LayerMemo(recipe, weights_key, self._layers)
         t = time.perf_counter()
         student = build_student(self.source, plan, self.config, build, causal=True, device=self.device,
                                 dtype=torch.float32, backend=dequant_backend_from_env(), progress=self.progress)
@@ -313,10 +295,12 @@ class PlanScorer:
                      "bits_per_param": plan.totals.get("bits_per_param"), "bytes": plan.totals.get("bytes"),
                      "predicted_error": plan.totals.get("error"), "matrices": len(plan.matrices),
                      "init": recipe.init, "iters": recipe.iters, "solver": recipe.solver.key,
-                     "fisher_weighted": recipe.fisher is not None,
+                     "objective": plan_objective(plan.method), "weights_key": weights_key,
+                     "rounding": recipe.rounding,
                      "layers_reused": getattr(build, "reused", 0)},
-            "tokens": {**self.text, "scored": metrics["tokens"], "windows": len(w.spans), "max_len": w.max_len,
-                       "stride": w.stride, "bos": w.bos, "batch_size": self.batch_size, "digest": w.digest()},
+            "tokens": {**self.text, "tokenizer": self.tokenizer_digest, "scored": metrics["tokens"],
+                       "windows": len(w.spans), "max_len": w.max_len, "stride": w.stride, "bos": w.bos,
+                       "batch_size": self.batch_size, "digest": w.digest()},
             "kl": metrics["kl"], "top1_agreement": metrics["top1_agreement"],
             "perplexity": metrics["perplexity"], "nll": metrics["nll"],
             "full_precision_pass": {"streamed": self.stream, "head_cached": self._fp is None},
