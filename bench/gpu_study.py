@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag, kind in (("--steps", int), ("--batch-size", int), ("--max-len", int), ("--lr", float),
                        ("--eval-texts", int), ("--seeds", int), ("--key-seeds", int), ("--slots", int),
                        ("--gpu-fraction", float), ("--deadline", float), ("--iters", int), ("--calib-tokens", int),
-                       ("--qlora-rank", int)):
+                       ("--qlora-rank", int), ("--kl-tokens", int)):
         p.add_argument(flag, type=kind, default=None)
     for flag in ("--bits", "--blocks", "--ranks"):
         p.add_argument(flag, default=None, help="the grid (default NF 2,3,4 x 16,32,64,128 x 8,16,32)")
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             "headline": args.headline, "steps": args.steps, "batch_size": args.batch_size, "max_len": args.max_len,
             "lr": args.lr, "eval_texts": args.eval_texts, "seeds": args.seeds, "key_seeds": args.key_seeds,
             "slots": args.slots, "gpu_fraction": args.gpu_fraction, "iters": args.iters,
-            "calib_tokens": args.calib_tokens, "qlora_rank": args.qlora_rank, "bits": args.bits,
+            "calib_tokens": args.calib_tokens, "qlora_rank": args.qlora_rank, "kl_tokens": args.kl_tokens,
+            "bits": args.bits,
             "blocks": args.blocks, "ranks": args.ranks, "device": args.device,
             "deadline_s": (args.deadline_at - time.time()) if args.deadline_at else args.deadline}.items()
             if v is not None}

@@ -76,6 +76,7 @@ def evaluate_argv(plan: Path, s, caps: dict, out: Path, cache: Path) -> list[str
     flags = set(caps["evaluate_flags"])
     args = ["evaluate", "--plan", str(plan), "--out", str(out), "--device", s.device]
     args += ["--cache", str(cache)] if "--cache" in flags else []
+    args += ["--eval-tokens", str(s.kl_tokens)] if s.kl_tokens and "--eval-tokens" in flags else []
     args += ["--quiet"] if "--quiet" in flags else []
     return lqplan(*args)
 

@@ -57,7 +57,7 @@ def model_md(m: dict, s: dict) -> list[str]:
              + (f"; {m['weights']}" if m.get("weights") else "") + "  ",
              f"Tokenizer: known-answer check **{tok['status']}**"
              + (f" ({tok['tokens']} tokens for the known text, expected {tok['expected_tokens']})"
-                if tok.get("tokens") is not None else "")
+                if tok.get("expected_tokens") is not None else "")
              + f", {tok['class']}, BOS id {tok['bos_id']}, digest `{tok['digest']}`  ",
              f"Full-precision perplexity: **{fmt(m['fp_ppl'], '.3f')}** (same windows, same run); QLoRA's own bits: "
              f"{m['qlora_bits']}", ""]

@@ -30,6 +30,7 @@ class StudySettings:
     max_len: int = 256
     lr: float = 2e-4
     eval_texts: int = 64
+    kl_tokens: int | None = None  # held-out tokens evaluate --plan scores (None: its default, 4096)
     seeds: int = 1
     key_seeds: int = 2  # QLoRA and every objective's plan at QLoRA's bits and at near_budget
     slots: int = 12  # processes at a time on the one GPU
@@ -70,5 +71,5 @@ def tiny_settings(models: tuple[tuple[str, str], ...], **overrides) -> StudySett
     budgets sit above 4): every stage, every output; its numbers mean nothing."""
     base = StudySettings(models=models, budgets=(4.5, 5.0), near_budget=5.0, bits="2,4", blocks="64", ranks="4",
                          qlora_rank=4, iters=1, calib_tokens=256, steps=2, batch_size=2, max_len=32, eval_texts=2,
-                         seeds=1, key_seeds=2, slots=2, deadline_s=3600.0, device="cpu", tiny=True)
+                         kl_tokens=256, seeds=1, key_seeds=2, slots=2, deadline_s=3600.0, device="cpu", tiny=True)
     return replace(base, **overrides)
