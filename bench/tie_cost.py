@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner.plan.ilp import InfeasibleBudget, solve  # noqa: E402
 from planner.plan.instance import table_params  # noqa: E402
-from planner.plan.tie import tie_groups  # noqa: E402
+from planner.model.fused import tie_groups  # noqa: E402
 from planner.profile.table import read_profile_csv  # noqa: E402
 
 TIES = ((), ("qkv",), ("gate_up",), ("qkv", "gate_up"))

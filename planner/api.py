@@ -33,7 +33,7 @@ from .plan.ilp import (
     solve,
     uniform_solutions,
 )
-from .plan.tie import TIE_GROUPS, tie_groups, untied_names
+from .model.fused import TIE_GROUPS, tie_groups, untied_names
 from .plan.train_memory import ReferenceWeights, TrainShape, fixed_bytes, predict, training_table
 from .profile.cache import DEFAULT_CACHE, cache_folder
 from .profile.grid import GridPoint, default_ranks, make_grid

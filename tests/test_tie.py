@@ -21,7 +21,8 @@ from planner.plan.budget import check_budget_feasible
 from planner.plan.document import Plan, PlanEntry
 from planner.plan.ilp import RTOL, InfeasibleBudget, error_budget_curve, solve, uniform_solutions, verify
 from planner.plan.instance import Instance
-from planner.plan.tie import group_table, parse_tie, tie_groups, untied_names
+from planner.model.fused import parse_tie, tie_groups, untied_names
+from planner.plan.tie import group_table
 from planner.profile.grid import make_grid
 from planner.profile.settings import ProfileSettings
 

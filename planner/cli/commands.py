@@ -19,7 +19,7 @@ from ..model.tokenizer import load_tokenizer
 from ..plan.budget import parse_budget
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
-from ..plan.tie import parse_tie
+from ..model.fused import parse_tie
 from ..plan.train_memory import ReferenceWeights, TrainShape, predict
 from ..profile.objective import calibration_weights
 from ..profile.grid import DEFAULT_RANKS, default_ranks, make_grid

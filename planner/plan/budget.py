@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..model.discover import planned_params, unplanned_bytes
 from ..profile.grid import GridPoint
 from .ilp import InfeasibleBudget
-from .tie import tie_groups
+from ..model.fused import tie_groups
 
 BITS_UNITS = ("bits", "bit", "bpw", "bpp", "bits/param", "bits/weight")
 

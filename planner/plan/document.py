@@ -24,7 +24,7 @@ from quant import QuantConfig
 from ..errors import UserError
 from ..fsio import write_json
 from ..profile.grid import GridPoint
-from .tie import parse_tie, tie_groups
+from ..model.fused import parse_tie, tie_groups
 
 SCHEMA = "lqplan.plan/1"
 

@@ -46,7 +46,8 @@ from .instance import (
     table_params,
 )
 from .mip import DEFAULT_SOLVER, SOLVERS, solve_mip
-from .tie import TieGroup, expand_choice, group_table, parse_tie, tie_groups
+from ..model.fused import TieGroup, parse_tie, tie_groups
+from .tie import expand_choice, group_table
 
 # Seconds the MIP may branch before the best plan found so far is returned with status "feasible" and its gap to
 # the LP bound: knapsacks over near-identical matrices (a model whose layers look alike) can branch for many

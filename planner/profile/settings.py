@@ -1,6 +1,6 @@
 """What a profile is computed with, as one frozen value validated once: the grid, the LoftQ iterations, the
 low-rank solver, the objective and its calibration source, whether the output head is planned, and the
-fused groups whose members the plan gives one configuration (planner.plan.tie). Its cache key names the
+fused groups whose members the plan gives one configuration (planner.model.fused). Its cache key names the
 numbers it produces (a tie changes the plan, not the profile, so it is not in the key).
 
 Objectives (docs/objectives.md): "data-free" ‖W − Q − ABᵀ‖²; "fisher" LQ-LoRA's diagonal Fisher ‖D_r E D_c‖²;
@@ -17,7 +17,7 @@ from quant.engine import ENGINE_VERSION
 from quant.weighting import DEFAULT_DAMPING
 
 from ..errors import UserError
-from ..plan.tie import parse_tie
+from ..model.fused import parse_tie
 from .grid import GridPoint, make_grid
 
 OBJECTIVES = ("data-free", "fisher", "output")
