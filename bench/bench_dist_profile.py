@@ -30,71 +30,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner.dist import threads_per_rank  # noqa: E402
 from planner.fsio import write_json  # noqa: E402
+from planner.testing.models import PROJECTIONS, SHAPES, checkpoint_config, write_layer_seeded_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-LLAMA2_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,
-              "num_key_value_heads": 40, "num_hidden_layers": 40, "vocab_size": 32000}
-TINY = {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4, "num_key_value_heads": 4,
-        "num_hidden_layers": 2, "vocab_size": 512}
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj")
+LLAMA2_13B = SHAPES["llama2-13b"]
+TINY = (256, 688, 2, 4, 4)
+VOCAB = {"tiny": 512, "13b": 32000}
 
 
-def llama_config(shape: dict, layers: int) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-            "torch_dtype": "float16", "bos_token_id": 1, "eos_token_id": 2, **shape, "num_hidden_layers": layers}
-
-
-def _layer_tensors(cfg: dict, layer: int, seed: int) -> dict[str, torch.Tensor]:
-    h, f = cfg["hidden_size"], cfg["intermediate_size"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-              "self_attn.o_proj": (h, h), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
-    out = {}
-    for j, name in enumerate(PROJECTIONS):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 16 + j)
-        # rows scaled 0.5-1.5x, as in trained weights, so blocks' absmax scales differ across the matrix
-        w = torch.randn(shapes[name], generator=g) * 0.02
-        w *= torch.rand(shapes[name][0], 1, generator=g).add_(0.5)
-        out[f"model.layers.{layer}.{name}.weight"] = w.half()
-    out[f"model.layers.{layer}.input_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
-    out[f"model.layers.{layer}.post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
-    return out
-
-
-def make_model(folder: Path, shape: dict, layers: int, seed: int) -> Path:
+def make_model(folder: Path, shape: tuple, vocab_size: int, layers: int, seed: int) -> Path:
     """A Llama-shaped Hugging Face folder with random fp16 weights, one shard per layer; reused when complete."""
-    from safetensors.torch import save_file
-
-    cfg = llama_config(shape, layers)
-    marker = folder / "bench-model.json"
-    spec = {"config": cfg, "seed": seed}
-    if marker.exists() and json.loads(marker.read_text()) == spec:
-        return folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    t0 = time.perf_counter()
-    total = layers + 1
-    weight_map = {}
-    g = torch.Generator().manual_seed(seed)
-    h, v = cfg["hidden_size"], cfg["vocab_size"]
-    shards = [{"model.embed_tokens.weight": (torch.randn(v, h, generator=g) * 0.02).half(),
-               "model.norm.weight": torch.ones(h, dtype=torch.float16),
-               "lm_head.weight": (torch.randn(v, h, generator=g) * 0.02).half()}]
-    for i in range(total):
-        tensors = shards[0] if i == 0 else _layer_tensors(cfg, i - 1, seed)
-        name = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-        print(f"  wrote {name} ({sum(t.numel() for t in tensors.values()) * 2 / 2**30:.2f} GiB)", flush=True)
-    write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
-    write_json(folder / "config.json", cfg)
-    write_json(marker, spec)
-    print(f"model: {folder} written in {time.perf_counter() - t0:.1f} s", flush=True)
-    return folder
+    cfg = checkpoint_config(shape, vocab_size, "float16", bos=1, eos=2, layers=layers)
+    return write_layer_seeded_model(folder, cfg, seed, log=lambda msg: print(msg, flush=True))
 
 
 def _cache_values(cache: Path) -> dict:
@@ -163,7 +111,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--nproc {a.nproc} needs {a.nproc} GPUs, {torch.cuda.device_count()} visible; "
                              f"lower --nproc or use --device cpu")
     shape = TINY if a.tiny else LLAMA2_13B
-    layers = a.layers or (TINY["num_hidden_layers"] if a.tiny else 8)
+    layers = a.layers or (TINY[2] if a.tiny else 8)
     tiny_grid = {"bits": "2,4", "blocks": "64", "ranks": "8", "iters": 1}
     grid_args = []
     for key in ("bits", "blocks", "ranks", "iters"):
@@ -174,8 +122,8 @@ def main(argv=None) -> int:
             grid_args += [f"--{key}", str(value)]
 
     work = Path(a.workdir)
-    model = make_model(work / ("model-tiny" if a.tiny else "model-13b-shape") / f"L{layers}-s{a.seed}", shape, layers,
-                       a.seed)
+    model = make_model(work / ("model-tiny" if a.tiny else "model-13b-shape") / f"L{layers}-s{a.seed}", shape,
+                       VOCAB["tiny" if a.tiny else "13b"], layers, a.seed)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(k, None)
@@ -191,7 +139,10 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "distributed profiling", "device": device, "gpus": gpus, "cpu_cores": os.cpu_count(),
         "torch": torch.__version__,
-        "model": {"shape": "tiny llama" if a.tiny else "Llama-2-13B", **shape, "layers": layers,
+        "model": {"shape": "tiny llama" if a.tiny else "Llama-2-13B",
+                  **dict(zip(("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                              "num_key_value_heads"), shape)), "vocab_size": VOCAB["tiny" if a.tiny else "13b"],
+                  "layers": layers,
                   "matrices": layers * len(PROJECTIONS), "folder": str(model)},
         "grid_args": grid_args, "runs": [single, multi],
         "speedup_wall": round(single["wall_s"] / multi["wall_s"], 3),

@@ -27,9 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llama_model import add_shape_args, llama_config, set_tiny_shape  # noqa: E402 (bench/, beside this script)
-
 from planner.fsio import write_json, write_text  # noqa: E402
+from planner.testing.models import add_shape_args, llama_config, set_tiny_shape  # noqa: E402
 
 PLAN_BITS = (2, 3, 4)
 

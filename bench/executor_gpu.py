@@ -33,12 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_model import add_shape_args, llama_config, set_tiny_shape  # noqa: E402 (bench/, beside this script)
-
 from planner.corpus import real_text_splits  # noqa: E402
 from planner.fsio import write_json, write_text  # noqa: E402
 from planner.model.resolve import default_model_path  # noqa: E402
 from planner.profile.grid import GridPoint, make_grid  # noqa: E402
+from planner.testing.models import add_shape_args, llama_config, set_tiny_shape  # noqa: E402
 from planner.train.apply import (  # noqa: E402
     apply_plan,
     explicit_plan,

@@ -26,22 +26,7 @@ from planner.errors import UserError  # noqa: E402
 from planner.study.report import task_states  # noqa: E402
 from planner.study.run import run_study  # noqa: E402
 from planner.study.settings import OBJECTIVES, StudySettings, tiny_settings  # noqa: E402
-
-
-def tiny_decoder(folder: Path) -> Path:
-    """A seeded random 2-layer Llama, 64 wide, with the embedded MiniLM's vocabulary and a BOS token ([CLS])."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from planner.model.resolve import default_model_path
-
-    if not (folder / "config.json").is_file():
-        torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2,
-                                     max_position_embeddings=256)).save_pretrained(folder)
-        AutoTokenizer.from_pretrained(default_model_path(), bos_token="[CLS]").save_pretrained(folder)
-    return folder
+from planner.testing.models import save_tiny_decoder  # noqa: E402
 
 
 def parse_models(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -86,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         models = parse_models(args.model)
         work = Path(args.work)
         if args.tiny:
-            models = models or (("tiny", str(tiny_decoder(work / "tiny-model"))),)
+            models = models or (("tiny", str(save_tiny_decoder(work / "tiny-model"))),)
             s = tiny_settings(models)
         else:
             if not models:

@@ -68,6 +68,7 @@ from planner.profile.grid import make_grid  # noqa: E402
 from planner.profile.run import run_profile  # noqa: E402
 from planner.profile.settings import ProfileSettings  # noqa: E402
 from planner.study.arms import qlora_bits as qlora_budget  # noqa: E402
+from planner.testing.models import save_tiny_decoder  # noqa: E402
 from planner.train.apply import apply_plan, quantized_bytes  # noqa: E402
 from planner.train.evaluate import perplexity  # noqa: E402
 from planner.train.loop import train  # noqa: E402
@@ -117,26 +118,6 @@ def tiny_settings(model: str) -> Settings:
     return Settings(model=model, budgets=(2.75, 3.5), seeds=1, lora_bits="2,4", lora_blocks="64", lora_ranks="4",
                     qlora_rank=4, qalora_bits="2", qalora_groups="64", qalora_ranks="4", iters=1, steps=2,
                     batch_size=2, max_len=32, eval_texts=4, eval_len=64, calib_tokens=256, tiny=True)
-
-
-def make_tiny_decoder(folder: Path) -> Path:
-    """A seeded random 2-layer Llama (256 wide, so rank-4 adapters fit 2.75 bits) saved without `architectures`
-    (as a GGUF conversion leaves it), with the embedded MiniLM's vocabulary and a BOS token ([CLS])."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from planner.model.resolve import default_model_path
-
-    if (folder / "config.json").is_file():
-        return folder
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.pop("architectures", None)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    AutoTokenizer.from_pretrained(default_model_path(), bos_token="[CLS]").save_pretrained(folder)
-    return folder
 
 
 def seeds_for(arm, qlora_bits: float, settings: Settings) -> int:
@@ -513,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             return worker_main(Path(args.worker))
         out, cache = Path(args.out), Path(args.cache)
         if args.tiny:
-            settings = tiny_settings(args.model or str(make_tiny_decoder(out / "tiny-model")))
+            settings = tiny_settings(args.model or str(save_tiny_decoder(out / "tiny-model", 256, 512, 512, architectures=False)))
         else:
             settings = Settings(model=args.model or Settings.model)
         settings = with_overrides(settings, args)

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from planner.model.resolve import default_model_path
+from planner.testing.models import seeded_tiny_llama  # noqa: F401 (the suite's tiny decoder: tests import it from here)
 
 # One intra-op thread: the test tensors are small, and on the 2-core machine thread hand-offs cost more than they
 # save (measured: the numeric-core tests take 19 s with 1 thread, 38 s with 2 on an idle machine, and several
@@ -21,17 +22,6 @@ torch.set_num_threads(1)
 os.environ.setdefault("LQPLAN_DEVICE", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def seeded_tiny_llama(vocab_size: int = 1000, kv_heads: int = 2, **config):
-    """The suite's tiny causal LM: a LlamaForCausalLM 64 wide, 2 layers, 4 attention heads, built right after
-    torch.manual_seed(0), so every test that makes one with the same config gets the same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
-                                        **config))
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

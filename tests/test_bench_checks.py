@@ -46,9 +46,10 @@ def test_sixteen_bit_rows_are_added_per_matrix_and_taken_only_where_they_pay():
 
 @pytest.mark.slow
 def test_decoder_check_on_the_cpu_equals_its_own_reference(tmp_path):
-    study = load("quality_decoder")
+    from planner.testing.models import save_tiny_decoder
+
     check = load("decoder_gpu_check")
-    folder = study.make_tiny_decoder(tmp_path / "tiny")
+    folder = save_tiny_decoder(tmp_path / "tiny", 256, 512, 512, architectures=False)
     out = tmp_path / "out"
     assert check.main(["--model", str(folder), "--device", "cpu", "--texts", "2", "--out", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())
