@@ -1,6 +1,6 @@
 """Time the planner's ILP at 13B and 70B size: the exact solver (planner.plan.mckp) against HiGHS and CBC through PuLP.
 
-Instances (bench/ilp_instances.py): near-symmetric Llama-2-13B (280 matrices) and -70B (560 matrices) tables x the
+Instances (planner/testing/tables.py): near-symmetric Llama-2-13B (280 matrices) and -70B (560 matrices) tables x the
 default 48-point grid, every layer of a type sharing one error model up to 1e-4 relative noise (the hard case for
 branch and bound), plus any real profile.csv given with --profile. Per instance and budget: the default solve
 (dominance, exact LP bound, greedy + local-search incumbent, reduced-cost fixing, then the bounded sparse DP), and
@@ -27,12 +27,10 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ilp_instances import LLAMA_70B, load_profile, near_symmetric_table, params_of  # noqa: E402
 
 from planner.plan.ilp import InfeasibleBudget, solve  # noqa: E402
 from planner.profile.grid import make_grid  # noqa: E402
+from planner.testing.tables import LLAMA_70B, load_profile, near_symmetric_table, params_of  # noqa: E402
 
 LLAMA2_70B = LLAMA_70B  # (out, in) as stored by torch.nn.Linear
 BUDGETS = "2.5,2.75,3.0,3.5,4.127"

@@ -12,9 +12,9 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernel_summary import render  # noqa: E402
+from planner.testing.kernels import render  # noqa: E402
 
 MIB = 2**20
 

@@ -3,7 +3,7 @@
 blocks and batch as `lqplan train`, gradient checkpointing in train mode (transformers only checkpoints then).
 Prints one JSON line: GPU peaks from process start (allocated, reserved), host max RSS, tokens/s, load seconds.
 --profile-steps N: N more steps under torch.profiler after the timed ones, their time per step by kind of kernel
-(bench/kernel_summary.py) in the JSON under "profile" (the peaks and tokens/s are read before them).
+(planner/testing/kernels.py) in the JSON under "profile" (the peaks and tokens/s are read before them).
 
     python bench/qlora_anchor.py --model /var/tmp/llama13b --batch-size 4 --max-len 512 --steps 20 \
         --gradient-checkpointing --out reports/memory-raw/qlora.json
@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from planner.corpus import real_text_splits  # noqa: E402
 from planner.train.data import causal_blocks  # noqa: E402
@@ -90,7 +89,7 @@ def main(argv=None) -> dict:
               "host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "final_loss": float(loss.detach()), "trainable_params": sum(q.numel() for q in params)}
     if args.profile_steps:
-        from kernel_summary import summarize
+        from planner.testing.kernels import summarize
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

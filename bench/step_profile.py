@@ -1,7 +1,7 @@
 """Where `lqplan train`'s step spends its time: the student built from the shards as `lqplan train` builds it, the
 training loop's own step (planner.train.loop.train: bf16 autocast on a GPU, the fused quantized-LoRA layers,
 checkpointing as asked) run for --warmup steps (Triton compiles, cuBLAS picks its kernels), then --steps more
-under torch.profiler; prints the time per step by kind of kernel (bench/kernel_summary.py) and writes it as JSON.
+under torch.profiler; prints the time per step by kind of kernel (planner/testing/kernels.py) and writes it as JSON.
 QLoRA's side of the same table: bench/qlora_anchor.py --profile-steps N.
 
     python bench/step_profile.py --model M --plan P --batch-size 4 --max-len 512 --gradient-checkpointing \
@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_summary import render, summarize  # noqa: E402
+from planner.testing.kernels import render, summarize  # noqa: E402
 
 
 def main(argv=None) -> dict:

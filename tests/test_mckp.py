@@ -2,8 +2,6 @@
 
 import itertools
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,9 +13,8 @@ import planner.plan.ilp as ilp
 from planner.plan import mckp
 from planner.plan.ilp import RTOL, InfeasibleBudget, error_budget_curve, solve
 from planner.plan.instance import Instance
+from planner.testing.tables import near_symmetric_table, params_of
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from ilp_instances import near_symmetric_table, params_of  # noqa: E402
 
 
 def brute_force(table: pd.DataFrame, budget: int) -> float | None:

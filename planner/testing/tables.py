@@ -1,7 +1,7 @@
 """MCKP instances for the planner's exact solver: near-symmetric Llama-shaped tables and real profile.csv files.
 
 Near-symmetric = every layer of a matrix type shares one error model and differs only by 1e-4 relative noise per
-(layer, configuration): the hard case for branch and bound (millions of near-equal plans, issue 19), and the shape
+(layer, configuration): the hard case for branch and bound (millions of near-equal plans), and the shape
 of a real model whose layers look alike. Storage is exact (planner.profile.grid.GridPoint.bits).
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from planner.profile.grid import make_grid
+from ..profile.grid import make_grid
 
 # (out, in) as stored by torch.nn.Linear, per decoder layer.
 LLAMA_13B = {"self_attn.q_proj": (5120, 5120), "self_attn.k_proj": (5120, 5120), "self_attn.v_proj": (5120, 5120),
