@@ -1,5 +1,5 @@
-"""Bring the GPU study's inputs onto the device machine in pieces of one call each (planner/study/stage.py says
-how and why), and print the exact device calls.
+"""Bring the GPU study's inputs onto the device machine in pieces of one call each (planner/study/stage.py and
+install.py say how and why), and print the exact device calls.
 
     python bench/device_stage.py prepare --models smollm2-135m,gemma3-270m   # here, in the checkout the calls send
     python3 bench/device_stage.py put .stage/piece-01                        # device: one call per piece
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.study import stage  # noqa: E402
+from planner.study import install, stage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_ARGS = ""
@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"the device calls are in {stage_dir / 'RUN.md'}")
         elif args.verb == "put":
             piece = Path(args.piece)
-            print(stage.put(piece, Path(args.manifest) if args.manifest else piece.parent / stage.MANIFEST))
+            print(install.put(piece, Path(args.manifest) if args.manifest else piece.parent / stage.MANIFEST))
         elif args.verb == "install":
-            stage.install([m for m in args.models.split(",") if m])
+            install.install([m for m in args.models.split(",") if m])
         else:
-            print(stage.status())
+            print(install.status())
     except stage.StageError as e:
         print(f"device_stage: error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from planner.model import packaged
-from planner.study import stage
+from planner.study import install, stage
 from planner.study.claims import claim_a, claim_b, claim_c, claim_d, claim_e, spearman
 from planner.study.runner import Runner, Task
 from planner.study.settings import StudySettings
@@ -172,12 +172,12 @@ def test_pieces_put_and_extract_round_trip(tmp_path):
     assert [p["name"] for p in need_m] == [f"piece-0{i}" for i in range(1, 7)]  # m ends at byte 40, in piece 6
     root = tmp_path / "device"
     for p in need_m:
-        status = stage.put(st / p["name"], st / stage.MANIFEST, root)
+        status = install.put(st / p["name"], st / stage.MANIFEST, root)
     assert "6 of 7 pieces" in status and "ready: m" in status and "missing piece-07" in status
-    got = stage.extract(man, root, ["m"], tmp_path / "files")
+    got = install.extract(man, root, ["m"], tmp_path / "files")
     assert {k: v.read_bytes() for k, v in got.items()} == {k: blobs[k] for k in ("dep.whl", "m-meta.tar.xz", "m.whl")}
     with pytest.raises(stage.StageError, match="pieces piece-07 are not"):
-        stage.extract(man, root, ["n"], tmp_path / "files")
+        install.extract(man, root, ["n"], tmp_path / "files")
     calls = stage.run_calls(man, ["m", "n"], "--steps 50")
     assert [c["piece"] for c in calls] == [f"piece-0{i}" for i in range(1, 7)] + ["piece-07", None]
     assert "install --models m &&" in calls[5]["command"] and "--model m=" in calls[5]["command"]
@@ -185,7 +185,7 @@ def test_pieces_put_and_extract_round_trip(tmp_path):
     assert all("--work /var/tmp/lqstudy --steps 50 --out $OUT --deadline-at $T" in c["command"] for c in calls[5:])
     (st / "piece-02").write_bytes(b"xxxxxxx")
     with pytest.raises(stage.StageError, match="sha256"):
-        stage.put(st / "piece-02", st / stage.MANIFEST, root)
+        install.put(st / "piece-02", st / stage.MANIFEST, root)
 
 
 def test_assemble_requires_every_byte_of_the_cpu_assembly(tmp_path, monkeypatch):
@@ -211,11 +211,11 @@ def test_assemble_requires_every_byte_of_the_cpu_assembly(tmp_path, monkeypatch)
         return convert
 
     monkeypatch.setattr(packaged, "convert_weights", fake_convert(b"weights"))
-    folder = stage.assemble("m", record, meta, site, tmp_path / "models", log=lambda m: None)
+    folder = install.assemble("m", record, meta, site, tmp_path / "models", log=lambda m: None)
     assert stage.model_files(folder) == record["files"]
     monkeypatch.setattr(packaged, "convert_weights", fake_convert(b"other weights"))
     with pytest.raises(stage.StageError, match="model.safetensors"):
-        stage.assemble("m2", record, meta, site, tmp_path / "models", log=lambda m: None)
+        install.assemble("m2", record, meta, site, tmp_path / "models", log=lambda m: None)
 
 
 def test_known_answer_names_a_tokenizer_that_splits_the_text_differently(tmp_path, minilm_path):
