@@ -4,5 +4,6 @@ every arm the same fine-tune, and judge claims (a)-(e) with their numbers.
 
 Modules: `settings` (what one study run is), `calls` (every `lqplan` command the study runs, one function each),
 `arms` (QLoRA's bits, the uniform plans), `runner` (processes in parallel under a deadline and a GPU-memory
-budget), `claims`, `report` (table, plots, environment), `run` (the whole study), `stage` (bringing the wheels
-and the CPU-assembled model files onto the GPU machine in pieces)."""
+budget), `claims`, `report` (table, plots, environment), `tasks` (one model's task graph), `run` (the whole study:
+environment, every model's tasks, outputs), `stage` (laying the wheels and the CPU-assembled model files out in
+pieces for the GPU machine) and `install` (checking and installing them there)."""
