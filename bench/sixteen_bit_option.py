@@ -19,15 +19,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from planner.plan.baselines import SIXTEEN_BIT_LABEL as LABEL  # noqa: E402
+from planner.plan.baselines import with_sixteen_bit  # noqa: E402
 from planner.plan.ilp import solve  # noqa: E402
-
-LABEL = "bf16-r0"
-
-
-def with_sixteen_bit(table: pd.DataFrame) -> pd.DataFrame:
-    shapes = table.groupby("matrix", sort=False)[["m", "n"]].first().reset_index()
-    rows = shapes.assign(label=LABEL, error=0.0, storage_bits=16 * shapes["m"] * shapes["n"])
-    return pd.concat([table[["matrix", "m", "n", "label", "error", "storage_bits"]], rows], ignore_index=True)
 
 
 def main(argv=None) -> int:

@@ -88,9 +88,9 @@ def model_md(m: dict, s: dict) -> list[str]:
     return lines + [""]
 
 
-def png_bytes(fig) -> bytes:
+def png_bytes(fig, dpi: int = 110) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return buf.getvalue()
 
 
