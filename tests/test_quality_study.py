@@ -3,30 +3,20 @@ the bytes each applied model holds equal its plan's, and the measured errors rep
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-STUDY = Path(__file__).resolve().parents[1] / "bench" / "quality_study.py"
+from planner.study import quality_encoder_report as report
+from planner.study.quality_encoder import main  # bench/quality_study.py's command line
 
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("quality_study", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def quick_run(study, tmp_path_factory):
+def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality")
-    assert study.main(["--out", str(out), "--cache", str(out / "cache"), "--device", "cpu", "--quick", "--quiet"]) == 0
+    assert main(["--out", str(out), "--cache", str(out / "cache"), "--device", "cpu", "--quick", "--quiet"]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -42,11 +32,11 @@ def test_quick_run_writes_every_output(quick_run):
     assert "python bench/quality_study.py" in md and md.count("**PASS**") + md.count("**FAIL**") == 3
 
 
-def test_every_arm_runs_at_every_budget_with_exact_bytes(quick_run, study):
+def test_every_arm_runs_at_every_budget_with_exact_bytes(quick_run):
     _, result = quick_run
     assert result["budgets"] == [2.75, 3.5]
     rows = result["rows"]
-    assert {(r["budget"], r["arm"]) for r in rows} == {(b, a) for b in (2.75, 3.5) for a in study.ARMS}
+    assert {(r["budget"], r["arm"]) for r in rows} == {(b, a) for b in (2.75, 3.5) for a in report.ARMS}
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == len(rows)  # the quick grid has a fitting configuration for every arm at both budgets
     for r in ok:
@@ -63,7 +53,7 @@ def test_every_arm_runs_at_every_budget_with_exact_bytes(quick_run, study):
     assert qlora["init"] == "qlora" and qlora["config"] == "nf2-b64-dq8/256-r4"
 
 
-def test_claims_follow_from_the_numbers(quick_run, study):
+def test_claims_follow_from_the_numbers(quick_run):
     _, result = quick_run
     assert len(result["claims"]) == 3 and {c["status"] for c in result["claims"]} <= {"PASS", "FAIL"}
     assert all(c["reason"] for c in result["claims"] if c["status"] == "FAIL")  # a failed claim says why
@@ -72,22 +62,22 @@ def test_claims_follow_from_the_numbers(quick_run, study):
     wins = [ilp[b]["table_error"] < result["uniform_best"][str(b)]["total_error"] for b in (2.75, 3.5)]
     assert first["status"] == ("PASS" if all(wins) else "FAIL")
     # Recomputing the claims from the stored rows gives the same verdicts.
-    again = study.check_claims(result["rows"], result["uniform_best"], result["budgets"])
+    again = report.check_claims(result["rows"], result["uniform_best"], result["budgets"])
     assert [c["status"] for c in again] == [c["status"] for c in result["claims"]]
 
 
-def test_bad_options_are_one_line_errors(study, tmp_path, capsys):
-    assert study.main(["--out", str(tmp_path), "--budgets", "2.5,x", "--quick"]) == 2
+def test_bad_options_are_one_line_errors(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--budgets", "2.5,x", "--quick"]) == 2
     assert "--budgets" in capsys.readouterr().err
-    assert study.main(["--out", str(tmp_path), "--steps", "0", "--quick"]) == 2
+    assert main(["--out", str(tmp_path), "--steps", "0", "--quick"]) == 2
     assert not list(tmp_path.iterdir())  # rejected before any work
 
 
-def test_errors_only_reproduces_the_errors_and_skips_the_downstream_claims(quick_run, study, tmp_path):
+def test_errors_only_reproduces_the_errors_and_skips_the_downstream_claims(quick_run, tmp_path):
     _, full = quick_run
     out = tmp_path / "errors"
     cache = Path(full["command"].split("--cache ")[1].split()[0])  # the quick run's profile cache: no re-profiling
-    assert study.main(["--out", str(out), "--cache", str(cache), "--device", "cpu", "--quick", "--quiet",
+    assert main(["--out", str(out), "--cache", str(cache), "--device", "cpu", "--quick", "--quiet",
                        "--errors-only"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert [c["status"] for c in result["claims"][1:]] == ["NOT RUN", "NOT RUN"]
@@ -99,20 +89,20 @@ def test_errors_only_reproduces_the_errors_and_skips_the_downstream_claims(quick
         assert r["cos_after_mean"] is None or math.isnan(r["cos_after_mean"])
 
 
-def test_merge_of_per_budget_runs_equals_one_run(quick_run, study, tmp_path):
+def test_merge_of_per_budget_runs_equals_one_run(quick_run, tmp_path):
     _, full = quick_run
     cache = full["command"].split("--cache ")[1].split()[0]
     parts = []
     for budget in ("3.5", "2.75"):  # out of order on purpose: the merge sorts by budget
         parts.append(tmp_path / budget)
-        assert study.main(["--out", str(parts[-1]), "--cache", cache, "--device", "cpu", "--quick", "--quiet",
+        assert main(["--out", str(parts[-1]), "--cache", cache, "--device", "cpu", "--quick", "--quiet",
                            "--budgets", budget]) == 0
     merged = tmp_path / "merged"
-    assert study.main(["--merge", *map(str, parts), "--out", str(merged)]) == 0
+    assert main(["--merge", *map(str, parts), "--out", str(merged)]) == 0
     result = json.loads((merged / "results.json").read_text())
     assert result["budgets"] == [2.75, 3.5] and result["complete"]
     assert [(r["budget"], r["arm"]) for r in result["rows"]] == [(r["budget"], r["arm"]) for r in full["rows"]]
     assert [r["total_error"] for r in result["rows"]] == [r["total_error"] for r in full["rows"]]
     assert [c["status"] for c in result["claims"]] == [c["status"] for c in full["claims"]]
     assert "Merged from 2 runs" in (merged / "quality.md").read_text()
-    assert study.main(["--merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m2")]) == 2
+    assert main(["--merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m2")]) == 2
