@@ -4,32 +4,21 @@ subprocesses (--parallel) giving the same numbers, and every output written."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-STUDY = Path(__file__).resolve().parents[1] / "bench" / "quality_decoder.py"
+from planner.study import quality_decoder_report as report
+from planner.study.quality_decoder import main  # bench/quality_decoder.py's command line
+
 pytestmark = pytest.mark.slow  # about 30 s on 2 cores, the --parallel rerun of finished jobs 10 s more
 
 
 @pytest.fixture(scope="module")
-def study():
-    sys.path.insert(0, str(STUDY.parent))  # it imports bench/quality_study.py's helpers
-    spec = importlib.util.spec_from_file_location("quality_decoder", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny_run(study, tmp_path_factory):
+def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality-decoder")
-    assert study.main(["--tiny", "--out", str(out), "--cache", str(out / "cache"), "--device", "cpu", "--quiet"]) == 0
+    assert main(["--tiny", "--out", str(out), "--cache", str(out / "cache"), "--device", "cpu", "--quiet"]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -44,12 +33,12 @@ def test_tiny_run_writes_every_output_with_four_verdicts(tiny_run):
     assert "torch" in result["environment"]
 
 
-def test_every_arm_runs_at_every_budget_and_qloras_own_bits(tiny_run, study):
+def test_every_arm_runs_at_every_budget_and_qloras_own_bits(tiny_run):
     _, result = tiny_run
     q = result["qlora_bits"]
     assert result["budgets"] == [2.75, 3.5, q] and 4.5 < q < 4.6  # NF4 b64 dq + rank-4 adapters on 256-wide
     rows = result["rows"]
-    assert {(r["budget"], r["arm"]) for r in rows} == {(b, a) for b in result["budgets"] for a in study.ARMS}
+    assert {(r["budget"], r["arm"]) for r in rows} == {(b, a) for b in result["budgets"] for a in report.ARMS}
     qlora = next(r for r in rows if r["budget"] == q and r["arm"] == "qlora")
     assert qlora["config"] == "nf4-b64-dq8/256-r4" and qlora["init"] == "qlora"
     for r in rows:
@@ -59,12 +48,12 @@ def test_every_arm_runs_at_every_budget_and_qloras_own_bits(tiny_run, study):
     assert 1 < result["full_precision_ppl"] < 2 * 30522
 
 
-def test_parallel_jobs_reuse_finished_results_and_match(tiny_run, study):
+def test_parallel_jobs_reuse_finished_results_and_match(tiny_run):
     out, result = tiny_run
     rerun = out / "runs" / "2.75-ilp-s0" / "result.json"
     before = json.loads(rerun.read_text())["result"]
     rerun.unlink()  # this one job runs again, in a subprocess; every other result is read back
-    assert study.main(["--tiny", "--out", str(out), "--cache", str(out / "cache"), "--device", "cpu", "--quiet",
+    assert main(["--tiny", "--out", str(out), "--cache", str(out / "cache"), "--device", "cpu", "--quiet",
                        "--parallel", "2"]) == 0
     again = json.loads((out / "results.json").read_text())
     after = json.loads(rerun.read_text())["result"]

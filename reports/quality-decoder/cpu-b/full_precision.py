@@ -1,8 +1,7 @@
 # The fp model on the CPU jobs' 16 held-out paragraphs, through the same Context: python reports/quality-decoder/cpu-b/full_precision.py
 # (from the repository root; /tmp/qb/runs/fisher.safetensors is any Fisher file: Context loads one, the fp score ignores it)
 import sys, json, torch
-sys.path.insert(0, "bench")
-import quality_decoder as qd
+from planner.study import quality_decoder as qd  # Settings, Context, text_digest
 from planner.model.resolve import resolve_model
 job = json.load(open("reports/quality-decoder/cpu-b/runs/4.7329-qlora-s0/job.json"))
 s = qd.Settings(**{**job["settings"], "budgets": tuple(job["settings"]["budgets"])})
