@@ -14,7 +14,7 @@ from conftest import seeded_tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.quantizers import auto as hf_auto
 
 import planner.hf
@@ -22,6 +22,7 @@ from planner.errors import UserError
 from planner.hf import LqplanConfig, LqplanHfQuantizer
 from planner.hf.quantizer import buffer_nbytes
 from planner.profile.grid import GridPoint
+from planner.testing.models import seeded_llama
 from planner.train.apply import LayerRecipe, apply_plan, explicit_plan, quant_layers
 from quant import QuantConfig, quantize
 from quant.layers import BUFFER_PREFIX, QuantLoRALinear
@@ -292,9 +293,7 @@ def test_an_incomplete_saved_folder_is_a_user_error(minilm, tmp_path):
 
 
 def test_a_non_finite_weight_fails_the_load_with_one_line(tmp_path):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = seeded_llama(100, 32, 64, layers=1, heads=2, kv_heads=1)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[3, 4] = float("nan")
     model.save_pretrained(tmp_path)

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from planner.hf import LqplanConfig, LqplanHfQuantizer
 from planner.model.pages import release_mapped_pages
 from planner.profile.grid import GridPoint
+from planner.testing.models import seeded_llama
 from planner.train.apply import explicit_plan
 from quant import QuantConfig
 
@@ -66,10 +67,8 @@ def test_a_private_mapping_with_written_pages_and_other_files_are_left_alone(tmp
 def test_hf_route_holds_about_one_shard_of_mapped_pages_while_it_quantizes(tmp_path, monkeypatch):
     """A 4-layer Llama in shards of ~1 layer each: at every planned weight, the shards' resident mapped pages stay
     below two shards' bytes (before, transformers held every page read so far: all four layers by the last one)."""
-    torch.manual_seed(0)
     folder = tmp_path / "llama"
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=1024,
-                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))
+    model = seeded_llama(1000, 64, 1024, layers=4, heads=4, kv_heads=2)
     layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     model.save_pretrained(folder, max_shard_size=f"{layer_bytes // 1000 + 1}KB")
     shards = sorted(folder.glob("*.safetensors"))

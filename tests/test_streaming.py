@@ -75,13 +75,11 @@ PROBE = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from planner.testing.models import seeded_llama
 
     folder = tmp_path_factory.mktemp("llama-sharded")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=8,
-                      num_key_value_heads=8, vocab_size=VOCAB, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(folder, max_shard_size="20MB", safe_serialization=True)
+    seeded_llama(VOCAB, HIDDEN, INTER, layers=LAYERS, heads=8, kv_heads=8, tie_word_embeddings=False).save_pretrained(
+        folder, max_shard_size="20MB", safe_serialization=True)
     return folder
 
 

@@ -27,6 +27,7 @@ from planner.plan.train_memory import (
     reference_peak_bytes,
 )
 from planner.profile.grid import GridPoint
+from planner.testing.models import seeded_llama
 from planner.train.apply import apply_plan, explicit_plan
 from planner.train.loop import _checkpointing
 from quant import QuantConfig
@@ -146,10 +147,8 @@ def allocator_peak(fn):
 def bf16_llama(folder, intermediate: int):
     """A 2-layer Llama 64 wide over the MiniLM tokenizer's 30,522 tokens, saved in bf16 as released checkpoints are:
     its logits dominate an evaluation's memory, or with a wide MLP its layers do."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
+    seeded_llama(30522, 64, intermediate, 2, 4, 2, max_position_embeddings=512).to(torch.bfloat16).save_pretrained(
+        folder)
     return folder
 
 
