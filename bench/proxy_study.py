@@ -8,7 +8,7 @@ total error and the measured KL per objective, and KL at equal bits against ever
 
 Every step is an `lqplan` process (planner.study.calls); a rerun with the same --work resumes, and the report
 (OUT/proxy-MODEL.json and .md) is rewritten after every evaluation, so a run cut short reports what it measured.
-Order: the plans of every objective, then the uniform configurations (data-free first)."""
+Order: the plans of every objective, then the uniform configurations, blocks of 64 first."""
 
 from __future__ import annotations
 
@@ -132,7 +132,9 @@ def main(argv=None) -> int:
             rows.append({"id": f"uniform:{obj}:{q.label}", "kind": "uniform", "objective": obj, "budget": None,
                          "label": q.label, "plan": str(path), "bits_per_param": plan.totals["bits_per_param"],
                          "choice": choice, "predicted": predicted_error(tables[obj], choice, False), "same_as": None})
-    for row in [r for r in rows if r["kind"] == "uniform"]:
+    # the smallest blocks first across objectives, so a run cut short has every objective's coarsest comparison
+    for row in sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: (int(r["label"].split("-")[1][1:]),
+                                                                                   s.objectives.index(r["objective"]))):
         evaluate(row)
     print(f"proxy_study: {name} done in {time.time() - t0:.0f} s; {out}/proxy-{name}.md")
     return 0

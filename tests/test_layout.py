@@ -14,13 +14,13 @@ PACKAGES = ("quant", "planner")
 # Lowest first: a module may import only from a lower group, or from its own group (cycles are checked apart).
 ORDER = ("quant", "planner", "planner.errors", "planner.fsio", "planner.devices", "planner.dist", "planner.corpus",
          "planner.model", "planner.profile", "planner.plan", "planner.report", "planner.train", "planner.api",
-         "planner.study",
+         "planner.testing", "planner.study",
          "planner.hf",
          "planner.cli", "planner.__main__")
 MAX_LINES = 350
 # Known debt, each a strict xfail (it fails the suite once fixed, so the entry must go): modules this session's
 # features pushed past MAX_LINES and the packaged <-> tokenizer cycle.
-OVER_LONG = {"planner.api", "planner.cli.commands", "planner.report.render", "planner.study.run", "planner.study.stage"}
+OVER_LONG = {"planner.api", "planner.cli.commands", "planner.report.render"}
 DEBT = pytest.mark.xfail(strict=True, reason="known layout debt: split the module / break the cycle (next session)")
 
 
