@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..fsio import write_text
+from ..fsio import read_json, write_text
+from .hfload import SAFE
 
 MARKER = "lqplan-packaged.json"  # written last into the assembled folder: its presence means the folder is complete
 
@@ -87,8 +88,8 @@ def convert(spec: PackagedModel, gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **SAFE)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **SAFE)
     # The weights are dequantized fp32 tensors: drop what marks the model GGUF-quantized (transformers refuses to
     # save a model with a non-serializable quantizer, and lqplan refuses folders with a quantization_config).
     model.hf_quantizer = None
@@ -128,7 +129,7 @@ def packaged_folder(alias: str, progress=_say) -> Path:
     root = models_cache_dir()
     folder = root / alias
     if (folder / MARKER).is_file():
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json", f"delete {folder} to have it assembled again")
         if "transformers_version" in config:  # assembled by an lqplan before write_portable_config
             try:
                 write_portable_config(folder / "config.json", config)
@@ -163,7 +164,9 @@ def packaged_folder(alias: str, progress=_say) -> Path:
 
 def provenance_note(folder) -> str | None:
     """The note a report must carry for a model folder assembled here (None for any other folder)."""
+    if not (Path(folder) / MARKER).exists():
+        return None
     try:
-        return json.loads((Path(folder) / MARKER).read_text()).get("note")
-    except (OSError, ValueError, AttributeError):
+        return read_json(Path(folder) / MARKER, "").get("note")
+    except (UserError, AttributeError):
         return None
