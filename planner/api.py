@@ -4,7 +4,6 @@ A training script can call `make_plan(...)` and then `planner.train.apply_plan(m
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,10 +18,10 @@ from quant.weighting import fisher_scales, weighted_error
 from . import __version__
 from .devices import resolve_device
 from .errors import UserError
-from .fsio import write_json
+from .fsio import output_folder, read_json, sha256_file, write_json
 from .model.discover import discover_matrices, planned_params, unplanned_bytes
 from .model.resolve import ModelSource, resolve_model
-from .model.stream import iter_matrices
+from .model.stream import check_unplanned_finite, iter_matrices
 from .plan.budget import Budget, resolve_budget
 from .plan.document import Plan, PlanEntry
 from .plan.ilp import (
@@ -39,6 +38,7 @@ from .profile.grid import GridPoint, default_ranks, make_grid
 from .profile.run import run_profile, save_table
 from .profile.settings import ProfileSettings
 from .report.render import write_reports
+from .schema import INT, NUM, STR, problem
 
 log = logging.getLogger("lqplan")
 DEFAULT_CACHE = Path(".lqplan-cache")
@@ -195,6 +195,7 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
         settings = ProfileSettings(make_grid(ranks=default_ranks(min(m.shape) for m in matrices)))
     matrices = discover_matrices(source, include_head=settings.include_head)
     dev = str(resolve_device(device))
+    check_unplanned_finite(source, matrices)
     budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, settings.grid, budget)
     fixed = None
     if train is not None:
@@ -222,30 +223,36 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
 
     out = Path(out_dir)
     paths = {}
-    # The profile first, the plan last: a plan.json on disk always has its profile beside it.
-    paths["profile"], paths["profile_manifest"] = save_table(
-        table, out, profile_manifest(source, settings, fkey, job.cache_dir, plan.model))
-    plan.save(out / "plan.json")
-    paths["plan"] = out / "plan.json"
-
-    if reports:
-        curve = budget_curve(table, planned_params(matrices))
-        uniform = uniform_solutions(table, budget_bits)
-        extra = {"profile_seconds": round(stats.seconds, 2), "computed_points": stats.computed_points,
-                 "cached_points": stats.cached_points, "computed_matrices": len(stats.computed_matrices),
-                 "total_seconds": round(time.perf_counter() - t0, 2)}
-        # timings stay out of plan.json (same inputs, same bytes); `lqplan report` shows them again from here
-        seconds = {"solver_seconds": plan.solver["seconds"]} if "seconds" in plan.solver else {}
-        write_json(out / RUN_STATS, {**extra, **seconds})
-        paths["run_stats"] = out / RUN_STATS
-        if comparison:
-            extra["fisher_comparison"] = comparison
-        paths.update(write_reports(plan, table, out, curve, uniform, extra))
+    # The whole folder is written aside and swapped in at the end: a failed or killed run leaves the previous one.
+    with output_folder(out, PLAN_OUTPUTS) as stage:
+        for key, path in zip(("profile", "profile_manifest"), save_table(
+                table, stage, profile_manifest(source, settings, fkey, job.cache_dir, plan.model))):
+            paths[key] = out / path.name
+        plan.save(stage / "plan.json")
+        paths["plan"] = out / "plan.json"
+        if reports:
+            curve = budget_curve(table, planned_params(matrices))
+            uniform = uniform_solutions(table, budget_bits)
+            extra = {"profile_seconds": round(stats.seconds, 2), "computed_points": stats.computed_points,
+                     "cached_points": stats.cached_points, "computed_matrices": len(stats.computed_matrices),
+                     "total_seconds": round(time.perf_counter() - t0, 2)}
+            # timings stay out of plan.json (same inputs, same bytes); `lqplan report` shows them again from here,
+            # and only beside the plan they were measured for
+            seconds = {"solver_seconds": plan.solver["seconds"]} if "seconds" in plan.solver else {}
+            write_json(stage / RUN_STATS, {**extra, **seconds, "plan_sha256": sha256_file(stage / "plan.json")})
+            paths["run_stats"] = out / RUN_STATS
+            if comparison:
+                extra["fisher_comparison"] = comparison
+            for key, path in write_reports(plan, table, stage, curve, uniform, extra).items():
+                paths[key] = out / Path(path).name
     return PlanResult(plan, table, stats, paths, comparison)
 
 
 CURVE_BITS_PER_PARAM = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.127, 4.5, 5.0)
 RUN_STATS = "run.json"
+REPORT_OUTPUTS = ("allocation.csv", "report.md", "report.html", "heatmap.png", "error_budget.png")
+# What `lqplan plan` writes into --out; a new plan replaces all of them (a --no-report plan drops the old reports)
+PLAN_OUTPUTS = ("plan.json", "profile.csv", "profile.json", RUN_STATS, *REPORT_OUTPUTS)
 
 
 def budget_curve(table: pd.DataFrame, params: int) -> pd.DataFrame | None:
@@ -257,17 +264,31 @@ def budget_curve(table: pd.DataFrame, params: int) -> pd.DataFrame | None:
         return None
 
 
-def read_run_stats(folder: Path) -> dict:
-    """The run statistics `make_plan` left beside a plan (run.json), or {} when there are none readable: they
-    only decorate the report, so a damaged file is skipped with a warning rather than refused."""
+_RUN_SPEC = {"profile_seconds?": NUM, "computed_points?": INT, "cached_points?": INT, "computed_matrices?": INT,
+             "total_seconds?": NUM, "solver_seconds?": NUM, "plan_sha256?": STR}
+
+
+def read_run_stats(folder: Path, plan_path: Path | None = None) -> dict:
+    """The run statistics `make_plan` left beside a plan (run.json), or {} when there are none readable or they
+    were measured for another plan.json than `plan_path`'s: they only decorate the report, so such a file is
+    skipped with a warning rather than refused."""
     path = Path(folder) / RUN_STATS
-    if not path.is_file():
+    if not path.exists():
         return {}
     try:
-        stats = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        stats = None
-    if not isinstance(stats, dict) or not all(isinstance(v, (int, float, str)) for v in stats.values()):
-        log.warning("ignoring unreadable run statistics %s", path)
+        stats = read_json(path, "it is skipped")
+    except UserError as e:
+        log.warning("ignoring run statistics: %s", e)
+        return {}
+    found = problem(stats, _RUN_SPEC, "run.json")
+    if found is None and not all(isinstance(v, (int, float, str)) for v in stats.values()):
+        found = "run.json holds a value that is not a number or a string"
+    if found:
+        log.warning("ignoring unreadable run statistics %s: %s", path, found)
+        return {}
+    digest = stats.pop("plan_sha256", None)
+    if plan_path is not None and digest is not None and Path(plan_path).is_file() and \
+            digest != sha256_file(plan_path):
+        log.warning("ignoring run statistics %s: they were measured for another plan.json", path)
         return {}
     return stats

@@ -22,10 +22,15 @@ from pathlib import Path
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from quant.weighting import check_fisher
+
 from ..corpus import CalibText, load_calib
 from ..errors import UserError
-from ..fsio import write_bytes
+from ..fsio import remove_stale_temps, write_bytes
+from ..model.config import positions
 from ..model.discover import is_causal_lm
+from ..model.weights import read_header_table
+from ..model.hfload import auto_config, auto_tokenizer, check_tokenizer_fits, pretrained
 
 log = logging.getLogger("lqplan")
 
@@ -59,13 +64,15 @@ def _simcse_loss(model, batch):
 def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens: int = 16384, seq_len: int = 128,
                    batch_size: int = 16, device: str = "cpu", progress=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Row/column Fisher weights for each planned matrix (module path) of the model in `folder`."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:  # transformers raises many types for a missing/broken tokenizer
-        raise UserError(f"cannot load the tokenizer from {folder} ({type(e).__name__}); Fisher calibration needs "
-                        "the model's tokenizer files in the folder, or run without --calib") from None
+    tokenizer = auto_tokenizer(folder, "Fisher calibration needs the model's tokenizer files in the folder, or run "
+                                       "without --calib")
+    config = auto_config(folder)
+    check_tokenizer_fits(tokenizer, config, folder)
+    limit = positions(config)
+    if limit is not None:
+        seq_len = min(seq_len, limit)  # a model with fewer positions than the window: its own length
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batches, tokens = [], 0
@@ -82,10 +89,12 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
         raise UserError(f"--calib-tokens {max_tokens} is more than the calibration text holds ({tokens} tokens at "
                         f"{seq_len} per paragraph); pass --calib-tokens {tokens} or fewer, or a longer --calib file")
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
     causal = is_causal_lm(config)
+    if not causal and len(calib.texts) < 2:  # SimCSE's loss contrasts the sentences of a batch: one has no gradient
+        raise UserError(f"the calibration text {calib.name} has {len(calib.texts)} paragraph; an encoder's Fisher "
+                        "weights need at least 2 (separate them with a blank line), or run without --calib")
     cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32).to(device)
+    model = pretrained(cls, folder, dtype=torch.float32).to(device)
     modules_of = _find_modules(model, names)
     params = {n: m.weight for n, m in modules_of.items()}
     for p in model.parameters():
@@ -115,8 +124,14 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
                 sums[n] += p.grad.float().pow(2)
             counted += 1
 
+    if not counted:
+        raise UserError(f"the calibration text {calib.name} has no paragraph of 2 or more tokens; pass a longer "
+                        "--calib file")
     out = {}
     for n, s in sums.items():
+        if not bool(s.sum() > 0):
+            raise UserError(f"the calibration text {calib.name} gave no gradient to matrix {n}; pass more text (more "
+                            "paragraphs) with --calib, or run without it")
         f = s / counted
         if isinstance(modules_of[n], Conv1D):
             f = f.t()  # GPT-2's Conv1D stores (in, out); the plan's rows are output features
@@ -142,13 +157,25 @@ def load_fisher(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     from safetensors.torch import load_file
 
     try:
+        read_header_table(Path(path))
         t = load_file(str(path))
         names = sorted({k.rsplit(".", 1)[0] for k in t})
         return {n: (t[f"{n}.rows"], t[f"{n}.cols"]) for n in names}
-    except (SafetensorError, OSError, KeyError):
+    except (SafetensorError, OSError, KeyError, UserError):
         # a damaged cache entry is not the user's input: an empty result makes the caller recompute it
         logging.getLogger("lqplan.fisher").warning("ignoring unreadable Fisher cache %s (it will be recomputed)", path)
         return {}
+
+
+def _usable(weights, matrices) -> bool:
+    """Cached weights the profile can use (shapes, finite, non-negative, not all zero); else they are recomputed."""
+    try:
+        for m in matrices:
+            check_fisher(weights[m.name], tuple(m.shape))
+    except ValueError as e:
+        log.warning("ignoring the cached Fisher weights (%s); recomputing them", e)
+        return False
+    return True
 
 
 def get_fisher(source, matrices, calib: str, cache_dir: Path, tokens: int, device, progress: bool):
@@ -157,9 +184,11 @@ def get_fisher(source, matrices, calib: str, cache_dir: Path, tokens: int, devic
     key = f"{text.name.replace('/', '_')[-40:]}-{text.digest}-{tokens}"
     path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "fisher" / f"{key}.safetensors"
     names = [m.name for m in matrices]
+    if path.parent.is_dir():
+        remove_stale_temps(path.parent)  # leftovers of a killed run's write
     if path.exists():
         weights = load_fisher(path)
-        if all(n in weights for n in names):
+        if all(n in weights for n in names) and _usable(weights, matrices):
             log.info("fisher: reusing %s", path)
             return weights, key
     bar = None

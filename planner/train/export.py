@@ -13,7 +13,6 @@ dequantized base folder so that PeftModel.from_pretrained(AutoModel.from_pretrai
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -31,13 +30,19 @@ from quant.qalora import QALoRALinear
 from .. import __version__
 from ..devices import dequant_backend_from_env
 from ..errors import UserError
-from ..fsio import atomic_path, write_json, write_text
+from ..fsio import DOC_CAP, atomic_path, check_regular, output_folder, read_json, write_json, write_text
+from ..model.config import read_config
+from ..model.digests import file_digests
+from ..model.hfload import auto_config
+from ..model.weights import read_header_table
 from ..plan.document import Plan
+from ..schema import ANY, BOOL, INT, NUM, STR, _show, list_of, map_of, optional, problem
 from .apply import freeze_base, quant_layers, set_module
 
 MANIFEST = "lqplan_manifest.json"
 SCHEMA = "lqplan.quantized/1"
 WEIGHTS = "model.safetensors"
+QUANTIZED_FILES = (WEIGHTS, "config.json", "plan.json", MANIFEST)
 
 
 def _check_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
@@ -101,25 +106,65 @@ def save_quantized(model: nn.Module, plan: Plan, out_dir) -> Path:
                           "adapter_dtype": None if not layer.rank else str(layer.lora_A.dtype).removeprefix("torch.")}
                    for name, layer in layers.items()},
     }
-    _save_tensors(out / WEIGHTS, tensors)
-    write_text(out / "config.json", _config_json(model))
-    plan.save(out / "plan.json")
-    write_json(out / MANIFEST, manifest)
+    # written aside and swapped in whole: a killed save leaves the previous folder, never new weights beside
+    # another plan; the manifest holds every part's digest, so load_quantized refuses a folder mixed any other way
+    with output_folder(out, QUANTIZED_FILES) as stage:
+        _save_tensors(stage / WEIGHTS, tensors)
+        write_text(stage / "config.json", _config_json(model))
+        plan.save(stage / "plan.json")
+        parts = (WEIGHTS, "config.json", "plan.json")
+        manifest["files"] = dict(zip(parts, file_digests([stage / p for p in parts], memo=False)))
+        write_json(stage / MANIFEST, manifest)
     return out
+
+
+_LAYER_SPEC = {"config": map_of(ANY), "shape": list_of(INT), "method?": optional(STR), "rank": INT, "alpha": NUM,
+               "dropout": NUM, "bias?": BOOL, "adapter_dtype?": optional(STR)}
+MANIFEST_SPEC = {"schema": STR, "architecture": STR, "weights": STR, "aliases": map_of(STR),
+                 "layers": map_of(_LAYER_SPEC), "files?": map_of(STR)}
+RESAVE = "re-save the model with `lqplan train` (or save_quantized)"
 
 
 def _read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise UserError(f"{folder} is not an lqplan quantized folder (no {MANIFEST}); write one with save_quantized")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}; re-save the model with save_quantized") from None
+    manifest = read_json(path, f"cannot read it; {RESAVE}")
     schema = manifest.get("schema") if isinstance(manifest, dict) else None
     if schema != SCHEMA:
-        raise UserError(f"{path} has schema {schema!r}, this lqplan reads {SCHEMA!r}; re-save it")
+        raise UserError(f"{path} has schema {_show(schema)}, this lqplan reads {SCHEMA!r}; re-save it")
+    found = problem(manifest, MANIFEST_SPEC, MANIFEST)
+    if found:
+        raise UserError(f"{path} is malformed: {found}; {RESAVE}")
+    for name in (manifest["weights"], *manifest.get("files", {})):
+        # a name from a document never leads outside the folder
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise UserError(f"{path} names the file {name[:80]!r}, which is not a file name inside {folder}; "
+                            f"{RESAVE}")
     return manifest
+
+
+def _check_parts(folder: Path, manifest: dict, plan: Plan) -> None:
+    """The folder's parts belong together: each file is the one the manifest was written with (digest), and the plan
+    is the one its quantized layers were made from (folders saved before the digests: the layers alone)."""
+    files = manifest.get("files") or {}
+    for name in (manifest["weights"], *files):
+        if not (folder / name).exists():
+            raise UserError(f"{folder} lacks {name} (an incomplete folder); {RESAVE}")
+        check_regular(folder / name, RESAVE, cap=None if name == manifest["weights"] else DOC_CAP)
+    if files:
+        names = list(files)
+        for name, digest in zip(names, file_digests([folder / n for n in names])):
+            if digest != files[name]:
+                raise UserError(f"{folder / name} is not the file {MANIFEST} was written with (files of two saves "
+                                f"mixed, or edited); {RESAVE}")
+    layers = manifest["layers"]
+    for e in plan.matrices:
+        info = layers.get(e.name)
+        if info is None or list(info["shape"]) != list(e.shape) or info["rank"] != e.point.rank or \
+                info["config"] != e.point.config.to_dict():
+            raise UserError(f"the plan.json in {folder} is not the plan its quantized layers were made from (matrix "
+                            f"{e.name} differs); {RESAVE}")
 
 
 def _skeleton(folder: Path, architecture: str) -> nn.Module:
@@ -127,9 +172,10 @@ def _skeleton(folder: Path, architecture: str) -> nn.Module:
     from accelerate import init_empty_weights
 
     cls = getattr(transformers, architecture, None)
-    if cls is None:
+    if cls is None or not hasattr(cls, "_from_config"):
         raise UserError(f"architecture {architecture!r} is not in this transformers version; upgrade transformers")
-    config = transformers.AutoConfig.from_pretrained(folder)
+    read_config(folder, RESAVE)
+    config = auto_config(folder)
     # Parameters on the meta device (no memory, no init); buffers are real and overwritten from the file.
     with init_empty_weights(include_buffers=False):
         return cls._from_config(config)
@@ -140,6 +186,8 @@ def load_quantized(folder, device=None) -> tuple[nn.Module, Plan]:
     folder = Path(folder)
     manifest = _read_manifest(folder)
     plan = Plan.load(folder / "plan.json")
+    _check_parts(folder, manifest, plan)
+    read_header_table(folder / manifest["weights"], RESAVE)  # lqplan checks every header before safetensors reads it
     try:
         tensors = load_file(str(folder / manifest["weights"]), device=str(device or "cpu"))
     except (OSError, SafetensorError, KeyError, TypeError) as e:  # SafetensorError: a truncated or corrupt file
@@ -149,7 +197,10 @@ def load_quantized(folder, device=None) -> tuple[nn.Module, Plan]:
     backend = dequant_backend_from_env()
     for name, info in manifest["layers"].items():
         prefix = name + "."
-        config = QuantConfig.from_dict(info["config"])
+        try:
+            config = QuantConfig.from_dict(info["config"])
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{folder}: layer {name}: {e}; {RESAVE}") from None
         fields = {}
         for field in QuantizedTensor.TENSOR_FIELDS:
             raw = tensors.pop(prefix + BUFFER_PREFIX + field, None)
@@ -268,7 +319,7 @@ def _save_packed_base(model: nn.Module, layers: dict, plan: Plan, folder: Path) 
 
 
 def export_peft(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32, tokenizer=None, *,
-                plan: Plan | None = None, dense: bool = False) -> tuple[Path, Path]:
+                plan: Plan | None = None, dense: bool = False, final_dir=None) -> tuple[Path, Path]:
     """(base_dir, adapter_dir) under out_dir. adapter = a standard PEFT LoRA adapter: target_modules = the quantized
     modules with rank > 0, per-module r / lora_alpha (rank_pattern, alpha_pattern), weights in `dtype`.
 
@@ -276,7 +327,8 @@ def export_peft(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32, t
     the `plan`); nothing is dequantized. planner.hf.peft.load_lqplan_adapter(load_quantized(base)[0], adapter)
     reproduces the model. dense=True: base = dequant(Q) as a standard folder in `dtype` (a full-size copy of every
     planned matrix, what lqplan wrote before) for PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter)
-    without lqplan installed."""
+    without lqplan installed. `final_dir`: where out_dir will be once published (the adapter records its base's
+    path there), when out_dir is a staging folder."""
     from peft import LoraConfig
 
     out = Path(out_dir)
@@ -297,7 +349,8 @@ def export_peft(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32, t
     first = next(iter(adapted.values()))
     # PEFT matches rank/alpha pattern keys as regular expressions: escape the dots of module paths.
     config = LoraConfig(r=first.rank, lora_alpha=first.alpha, lora_dropout=0.0, bias="none",
-                        target_modules=sorted(adapted), base_model_name_or_path=str(base_dir.resolve()),
+                        target_modules=sorted(adapted),
+                        base_model_name_or_path=str((Path(final_dir or out) / "base").resolve()),
                         rank_pattern={re.escape(n): l.rank for n, l in adapted.items()},
                         alpha_pattern={re.escape(n): l.alpha for n, l in adapted.items()})
     config_dict = config.to_dict()

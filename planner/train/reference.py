@@ -6,14 +6,15 @@ result is cached by model fingerprint and evaluation-text digest, so it is compu
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
-from ..fsio import write_json
+from ..errors import UserError
+from ..fsio import read_json, write_json
 from ..model.resolve import ModelSource
 from .build import load_tensors, meta_names, skeleton
 from .evaluate import bos_id, perplexity
@@ -71,9 +72,11 @@ def reference_perplexity(source: ModelSource, config, tokenizer, texts: list[str
     if cache_dir is not None:
         path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "reference" / f"{key}.json"
         try:
-            return float(json.loads(path.read_text())["perplexity"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # missing or unreadable: compute it
+            value = read_json(path, "it is recomputed")["perplexity"] if path.exists() else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                return float(value)
+        except (UserError, KeyError, TypeError):
+            pass  # unreadable: compute it
     model = streamed_reference(source, config, causal=True, device=device)
     # the same window batches as the quantized model's evaluation, so the figures compare like for like
     value = perplexity(model, tokenizer, texts, max_len=max_len, stride=stride, device=device)
