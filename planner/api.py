@@ -18,7 +18,8 @@ from quant.weighting import fisher_scales, weighted_error
 from . import __version__
 from .devices import resolve_device
 from .errors import UserError
-from .fsio import output_folder, read_json, sha256_file, write_json
+from .fsio import read_json, sha256_file, write_json
+from .outputs import output_folder
 from .model.discover import discover_matrices, planned_params, unplanned_bytes
 from .model.resolve import ModelSource, resolve_model
 from .model.stream import check_unplanned_finite, iter_matrices

@@ -4,7 +4,7 @@ for every field a reader uses, so a wrong-typed field is one line naming it inst
 
 A spec is a type name ("int", "number", "str", "bool", "any"), a dict of field specs (an object holding them; a key
 ending in "?" is optional; other fields are allowed), ("list", spec), ("map", spec) (an object of any keys),
-("opt", spec) (null or spec) or ("enum", values)."""
+("opt", spec) (null or spec), ("any", specs) (one of them) or ("enum", values)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def one_of(*values):
     return ("enum", values)
 
 
+def any_of(*specs):
+    return ("any", specs)
+
+
 def _scalar(value, kind: str) -> bool:
     if kind == ANY:
         return True
@@ -47,7 +51,8 @@ def _scalar(value, kind: str) -> bool:
 _WORDS = {INT: "an integer", NUM: "a number", STR: "a string", BOOL: "true or false", ANY: "a value"}
 
 
-def _show(value) -> str:
+def show(value) -> str:
+    """A value as a message quotes it: repr, cut at 40 characters."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -57,10 +62,10 @@ def problem(doc, spec, where: str = "") -> str | None:
     None when it matches."""
     name = where or "the document"
     if isinstance(spec, str):
-        return None if _scalar(doc, spec) else f"{name} is {_show(doc)}, not {_WORDS[spec]}"
+        return None if _scalar(doc, spec) else f"{name} is {show(doc)}, not {_WORDS[spec]}"
     if isinstance(spec, dict):
         if not isinstance(doc, dict):
-            return f"{name} is {_show(doc)}, not an object"
+            return f"{name} is {show(doc)}, not an object"
         for key, sub in spec.items():
             opt = key.endswith("?")
             key = key.rstrip("?")
@@ -75,11 +80,14 @@ def problem(doc, spec, where: str = "") -> str | None:
     kind, sub = spec
     if kind == "opt":
         return None if doc is None else problem(doc, sub, where)
+    if kind == "any":
+        found = [problem(doc, one, where) for one in sub]
+        return None if any(f is None for f in found) else found[-1]
     if kind == "enum":
-        return None if doc in sub else f"{name} is {_show(doc)}, not one of {', '.join(map(repr, sub))}"
+        return None if doc in sub else f"{name} is {show(doc)}, not one of {', '.join(map(repr, sub))}"
     if kind == "list":
         if not isinstance(doc, list):
-            return f"{name} is {_show(doc)}, not a list"
+            return f"{name} is {show(doc)}, not a list"
         for i, item in enumerate(doc):
             found = problem(item, sub, f"{where}[{i}]")
             if found:
@@ -87,7 +95,7 @@ def problem(doc, spec, where: str = "") -> str | None:
         return None
     if kind == "map":
         if not isinstance(doc, dict):
-            return f"{name} is {_show(doc)}, not an object"
+            return f"{name} is {show(doc)}, not an object"
         for key, item in doc.items():
             found = problem(item, sub, f"{where}.{key}" if where else str(key))
             if found:

@@ -13,7 +13,8 @@ import threading
 
 from ..errors import UserError
 
-_LAZY = ("COMMANDS", "prepare", "cli_entry", "build_parser")
+# Filled by _load() on the first main() (a test may have set one already: it is kept).
+COMMANDS = prepare = cli_entry = build_parser = None
 
 
 class Terminated(KeyboardInterrupt):
@@ -25,22 +26,13 @@ def _on_sigterm(signum, frame):
 
 
 def _load() -> None:
+    from . import commands, launch, parser
+
     g = globals()
-    if not all(name in g for name in _LAZY):
-        from .commands import COMMANDS, prepare
-        from .launch import cli_entry
-        from .parser import build_parser
-
-        for name, value in (("COMMANDS", COMMANDS), ("prepare", prepare), ("cli_entry", cli_entry),
-                            ("build_parser", build_parser)):
-            g.setdefault(name, value)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        _load()
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    for name, value in (("COMMANDS", commands.COMMANDS), ("prepare", commands.prepare),
+                        ("cli_entry", launch.cli_entry), ("build_parser", parser.build_parser)):
+        if g[name] is None:
+            g[name] = value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ from ..api import REPORT_OUTPUTS, budget_curve, make_plan, profile_manifest, rea
 from ..corpus import read_text_file
 from ..devices import resolve_device
 from ..errors import UserError
-from ..fsio import output_folder, read_json
+from ..fsio import read_json
+from ..outputs import output_folder
 from ..hf.data import load_records
 from ..model.discover import discover_matrices, unplanned_bytes
 from ..model.hfload import auto_tokenizer

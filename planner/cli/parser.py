@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("memory", help="dry run: memory of a model at uniform configs, from config.json alone; "
                        "with --plan, the fine-tune's predicted peak GPU memory term by term")
-    p.add_argument("--model", type=_path, default=None, help="folder with config.json (weights not needed), alias or default")
+    p.add_argument("--model", type=_path, default=None,
+                   help="folder with config.json (weights not needed), alias or default")
     p.add_argument("--plan", type=_path, default=None, help="plan.json: predict its fine-tune's peak GPU memory")
     _train_shape_args(p, "the fine-tune that --plan's prediction is for")
 
@@ -164,12 +165,14 @@ def _train_parsers(sub) -> None:
                    help="the adapters' dtype while training (default fp32; bf16 halves their memory)")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the full-precision model's metric (otherwise streamed layer by layer and cached)")
-    p.add_argument("--cache", type=_path, default=".lqplan-cache", help="cache folder for the reference metric and --data")
+    p.add_argument("--cache", type=_path, default=".lqplan-cache",
+                   help="cache folder for the reference metric and --data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("evaluate", help="evaluate a saved quantized model against its full-precision model")
     p.add_argument("--quantized", type=_path, required=True, help="folder written by `lqplan train` (OUT/quantized)")
-    p.add_argument("--model", type=_path, default=None, help="full-precision model folder (default: the plan's model.source)")
+    p.add_argument("--model", type=_path, default=None,
+                   help="full-precision model folder (default: the plan's model.source)")
     p.add_argument("--eval-texts", type=int, default=64, help="held-out paragraphs (default 64)")
     p.add_argument("--eval-text", type=_path, default=None, metavar="FILE", help=EVAL_TEXT_HELP)
     p.add_argument("--max-len", type=int, default=128)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..fsio import read_json
-from ..schema import _show
+from ..schema import show
 
 CONFIG_FIX = "restore the model's config.json (the one saved with the weights)"
 
@@ -38,20 +38,20 @@ def check_config(config, where, fix: str = CONFIG_FIX) -> dict:
         raise UserError(f"{where} is not valid JSON for a model config (not an object); {fix}")
     model_type = config.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
-        raise UserError(f"{where}: model_type is {_show(model_type)}, not a string; {fix}")
+        raise UserError(f"{where}: model_type is {show(model_type)}, not a string; {fix}")
     arch = config.get("architectures")
     if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) and a for a in arch)):
-        raise UserError(f"{where}: architectures is {_show(arch)}, not a list of class names such as "
+        raise UserError(f"{where}: architectures is {show(arch)}, not a list of class names such as "
                         f"[\"LlamaForCausalLM\"]; {fix}")
     for key, bound in SIZE_BOUNDS.items():
         value = config.get(key)
         if value is None:
             continue
         if not _is_int(value) or not 1 <= value <= bound:
-            raise UserError(f"{where}: {key} is {_show(value)}, not an integer from 1 to {bound:,}; {fix}")
+            raise UserError(f"{where}: {key} is {show(value)}, not an integer from 1 to {bound:,}; {fix}")
     for key in BOOL_KEYS:
         if key in config and config[key] is not None and not isinstance(config[key], bool):
-            raise UserError(f"{where}: {key} is {_show(config[key])}, not true or false; {fix}")
+            raise UserError(f"{where}: {key} is {show(config[key])}, not true or false; {fix}")
     if config.get("auto_map") is not None:
         from transformers import CONFIG_MAPPING
 

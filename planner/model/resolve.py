@@ -149,7 +149,8 @@ def _weight_files(folder: Path, name_hint: str) -> tuple[list[Path], dict[str, T
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf"))
-        have = f" (it has {', '.join(others[:3])}, which lqplan never loads: a pickle can run code)" if others else ""
+        have = (f" (it has {', '.join(others[:3])}); lqplan never loads pickled weights, which can run code"
+                if others else "")
         raise UserError(f"{folder} has no *.safetensors weights{have}; convert with transformers: "
                         f"AutoModel.from_pretrained(folder).save_pretrained(out, safe_serialization=True), "
                         f"or {name_hint}")

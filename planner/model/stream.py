@@ -44,7 +44,7 @@ def check_values(t, what: str, limit: float | None = MAX_ABS) -> None:
     peak = max(-float(low), float(high))
     if not (math.isfinite(peak) and math.isfinite(float(low))):
         kind = "NaN" if bool(t.isnan().any()) else "Inf"
-        raise UserError(f"{what} contains {kind}; the weights are corrupt: re-download the model")
+        raise UserError(f"{what} contains NaN or Inf ({kind} found); the weights are corrupt: re-download the model")
     if limit is not None and peak > limit:
         raise UserError(f"{what} has values up to {peak:.3g}, which overflow float32 in the decomposition's error "
                         f"computation (it squares them); the weights are corrupt or need rescaling: re-download "

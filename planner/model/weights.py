@@ -131,7 +131,8 @@ def read_header_table(path: Path, fix: str = _FIX) -> dict[str, TensorEntry]:
     except OSError as e:
         raise UserError(f"cannot read {path}: {os_reason(e, fix)}") from None
     if not raw.startswith(b"{"):  # safetensors' own rule
-        malformed("it does not start with '{'")
+        raise UserError(f"{path} has an unreadable safetensors header (it does not start with '{{'; corrupt file); "
+                        f"{fix}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

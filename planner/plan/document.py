@@ -21,7 +21,7 @@ from quant import QuantConfig
 
 from ..errors import UserError
 from ..fsio import read_json, write_json
-from ..schema import BOOL, INT, NUM, STR, list_of, map_of, optional, problem
+from ..schema import BOOL, INT, NUM, STR, any_of, list_of, map_of, optional, problem, show
 from ..profile.grid import GridPoint
 
 SCHEMA = "lqplan.plan/1"
@@ -36,7 +36,9 @@ PLAN_SPEC = {
               "weights?": optional(STR)},
     "budget": {"spec?": STR, "kind?": STR, "value?": optional(NUM), "bits?": INT, "train?": _TRAIN},
     "method?": {"iters?": INT, "solver?": STR, "grid?": list_of(STR), "explicit?": list_of(STR),
-                "fisher?": optional({"source": STR, "key": STR, "tokens": INT, "comparison?": map_of(NUM)})},
+                # the calibration record, or (plans written by the benches) the calibration source's name
+                "fisher?": optional(any_of(STR, {"source": STR, "key": STR, "tokens": INT,
+                                                 "comparison?": map_of(NUM)}))},
     "solver?": {"solver?": STR, "name?": STR, "status?": STR, "proof?": optional(STR), "objective?": optional(NUM),
                 "bound?": optional(NUM), "gap?": optional(NUM), "seconds?": NUM, "mip_rel_tol?": NUM},
     "totals": {"params?": INT, "bits?": INT, "bits_per_param?": NUM, "bytes?": INT, "model_bytes?": INT,
@@ -174,7 +176,7 @@ class Plan:
             raise UserError("the plan is not a JSON object; pass a plan.json written by `lqplan plan`")
         schema = d.get("schema")
         if schema != SCHEMA:
-            raise UserError(f"plan schema {str(schema)[:40]!r} is not supported (this lqplan reads {SCHEMA!r}); "
+            raise UserError(f"plan schema {show(schema)} is not supported (this lqplan reads {SCHEMA!r}); "
                             "re-plan with this version")
         found = problem(d, PLAN_SPEC)
         if found:

@@ -277,7 +277,9 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
 
     per_layer, per_type = _group(alloc, "layer"), _group(alloc, "type")
     extra = dict(extra or {})
-    comparison = extra.pop("fisher_comparison", None) or (plan.method.get("fisher") or {}).get("comparison")
+    fisher = plan.method.get("fisher")
+    comparison = extra.pop("fisher_comparison", None) or (fisher.get("comparison") if isinstance(fisher, dict)
+                                                          else None)
     fisher_df = fisher_frame(comparison)
     run = {"model": plan.model.get("name", ""), **({"weights": plan.model["weights"]} if plan.model.get("weights")
                                                    else {}), "matrices": len(plan.matrices), **extra}

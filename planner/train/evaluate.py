@@ -143,8 +143,6 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
     plan's model.source; `tokenizer`, default: that folder's) on the held-out split (or `texts`): perplexity of both (causal
     LMs) or the embedding cosine of the quantized model to the full-precision one (encoders).
     Returns {metric, quantized, full_precision, texts}."""
-    from pathlib import Path
-
     from transformers import AutoModel, AutoModelForCausalLM
 
     if eval_texts < 1 or max_len < 2:

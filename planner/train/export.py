@@ -30,18 +30,17 @@ from quant.qalora import QALoRALinear
 from .. import __version__
 from ..devices import dequant_backend_from_env
 from ..errors import UserError
-from ..fsio import DOC_CAP, atomic_path, check_regular, output_folder, read_json, write_json, write_text
+from ..fsio import atomic_path, write_json, write_text
 from ..model.config import read_config
 from ..model.digests import file_digests
 from ..model.hfload import auto_config
 from ..model.weights import read_header_table
 from ..plan.document import Plan
-from ..schema import ANY, BOOL, INT, NUM, STR, _show, list_of, map_of, optional, problem
+from ..outputs import output_folder
 from .apply import freeze_base, quant_layers, set_module
 
-MANIFEST = "lqplan_manifest.json"
-SCHEMA = "lqplan.quantized/1"
-WEIGHTS = "model.safetensors"
+from .manifest import MANIFEST, RESAVE, SCHEMA, WEIGHTS, check_parts, read_manifest
+
 QUANTIZED_FILES = (WEIGHTS, "config.json", "plan.json", MANIFEST)
 
 
@@ -118,55 +117,6 @@ def save_quantized(model: nn.Module, plan: Plan, out_dir) -> Path:
     return out
 
 
-_LAYER_SPEC = {"config": map_of(ANY), "shape": list_of(INT), "method?": optional(STR), "rank": INT, "alpha": NUM,
-               "dropout": NUM, "bias?": BOOL, "adapter_dtype?": optional(STR)}
-MANIFEST_SPEC = {"schema": STR, "architecture": STR, "weights": STR, "aliases": map_of(STR),
-                 "layers": map_of(_LAYER_SPEC), "files?": map_of(STR)}
-RESAVE = "re-save the model with `lqplan train` (or save_quantized)"
-
-
-def _read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not path.exists() and not path.is_symlink():
-        raise UserError(f"{folder} is not an lqplan quantized folder (no {MANIFEST}); write one with save_quantized")
-    manifest = read_json(path, f"cannot read it; {RESAVE}")
-    schema = manifest.get("schema") if isinstance(manifest, dict) else None
-    if schema != SCHEMA:
-        raise UserError(f"{path} has schema {_show(schema)}, this lqplan reads {SCHEMA!r}; re-save it")
-    found = problem(manifest, MANIFEST_SPEC, MANIFEST)
-    if found:
-        raise UserError(f"{path} is malformed: {found}; {RESAVE}")
-    for name in (manifest["weights"], *manifest.get("files", {})):
-        # a name from a document never leads outside the folder
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise UserError(f"{path} names the file {name[:80]!r}, which is not a file name inside {folder}; "
-                            f"{RESAVE}")
-    return manifest
-
-
-def _check_parts(folder: Path, manifest: dict, plan: Plan) -> None:
-    """The folder's parts belong together: each file is the one the manifest was written with (digest), and the plan
-    is the one its quantized layers were made from (folders saved before the digests: the layers alone)."""
-    files = manifest.get("files") or {}
-    for name in (manifest["weights"], *files):
-        if not (folder / name).exists():
-            raise UserError(f"{folder} lacks {name} (an incomplete folder); {RESAVE}")
-        check_regular(folder / name, RESAVE, cap=None if name == manifest["weights"] else DOC_CAP)
-    if files:
-        names = list(files)
-        for name, digest in zip(names, file_digests([folder / n for n in names])):
-            if digest != files[name]:
-                raise UserError(f"{folder / name} is not the file {MANIFEST} was written with (files of two saves "
-                                f"mixed, or edited); {RESAVE}")
-    layers = manifest["layers"]
-    for e in plan.matrices:
-        info = layers.get(e.name)
-        if info is None or list(info["shape"]) != list(e.shape) or info["rank"] != e.point.rank or \
-                info["config"] != e.point.config.to_dict():
-            raise UserError(f"the plan.json in {folder} is not the plan its quantized layers were made from (matrix "
-                            f"{e.name} differs); {RESAVE}")
-
-
 def _skeleton(folder: Path, architecture: str) -> nn.Module:
     import transformers
     from accelerate import init_empty_weights
@@ -184,9 +134,9 @@ def _skeleton(folder: Path, architecture: str) -> nn.Module:
 def load_quantized(folder, device=None) -> tuple[nn.Module, Plan]:
     """Rebuild a model written by save_quantized: (model, plan). Adapters are trainable, the rest frozen."""
     folder = Path(folder)
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     plan = Plan.load(folder / "plan.json")
-    _check_parts(folder, manifest, plan)
+    check_parts(folder, manifest, plan)
     read_header_table(folder / manifest["weights"], RESAVE)  # lqplan checks every header before safetensors reads it
     try:
         tensors = load_file(str(folder / manifest["weights"]), device=str(device or "cpu"))

@@ -14,7 +14,8 @@ import torch
 from ..corpus import real_text_splits
 from ..devices import dequant_backend_from_env
 from ..errors import UserError
-from ..fsio import output_folder, user_path, write_json, write_text
+from ..fsio import user_path, write_json, write_text
+from ..outputs import output_folder
 from ..model.discover import discover_matrices, is_causal_lm
 from ..model.hfload import auto_config, auto_tokenizer, check_tokenizer_fits, check_window, pretrained
 from ..model.resolve import resolve_model
