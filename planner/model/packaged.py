@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..fsio import write_text
+from ..fsio import read_json, write_text
+from .hfload import SAFE
 from .tokenizer import KnownAnswer, known_answer_error, read_tokenizer
 
 MARKER = "lqplan-packaged.json"  # written last into the assembled folder: its presence means the folder is complete
@@ -208,7 +209,7 @@ def convert_weights(gguf: Path, out: Path, architecture: str) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                 local_files_only=True)
+                                                 **SAFE)
     # The weights are dequantized fp32 tensors: drop what marks the model GGUF-quantized (transformers refuses to
     # save a model with a non-serializable quantizer, and lqplan refuses folders with a quantization_config).
     model.hf_quantizer = None
@@ -296,7 +297,7 @@ def packaged_folder(alias: str, progress=_say) -> Path:
     folder = root / alias
     if (folder / MARKER).is_file():
         _check_assembled(spec, folder)
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json", f"delete {folder} to have it assembled again")
         if "transformers_version" in config:  # assembled by an lqplan before write_portable_config
             try:
                 write_portable_config(folder / "config.json", config)
@@ -330,7 +331,9 @@ def packaged_folder(alias: str, progress=_say) -> Path:
 
 def provenance_note(folder) -> str | None:
     """The note a report must carry for a model folder assembled here (None for any other folder)."""
+    if not (Path(folder) / MARKER).exists():
+        return None
     try:
-        return json.loads((Path(folder) / MARKER).read_text()).get("note")
-    except (OSError, ValueError, AttributeError):
+        return read_json(Path(folder) / MARKER, "").get("note")
+    except (UserError, AttributeError):
         return None

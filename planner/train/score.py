@@ -36,6 +36,7 @@ from ..corpus import real_text_splits
 from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
 from ..model.discover import is_causal_lm
+from ..model.hfload import auto_config, check_window, pretrained
 from ..model.resolve import resolve_model
 from ..model.tokenizer import load_tokenizer, tokenizer_digest
 from ..plan.document import Plan
@@ -168,8 +169,6 @@ class PlanScorer:
                  eval_tokens: int | None = DEFAULT_EVAL_TOKENS, max_len: int = DEFAULT_MAX_LEN,
                  stride: int | None = None, batch_size: int | None = None, device=None, stream: bool | None = None,
                  tokenizer=None, progress: bool = False, reuse_layers: bool = True):
-        from transformers import AutoConfig
-
         if eval_tokens is not None and eval_tokens < 2:
             raise UserError(f"--eval-tokens {eval_tokens} must be at least 2, e.g. 4096")
         if max_len < 2:
@@ -177,7 +176,8 @@ class PlanScorer:
         if batch_size is not None and batch_size < 1:
             raise UserError(f"--batch-size {batch_size} must be at least 1 (or left out: sized to the vocabulary)")
         self.source = model if hasattr(model, "fingerprint") else resolve_model(model)
-        self.config = AutoConfig.from_pretrained(self.source.folder)
+        self.config = auto_config(self.source.folder)
+        check_window(max_len, self.config)
         if not is_causal_lm(self.config):
             raise UserError(f"{self.source.name} is not a causal language model; KL and perplexity need one (an "
                             "encoder's plan is scored by `lqplan train`'s embedding cosine)")
@@ -211,7 +211,7 @@ class PlanScorer:
             return streamed_reference(self.source, self.config, causal=True, device=self.device)
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.source.folder, dtype=torch.float32).to(self.device).eval()
+        return pretrained(AutoModelForCausalLM, self.source.folder, dtype=torch.float32).to(self.device).eval()
 
     @torch.no_grad()
     def _fp_pass(self) -> None:
