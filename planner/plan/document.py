@@ -22,7 +22,7 @@ from quant import QuantConfig
 
 from ..errors import UserError
 from ..fsio import read_json, write_json
-from ..schema import BOOL, INT, NUM, STR, any_of, list_of, map_of, optional, problem, show
+from ..schema import BOOL, INT, NUM, STR, any_of, list_of, map_of, one_of, optional, problem, show
 from ..profile.grid import GridPoint
 from .tie import parse_tie, tie_groups
 
@@ -31,7 +31,11 @@ SCHEMA = "lqplan.plan/1"
 # Every field a reader of plan.json uses (report, memory, train, evaluate, export, the HF quantizer), with its type;
 # the matrix entries' numbers are checked by PlanEntry.from_dict. Other fields are kept as they are.
 _TRAIN = {"batch": INT, "seq_len": INT, "gradient_checkpointing": BOOL, "optimizer": STR, "adapter_dtype": STR,
-          "fixed_bytes?": INT, "predicted_peak_bytes?": INT, "terms?": map_of(NUM)}
+          "fixed_bytes?": INT, "predicted_peak_bytes?": INT, "terms?": map_of(NUM), "phases?": map_of(NUM)}
+_CALIB = {"source": STR, "key": STR, "tokens": INT, "tokenizer?": STR, "comparison?": map_of(NUM)}
+_TIE_COST = {"tied_error": NUM, "untied_error": NUM, "tied_bits": INT, "untied_bits": INT,
+             "tied_bits_per_param?": NUM, "untied_bits_per_param?": NUM, "relative_error_increase?": NUM,
+             "untied_status?": optional(STR), "groups?": INT, "tied_matrices?": INT, "changed_matrices?": INT}
 PLAN_SPEC = {
     "schema": STR, "created_by?": STR,
     "model": {"name?": STR, "source?": optional(STR), "fingerprint?": STR, "architecture?": STR,
@@ -39,8 +43,10 @@ PLAN_SPEC = {
     "budget": {"spec?": STR, "kind?": STR, "value?": optional(NUM), "bits?": INT, "train?": _TRAIN},
     "method?": {"iters?": INT, "solver?": STR, "grid?": list_of(STR), "explicit?": list_of(STR),
                 # the calibration record, or (plans written by the benches) the calibration source's name
-                "fisher?": optional(any_of(STR, {"source": STR, "key": STR, "tokens": INT,
-                                                 "comparison?": map_of(NUM)}))},
+                "fisher?": optional(any_of(STR, _CALIB)),
+                "objective?": one_of("data-free", "fisher", "output"),
+                "output?": optional({**_CALIB, "damping": NUM, "rounding?": one_of("nearest", "gptq")}),
+                "tie?": list_of(STR), "tie_cost?": optional(_TIE_COST)},
     "solver?": {"solver?": STR, "name?": STR, "status?": STR, "proof?": optional(STR), "objective?": optional(NUM),
                 "bound?": optional(NUM), "gap?": optional(NUM), "seconds?": NUM, "mip_rel_tol?": NUM},
     "totals": {"params?": INT, "bits?": INT, "bits_per_param?": NUM, "bytes?": INT, "model_bytes?": INT,
