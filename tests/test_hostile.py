@@ -125,7 +125,8 @@ def no_prompt(monkeypatch):
     monkeypatch.setattr("builtins.input", refuse)
 
 
-@pytest.mark.parametrize("verb", ["plan-calib", "profile", "memory", "train", "evaluate-model"])
+@pytest.mark.parametrize("verb", ["plan-calib", "plan-output", "profile", "memory", "train", "evaluate-model",
+                                  "evaluate-plan"])
 def test_security_remote_code_never_runs(verb, env, quantized, tmp_path, capsys, no_prompt, monkeypatch):
     folder, marker = _remote_code_folder(env, tmp_path)
     monkeypatch.syspath_prepend(str(folder))  # even importable, the planted module must never be imported
@@ -135,7 +136,10 @@ def test_security_remote_code_never_runs(verb, env, quantized, tmp_path, capsys,
             "memory": ["memory", "--model", folder],
             "train": ["train", "--plan", env["plan"], "--model", folder, "--steps", "1", "--quiet", "--out",
                       tmp_path / "t"],
-            "evaluate-model": ["evaluate", "--quantized", quantized[4], "--model", folder]}[verb]
+            "plan-output": plan_argv(folder, tmp_path, "--calib", "pydoc", "--calib-tokens", "64", "--objective",
+                                     "output"),
+            "evaluate-model": ["evaluate", "--quantized", quantized[4], "--model", folder],
+            "evaluate-plan": ["evaluate", "--plan", env["plan"], "--model", folder, "--quiet"]}[verb]
     line = run_cli(argv, capsys)
     assert "never runs code from a model folder" in line, line
     assert not marker.exists(), "code planted in the model folder ran"
@@ -186,6 +190,17 @@ def test_security_a_manifest_names_no_file_outside_its_folder(field, name, quant
     folder = quantized_copy(lambda f: _edit(f / "lqplan_manifest.json", edit))
     line = run_cli(["evaluate", "--quantized", folder], capsys)
     assert "not a file name inside" in line, line
+
+
+@pytest.mark.parametrize("name", ["../g.safetensors", "/etc/passwd", "sub/g.safetensors", "..", "g.bin"])
+def test_security_a_cache_index_names_no_file_outside_its_folder(name, tmp_path, caplog):
+    """The output objective's cache index names its statistics files: one that is not a plain .safetensors name in
+    the folder is never opened; the statistics are recomputed."""
+    from planner.profile.output_stats import _read_index
+
+    (tmp_path / "g.safetensors").write_bytes(b"outside")
+    assert _read_index(_stats_index(tmp_path / "stats", {"q": {"file": name, "members": ["q"], "inputs": 4}})) is None
+    assert "is not inside the folder" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt"])
@@ -601,6 +616,23 @@ def test_c1_every_header_is_read_or_refused_in_one_line(tmp_path_factory, case):
     assert _safetensors_reads_it(path, table)
 
 
+@MANY
+@given(malformed_headers())
+def test_c1_cached_output_statistics_with_a_malformed_header(tmp_path_factory, case):
+    """A statistics file of the output objective's cache goes through the same header check: one line saying the
+    cache is damaged and how to recompute it."""
+    from planner.profile.output_stats import OutputStats, _read_index
+
+    header, data, length = case
+    folder = _stats_index(tmp_path_factory.mktemp("s") / "stats",
+                          {"q": {"file": "g.safetensors", "members": ["q"], "inputs": 2}})
+    _file(folder / "g.safetensors", header, data, length)
+    with pytest.raises(UserError) as e:
+        OutputStats(folder, _read_index(folder), 0.01).get("q")
+    line = one_line(e.value)
+    assert str(folder) in line and "recompute" in line, line
+
+
 @FAST
 @given(valid_headers())
 def test_c1_valid_headers_are_read_exactly(tmp_path_factory, case):
@@ -1008,6 +1040,33 @@ def test_c4_profile_json_of_any_shape(plan_and_table, tmp_path_factory, doc):
         one_line(e)
 
 
+def _stats_index(folder: Path, groups) -> Path:
+    from planner.profile.output_stats import SCHEMA
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "index.json").write_text(json.dumps({"schema": SCHEMA, "groups": groups}))
+    return folder
+
+
+_GROUP = st.fixed_dictionaries({"file": st.sampled_from(["g.safetensors", "../g.safetensors", "g"]) | st.text(max_size=9),
+                                "members": JSON | st.lists(st.text(max_size=4), max_size=2), "inputs": JSON},
+                               optional={"layer": JSON, "tokens": JSON})
+
+
+@MANY
+@given(JSON | st.dictionaries(st.text(max_size=4), JSON | _GROUP, max_size=3))
+def test_c4_output_statistics_index_of_any_shape_is_used_or_recomputed(tmp_path_factory, groups):
+    """The output objective's cache index: whatever it holds, it is used with every field its reader needs typed,
+    or ignored with a warning (the statistics are recomputed), never a traceback."""
+    from planner.profile.output_stats import _read_index
+
+    index = _read_index(_stats_index(tmp_path_factory.mktemp("s") / "stats", groups))
+    if index is not None:
+        for g in index["groups"].values():
+            assert Path(g["file"]).name == g["file"] and g["file"].endswith(".safetensors")
+            assert isinstance(g["inputs"], int) and all(isinstance(m, str) for m in g["members"])
+
+
 # ==== class 5: broken models that would plan with exit 0 ==========================================================
 
 UNPLANNED = [LN, "embeddings.word_embeddings.weight", "encoder.layer.1.output.LayerNorm.bias",
@@ -1186,17 +1245,23 @@ def llama_folders(tmp_path_factory, minilm_path):
     return out
 
 
-def test_c7_a_window_longer_than_the_positions(llama_folders, tmp_path, capsys):
-    folder = llama_folders["short"]
-    line = run_cli(["train", "--plan", folder.parent / "plan.json", "--max-len", "32", "--steps", "1", "--quiet",
-                    "--no-reference", "--out", tmp_path / "t"], capsys)
+def _window_argv(verb: str, folder: Path, tmp: Path) -> list:
+    plan = folder.parent / "plan.json"
+    if verb == "train":
+        return ["train", "--plan", plan, "--max-len", "32", "--steps", "1", "--quiet", "--no-reference", "--out",
+                tmp / "t"]
+    return ["evaluate", "--plan", plan, "--max-len", "32", "--eval-tokens", "64", "--quiet", "--out", tmp / "e"]
+
+
+@pytest.mark.parametrize("verb", ["train", "evaluate-plan"])
+def test_c7_a_window_longer_than_the_positions(verb, llama_folders, tmp_path, capsys):
+    line = run_cli(_window_argv(verb, llama_folders["short"], tmp_path), capsys)
     assert "--max-len 32 is longer than the model's 16 positions" in line, line
 
 
-def test_c7_a_tokenizer_larger_than_the_vocabulary(llama_folders, tmp_path, capsys):
-    folder = llama_folders["small-vocab"]
-    line = run_cli(["train", "--plan", folder.parent / "plan.json", "--max-len", "32", "--steps", "1", "--quiet",
-                    "--no-reference", "--out", tmp_path / "t"], capsys)
+@pytest.mark.parametrize("verb", ["train", "evaluate-plan"])
+def test_c7_a_tokenizer_larger_than_the_vocabulary(verb, llama_folders, tmp_path, capsys):
+    line = run_cli(_window_argv(verb, llama_folders["small-vocab"], tmp_path), capsys)
     assert "has 30,522 tokens but the model's vocabulary" in line and "1,000" in line, line
 
 

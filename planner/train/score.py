@@ -36,7 +36,7 @@ from ..corpus import real_text_splits
 from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
 from ..model.discover import is_causal_lm
-from ..model.hfload import auto_config, check_window, pretrained
+from ..model.hfload import auto_config, check_tokenizer_fits, check_window, pretrained
 from ..model.resolve import resolve_model
 from ..model.tokenizer import load_tokenizer, tokenizer_digest
 from ..plan.document import Plan
@@ -182,6 +182,7 @@ class PlanScorer:
             raise UserError(f"{self.source.name} is not a causal language model; KL and perplexity need one (an "
                             "encoder's plan is scored by `lqplan train`'s embedding cosine)")
         tokenizer = tokenizer or load_tokenizer(self.source.folder)
+        check_tokenizer_fits(tokenizer, self.config, self.source.folder)
         self.tokenizer_digest = tokenizer_digest(tokenizer)  # before a call leaves padding settings on it
         held = real_text_splits()["heldout"] if texts is None else [texts] if isinstance(texts, str) else texts
         self.windows = eval_windows(tokenizer, held, max_len, stride or max(1, max_len // 2), eval_tokens)
