@@ -792,6 +792,17 @@ SPECIAL_CASES = [(role, kind) for role in ROLES for kind in SPECIAL
                  if not (kind == "huge" and role in ("weights", "quantized-weights", "tokenizer.json"))]
 
 
+@pytest.mark.parametrize("kind", list(SPECIAL))
+def test_c2_a_special_file_as_the_packaged_marker_never_hangs_a_tokenizer_load(kind, tmp_path):
+    """Every tokenizer load looks for the packaged-model marker in the folder: a FIFO or device there is passed
+    over (the folder is not a packaged one), not waited on or read to the end."""
+    from planner.model.packaged import MARKER, packaged_spec
+
+    SPECIAL[kind][0](tmp_path / MARKER)
+    with deadline(30):
+        assert packaged_spec(tmp_path) is None
+
+
 @pytest.mark.parametrize("role,kind", SPECIAL_CASES)
 def test_c2_special_files_never_hang_or_fill_memory(role, kind, env, quantized, tmp_path, capsys):
     make, word = SPECIAL[kind]

@@ -252,9 +252,12 @@ def _delete_hint(folder: Path) -> str:
 
 def packaged_spec(folder: Path) -> PackagedModel | None:
     """The packaged model a folder was assembled from (its marker names it), else None."""
-    try:
-        alias = json.loads((Path(folder) / MARKER).read_text()).get("alias")
-    except (OSError, ValueError, AttributeError):
+    marker = Path(folder) / MARKER
+    if not marker.exists():
+        return None
+    try:  # through read_json: a FIFO or device under that name in any model folder never hangs the load
+        alias = read_json(marker, "").get("alias")
+    except (UserError, AttributeError):
         return None
     return PACKAGED.get(alias) if isinstance(alias, str) else None
 
@@ -271,7 +274,7 @@ def _check_assembled(spec: PackagedModel, folder: Path) -> None:
     """An assembled folder's tokenizer is the one that passed the known answer at assembly: its tokenizer.json
     has the sha256 the marker recorded then. A folder without that record (assembled before the check existed)
     is checked by loading its tokenizer; a wrong one gets the fix, never a model."""
-    marker = json.loads((folder / MARKER).read_text())
+    marker = read_json(folder / MARKER, _delete_hint(folder))
     marker = marker if isinstance(marker, dict) else {}
     recorded = marker.get("tokenizer_file_sha256")
     if recorded and recorded == _file_sha256(folder / TOKENIZER_FILE):
