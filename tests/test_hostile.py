@@ -203,6 +203,19 @@ def test_security_a_cache_index_names_no_file_outside_its_folder(name, tmp_path,
     assert "is not inside the folder" in caplog.text
 
 
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/b", ".."])
+@pytest.mark.parametrize("field", ["pieces", "files"])
+def test_security_a_stage_manifest_names_no_file_outside_the_stage(field, name, tmp_path):
+    """The GPU study's stage manifest names the pieces and files it writes and reads under its folder."""
+    from planner.study import stage
+
+    manifest = {"pieces": [{"name": "piece-00"}], "files": [{"name": "a.whl"}]}
+    manifest[field].append({"name": name})
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    with pytest.raises(stage.StageError, match="not a file name inside the stage"):
+        stage.read_manifest(tmp_path / "m.json")
+
+
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt"])
 def test_security_pickled_weights_alone_are_refused(name, env, tmp_path, capsys):
     folder = model_copy(env, tmp_path, lambda f: (f / "model.safetensors").rename(f / name))

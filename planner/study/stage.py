@@ -230,6 +230,15 @@ class _Concat:
         return bytes(out)
 
 
+def read_manifest(path: Path) -> dict:
+    """The stage manifest; every piece and file name it gives must be a plain name (it is joined to a folder here)."""
+    manifest = json.loads(Path(path).read_text())
+    for entry in (*manifest["pieces"], *manifest["files"]):
+        if Path(entry["name"]).name != entry["name"] or entry["name"] in ("", ".", ".."):
+            raise StageError(f"{path} names {entry['name'][:80]!r}, not a file name inside the stage; prepare again")
+    return manifest
+
+
 def pieces_for(manifest: dict, models: list[str]) -> list[dict]:
     """The pieces that hold the deps and these models' files."""
     want = [f for f in manifest["files"] if f["model"] is None or f["model"] in models]
@@ -240,7 +249,7 @@ def pieces_for(manifest: dict, models: list[str]) -> list[dict]:
 # ---- put / install (the device) ----------------------------------------------------------------------------------
 def put(piece: Path, manifest_path: Path, root: Path = DEVICE_ROOT) -> str:
     """Keep one carried piece under `root` after checking it; returns a one-line status of what is there."""
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
     root.mkdir(parents=True, exist_ok=True)
     known = {p["name"]: p for p in manifest["pieces"]}
     if piece.name not in known:
@@ -258,8 +267,8 @@ def put(piece: Path, manifest_path: Path, root: Path = DEVICE_ROOT) -> str:
 
 def status(root: Path = DEVICE_ROOT) -> str:
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
+        manifest = read_manifest(root / MANIFEST)
+    except (OSError, ValueError, KeyError, TypeError, StageError):
         return f"no stage under {root}: nothing sent yet, or the machine was given back since"
     have = [p["name"] for p in manifest["pieces"] if _have(root, p)]
     missing = [p["name"] for p in manifest["pieces"] if p["name"] not in have]
@@ -362,7 +371,7 @@ def assemble(alias: str, record: dict, meta: Path, site: Path, models_dir: Path,
 def install(models: list[str], root: Path = DEVICE_ROOT, site: Path = DEVICE_SITE,
             models_dir: Path = DEVICE_MODELS, log=print) -> dict[str, Path]:
     """Extract, check, pip-install into `site` and assemble each model; alias -> its folder."""
-    manifest = json.loads((root / MANIFEST).read_text())
+    manifest = read_manifest(root / MANIFEST)
     unknown = [m for m in models if m not in manifest["models"]]
     if unknown:
         raise StageError(f"{', '.join(unknown)} not staged (staged: {', '.join(manifest['models'])}); prepare with "
