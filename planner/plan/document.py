@@ -32,7 +32,10 @@ SCHEMA = "lqplan.plan/1"
 # the matrix entries' numbers are checked by PlanEntry.from_dict. Other fields are kept as they are.
 _TRAIN = {"batch": INT, "seq_len": INT, "gradient_checkpointing": BOOL, "optimizer": STR, "adapter_dtype": STR,
           "fixed_bytes?": INT, "predicted_peak_bytes?": INT, "terms?": map_of(NUM), "phases?": map_of(NUM)}
-_CALIB = {"source": STR, "key": STR, "tokens": INT, "tokenizer?": STR, "comparison?": map_of(NUM)}
+_COMPARISON = {"objective?": one_of("output"), "fisher_plan_weighted_error?": NUM, "plain_plan_weighted_error?": NUM,
+               "fisher_plan_unweighted_error?": NUM, "plain_plan_unweighted_error?": NUM,
+               "plain_plan_bits_per_param?": NUM, "changed_matrices?": INT, "matrices?": INT}
+_CALIB = {"source": STR, "key": STR, "tokens": INT, "tokenizer?": STR, "comparison?": _COMPARISON}
 _TIE_COST = {"tied_error": NUM, "untied_error": NUM, "tied_bits": INT, "untied_bits": INT,
              "tied_bits_per_param?": NUM, "untied_bits_per_param?": NUM, "relative_error_increase?": NUM,
              "untied_status?": optional(STR), "groups?": INT, "tied_matrices?": INT, "changed_matrices?": INT}
