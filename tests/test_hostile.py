@@ -325,9 +325,12 @@ def test_units_a_failed_plan_leaves_the_previous_folder_whole(fails_at, env, tmp
 
 
 def test_units_a_plan_without_reports_drops_the_previous_reports(env, tmp_path):
+    """A new plan drops everything the previous one's folder held of lqplan's: its reports and the evaluation of
+    the previous plan (evaluate --plan writes evaluate.json beside it); the user's own files stay."""
     out = tmp_path / "out"
     assert _plan_in(out, env, tmp_path) == 0
     (out / "notes.txt").write_text("the user's own file")
+    (out / "evaluate.json").write_text("{}")
     assert _plan_in(out, env, tmp_path, "--no-report") == 0
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "plan.json", "profile.csv", "profile.json"]
     assert (out / "notes.txt").read_text() == "the user's own file"
