@@ -204,7 +204,8 @@ def _train_parsers(sub) -> None:
     p.add_argument("--eval-texts", type=int, default=None, metavar="N",
                    help="--quantized: the first N built-in held-out paragraphs (default 64)")
     p.add_argument("--max-len", type=int, default=None,
-                   help="tokens per window, BOS included (default 512 with --plan, 128 with --quantized)")
+                   help="tokens per window, BOS included (default 512 with --plan, fewer where the model has fewer "
+                   "positions; 128 with --quantized)")
     p.add_argument("--stride", type=int, default=None, help="--plan: tokens between window starts; each window "
                    "scores the tokens after the previous one's (default max-len // 2)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
