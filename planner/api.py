@@ -4,7 +4,6 @@ A training script can call `make_plan(...)` and then `planner.train.apply_plan(m
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import contextmanager
@@ -20,10 +19,11 @@ from quant.weighting import Metric, check_weighting
 from . import __version__
 from .devices import resolve_device
 from .errors import UserError
-from .fsio import write_json
+from .fsio import read_json, sha256_file, write_json
+from .outputs import output_folder
 from .model.discover import discover_matrices, planned_params, unplanned_bytes
 from .model.resolve import ModelSource, resolve_model
-from .model.stream import iter_matrices
+from .model.stream import check_unplanned_finite, iter_matrices
 from .plan.budget import Budget, resolve_budget
 from .plan.document import Plan, PlanEntry
 from .plan.ilp import (
@@ -41,6 +41,7 @@ from .profile.objective import calibration_weights, objective_record
 from .profile.run import run_profile, save_table
 from .profile.settings import ProfileSettings
 from .report.render import write_reports
+from .schema import INT, NUM, STR, problem
 
 log = logging.getLogger("lqplan")
 
@@ -269,6 +270,7 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
             settings = ProfileSettings(make_grid(ranks=default_ranks(min(m.shape) for m in matrices)))
         matrices = discover_matrices(source, include_head=settings.include_head)
         dev = str(resolve_device(device))
+        check_unplanned_finite(source, matrices)
         budget_obj, budget_bits, unplanned, describe = resolve_budget(source, matrices, settings.grid, budget,
                                                                       settings.tie)
         warn_untied(matrices, settings.tie)
@@ -310,29 +312,34 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
 
     out = Path(out_dir)
     paths = {}
-    with clock("save"):
-        # The profile first, the plan last: a plan.json on disk always has its profile beside it.
-        paths["profile"], paths["profile_manifest"] = save_table(
-            table, out, profile_manifest(source, settings, wkey, job.cache_dir, plan.model))
-        plan.save(out / "plan.json")
-    paths["plan"] = out / "plan.json"
+    # The whole folder is written aside and swapped in at the end: a failed or killed run leaves the previous one.
+    with output_folder(out, PLAN_OUTPUTS) as stage:
+        with clock("save"):  # the profile first, the plan last: a plan.json always has its profile beside it
+            for key, path in zip(("profile", "profile_manifest"), save_table(
+                    table, stage, profile_manifest(source, settings, wkey, job.cache_dir, plan.model))):
+                paths[key] = out / path.name
+            plan.save(stage / "plan.json")
+        paths["plan"] = out / "plan.json"
 
-    if reports:
-        with clock("curve"):
-            curve = budget_curve(table, planned_params(matrices), settings.tie)
-            uniform = uniform_solutions(table, budget_bits)
-        extra = {"profile_seconds": round(stats.seconds, 2), "computed_points": stats.computed_points,
-                 "cached_points": stats.cached_points, "computed_matrices": len(stats.computed_matrices),
-                 "total_seconds": round(time.perf_counter() - t0, 2)}
-        # timings stay out of plan.json (same inputs, same bytes); `lqplan report` shows them again from here
-        seconds = {"solver_seconds": plan.solver["seconds"]} if "seconds" in plan.solver else {}
-        if comparison:
-            extra["fisher_comparison"] = comparison
-        with clock("reports"):
-            paths.update(write_reports(plan, table, out, curve, uniform, extra))
-        extra.pop("fisher_comparison", None)
-        write_json(out / RUN_STATS, {**extra, **seconds, **clock.record()})
-        paths["run_stats"] = out / RUN_STATS
+        if reports:
+            with clock("curve"):
+                curve = budget_curve(table, planned_params(matrices), settings.tie)
+                uniform = uniform_solutions(table, budget_bits)
+            extra = {"profile_seconds": round(stats.seconds, 2), "computed_points": stats.computed_points,
+                     "cached_points": stats.cached_points, "computed_matrices": len(stats.computed_matrices),
+                     "total_seconds": round(time.perf_counter() - t0, 2)}
+            # timings stay out of plan.json (same inputs, same bytes); `lqplan report` shows them again from here,
+            # and only beside the plan they were measured for
+            seconds = {"solver_seconds": plan.solver["seconds"]} if "seconds" in plan.solver else {}
+            if comparison:
+                extra["fisher_comparison"] = comparison
+            with clock("reports"):
+                for key, path in write_reports(plan, table, stage, curve, uniform, extra).items():
+                    paths[key] = out / Path(path).name
+            extra.pop("fisher_comparison", None)
+            write_json(stage / RUN_STATS, {**extra, **seconds, **clock.record(),
+                                           "plan_sha256": sha256_file(stage / "plan.json")})
+            paths["run_stats"] = out / RUN_STATS
     return PlanResult(plan, table, stats, paths, comparison, tie_cost)
 
 
@@ -366,6 +373,9 @@ def evaluate_plan(plan, *, model: str | None = None, out_dir=None, cache_dir=DEF
 
 CURVE_BITS_PER_PARAM = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.127, 4.5, 5.0)
 RUN_STATS = "run.json"
+REPORT_OUTPUTS = ("allocation.csv", "report.md", "report.html", "heatmap.png", "error_budget.png")
+# What `lqplan plan` writes into --out; a new plan replaces all of them (a --no-report plan drops the old reports)
+PLAN_OUTPUTS = ("plan.json", "profile.csv", "profile.json", RUN_STATS, "evaluate.json", *REPORT_OUTPUTS)
 
 
 def budget_curve(table: pd.DataFrame, params: int, tie=()) -> pd.DataFrame | None:
@@ -378,17 +388,31 @@ def budget_curve(table: pd.DataFrame, params: int, tie=()) -> pd.DataFrame | Non
         return None
 
 
-def read_run_stats(folder: Path) -> dict:
-    """The run statistics `make_plan` left beside a plan (run.json), or {} when there are none readable: they
-    only decorate the report, so a damaged file is skipped with a warning rather than refused."""
+_RUN_SPEC = {"profile_seconds?": NUM, "computed_points?": INT, "cached_points?": INT, "computed_matrices?": INT,
+             "total_seconds?": NUM, "solver_seconds?": NUM, "plan_sha256?": STR}
+
+
+def read_run_stats(folder: Path, plan_path: Path | None = None) -> dict:
+    """The run statistics `make_plan` left beside a plan (run.json), or {} when there are none readable or they
+    were measured for another plan.json than `plan_path`'s: they only decorate the report, so such a file is
+    skipped with a warning rather than refused."""
     path = Path(folder) / RUN_STATS
-    if not path.is_file():
+    if not path.exists():
         return {}
     try:
-        stats = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        stats = None
-    if not isinstance(stats, dict) or not all(isinstance(v, (int, float, str)) for v in stats.values()):
-        log.warning("ignoring unreadable run statistics %s", path)
+        stats = read_json(path, "it is skipped")
+    except UserError as e:
+        log.warning("ignoring run statistics: %s", e)
+        return {}
+    found = problem(stats, _RUN_SPEC, "run.json")
+    if found is None and not all(isinstance(v, (int, float, str)) for v in stats.values()):
+        found = "run.json holds a value that is not a number or a string"
+    if found:
+        log.warning("ignoring unreadable run statistics %s: %s", path, found)
+        return {}
+    digest = stats.pop("plan_sha256", None)
+    if plan_path is not None and digest is not None and Path(plan_path).is_file() and \
+            digest != sha256_file(plan_path):
+        log.warning("ignoring run statistics %s: they were measured for another plan.json", path)
         return {}
     return stats

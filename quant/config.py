@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_BLOCKS = (16, 32, 64, 128, 256)
@@ -18,6 +21,18 @@ def packed_nbytes(count: int, bits: int) -> int:
         return 3 * math.ceil(count / 8)
     per_byte = 8 // bits
     return math.ceil(count / per_byte)
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+def _has_type(value, kind: type) -> bool:
+    """isinstance with bool kept apart from int, and numpy's integer and bool scalars (a pandas row's) accepted."""
+    if kind is bool:
+        return isinstance(value, (bool, np.bool_))
+    if kind is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    return isinstance(value, kind)
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,12 @@ class QuantConfig:
     asymmetric: bool = False
 
     def __post_init__(self) -> None:
+        # strict types first: 4.0 == 4 and "no" is truthy, so a loose value would pass the checks below as another
+        for name, kind in (("kind", str), ("bits", int), ("blocksize", int), ("double_quant", bool),
+                           ("dq_bits", int), ("dq_blocksize", int), ("dq_dtype", str), ("scale_dtype", str),
+                           ("asymmetric", bool)):
+            if not _has_type(getattr(self, name), kind):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not {_TYPE_WORDS[kind]}")
         if self.kind not in KINDS:
             raise ValueError(f"quantization kind {self.kind!r} is not supported; use one of {KINDS}")
         choices = [("bits", SUPPORTED_BITS), ("blocksize", SUPPORTED_BLOCKS), ("scale_dtype", tuple(SCALE_DTYPE_BYTES))]

@@ -179,7 +179,7 @@ def test_jsonl_json_and_text_files_load_as_records(tmp_path):
     ("d.jsonl", b"", "is empty"),
     ("d.txt", b"\x00\x01binary", "looks binary"),
     ("d.jsonl", b'{"text": "a"}\n{oops\n', "cannot be read as JSON / JSON Lines"),
-    ("d.txt", b"caf\xe9 au lait\n", "cannot be read as UTF-8 text"),
+    ("d.txt", b"caf\xe9 au lait\n", "is not UTF-8 (byte 3)"),
 ])
 def test_bad_files_are_one_line_errors(name, data, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

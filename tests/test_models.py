@@ -83,7 +83,26 @@ def test_default_model_resolves_and_discovers_36_bert_matrices():
 
 
 def test_prefix_differences_between_skeleton_and_checkpoint(tmp_path):
-    # skeleton BertForMaskedLM names modules "bert.encoder...", the checkpoint stores "encoder...": match by suffix
+    # skeleton BertForMaskedLM names modules "bert.encoder...", a checkpoint may store them as "encoder...": match
+    # by suffix (the checkpoint holds the MLM head, so it is a BertForMaskedLM's)
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder = tmp_path / "mlm"
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=128, max_position_embeddings=64)).save_pretrained(folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({k.removeprefix("bert."): v for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    mats = discover_matrices(resolve_model(folder), include_head=True)  # MLM decoder is tied: still excluded
+    assert len(mats) == 12
+    assert mats[0].name == "bert.encoder.layer.0.attention.self.query"
+    assert mats[0].tensor_key == "encoder.layer.0.attention.self.query.weight"
+
+
+def test_architectures_naming_another_class_than_the_weights_is_refused(tmp_path):
+    # MiniLM's weights are a BertModel's: config.json naming BertForMaskedLM would be recorded in plan.json
     src_dir = models_resolve.default_model_path()
     folder = tmp_path / "mlm"
     folder.mkdir()
@@ -91,10 +110,8 @@ def test_prefix_differences_between_skeleton_and_checkpoint(tmp_path):
     cfg = json.loads((src_dir / "config.json").read_text())
     cfg["architectures"] = ["BertForMaskedLM"]
     (folder / "config.json").write_text(json.dumps(cfg))
-    mats = discover_matrices(resolve_model(folder), include_head=True)  # MLM decoder is tied: still excluded
-    assert len(mats) == 36
-    assert mats[0].name == "bert.encoder.layer.0.attention.self.query"
-    assert mats[0].tensor_key == "encoder.layer.0.attention.self.query.weight"
+    with pytest.raises(UserError, match=r"names BertForMaskedLM, whose cls\.predictions.*another class"):
+        discover_matrices(resolve_model(folder), include_head=True)
 
 
 # ---- a Llama-architecture model made here -------------------------------------------------------------------
@@ -372,7 +389,7 @@ def test_config_disagreeing_with_weights(tiny_llama, tmp_path):
                                         r"\[688, 256\].*implies \[700, 256\].*config\.json that was saved"):
         discover_matrices(resolve_model(folder))
     (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5}))
-    with pytest.raises(UserError, match=r"model\.layers\.4\.self_attn\.q_proj but no tensor.*disagree"):
+    with pytest.raises(UserError, match=r"num_hidden_layers=5 but the weights hold 4 layer blocks.*disagree"):
         discover_matrices(resolve_model(folder))
     (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq"}}))
     with pytest.raises(UserError, match="already quantized \\(gptq\\).*original"):

@@ -8,13 +8,16 @@ from typing import TYPE_CHECKING
 
 from quant import SolverSettings
 
-from ..api import budget_curve, evaluate_plan, make_plan, profile_manifest, read_run_stats
+from ..api import REPORT_OUTPUTS, budget_curve, evaluate_plan, make_plan, profile_manifest, read_run_stats
 from ..corpus import read_text_file
 from ..devices import resolve_device
 from ..errors import UserError
+from ..fsio import read_json
+from ..outputs import output_folder
 from ..model.discover import discover_matrices, unplanned_bytes
 from ..model.memory import memory_table
 from ..model.resolve import list_aliases, resolve_model
+from ..model.stream import check_unplanned_finite
 from ..model.tokenizer import load_tokenizer
 from ..plan.budget import parse_budget
 from ..plan.document import Plan
@@ -27,6 +30,7 @@ from ..profile.run import run_profile, save_table
 from ..profile.settings import ProfileSettings
 from ..profile.table import read_profile_csv
 from ..report.render import proof_text, write_reports
+from ..schema import INT, STR, list_of, problem
 
 if TYPE_CHECKING:
     from ..train.settings import TrainSettings
@@ -57,6 +61,7 @@ def prepare(args) -> None:
     (args.settings, args.budget_spec) for this process and for every torchrun rank alike."""
     _check_writable(args.out, "--out")
     _check_writable(args.cache, "--cache")
+    resolve_device(args.device)  # a device that is not there fails before the model is read
     args.budget_spec = parse_budget(args.budget) if args.command == "plan" else None
     tie = parse_tie(args.tie) if args.command == "plan" else ()  # before the model is resolved: a typo fails at once
     args.settings = ProfileSettings(grid_from_args(args, model_default_ranks(args)), args.iters,
@@ -133,12 +138,15 @@ def cmd_profile(args) -> int:
     settings = args.settings
     source = resolve_model(args.model)
     matrices = discover_matrices(source, include_head=settings.include_head)
+    check_unplanned_finite(source, matrices)
     weights, wkey, _ = calibration_weights(source, matrices, settings, Path(args.cache), resolve_device(args.device),
                                         not args.quiet)
     table, stats = run_profile(source, matrices, settings, weights, wkey, cache_dir=Path(args.cache),
                                device=args.device, progress=not args.quiet)
-    paths = save_table(table, Path(args.out), profile_manifest(source, settings, wkey, Path(args.cache)))
-    print(f"profile: {len(table)} rows; {stats.summary()} -> {paths[0]}")
+    out = Path(args.out)
+    with output_folder(out, ("profile.csv", "profile.json")) as stage:
+        save_table(table, stage, profile_manifest(source, settings, wkey, Path(args.cache)))
+    print(f"profile: {len(table)} rows; {stats.summary()} -> {out / 'profile.csv'}")
     return 0
 
 
@@ -150,38 +158,45 @@ def cmd_report(args) -> int:
     csv = Path(args.profile) if args.profile else folder / "profile.csv"
     if csv.is_dir():
         csv = csv / "profile.csv"
-    table = read_profile_csv(csv)
-    _check_profile_matches(plan, table, csv.with_name("profile.json"))
+    table, digest = read_profile_csv(csv, with_digest=True)
+    _check_profile_matches(plan, table, csv.with_name("profile.json"), digest)
     budget_bits = plan.totals.get("budget_bits", plan.budget.get("bits", plan.totals["bits"]))
     # the phase timings were written after the first render: leaving them out renders what that render did
-    stats = {k: v for k, v in read_run_stats(folder).items()
+    stats = {k: v for k, v in read_run_stats(folder, Path(args.plan)).items()
              if not k.startswith("phase_") and k != "seconds_from_process_start"}
     if "solver_seconds" in stats:  # a timing: kept out of plan.json, shown in the totals as the first render did
         plan.solver["seconds"] = stats.pop("solver_seconds")
-    paths = write_reports(plan, table, out, budget_curve(table, plan.totals["params"], plan.method.get("tie") or ()),
-                          uniform_solutions(table, budget_bits), stats)
+    with output_folder(out, REPORT_OUTPUTS) as stage:
+        paths = write_reports(plan, table, stage, budget_curve(table, plan.totals["params"],
+                                                               plan.method.get("tie") or ()),
+                              uniform_solutions(table, budget_bits), stats)
     for k, v in paths.items():
-        print(f"  {k}: {v}")
+        print(f"  {k}: {out / Path(v).name}")
     return 0
 
 
-def _check_profile_matches(plan, table, manifest: Path) -> None:
-    """The plan and the profile table must describe the same model (fingerprint in profile.json, matrix names and
-    shapes)."""
-    import json
+_PROFILE_SPEC = {"schema?": STR, "model?": {"fingerprint?": STR}, "fingerprint?": STR, "sha256?": STR,
+                 "rows?": INT, "columns?": list_of(STR)}
 
-    if manifest.is_file():
-        try:
-            man = json.loads(manifest.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError, OSError):
-            raise UserError(f"{manifest} is not valid JSON; re-create the profile with `lqplan profile`") from None
-        model = man.get("model") if isinstance(man, dict) else None
-        fp = man.get("fingerprint") if isinstance(man, dict) else None
-        fp = fp or (model.get("fingerprint") if isinstance(model, dict) else None)
+
+def _check_profile_matches(plan, table, manifest: Path, digest: str | None = None) -> None:
+    """The plan and the profile table must describe the same model (fingerprint in profile.json, matrix names and
+    shapes), and profile.csv must be the one profile.json was written with (its sha256)."""
+    if manifest.exists():
+        fix = "re-create the profile with `lqplan profile`"
+        man = read_json(manifest, fix)
+        found = problem(man, _PROFILE_SPEC, "profile.json")
+        if found:
+            raise UserError(f"{manifest} is malformed: {found}; {fix}")
+        model = man.get("model") or {}
+        fp = man.get("fingerprint") or model.get("fingerprint")
         if fp and fp != plan.fingerprint:
             raise UserError(f"the profile table {manifest.with_name('profile.csv')} is for another model (fingerprint "
                             f"{str(fp).split(':')[-1][:12]}…) than the plan ({plan.model.get('name')!r}, "
                             f"{plan.fingerprint.split(':')[-1][:12]}…); pass --profile with that plan's profile.csv")
+        if digest is not None and man.get("sha256") not in (None, digest):
+            raise UserError(f"{manifest.with_name('profile.csv')} is not the table {manifest.name} was written with "
+                            f"(its sha256 differs: files of two runs mixed, or edited); {fix}")
     missing = sorted({e.name for e in plan.matrices} - set(table["matrix"]))
     if missing:
         raise UserError(f"the profile table lacks {len(missing)} of the plan's matrices (e.g. {missing[0]}): it is "
@@ -370,23 +385,31 @@ def _source_tokenizer(plan: Plan):
     return load_tokenizer(source, required=False) if source and Path(source).is_dir() else None
 
 
+# Every name an export writes (any format, tokenizer files included): a new export replaces all of them
+EXPORT_OUTPUTS = ("model.safetensors", "config.json", "base", "adapter", "generation_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+                  "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
 def cmd_export(args) -> int:
     if args.checkpoint_format is not None and args.format != "gptq":
         raise UserError(f"--checkpoint-format applies to --format gptq, not --format {args.format}; drop it")
     _check_writable(args.out, "--out")
-    from ..hf.gptq import export_gptq
     from ..train.export import export_merged, export_peft, load_quantized
 
     model, plan = load_quantized(args.quantized)
     tokenizer = _source_tokenizer(plan)
-    if args.format == "gptq":
-        from ..hf.gptq import export_gptq
+    out = Path(args.out)
+    with output_folder(out, EXPORT_OUTPUTS) as stage:
+        if args.format == "gptq":
+            from ..hf.gptq import export_gptq
 
-        written = [export_gptq(model, args.out, args.checkpoint_format or "lqplan_offsets", tokenizer)]
-    elif args.format == "merged":
-        written = [export_merged(model, args.out, tokenizer=tokenizer)]
-    else:
-        written = list(export_peft(model, args.out, tokenizer=tokenizer, plan=plan))
+            written = [export_gptq(model, stage, args.checkpoint_format or "lqplan_offsets", tokenizer)]
+        elif args.format == "merged":
+            written = [export_merged(model, stage, tokenizer=tokenizer)]
+        else:
+            written = list(export_peft(model, stage, tokenizer=tokenizer, plan=plan, final_dir=out))
+    written = [out / Path(w).relative_to(stage) for w in written]
     print(f"export: {args.format} -> {', '.join(map(str, written))}" + ("" if tokenizer else " (no tokenizer found "
           f"at the plan's model source {plan.model.get('source')!r})"))
     return 0

@@ -51,14 +51,14 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", type=_path, default=None,
                    help="local Hugging Face folder, alias (see `lqplan aliases`) or hub id found in the local HF "
                         "cache; default: the embedded all-MiniLM-L6-v2")
     p.add_argument("--include-head", action="store_true", help="also plan the output head (lm_head)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--cache", default=".lqplan-cache", help="profile cache folder (default .lqplan-cache)")
-    p.add_argument("--out", default="lqplan-out", help="output folder (default lqplan-out)")
-    p.add_argument("--calib", default=None,
+    p.add_argument("--cache", type=_path, default=".lqplan-cache", help="profile cache folder (default .lqplan-cache)")
+    p.add_argument("--out", type=_path, default="lqplan-out", help="output folder (default lqplan-out)")
+    p.add_argument("--calib", type=_path, default=None,
                    help="calibration text for the fisher and output objectives: a UTF-8 text file, or 'pydoc' "
                         "(Python's reference prose, built in)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
@@ -118,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     _grid_args(p)
 
     p = sub.add_parser("report", help="(re)write reports from an existing plan and profile table")
-    p.add_argument("--plan", required=True, help="plan.json written by `lqplan plan`")
-    p.add_argument("--profile", default=None, help="profile.csv (default: beside the plan)")
-    p.add_argument("--out", default=None, help="output folder (default: the plan's folder)")
+    p.add_argument("--plan", type=_path, required=True, help="plan.json written by `lqplan plan`")
+    p.add_argument("--profile", type=_path, default=None, help="profile.csv (default: beside the plan)")
+    p.add_argument("--out", type=_path, default=None, help="output folder (default: the plan's folder)")
 
     p = sub.add_parser("grid", help="list the configuration grid with bits per weight")
     _grid_args(p)
@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("memory", help="dry run: memory of a model at uniform configs, from config.json alone; "
                        "with --plan, the fine-tune's predicted peak GPU memory term by term")
-    p.add_argument("--model", default=None, help="folder with config.json (weights not needed), alias or default")
-    p.add_argument("--plan", default=None, help="plan.json: predict its fine-tune's peak GPU memory")
+    p.add_argument("--model", type=_path, default=None,
+                   help="folder with config.json (weights not needed), alias or default")
+    p.add_argument("--plan", type=_path, default=None, help="plan.json: predict its fine-tune's peak GPU memory")
     _train_shape_args(p, "the fine-tune that --plan's prediction is for")
 
     sub.add_parser("aliases", help="list model aliases and their hub ids")
@@ -143,14 +144,14 @@ def _train_parsers(sub) -> None:
                        "loss; encoders: distillation of the full-precision model), evaluate before/after and the "
                        "full-precision model, write train_report.md/.json and the quantized model to --out. "
                        "Under torchrun (several processes) it trains data-parallel (DDP).")
-    p.add_argument("--plan", required=True, help="plan.json written by `lqplan plan`")
-    p.add_argument("--model", default=None, help="the model folder (default: the plan's model.source)")
+    p.add_argument("--plan", type=_path, required=True, help="plan.json written by `lqplan plan`")
+    p.add_argument("--model", type=_path, default=None, help="the model folder (default: the plan's model.source)")
     p.add_argument("--init", choices=("loftq", "qlora"), default="loftq",
                    help="adapters from the LoftQ/LQ-LoRA decomposition (default) or QLoRA's zero-product init")
     p.add_argument("--method", choices=("lora", "qalora"), default=None,
                    help="layer kind for every matrix (default: each plan entry's own; qalora = QA-LoRA)")
-    p.add_argument("--text", default=None, help="UTF-8 training text file (default: built-in pydoc prose)")
-    p.add_argument("--data", default=None, metavar="FILE",
+    p.add_argument("--text", type=_path, default=None, help="UTF-8 training text file (default: built-in pydoc prose)")
+    p.add_argument("--data", type=_path, default=None, metavar="FILE",
                    help="training records instead of --text (causal LMs; read with datasets, pip install -e '.[hf]'): "
                         "a .json/.jsonl file of chat 'messages', 'prompt'+'completion', 'instruction'+'output' or "
                         "'text' records, trained on the responses only (chat template), or a .txt file (paragraphs)")
@@ -167,12 +168,12 @@ def _train_parsers(sub) -> None:
     p.add_argument("--no-dropout", action="store_true", help="set the model's dropout probabilities to 0")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: before/after only)")
     p.add_argument("--eval-texts", type=int, default=64, help="held-out paragraphs to evaluate on (default 64)")
-    p.add_argument("--eval-text", default=None, metavar="FILE", help=EVAL_TEXT_HELP)
+    p.add_argument("--eval-text", type=_path, default=None, metavar="FILE", help=EVAL_TEXT_HELP)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into --out (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt when it exists")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--out", default="lqplan-train", help="output folder (default lqplan-train)")
+    p.add_argument("--out", type=_path, default="lqplan-train", help="output folder (default lqplan-train)")
     p.add_argument("--no-save", action="store_true", help="do not write the quantized model")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="adamw (default), sgd, or bitsandbytes' adamw8bit / paged_adamw8bit (pip install -e '.[bnb]')")
@@ -180,7 +181,8 @@ def _train_parsers(sub) -> None:
                    help="the adapters' dtype while training (default fp32; bf16 halves their memory)")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the full-precision model's metric (otherwise streamed layer by layer and cached)")
-    p.add_argument("--cache", default=".lqplan-cache", help="cache folder for the reference metric and --data")
+    p.add_argument("--cache", type=_path, default=".lqplan-cache",
+                   help="cache folder for the reference metric and --data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("evaluate", help="score a plan's quantized model against the full-precision model (KL, "
@@ -191,10 +193,10 @@ def _train_parsers(sub) -> None:
                        "evaluate.json (docs/evaluate.md). --quantized: perplexity (causal LMs) or embedding cosine "
                        "(encoders) of a folder written by `lqplan train`, and of its full-precision model.")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--plan", default=None, help="plan.json written by `lqplan plan`")
-    which.add_argument("--quantized", default=None, help="folder written by `lqplan train` (OUT/quantized)")
-    p.add_argument("--model", default=None, help="full-precision model folder (default: the plan's model.source)")
-    p.add_argument("--eval-text", default=None, metavar="FILE", help="UTF-8 evaluation text, paragraphs split on "
+    which.add_argument("--plan", type=_path, default=None, help="plan.json written by `lqplan plan`")
+    which.add_argument("--quantized", type=_path, default=None, help="folder written by `lqplan train` (OUT/quantized)")
+    p.add_argument("--model", type=_path, default=None, help="full-precision model folder (default: the plan's model.source)")
+    p.add_argument("--eval-text", type=_path, default=None, metavar="FILE", help="UTF-8 evaluation text, paragraphs split on "
                    "blank lines (default: the built-in held-out pydoc prose); with --plan its first --eval-tokens "
                    "tokens are scored, with --quantized all of it")
     p.add_argument("--eval-tokens", type=int, default=None, metavar="N",
@@ -202,15 +204,16 @@ def _train_parsers(sub) -> None:
     p.add_argument("--eval-texts", type=int, default=None, metavar="N",
                    help="--quantized: the first N built-in held-out paragraphs (default 64)")
     p.add_argument("--max-len", type=int, default=None,
-                   help="tokens per window, BOS included (default 512 with --plan, 128 with --quantized)")
+                   help="tokens per window, BOS included (default 512 with --plan, fewer where the model has fewer "
+                   "positions; 128 with --quantized)")
     p.add_argument("--stride", type=int, default=None, help="--plan: tokens between window starts; each window "
                    "scores the tokens after the previous one's (default max-len // 2)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="--plan: windows per forward (default: as many as keep a batch's logits near 256 MiB)")
     p.add_argument("--stream", action="store_true", help="--plan: run the full-precision model one layer block at "
                    "a time (default: when its fp32 weights exceed 4 GiB)")
-    p.add_argument("--out", default=None, help="--plan: folder for evaluate.json (default: the plan's folder)")
-    p.add_argument("--cache", default=".lqplan-cache",
+    p.add_argument("--out", type=_path, default=None, help="--plan: folder for evaluate.json (default: the plan's folder)")
+    p.add_argument("--cache", type=_path, default=".lqplan-cache",
                    help="--plan: where a Fisher plan's Fisher weights are read or computed (default .lqplan-cache)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -219,14 +222,27 @@ def _train_parsers(sub) -> None:
                        description="Read a folder written by `lqplan train` (OUT/quantized) and export it. gptq: "
                        "QA-LoRA layers with their adapters merged into GPTQ's integer layout (docs/gptq-layout.md); "
                        "merged: plain weights for AutoModel; peft: dequantized base + PEFT LoRA adapter.")
-    p.add_argument("--quantized", required=True, help="folder written by `lqplan train` (OUT/quantized)")
+    p.add_argument("--quantized", type=_path, required=True, help="folder written by `lqplan train` (OUT/quantized)")
     p.add_argument("--format", choices=("gptq", "merged", "peft"), required=True)
     p.add_argument("--checkpoint-format", choices=("lqplan_offsets", "gptq", "gptq_v2"), default=None,
                    help="--format gptq only: lqplan_offsets (default) keeps QA-LoRA's merged zero-points exact as "
                         "float offsets (read by planner.hf.gptq.load_gptq); gptq (v1) / gptq_v2 round them to GPTQ's "
                         "integer qzeros for transformers' GPTQ path and gptqmodel, which loses up to half a "
                         "quantization step per group")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", type=_path, required=True, help="output folder")
+
+
+def _path(text: str) -> str:
+    """argparse type of every path option: checked (planner.fsio.user_path: ~user, over-long names) and passed on
+    as given."""
+    from ..errors import UserError
+    from ..fsio import user_path
+
+    try:
+        user_path(text, "path")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("path ")) from None
+    return text
 
 
 def _seconds(text: str) -> float:

@@ -16,6 +16,7 @@ import functools
 from pathlib import Path
 
 from ..errors import UserError
+from ..fsio import TEXT_CAP, check_regular, read_paragraphs
 from ..train.data import (
     FALLBACK_CHAT_TEMPLATE,
     IGNORE_INDEX,
@@ -44,6 +45,7 @@ def _check_file(path: Path, option: str) -> str:
     if builder is None:
         raise UserError(f"{option} {path} has the unknown file type {path.suffix or '(none)'!r}; {FIX} "
                         f"(one of {', '.join(BUILDERS)})")
+    check_regular(path, FIX, option, TEXT_CAP)  # a FIFO never hangs the read, a device never fills the memory
     try:
         with path.open("rb") as f:
             head = f.read(4096)
@@ -63,24 +65,23 @@ def load_records(path, *, option: str = "--data", cache_dir=None, progress: bool
     one-line UserError naming `option`. cache_dir: datasets' cache (default: its own, ~/.cache/huggingface)."""
     path = Path(path)
     builder = _check_file(path, option)
+    if builder == "text":  # paragraphs exactly as --text reads them (any line-end convention)
+        return [{"text": p} for p in read_paragraphs(path, option, FIX)]
     try:
         import datasets
     except ImportError:
         raise UserError(f"{option} reads files with the datasets library; pip install -e \".[hf]\"") from None
     if not progress:
         datasets.disable_progress_bars()
-    extra = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
         table = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train",
-                                      cache_dir=None if cache_dir is None else str(cache_dir), **extra)
+                                      cache_dir=None if cache_dir is None else str(cache_dir))
     except Exception as e:  # noqa: BLE001 — datasets wraps the parser's error (pyarrow, UnicodeDecodeError)
         cause = e.__cause__ or e
         reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         kind = "JSON / JSON Lines" if builder == "json" else "UTF-8 text"
         raise UserError(f"{option} {path} cannot be read as {kind} ({reason}); fix the file, or {FIX}") from None
     records = table.to_list()
-    if builder == "text":  # paragraphs as --text reads them: stripped, blank ones left out
-        records = [{"text": r["text"].strip()} for r in records if r["text"] and r["text"].strip()]
     if not records:
         raise UserError(f"{option} {path} has no records; give it at least one ({RECORD_SHAPES})")
     return records

@@ -36,6 +36,9 @@ from quant.qalora import QALoRALinear
 from .. import __version__
 from ..errors import UserError
 from ..fsio import atomic_path, write_json
+from ..model.config import read_config
+from ..model.hfload import auto_config
+from ..model.weights import read_header_table
 from ..train.apply import is_linear, out_in, quant_layers, set_module
 
 LAYOUT = "lqplan.gptq/1"
@@ -179,10 +182,7 @@ def _read_config(folder: Path) -> dict:
     if not path.is_file() or not (folder / WEIGHTS).is_file():
         raise UserError(f"{folder} is not a GPTQ folder (needs config.json and {WEIGHTS}); write one with export_gptq "
                         "or `lqplan export --format gptq`")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}; re-export the model") from None
+    doc = read_config(path, "re-export the model")
     qc = doc.get("quantization_config") if isinstance(doc, dict) else None
     if not isinstance(qc, dict) or qc.get("quant_method") != "gptq":
         raise UserError(f"{path} has no GPTQ quantization_config; export the model with export_gptq")
@@ -200,7 +200,7 @@ def _skeleton(folder: Path, config_doc_arch: str | None) -> nn.Module:
     cls = getattr(transformers, config_doc_arch or "", None)
     if cls is None:
         raise UserError(f"architecture {config_doc_arch!r} is not in this transformers version; upgrade transformers")
-    config = transformers.AutoConfig.from_pretrained(folder)
+    config = auto_config(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # a plain skeleton: load_gptq swaps the layers in itself
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real (overwritten from the file)
@@ -213,7 +213,8 @@ def load_gptq(folder, device=None) -> nn.Module:
     folder = Path(folder)
     qc = _read_config(folder)
     fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
-    arch = (json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or [None])[0]
+    arch = (read_config(folder / "config.json", "re-export the model").get("architectures") or [None])[0]
+    read_header_table(folder / WEIGHTS, "re-export the model")  # lqplan checks every header before safetensors
     try:
         tensors = load_file(str(folder / WEIGHTS), device=str(device or "cpu"))
     except (OSError, SafetensorError) as e:

@@ -317,6 +317,9 @@ def load_lqplan_adapter(model: nn.Module, adapter_dir, adapter_name: str = "defa
     if Path(adapter_dir).is_dir() and not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json); write one with "
                         "peft_model.save_pretrained or export_peft")
+    if Path(adapter_dir).is_dir() and not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        raise UserError(f"{adapter_dir} has no adapter_model.safetensors; lqplan loads adapters from safetensors only "
+                        "(a pickled .bin can run code): re-save it with safe_serialization=True")
     split_adapters(model)
     for layer in base_layers(model).values():
         layer.__dict__.pop("lqplan_init", None)  # the loaded adapter replaces the LoftQ factors

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 from ..errors import UserError
+from .config import check_config, read_config
+from .hfload import auto_config, config_from_dict
 from .resolve import ModelSource
 from .weights import FLOAT_CODES, ST_DTYPES
 
@@ -55,17 +57,12 @@ class _Linear(NamedTuple):
 
 
 def load_config(where: str | os.PathLike | dict):
-    """A transformers config from a folder, a config.json path or a dict; None when transformers doesn't know
-    the architecture."""
-    from transformers import AutoConfig
-    try:
-        if isinstance(where, dict):
-            from transformers import CONFIG_MAPPING
-            d = dict(where)
-            return CONFIG_MAPPING[d.pop("model_type")].from_dict(d)
-        return AutoConfig.from_pretrained(str(where), local_files_only=True, trust_remote_code=False)
-    except (KeyError, ValueError, OSError, TypeError):
-        return None
+    """A transformers config from a folder, a config.json path or a dict, checked first (planner.model.config);
+    None when transformers doesn't know the architecture, a UserError when it cannot read the values."""
+    if isinstance(where, dict):
+        return config_from_dict(check_config(where, "the model config"))
+    read_config(where)
+    return auto_config(where, unknown_ok=True)
 
 
 def build_skeleton(hf_config):
@@ -77,8 +74,8 @@ def build_skeleton(hf_config):
         cls = getattr(transformers, arch, None)
         if cls is not None and hasattr(cls, "_from_config"):
             candidates.append(lambda c=cls: c._from_config(hf_config))
-    candidates.append(lambda: transformers.AutoModelForCausalLM.from_config(hf_config))
-    candidates.append(lambda: transformers.AutoModel.from_config(hf_config))
+    candidates.append(lambda: transformers.AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False))
+    candidates.append(lambda: transformers.AutoModel.from_config(hf_config, trust_remote_code=False))
     for make in candidates:
         try:
             with torch.device("meta"):
@@ -184,6 +181,7 @@ def discover_matrices(source: ModelSource, include_head: bool = False) -> list[M
                             f"does not know model_type {source.config.get('model_type')!r}: upgrade transformers "
                             f"or pass a supported model")
         return found
+    _check_architecture(source, model)
     keys = set(source.tensors)
     by_tail: dict[str, list[str]] = {}
     for k in keys:
@@ -216,7 +214,48 @@ def discover_matrices(source: ModelSource, include_head: bool = False) -> list[M
                             f"use the original 16/32-bit checkpoint")
         out.append(MatrixInfo(lin.name, key, e.file, lin.shape, ST_DTYPES[e.dtype], lin.layer, lin.kind,
                               lin.transposed))
+    if not out:
+        raise UserError(f"{source.folder} has no plannable matrices (no linear layer of at least {MIN_MATRIX_SIDE} x "
+                        f"{MIN_MATRIX_SIDE} in a numbered layer block); pass a transformer model with its layers")
     return out
+
+
+def _check_architecture(source: ModelSource, model) -> None:
+    """config.json's architectures must name the class the weights were saved from: a class of another model
+    type, or one whose weight matrices the checkpoint lacks (or holds others), would be recorded in plan.json and
+    built by `train` although it is not this model."""
+    import transformers
+
+    arch = (source.config.get("architectures") or [None])[0]
+    fix = "set architectures in config.json to the class the weights were saved from"
+    named = getattr(transformers, arch, None) if arch else None
+    kind = getattr(getattr(named, "config_class", None), "model_type", None)
+    if kind and source.config.get("model_type") and kind != source.config["model_type"]:
+        raise UserError(f"config.json names {arch}, a {kind!r} model, but its model_type is "
+                        f"{source.config['model_type']!r}; {fix}")
+    if arch is None or type(model).__name__ != arch:
+        return  # not built from the named class (unknown to transformers): nothing more to compare
+    keys = set(source.tensors)
+    by_tail: dict[str, list[str]] = {}
+    for k in keys:
+        by_tail.setdefault(".".join(k.split(".")[-2:]), []).append(k)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_weight = getattr(head, "weight", None)
+    matched = set()
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or not name.endswith(".weight"):
+            continue
+        key = _match_key(name[: -len(".weight")], keys, by_tail)
+        if key is not None:
+            matched.add(key)
+        elif p is not head_weight:  # a head may be tied in the checkpoint although the config doesn't say so
+            raise UserError(f"config.json names {arch}, whose {name} is not in the weights of {source.name} (they "
+                            f"were saved from another class); {fix}")
+    extra = sorted(k for k, e in source.tensors.items() if k.endswith(".weight") and len(e.shape) == 2
+                   and e.dtype in FLOAT_CODES and k not in matched)
+    if extra:
+        raise UserError(f"the weights of {source.name} hold {extra[0]}, which config.json's {arch} has no place for "
+                        f"(they were saved from another class); {fix}")
 
 
 def is_causal_lm(config) -> bool:

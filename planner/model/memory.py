@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
+from ..fsio import user_path
+from .config import read_config
 from .discover import MIN_MATRIX_SIDE, build_skeleton, load_config, skeleton_linears
 from .packaged import PACKAGED, packaged_folder
 from .resolve import (
@@ -28,18 +28,12 @@ def _config_source(model) -> tuple[object, str]:
         return load_config(model.folder), model.name
     if isinstance(model, dict):
         return load_config(model), model.get("model_type", "config")
-    p = Path(model).expanduser()
-    if p.is_dir() or p.is_file():
-        target = p if p.is_file() else p / "config.json"
-        if target.is_dir():
-            raise UserError(f"{target} is a folder, not a file; restore the model's config.json")
-        if not target.exists():
+    p = user_path(model, "--model")
+    if p.exists():
+        target = p / "config.json" if p.is_dir() else p
+        if not target.exists() and not target.is_symlink():
             raise UserError(f"{p} has no config.json; pass the model folder or its config.json")
-        try:
-            if not isinstance(json.loads(target.read_text()), dict):
-                raise ValueError
-        except (ValueError, UnicodeDecodeError, OSError, RecursionError):
-            raise UserError(f"{target} is not valid JSON; pass the model's config.json") from None
+        read_config(target, "restore the model's config.json")
         return load_config(target), p.name
     text = str(model)
     if text == EMBEDDED_ALIAS:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..fsio import write_text
+from ..fsio import read_json, write_text
+from .hfload import SAFE
 from .tokenizer import KnownAnswer, known_answer_error, read_tokenizer
 
 MARKER = "lqplan-packaged.json"  # written last into the assembled folder: its presence means the folder is complete
@@ -208,7 +209,7 @@ def convert_weights(gguf: Path, out: Path, architecture: str) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                 local_files_only=True)
+                                                 **SAFE)
     # The weights are dequantized fp32 tensors: drop what marks the model GGUF-quantized (transformers refuses to
     # save a model with a non-serializable quantizer, and lqplan refuses folders with a quantization_config).
     model.hf_quantizer = None
@@ -251,9 +252,12 @@ def _delete_hint(folder: Path) -> str:
 
 def packaged_spec(folder: Path) -> PackagedModel | None:
     """The packaged model a folder was assembled from (its marker names it), else None."""
-    try:
-        alias = json.loads((Path(folder) / MARKER).read_text()).get("alias")
-    except (OSError, ValueError, AttributeError):
+    marker = Path(folder) / MARKER
+    if not marker.exists():
+        return None
+    try:  # through read_json: a FIFO or device under that name in any model folder never hangs the load
+        alias = read_json(marker, "").get("alias")
+    except (UserError, AttributeError):
         return None
     return PACKAGED.get(alias) if isinstance(alias, str) else None
 
@@ -270,7 +274,7 @@ def _check_assembled(spec: PackagedModel, folder: Path) -> None:
     """An assembled folder's tokenizer is the one that passed the known answer at assembly: its tokenizer.json
     has the sha256 the marker recorded then. A folder without that record (assembled before the check existed)
     is checked by loading its tokenizer; a wrong one gets the fix, never a model."""
-    marker = json.loads((folder / MARKER).read_text())
+    marker = read_json(folder / MARKER, _delete_hint(folder))
     marker = marker if isinstance(marker, dict) else {}
     recorded = marker.get("tokenizer_file_sha256")
     if recorded and recorded == _file_sha256(folder / TOKENIZER_FILE):
@@ -296,7 +300,7 @@ def packaged_folder(alias: str, progress=_say) -> Path:
     folder = root / alias
     if (folder / MARKER).is_file():
         _check_assembled(spec, folder)
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json", f"delete {folder} to have it assembled again")
         if "transformers_version" in config:  # assembled by an lqplan before write_portable_config
             try:
                 write_portable_config(folder / "config.json", config)
@@ -330,7 +334,9 @@ def packaged_folder(alias: str, progress=_say) -> Path:
 
 def provenance_note(folder) -> str | None:
     """The note a report must carry for a model folder assembled here (None for any other folder)."""
+    if not (Path(folder) / MARKER).exists():
+        return None
     try:
-        return json.loads((Path(folder) / MARKER).read_text()).get("note")
-    except (OSError, ValueError, AttributeError):
+        return read_json(Path(folder) / MARKER, "").get("note")
+    except (UserError, AttributeError):
         return None

@@ -3,13 +3,15 @@ found in the local Hugging Face cache (never the network)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..fsio import check_regular, os_reason, read_json, read_regular, user_path
+from .config import check_layers_against_weights, read_config
 from .packaged import PACKAGED, packaged_folder, provenance_note
 from .weights import TensorEntry, fingerprint, read_header_table
 
@@ -92,7 +94,8 @@ def find_in_cache(hub_id: str, config_only: bool = False) -> Path:
                         f"or HF_HOME if the cache lives elsewhere); {_download_hint(hub_id, config_only)}")
     ref = repo / "refs" / "main"
     if ref.is_file():
-        candidate = snapshots / ref.read_text().strip()
+        commit = read_regular(ref, _download_hint(hub_id, config_only), cap=4096).decode("utf-8", "replace").strip()
+        candidate = snapshots / Path(commit).name
         if (candidate / "config.json").exists():
             return candidate
     complete = [p for p in snapshots.iterdir() if p.is_dir() and (p / "config.json").exists()]
@@ -102,13 +105,35 @@ def find_in_cache(hub_id: str, config_only: bool = False) -> Path:
     return max(complete, key=lambda p: p.stat().st_mtime)
 
 
+def _check_folder_files(folder: Path, hint: str) -> None:
+    """Every file in a model folder that lqplan or transformers may open must be a regular file (a FIFO would hang
+    the read, a device would never end) with a UTF-8 name (the fingerprint hashes the names)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        raise UserError(f"cannot list {folder}: {os_reason(e, hint)}") from None
+    for entry in entries:
+        try:
+            entry.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{folder} holds a file whose name is not UTF-8 ({ascii(entry.name)}); rename or remove "
+                            f"it") from None
+        try:
+            mode = entry.stat().st_mode  # follows symbolic links
+        except OSError:
+            continue  # a dangling link: whatever would read it reports it missing
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            check_regular(Path(entry.path), f"remove it from the model folder, or {hint}")
+
+
 def _weight_files(folder: Path, name_hint: str) -> tuple[list[Path], dict[str, TensorEntry]]:
     index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
-            raise UserError(f"{index} is not a valid safetensors index (no weight_map); {name_hint}") from None
+    if index.exists() or index.is_symlink():
+        fix = f"restore the index or {name_hint}"
+        doc = read_json(index, fix)
+        if not isinstance(doc, dict) or "weight_map" not in doc:
+            raise UserError(f"{index} is not a valid safetensors index (no weight_map); {name_hint}")
+        weight_map = doc["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v.endswith(".safetensors")
                                                        and Path(v).name == v for v in weight_map.values()):
             raise UserError(f"{index}: weight_map must map each tensor name to a shard file name "
@@ -124,13 +149,19 @@ def _weight_files(folder: Path, name_hint: str) -> tuple[list[Path], dict[str, T
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf"))
-        have = f" (it has {', '.join(others[:3])})" if others else ""
+        have = (f" (it has {', '.join(others[:3])}); lqplan never loads pickled weights, which can run code"
+                if others else "")
         raise UserError(f"{folder} has no *.safetensors weights{have}; convert with transformers: "
                         f"AutoModel.from_pretrained(folder).save_pretrained(out, safe_serialization=True), "
                         f"or {name_hint}")
     tensors: dict[str, TensorEntry] = {}
     for p in files:
-        tensors.update(read_header_table(p))
+        table = read_header_table(p)
+        twice = next((k for k in table if k in tensors), None)
+        if twice is not None:
+            raise UserError(f"tensor {twice!r} is in both {tensors[twice].file.name} and {p.name} (shards of two "
+                            f"models?); {name_hint}")
+        tensors.update(table)
     if weight_map is not None:
         for key, fname in weight_map.items():
             entry = tensors.get(key)
@@ -145,20 +176,17 @@ def _load_folder(folder: Path, name: str, hub_id: str | None) -> ModelSource:
     cfg_path = folder / "config.json"
     if cfg_path.is_dir():
         raise UserError(f"{cfg_path} is a folder, not a file; restore the model's config.json, or {hint}")
-    if not cfg_path.exists():
+    if not cfg_path.exists() and not cfg_path.is_symlink():
         raise UserError(f"{folder} has no config.json, so its architecture is unknown; copy the model's config.json "
                         f"next to the weights, or {hint}")
-    try:
-        config = json.loads(cfg_path.read_text())
-        if not isinstance(config, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError, OSError, RecursionError):
-        raise UserError(f"{cfg_path} is not valid JSON; restore the model's config.json, or {hint}") from None
+    _check_folder_files(folder, hint)
+    config = read_config(cfg_path, f"restore the model's config.json, or {hint}")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?") if isinstance(
             config["quantization_config"], dict) else "?"
         raise UserError(f"{folder} is already quantized ({method}); use the original 16/32-bit checkpoint")
     files, tensors = _weight_files(folder, hint)
+    check_layers_against_weights(config, tensors, cfg_path, "use the config.json that was saved with these weights")
     return ModelSource(name=name, folder=folder, files=files, config=config, fingerprint=fingerprint(folder),
                        hub_id=hub_id, tensors=tensors, note=provenance_note(folder))
 
@@ -174,7 +202,7 @@ def resolve_model(spec: str | os.PathLike | None = None) -> ModelSource:
     if spec is None:
         return _load_folder(default_model_path(), EMBEDDED_ALIAS, ALIASES[EMBEDDED_ALIAS])
     text = str(spec)
-    path = Path(text).expanduser()
+    path = user_path(text, "--model")
     if path.exists():
         if path.is_file():
             raise UserError(f"--model {text} is a file; pass the folder that holds config.json and the "

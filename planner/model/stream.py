@@ -3,6 +3,7 @@ read on a background thread."""
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from ..errors import UserError
 from .discover import MatrixInfo
 from .resolve import ModelSource
+from .weights import FLOAT_CODES
 
 
 def load_matrix(info: MatrixInfo, device, dtype):
@@ -24,12 +26,44 @@ def load_matrix(info: MatrixInfo, device, dtype):
     if info.transposed:
         t = t.t()
     t = t.to(device=device).to(dtype=dtype).contiguous()
-    # one reduction is the cheap test (NaN/Inf propagate through a sum; an overflow only costs the exact check,
-    # which confirms a hit); summing in the tensor's own dtype, as a float64 sum may materialise an 8-byte copy
-    if not bool(t.sum().isfinite()) and not bool(t.isfinite().all()):
-        raise UserError(f"matrix {info.name} ({info.tensor_key} in {info.file}) contains NaN or Inf; the weights "
-                        f"are corrupt: re-download the model")
+    check_values(t, f"matrix {info.name} ({info.tensor_key} in {info.file})")
     return t
+
+
+# Weights above this magnitude overflow float32 when the decomposition error squares and sums them (real weights
+# stay below ~1e3; float32 ends at 3.4e38, whose square root is 1.8e19).
+MAX_ABS = 1e15
+
+
+def check_values(t, what: str, limit: float | None = MAX_ABS) -> None:
+    """NaN / Inf in `t` (and, with `limit`, values beyond it) are a UserError naming `what`. One reduction is the
+    cheap test (aminmax propagates NaN, without a copy of `t`); the exact test only runs on a hit, to say which."""
+    if not t.numel() or not t.is_floating_point():
+        return
+    low, high = torch.aminmax(t)
+    peak = max(-float(low), float(high))
+    if not (math.isfinite(peak) and math.isfinite(float(low))):
+        kind = "NaN" if bool(t.isnan().any()) else "Inf"
+        raise UserError(f"{what} contains NaN or Inf ({kind} found); the weights are corrupt: re-download the model")
+    if limit is not None and peak > limit:
+        raise UserError(f"{what} has values up to {peak:.3g}, which overflow float32 in the decomposition's error "
+                        f"computation (it squares them); the weights are corrupt or need rescaling: re-download "
+                        f"the model")
+
+
+def check_unplanned_finite(source: ModelSource, matrices: Sequence[MatrixInfo]) -> None:
+    """Every floating tensor the plan does not cover (embeddings, norms, biases, head) is finite: a NaN or Inf in a
+    LayerNorm weight plans without complaint but makes training fail or learn nothing. Read one tensor at a time,
+    one file open at a time."""
+    planned = {m.tensor_key for m in matrices}
+    by_file: dict = {}
+    for key, e in source.tensors.items():
+        if key not in planned and e.dtype in FLOAT_CODES:
+            by_file.setdefault(e.file, []).append(key)
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in keys:
+                check_values(f.get_tensor(key), f"tensor {key} in {file} (not planned)", limit=None)
 
 
 def iter_matrices(source: ModelSource, matrices: Sequence[MatrixInfo], device="cpu", dtype=None,

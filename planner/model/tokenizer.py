@@ -50,7 +50,9 @@ def read_tokenizer(where, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoTokenizer.from_pretrained(str(where), local_files_only=True, trust_remote_code=False, **kwargs)
+    from .hfload import SAFE
+
+    return AutoTokenizer.from_pretrained(str(where), **SAFE, **kwargs)
 
 
 def load_tokenizer(folder, *, required: bool = True):

@@ -14,7 +14,6 @@ group's members share one configuration.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,43 @@ from pathlib import Path
 from quant import QuantConfig
 
 from ..errors import UserError
-from ..fsio import write_json
+from ..fsio import read_json, write_json
+from ..schema import BOOL, INT, NUM, STR, any_of, list_of, map_of, one_of, optional, problem, show
 from ..profile.grid import GridPoint
 from ..model.fused import parse_tie, tie_groups
 
 SCHEMA = "lqplan.plan/1"
+
+# Every field a reader of plan.json uses (report, memory, train, evaluate, export, the HF quantizer), with its type;
+# the matrix entries' numbers are checked by PlanEntry.from_dict. Other fields are kept as they are.
+_TRAIN = {"batch": INT, "seq_len": INT, "gradient_checkpointing": BOOL, "optimizer": STR, "adapter_dtype": STR,
+          "fixed_bytes?": INT, "predicted_peak_bytes?": INT, "terms?": map_of(NUM), "phases?": map_of(NUM)}
+_COMPARISON = {"objective?": one_of("output"), "fisher_plan_weighted_error?": NUM, "plain_plan_weighted_error?": NUM,
+               "fisher_plan_unweighted_error?": NUM, "plain_plan_unweighted_error?": NUM,
+               "plain_plan_bits_per_param?": NUM, "changed_matrices?": INT, "matrices?": INT}
+_CALIB = {"source": STR, "key": STR, "tokens": INT, "tokenizer?": STR, "comparison?": _COMPARISON}
+_TIE_COST = {"tied_error": NUM, "untied_error": NUM, "tied_bits": INT, "untied_bits": INT,
+             "tied_bits_per_param?": NUM, "untied_bits_per_param?": NUM, "relative_error_increase?": NUM,
+             "untied_status?": optional(STR), "groups?": INT, "tied_matrices?": INT, "changed_matrices?": INT}
+PLAN_SPEC = {
+    "schema": STR, "created_by?": STR,
+    "model": {"name?": STR, "source?": optional(STR), "fingerprint?": STR, "architecture?": STR,
+              "weights?": optional(STR)},
+    "budget": {"spec?": STR, "kind?": STR, "value?": optional(NUM), "bits?": INT, "train?": _TRAIN},
+    "method?": {"iters?": INT, "solver?": STR, "grid?": list_of(STR), "explicit?": list_of(STR),
+                # the calibration record, or (plans written by the benches) the calibration source's name
+                "fisher?": optional(any_of(STR, _CALIB)),
+                "objective?": one_of("data-free", "fisher", "output"),
+                "output?": optional({**_CALIB, "damping": NUM, "rounding?": one_of("nearest", "gptq")}),
+                "tie?": list_of(STR), "tie_cost?": optional(_TIE_COST)},
+    "solver?": {"solver?": STR, "name?": STR, "status?": STR, "proof?": optional(STR), "objective?": optional(NUM),
+                "bound?": optional(NUM), "gap?": optional(NUM), "seconds?": NUM, "mip_rel_tol?": NUM},
+    "totals": {"params?": INT, "bits?": INT, "bits_per_param?": NUM, "bytes?": INT, "model_bytes?": INT,
+               "unplanned_bytes?": INT, "error?": NUM, "budget_bits?": INT},
+    "matrices": list_of({"name": STR, "kind?": STR, "double_quant?": BOOL, "asymmetric?": BOOL, "dq_dtype?": STR,
+                         "scale_dtype?": STR, "method?": STR}),
+}
+PLAN_FIX = "re-create it with `lqplan plan`"
 
 
 # Wall-clock figures differ run to run; plan.json leaves them out so the same inputs give the same bytes
@@ -156,8 +187,11 @@ class Plan:
             raise UserError("the plan is not a JSON object; pass a plan.json written by `lqplan plan`")
         schema = d.get("schema")
         if schema != SCHEMA:
-            raise UserError(f"plan schema {schema!r} is not supported (this lqplan reads {SCHEMA!r}); "
+            raise UserError(f"plan schema {show(schema)} is not supported (this lqplan reads {SCHEMA!r}); "
                             "re-plan with this version")
+        found = problem(d, PLAN_SPEC)
+        if found:
+            raise UserError(f"the plan is malformed: {found}; {PLAN_FIX}")
         try:
             if not isinstance(d["matrices"], list) or not d["matrices"]:
                 raise ValueError("it lists no matrices")
@@ -174,21 +208,11 @@ class Plan:
 
     @classmethod
     def load(cls, path) -> "Plan":
+        """plan.json from a regular file within the document cap and nesting bound (planner.fsio.read_json)."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"plan file {path} does not exist; create one with `lqplan plan`") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read plan file {path}: {e}; pass a plan.json written by `lqplan plan`") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno}); "
-                            "re-create it with `lqplan plan`") from None
-        except RecursionError:
-            raise UserError(f"plan file {path} nests too deeply to be a plan; re-create it with `lqplan plan`") from None
-        return cls.from_dict(data)
+        if not path.exists() and not path.is_symlink():
+            raise UserError(f"plan file {path} does not exist; create one with `lqplan plan`")
+        return cls.from_dict(read_json(path, "pass a plan.json written by `lqplan plan`, or re-create it", "plan file"))
 
     def validate(self) -> None:
         """Check internal consistency: unique names, bytes equal to the configs' exact cost, totals add up."""

@@ -3,11 +3,13 @@ holding every grid point computed so far, replaced atomically."""
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import math
 from pathlib import Path
 
+from ..errors import UserError
+from ..fsio import read_json
 from .grid import GridPoint
 
 log = logging.getLogger("lqplan.profile")
@@ -16,9 +18,18 @@ log = logging.getLogger("lqplan.profile")
 DEFAULT_CACHE = Path(".lqplan-cache")
 
 
+_NAME_MAX = 200  # characters of a cache file name before ".json": file systems allow 255 bytes
+
+
 def safe_name(name: str) -> str:
-    # Matrix names are dotted module paths; keep them readable but filesystem-safe.
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    """A matrix name as a cache file name: readable (dotted module paths stay as they are) but filesystem-safe,
+    ASCII, and bounded in length (a longer name keeps its start and a digest of the whole)."""
+    safe = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in name)
+    if safe.startswith("."):
+        safe = "_" + safe[1:]  # never a hidden file (temp files are hidden)
+    if len(safe) > _NAME_MAX:
+        safe = f"{safe[:_NAME_MAX - 17]}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+    return safe
 
 
 def cache_folder(cache_dir: Path, fingerprint: str, key: str) -> Path:
@@ -27,11 +38,12 @@ def cache_folder(cache_dir: Path, fingerprint: str, key: str) -> Path:
 
 
 def _read_cache(path: Path) -> dict:
-    try:
-        points = json.loads(path.read_text())["points"]
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         return {}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError):
+    try:
+        doc = read_json(path, "it will be recomputed", max_depth=8)
+        points = doc["points"] if isinstance(doc, dict) else None
+    except (UserError, KeyError):
         points = None
     if not isinstance(points, dict) or not all(_complete(v) for v in points.values()):
         log.warning("ignoring unreadable cache file %s (it will be recomputed)", path)

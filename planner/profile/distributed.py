@@ -18,7 +18,6 @@ do not enter the numbers.
 from __future__ import annotations
 
 import heapq
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Mapping
 
 from ..dist import Context, broadcast
 from ..errors import UserError
-from ..fsio import write_json
+from ..fsio import read_json, write_json
 from .cache import cache_folder, cached_points, missing_points, safe_name
 from .objective import calibration_weights
 from .run import run_profile
@@ -159,7 +158,7 @@ def profile_distributed(ctx: Context, source, matrices, settings: ProfileSetting
     for name in mine:
         path = folder / f"{safe_name(name)}.json"
         if path.exists():
-            entries[name] = json.loads(path.read_text())
+            entries[name] = read_json(path, "rerun the profile", max_depth=8)
     report = RankReport(rank, socket.gethostname(), ctx.device, ctx.threads, len(mine), stats.computed_points,
                         round(stats.compute_seconds, 3), round(stats.seconds, 3))
     gathered = [None] * world if rank == 0 else None

@@ -22,11 +22,16 @@ from typing import NamedTuple
 
 import torch
 
+from quant.weighting import check_fisher
+
 from ..corpus import CalibText, load_calib
 from ..errors import UserError
-from ..fsio import write_bytes
+from ..fsio import remove_stale_temps, write_bytes
+from ..model.config import positions
 from ..model.discover import is_causal_lm, same_module
+from ..model.hfload import auto_config, check_tokenizer_fits, pretrained
 from ..model.tokenizer import bos_id, load_tokenizer, short_digest, tokenizer_digest
+from ..model.weights import read_header_table
 
 log = logging.getLogger("lqplan")
 
@@ -91,10 +96,16 @@ def calib_batches(folder: Path, calib: CalibText, max_tokens: int, seq_len: int,
     """The calibration text tokenized by the model's own tokenizer (`tokenizer`: default, the folder's, checked by
     planner.model.tokenizer) into padded batches (calibration_batches), until `max_tokens` real tokens are reached;
     every calibration statistic (Fisher weights, output statistics) is made from these batches."""
-    from transformers import AutoConfig
-
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
-    causal = is_causal_lm(AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
+    config = auto_config(folder)
+    check_tokenizer_fits(tokenizer, config, folder)
+    limit = positions(config)
+    if limit is not None:
+        seq_len = min(seq_len, limit)  # a model with fewer positions than the window: its own length
+    causal = is_causal_lm(config)
+    if not causal and len(calib.texts) < 2:  # SimCSE's loss contrasts the sentences of a batch: one has no gradient
+        raise UserError(f"the calibration text {calib.name} has {len(calib.texts)} paragraph; {needs} of an encoder "
+                        "needs at least 2 (separate them with a blank line), or run without --calib")
     batches, tokens = calibration_batches(tokenizer, calib.texts, causal, max_tokens, seq_len, batch_size)
     if not batches:
         raise UserError(f"the calibration text produced no tokens; {needs} needs a longer --calib file")
@@ -106,12 +117,11 @@ def calib_batches(folder: Path, calib: CalibText, max_tokens: int, seq_len: int,
 
 def load_calib_model(folder: Path, device: str):
     """(model in fp32 on `device`, causal): the causal-LM class for decoders, the bare encoder otherwise."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    causal = is_causal_lm(config)
+    causal = is_causal_lm(auto_config(folder))
     cls = AutoModelForCausalLM if causal else AutoModel
-    return cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(device), causal
+    return pretrained(cls, folder, dtype=torch.float32).to(device), causal
 
 
 def example_pieces(enc: dict, causal: bool) -> list[dict]:
@@ -158,8 +168,14 @@ def compute_fisher(folder: Path, names: list[str], calib: CalibText, max_tokens:
                 sums[n] += p.grad.float().pow(2)
             counted += 1
 
+    if not counted:
+        raise UserError(f"the calibration text {calib.name} has no paragraph of 2 or more tokens; pass a longer "
+                        "--calib file")
     out = {}
     for n, s in sums.items():
+        if not bool(s.sum() > 0):
+            raise UserError(f"the calibration text {calib.name} gave no gradient to matrix {n}; pass more text (more "
+                            "paragraphs) with --calib, or run without it")
         f = s / counted
         if isinstance(modules_of[n], Conv1D):
             f = f.t()  # GPT-2's Conv1D stores (in, out); the plan's rows are output features
@@ -185,13 +201,25 @@ def load_fisher(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     from safetensors.torch import load_file
 
     try:
+        read_header_table(Path(path))
         t = load_file(str(path))
         names = sorted({k.rsplit(".", 1)[0] for k in t})
         return {n: (t[f"{n}.rows"], t[f"{n}.cols"]) for n in names}
-    except (SafetensorError, OSError, KeyError):
+    except (SafetensorError, OSError, KeyError, UserError):
         # a damaged cache entry is not the user's input: an empty result makes the caller recompute it
         logging.getLogger("lqplan.fisher").warning("ignoring unreadable Fisher cache %s (it will be recomputed)", path)
         return {}
+
+
+def _usable(weights, matrices) -> bool:
+    """Cached weights the profile can use (shapes, finite, non-negative, not all zero); else they are recomputed."""
+    try:
+        for m in matrices:
+            check_fisher(weights[m.name], tuple(m.shape))
+    except ValueError as e:
+        log.warning("ignoring the cached Fisher weights (%s); recomputing them", e)
+        return False
+    return True
 
 
 class Fisher(NamedTuple):
@@ -210,9 +238,11 @@ def get_fisher(source, matrices, calib: str, cache_dir: Path, tokens: int, devic
     key = f"{text.name.replace('/', '_')[-40:]}-{text.digest}-{tokens}-tok_{short_digest(digest)}"
     path = Path(cache_dir) / source.fingerprint.split(":")[-1][:24] / "fisher" / f"{key}.safetensors"
     names = [m.name for m in matrices]
+    if path.parent.is_dir():
+        remove_stale_temps(path.parent)  # leftovers of a killed run's write
     if path.exists():
         weights = load_fisher(path)
-        if all(n in weights for n in names):
+        if all(n in weights for n in names) and _usable(weights, matrices):
             log.info("fisher: reusing %s", path)
             return Fisher(weights, key, digest)
     bar = None

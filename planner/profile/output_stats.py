@@ -23,7 +23,6 @@ is 13,824² floats = 764 MB), 43 GB over its 40 layers: beyond small models the 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -36,7 +35,9 @@ from quant.weighting import Weighting, damped_cholesky
 
 from ..corpus import CalibText, load_calib
 from ..errors import UserError
-from ..fsio import write_bytes, write_json
+from ..fsio import read_json, write_bytes, write_json
+from ..model.weights import read_header_table
+from ..schema import INT, STR, list_of, map_of, optional, problem
 from ..model.tokenizer import load_tokenizer, short_digest, tokenizer_digest
 from .cache import safe_name
 from .fisher import calib_batches, example_pieces, find_modules, load_calib_model
@@ -217,16 +218,26 @@ def save_output_stats(folder: Path, groups: dict[str, GroupStats], meta: dict) -
     write_json(folder / INDEX, index)
 
 
+_INDEX_SPEC = {"schema": STR, "groups": map_of({"file": STR, "members": list_of(STR), "layer?": optional(INT),
+                                                "tokens?": INT, "inputs": INT})}
+
+
 def _read_index(folder: Path) -> dict | None:
-    try:
-        index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
-        if index.get("schema") == SCHEMA and isinstance(index.get("groups"), dict):
-            return index
-    except FileNotFoundError:
+    """The cache's index, or None (recomputed) where it is missing, unreadable, malformed, or names a file that is
+    not a plain .safetensors name inside the folder."""
+    if not (folder / INDEX).exists():
         return None
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-        pass
-    log.warning("ignoring unreadable output statistics %s (they will be recomputed)", folder)
+    try:
+        index = read_json(folder / INDEX, "it is recomputed")
+        found = problem(index, _INDEX_SPEC, INDEX) or (None if index["schema"] == SCHEMA else "another schema")
+        bad = [] if found else [g["file"] for g in index["groups"].values()
+                                if Path(g["file"]).name != g["file"] or not g["file"].endswith(".safetensors")]
+        if not found and not bad:
+            return index
+        log.warning("ignoring the output statistics in %s (%s; they will be recomputed)", folder,
+                    found or f"the file name {bad[0][:60]!r} is not inside the folder")
+    except UserError as e:
+        log.warning("ignoring the output statistics: %s (they will be recomputed)", e)
     return None
 
 
@@ -251,11 +262,15 @@ class OutputStats:
         from safetensors.torch import load_file
 
         info = self.index["groups"][leader]
+        damaged = "delete that folder and run again to recompute them"
         try:
+            read_header_table(self.folder / info["file"], damaged)  # checked before safetensors reads it
             t = load_file(str(self.folder / info["file"]))
+            if tuple(t["second_moment"].shape) != (info["inputs"],) * 2:
+                raise KeyError("second_moment")
             chol = damped_cholesky(t["second_moment"], self.damping)
             rows = {n: t[f"rows.{n}"] for n in info["members"]}
-        except (SafetensorError, OSError, KeyError):
+        except (SafetensorError, OSError, KeyError, UserError):
             raise UserError(f"the output statistics in {self.folder} are damaged; delete that folder and run again "
                             "to recompute them") from None
         except ValueError as e:

@@ -3,29 +3,35 @@ column the reports need, or with a non-finite error, is one line naming the prob
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..errors import UserError
+from ..fsio import TABLE_CAP, read_regular
 
 # What a reader of profile.csv needs: the ILP's columns plus the matrix shape.
 READ_COLUMNS = ("matrix", "m", "n", "label", "rank", "error", "storage_bits")
 _REMAKE = "re-create it with `lqplan profile`"
 
 
-def read_profile_csv(csv: Path) -> pd.DataFrame:
-    """profile.csv as a checked DataFrame (see check_profile_table)."""
+def read_profile_csv(csv: Path, with_digest: bool = False):
+    """profile.csv as a checked DataFrame (see check_profile_table); with_digest: (table, sha256 of the file)."""
     csv = Path(csv)
-    if not csv.is_file():
+    if not csv.exists() and not csv.is_symlink():
         raise UserError(f"no profile table at {csv}; pass --profile with the profile.csv written by `lqplan plan` "
                         "or `lqplan profile`")
+    raw = read_regular(csv, f"pass --profile with the profile.csv written by `lqplan plan`, or {_REMAKE}",
+                       "profile table", TABLE_CAP)
     try:
-        table = pd.read_csv(csv)
+        table = pd.read_csv(io.BytesIO(raw))
     except (ValueError, UnicodeDecodeError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise UserError(f"{csv} is not a readable profile table ({type(e).__name__}); {_REMAKE}") from None
-    return check_profile_table(table, csv)
+    table = check_profile_table(table, csv)
+    return (table, hashlib.sha256(raw).hexdigest()) if with_digest else table
 
 
 def check_profile_table(table: pd.DataFrame, where: Path | str = "the profile table") -> pd.DataFrame:

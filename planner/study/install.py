@@ -14,7 +14,6 @@ The put step imports nothing beyond the standard library, so a piece call costs 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from .stage import (
     StageError,
     model_files,
     pieces_for,
+    read_manifest,
     sha256_file,
     write_atomic,
 )
@@ -37,7 +37,7 @@ from .stage import (
 
 def put(piece: Path, manifest_path: Path, root: Path = DEVICE_ROOT) -> str:
     """Keep one carried piece under `root` after checking it; returns a one-line status of what is there."""
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
     root.mkdir(parents=True, exist_ok=True)
     known = {p["name"]: p for p in manifest["pieces"]}
     if piece.name not in known:
@@ -55,8 +55,8 @@ def put(piece: Path, manifest_path: Path, root: Path = DEVICE_ROOT) -> str:
 
 def status(root: Path = DEVICE_ROOT) -> str:
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
+        manifest = read_manifest(root / MANIFEST)
+    except (OSError, ValueError, KeyError, TypeError, StageError):
         return f"no stage under {root}: nothing sent yet, or the machine was given back since"
     have = [p["name"] for p in manifest["pieces"] if _have(root, p)]
     missing = [p["name"] for p in manifest["pieces"] if p["name"] not in have]
@@ -159,7 +159,7 @@ def assemble(alias: str, record: dict, meta: Path, site: Path, models_dir: Path,
 def install(models: list[str], root: Path = DEVICE_ROOT, site: Path = DEVICE_SITE,
             models_dir: Path = DEVICE_MODELS, log=print) -> dict[str, Path]:
     """Extract, check, pip-install into `site` and assemble each model; alias -> its folder."""
-    manifest = json.loads((root / MANIFEST).read_text())
+    manifest = read_manifest(root / MANIFEST)
     unknown = [m for m in models if m not in manifest["models"]]
     if unknown:
         raise StageError(f"{', '.join(unknown)} not staged (staged: {', '.join(manifest['models'])}); prepare with "

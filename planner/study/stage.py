@@ -222,6 +222,15 @@ class _Concat:
         return bytes(out)
 
 
+def read_manifest(path: Path) -> dict:
+    """The stage manifest; every piece and file name it gives must be a plain name (it is joined to a folder here)."""
+    manifest = json.loads(Path(path).read_text())
+    for entry in (*manifest["pieces"], *manifest["files"]):
+        if Path(entry["name"]).name != entry["name"] or entry["name"] in ("", ".", ".."):
+            raise StageError(f"{path} names {entry['name'][:80]!r}, not a file name inside the stage; prepare again")
+    return manifest
+
+
 def pieces_for(manifest: dict, models: list[str]) -> list[dict]:
     """The pieces that hold the deps and these models' files."""
     want = [f for f in manifest["files"] if f["model"] is None or f["model"] in models]

@@ -40,7 +40,7 @@ def skeleton(config, causal: bool) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config, trust_remote_code=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied head is then the input embeddings' tensor: nothing to load for it
     return model.eval()

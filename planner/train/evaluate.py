@@ -19,8 +19,10 @@ from ..devices import resolve_device
 from ..dist import all_sum, joined_shard
 from ..errors import UserError
 from ..model.discover import is_causal_lm
+from ..fsio import user_path
+from ..model.hfload import auto_config, check_tokenizer_fits, check_window, pretrained
+from ..model.resolve import resolve_model
 from ..model.tokenizer import bos_id, load_tokenizer, tokenizer_digest
-from ..model.weights import fingerprint
 from ..plan.train_memory import EVAL_WINDOWS
 from .export import load_quantized
 from .losses import mean_pool
@@ -207,8 +209,6 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
     plan's model.source; `tokenizer`, default: that folder's) on the held-out split (or `texts`): perplexity of both (causal
     LMs) or the embedding cosine of the quantized model to the full-precision one (encoders).
     Returns {metric, quantized, full_precision, texts}."""
-    from pathlib import Path
-
     from transformers import AutoModel, AutoModelForCausalLM
 
     if eval_texts < 1 or max_len < 2:
@@ -216,20 +216,26 @@ def evaluate_quantized(folder, model=None, *, eval_texts: int = 64, max_len: int
     dev = resolve_device(device)
     quantized, plan = load_quantized(folder, device=dev)
     source = model or plan.model.get("source")
-    if not source or not (Path(source) / "config.json").is_file():
+    if not source or not (user_path(source, "--model") / "config.json").is_file():
         raise UserError(f"the full-precision model folder {source!r} was not found; pass --model <the Hugging Face "
                         "folder the plan was made for>")
 
-    plan.check_model(fingerprint(source))  # another model would give meaningless numbers, not an error
+    # the full-precision folder is checked as `plan` checks it (config, headers, special files), and must be
+    # the model the plan was made for: another would give meaningless numbers, not an error
+    fp_source = resolve_model(user_path(source, "--model"))
+    plan.check_model(fp_source.fingerprint)
+    config = auto_config(fp_source.folder)
+    check_window(max_len, config)
     if tokenizer is None:
         tokenizer = load_tokenizer(source)
+    check_tokenizer_fits(tokenizer, config, source)
     digest = tokenizer_digest(tokenizer)
     # `texts` (--eval-text): the caller's paragraphs, all of them; else the first eval_texts built-in held-out ones
     held = _check_texts(texts) if texts is not None else real_text_splits()["heldout"][:eval_texts]
 
     causal = is_causal_lm(quantized.config)
     loader = AutoModelForCausalLM if causal else AutoModel
-    fp = loader.from_pretrained(source, dtype=torch.float32).to(dev).eval()
+    fp = pretrained(loader, fp_source.folder, dtype=torch.float32).to(dev).eval()
     if causal:
         ppl = dict(max_len=max_len, stride=max(1, max_len // 2))
         return {"metric": "perplexity", "quantized": perplexity(quantized, tokenizer, held, **ppl),

@@ -13,7 +13,6 @@ dequantized base folder so that PeftModel.from_pretrained(AutoModel.from_pretrai
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -32,12 +31,17 @@ from .. import __version__
 from ..devices import dequant_backend_from_env
 from ..errors import UserError
 from ..fsio import atomic_path, write_json, write_text
+from ..model.config import read_config
+from ..model.digests import file_digests
+from ..model.hfload import auto_config
+from ..model.weights import read_header_table
 from ..plan.document import Plan
+from ..outputs import output_folder
 from .apply import freeze_base, quant_layers, set_module
 
-MANIFEST = "lqplan_manifest.json"
-SCHEMA = "lqplan.quantized/1"
-WEIGHTS = "model.safetensors"
+from .manifest import MANIFEST, RESAVE, SCHEMA, WEIGHTS, check_parts, read_manifest
+
+QUANTIZED_FILES = (WEIGHTS, "config.json", "plan.json", MANIFEST)
 
 
 def _check_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
@@ -101,25 +105,16 @@ def save_quantized(model: nn.Module, plan: Plan, out_dir) -> Path:
                           "adapter_dtype": None if not layer.rank else str(layer.lora_A.dtype).removeprefix("torch.")}
                    for name, layer in layers.items()},
     }
-    _save_tensors(out / WEIGHTS, tensors)
-    write_text(out / "config.json", _config_json(model))
-    plan.save(out / "plan.json")
-    write_json(out / MANIFEST, manifest)
+    # written aside and swapped in whole: a killed save leaves the previous folder, never new weights beside
+    # another plan; the manifest holds every part's digest, so load_quantized refuses a folder mixed any other way
+    with output_folder(out, QUANTIZED_FILES) as stage:
+        _save_tensors(stage / WEIGHTS, tensors)
+        write_text(stage / "config.json", _config_json(model))
+        plan.save(stage / "plan.json")
+        parts = (WEIGHTS, "config.json", "plan.json")
+        manifest["files"] = dict(zip(parts, file_digests([stage / p for p in parts], memo=False)))
+        write_json(stage / MANIFEST, manifest)
     return out
-
-
-def _read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{folder} is not an lqplan quantized folder (no {MANIFEST}); write one with save_quantized")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}; re-save the model with save_quantized") from None
-    schema = manifest.get("schema") if isinstance(manifest, dict) else None
-    if schema != SCHEMA:
-        raise UserError(f"{path} has schema {schema!r}, this lqplan reads {SCHEMA!r}; re-save it")
-    return manifest
 
 
 def _skeleton(folder: Path, architecture: str) -> nn.Module:
@@ -127,9 +122,10 @@ def _skeleton(folder: Path, architecture: str) -> nn.Module:
     from accelerate import init_empty_weights
 
     cls = getattr(transformers, architecture, None)
-    if cls is None:
+    if cls is None or not hasattr(cls, "_from_config"):
         raise UserError(f"architecture {architecture!r} is not in this transformers version; upgrade transformers")
-    config = transformers.AutoConfig.from_pretrained(folder)
+    read_config(folder, RESAVE)
+    config = auto_config(folder)
     # Parameters on the meta device (no memory, no init); buffers are real and overwritten from the file.
     with init_empty_weights(include_buffers=False):
         return cls._from_config(config)
@@ -138,8 +134,10 @@ def _skeleton(folder: Path, architecture: str) -> nn.Module:
 def load_quantized(folder, device=None) -> tuple[nn.Module, Plan]:
     """Rebuild a model written by save_quantized: (model, plan). Adapters are trainable, the rest frozen."""
     folder = Path(folder)
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     plan = Plan.load(folder / "plan.json")
+    check_parts(folder, manifest, plan)
+    read_header_table(folder / manifest["weights"], RESAVE)  # lqplan checks every header before safetensors reads it
     try:
         tensors = load_file(str(folder / manifest["weights"]), device=str(device or "cpu"))
     except (OSError, SafetensorError, KeyError, TypeError) as e:  # SafetensorError: a truncated or corrupt file
@@ -149,7 +147,10 @@ def load_quantized(folder, device=None) -> tuple[nn.Module, Plan]:
     backend = dequant_backend_from_env()
     for name, info in manifest["layers"].items():
         prefix = name + "."
-        config = QuantConfig.from_dict(info["config"])
+        try:
+            config = QuantConfig.from_dict(info["config"])
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{folder}: layer {name}: {e}; {RESAVE}") from None
         fields = {}
         for field in QuantizedTensor.TENSOR_FIELDS:
             raw = tensors.pop(prefix + BUFFER_PREFIX + field, None)
@@ -268,7 +269,7 @@ def _save_packed_base(model: nn.Module, layers: dict, plan: Plan, folder: Path) 
 
 
 def export_peft(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32, tokenizer=None, *,
-                plan: Plan | None = None, dense: bool = False) -> tuple[Path, Path]:
+                plan: Plan | None = None, dense: bool = False, final_dir=None) -> tuple[Path, Path]:
     """(base_dir, adapter_dir) under out_dir. adapter = a standard PEFT LoRA adapter: target_modules = the quantized
     modules with rank > 0, per-module r / lora_alpha (rank_pattern, alpha_pattern), weights in `dtype`.
 
@@ -276,7 +277,8 @@ def export_peft(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32, t
     the `plan`); nothing is dequantized. planner.hf.peft.load_lqplan_adapter(load_quantized(base)[0], adapter)
     reproduces the model. dense=True: base = dequant(Q) as a standard folder in `dtype` (a full-size copy of every
     planned matrix, what lqplan wrote before) for PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter)
-    without lqplan installed."""
+    without lqplan installed. `final_dir`: where out_dir will be once published (the adapter records its base's
+    path there), when out_dir is a staging folder."""
     from peft import LoraConfig
 
     out = Path(out_dir)
@@ -297,7 +299,8 @@ def export_peft(model: nn.Module, out_dir, dtype: torch.dtype = torch.float32, t
     first = next(iter(adapted.values()))
     # PEFT matches rank/alpha pattern keys as regular expressions: escape the dots of module paths.
     config = LoraConfig(r=first.rank, lora_alpha=first.alpha, lora_dropout=0.0, bias="none",
-                        target_modules=sorted(adapted), base_model_name_or_path=str(base_dir.resolve()),
+                        target_modules=sorted(adapted),
+                        base_model_name_or_path=str((Path(final_dir or out) / "base").resolve()),
                         rank_pattern={re.escape(n): l.rank for n, l in adapted.items()},
                         alpha_pattern={re.escape(n): l.alpha for n, l in adapted.items()})
     config_dict = config.to_dict()

@@ -15,8 +15,10 @@ from ..corpus import real_text_splits
 from ..profile.cache import DEFAULT_CACHE
 from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
-from ..fsio import write_json, write_text
+from ..fsio import user_path, write_json, write_text
+from ..outputs import output_folder
 from ..model.discover import discover_matrices, is_causal_lm
+from ..model.hfload import auto_config, check_tokenizer_fits, check_window, pretrained
 from ..model.resolve import resolve_model
 from ..model.tokenizer import load_tokenizer, tokenizer_digest
 from ..model.weights import FLOAT_CODES
@@ -34,6 +36,7 @@ from .reference import cached_reference_perplexity, reference_perplexity
 from .settings import TrainSettings
 
 ADAPTER_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TRAIN_OUTPUTS = ("train_report.json", "train_report.md", "quantized")
 
 
 def _no_dropout_config(config):
@@ -91,13 +94,13 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
     and only rank 0 writes. `tokenizer`: default, the folder's own. `heldout` (--eval-text): evaluation paragraphs
     instead of the built-in held-out ones (all of them; settings.eval_texts caps the built-in ones only). Returns
     the report (a dict, with the history)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
     s = settings if settings is not None else TrainSettings()
     s.check_checkpoint_folder(out_dir)  # before anything is loaded
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     folder = model or plan.model.get("source")
-    if not folder or not (Path(folder) / "config.json").is_file():
+    if not folder or not (user_path(folder, "--model") / "config.json").is_file():
         raise UserError(f"model folder {folder!r} not found; pass model=<the Hugging Face folder the plan was "
                         "made for> (--model)")
     source = resolve_model(folder)
@@ -110,13 +113,15 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
 
     joined_here = dist.is_available() and not dist.is_initialized()
     dist_info, dev = setup_distributed(device)
-    config = AutoConfig.from_pretrained(folder)
+    config = auto_config(folder)
+    check_window(s.max_len, config)
     if not s.dropout:
         config = _no_dropout_config(config)
     causal = is_causal_lm(config)
     check_records_objective(texts or [], causal)  # before the student is built
     if tokenizer is None:
         tokenizer = load_tokenizer(folder)
+    check_tokenizer_fits(tokenizer, config, folder)
     digest = tokenizer_digest(tokenizer)  # before any call leaves its padding settings on the tokenizer
     splits = real_text_splits()
     held = list(heldout) if heldout is not None else splits["heldout"][:s.eval_texts]
@@ -134,7 +139,7 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
                                                  **window)
     else:
         metric = "embedding_cosine"
-        teacher = AutoModel.from_pretrained(folder, dtype=torch.float32).to(dev).eval()
+        teacher = pretrained(AutoModel, folder, dtype=torch.float32).to(dev).eval()
         evaluate = lambda m: embedding_cosine(m, teacher, tokenizer, held, max_len=s.max_len, shard=True)  # noqa: E731
         fp_metric = 1.0  # the full-precision model is the reference itself
     torch.manual_seed(s.seed)  # zero-init (QLoRA) adapters draw lora_A at random: the same on every rank and rerun
@@ -175,13 +180,16 @@ def finetune(plan, settings: TrainSettings | None = None, *, model=None, out_dir
               "quantized_bytes": held_bytes, "plan_bytes": plan.totals.get("bytes"),
               "bytes_match_plan": held_bytes == plan.totals.get("bytes"), "history": history}
     if out is not None and dist_info.main:
-        if s.save_model:
-            try:
-                result["saved"] = str(save_quantized(student, plan, out / "quantized"))
-            except UserError as e:  # e.g. a model without a Hugging Face config: report it, keep the results
-                result["saved"] = None
-                result["not_saved"] = str(e)
-        write_report(result, out)
+        # the saved model and its report are written as a unit (checkpoints in the folder are kept)
+        with output_folder(out, TRAIN_OUTPUTS) as stage:
+            if s.save_model:
+                try:
+                    save_quantized(student, plan, stage / "quantized")
+                    result["saved"] = str(out / "quantized")
+                except UserError as e:  # e.g. a model without a Hugging Face config: report it, keep the results
+                    result["saved"] = None
+                    result["not_saved"] = str(e)
+            write_report(result, stage)
     if dist_info.active and joined_here:
         dist.barrier()  # every rank leaves after rank 0 has written
         dist.destroy_process_group()

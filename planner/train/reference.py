@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
+import math
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
-from ..fsio import write_json
+from ..errors import UserError
+from ..fsio import read_json, write_json
 from ..model.resolve import ModelSource
 from ..model.tokenizer import bos_id, short_digest, tokenizer_digest
 from .build import load_tensors, meta_names, skeleton
@@ -79,9 +80,11 @@ def cached_reference_perplexity(source: ModelSource, tokenizer, texts: list[str]
     if path is None:
         return None
     try:
-        return float(json.loads(path.read_text())["perplexity"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # missing or unreadable: computed again
+        value = read_json(path, "it is recomputed")["perplexity"] if path.exists() else None
+    except (UserError, KeyError, TypeError):
+        return None  # unreadable: computed again
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 def reference_perplexity(source: ModelSource, config, tokenizer, texts: list[str], *, max_len: int, stride: int,

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from ..corpus import real_text_splits
 from ..devices import dequant_backend_from_env, resolve_device
 from ..errors import UserError
+from ..model.config import positions
 from ..model.discover import is_causal_lm
+from ..model.hfload import auto_config, check_tokenizer_fits, check_window, pretrained
 from ..model.resolve import resolve_model
 from ..model.tokenizer import load_tokenizer, tokenizer_digest
 from ..plan.document import Plan
@@ -154,7 +156,8 @@ class PlanScorer:
     """The full-precision model of `model` (a folder, alias or ModelSource; see the module docstring for how it
     is run once and kept) and the evaluation windows, ready to score plan after plan:
     `texts` (default: the built-in held-out pydoc prose; `text_source` names it in results), cut to the first
-    `eval_tokens` tokens (None: all), in windows of `max_len` tokens (BOS first) every `stride` (default max_len // 2),
+    `eval_tokens` tokens (None: all), in windows of `max_len` tokens (BOS first; default 512, or the model's positions where fewer) every `stride`
+    (default max_len // 2),
     `batch_size` windows per forward (default: LOGITS_BYTES of logits per batch).
     reuse_layers: keep every quantized layer built and reuse it in later plans that hold the same (matrix,
     configuration, initialisation); costs the memory of the distinct layers of all plans scored (packed weights and
@@ -165,23 +168,25 @@ class PlanScorer:
     LM with this tokenizer, e.g. the full-precision model itself (KL exactly 0)."""
 
     def __init__(self, model=None, *, texts=None, text_source: str | None = None,
-                 eval_tokens: int | None = DEFAULT_EVAL_TOKENS, max_len: int = DEFAULT_MAX_LEN,
+                 eval_tokens: int | None = DEFAULT_EVAL_TOKENS, max_len: int | None = None,
                  stride: int | None = None, batch_size: int | None = None, device=None, stream: bool | None = None,
                  tokenizer=None, progress: bool = False, reuse_layers: bool = True):
-        from transformers import AutoConfig
-
         if eval_tokens is not None and eval_tokens < 2:
             raise UserError(f"--eval-tokens {eval_tokens} must be at least 2, e.g. 4096")
-        if max_len < 2:
+        if max_len is not None and max_len < 2:
             raise UserError(f"--max-len {max_len} must be at least 2, e.g. 512")
         if batch_size is not None and batch_size < 1:
             raise UserError(f"--batch-size {batch_size} must be at least 1 (or left out: sized to the vocabulary)")
         self.source = model if hasattr(model, "fingerprint") else resolve_model(model)
-        self.config = AutoConfig.from_pretrained(self.source.folder)
+        self.config = auto_config(self.source.folder)
+        if max_len is None:  # DEFAULT_MAX_LEN, or the model's own length where it has fewer positions
+            max_len = min(DEFAULT_MAX_LEN, positions(self.config) or DEFAULT_MAX_LEN)
+        check_window(max_len, self.config)
         if not is_causal_lm(self.config):
             raise UserError(f"{self.source.name} is not a causal language model; KL and perplexity need one (an "
                             "encoder's plan is scored by `lqplan train`'s embedding cosine)")
         tokenizer = tokenizer or load_tokenizer(self.source.folder)
+        check_tokenizer_fits(tokenizer, self.config, self.source.folder)
         self.tokenizer_digest = tokenizer_digest(tokenizer)  # before a call leaves padding settings on it
         held = real_text_splits()["heldout"] if texts is None else [texts] if isinstance(texts, str) else texts
         self.windows = eval_windows(tokenizer, held, max_len, stride or max(1, max_len // 2), eval_tokens)
@@ -211,7 +216,7 @@ class PlanScorer:
             return streamed_reference(self.source, self.config, causal=True, device=self.device)
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.source.folder, dtype=torch.float32).to(self.device).eval()
+        return pretrained(AutoModelForCausalLM, self.source.folder, dtype=torch.float32).to(self.device).eval()
 
     @torch.no_grad()
     def _fp_pass(self) -> None:
