@@ -914,7 +914,8 @@ def test_c4_a_plan_that_loads_renders_its_totals(doc):
     """Whatever Plan.from_dict accepts, every reader of its fields can use (the report's totals, its proof text,
     the Fisher comparison); whatever it refuses is one line."""
     from planner.plan.document import Plan
-    from planner.report.render import _totals_md, fisher_frame
+    from planner.report.frames import fisher_frame
+    from planner.report.render import _totals_md
 
     try:
         plan = Plan.from_dict(doc)

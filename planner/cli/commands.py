@@ -29,7 +29,8 @@ from ..profile.grid import DEFAULT_RANKS, default_ranks, make_grid
 from ..profile.run import run_profile, save_table
 from ..profile.settings import ProfileSettings
 from ..profile.table import read_profile_csv
-from ..report.render import proof_text, write_reports
+from ..report.frames import proof_text
+from ..report.render import write_reports
 from ..schema import INT, STR, list_of, problem
 
 if TYPE_CHECKING:
