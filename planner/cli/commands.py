@@ -7,7 +7,7 @@ from pathlib import Path
 
 from quant import SolverSettings
 
-from ..api import REPORT_OUTPUTS, budget_curve, make_plan, profile_manifest, read_run_stats
+from ..api import make_plan
 from ..devices import resolve_device
 from ..errors import UserError
 from ..fsio import read_json
@@ -23,11 +23,12 @@ from ..model.fused import parse_tie
 from ..plan.train_memory import ReferenceWeights, TrainShape, predict
 from ..profile.objective import calibration_weights
 from ..profile.grid import DEFAULT_RANKS, default_ranks, make_grid
-from ..profile.run import run_profile, save_table
+from ..profile.run import profile_manifest, run_profile, save_table
 from ..profile.settings import ProfileSettings
 from ..profile.table import read_profile_csv
-from ..report.frames import proof_text
-from ..report.render import write_reports
+from ..report.frames import budget_curve, proof_text
+from ..report.render import REPORT_OUTPUTS, write_reports
+from ..report.run_stats import read_run_stats
 from ..schema import INT, STR, list_of, problem
 from .model_commands import cmd_evaluate, cmd_export, cmd_train
 

@@ -9,9 +9,12 @@ import re
 import numpy as np
 import pandas as pd
 
+from ..errors import UserError
 from ..plan.document import Plan
+from ..plan.ilp import error_budget_curve
 
 _INT = re.compile(r"^\d+$")
+CURVE_BITS_PER_PARAM = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.127, 4.5, 5.0)
 
 
 def parse_name(name: str) -> tuple[int | None, str]:
@@ -164,3 +167,13 @@ def fisher_note(comparison: dict) -> str:
     return (f"Matrices whose configuration differs between the two plans: {changed}{of}. "
             f"{comparison_names(comparison)[4]}, "
             "so it should not be above the data-free plan's on that row.")
+
+
+def budget_curve(table: pd.DataFrame, params: int, tie=()) -> pd.DataFrame | None:
+    """The reports' error-budget curve: the ILP re-solved at CURVE_BITS_PER_PARAM, with the plan's tie (None when
+    it cannot be)."""
+    budgets = [int(b * params) for b in sorted({round(b, 3) for b in CURVE_BITS_PER_PARAM})]
+    try:
+        return error_budget_curve(table, budgets, tie=tie)
+    except UserError:
+        return None

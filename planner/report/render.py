@@ -29,6 +29,7 @@ from .frames import (
     totals_frame,
 )
 
+REPORT_OUTPUTS = ("allocation.csv", "report.md", "report.html", "heatmap.png", "error_budget.png")
 
 HOW_TO_READ = (
     ("Totals", "bits/param counts everything the plan stores for the planned matrices (quantized codes, scales, "
