@@ -1,5 +1,6 @@
 """Memory budgets: parsed from the command line (bits per parameter, "2.75bits", or bytes of the whole model,
-"6GB"), turned into bits for a model's planned matrices and checked against the grid's cheapest plan.
+"6GB"), turned into bits for a model's planned matrices and checked against the grid's cheapest plan; with a
+fine-tune's shape, a bytes budget read as its peak GPU memory (training_budget).
 
 Accepted units (optional space between number and unit):
   bits per planned parameter: bits, bit, bpw, bpp, bits/param, bits/weight (any case)
