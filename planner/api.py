@@ -1,4 +1,5 @@
-"""The library API behind the CLI: profile a model, solve the ILP, write the plan and its reports.
+"""The library API behind the CLI, and the one place that composes the stages: profile a model, solve the ILP,
+write the plan and its reports; score a plan.
 
 A training script can call `make_plan(...)` and then `planner.train.apply_plan(model, plan)`."""
 
@@ -6,44 +7,40 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
-from quant.methods import get_method
-from quant.weighting import Metric, check_weighting
-
-from . import __version__
 from .devices import resolve_device
 from .errors import UserError
-from .fsio import read_json, sha256_file, write_json
+from .fsio import sha256_file, write_json
 from .outputs import output_folder
-from .model.discover import discover_matrices, planned_params, unplanned_bytes
+from .model.discover import discover_matrices, planned_params
 from .model.resolve import ModelSource, resolve_model
-from .model.stream import check_unplanned_finite, iter_matrices
-from .plan.budget import Budget, resolve_budget
-from .plan.document import Plan, PlanEntry
-from .plan.ilp import (
-    DEFAULT_TIME_LIMIT,
-    RTOL,
-    error_budget_curve,
-    solve,
-    uniform_solutions,
-)
+from .model.stream import check_unplanned_finite
+from .plan.assemble import plan_from_solution
+from .plan.budget import Budget, resolve_budget, training_budget
+from .plan.document import Plan
+from .plan.ilp import DEFAULT_TIME_LIMIT, solve, uniform_solutions
 from .model.fused import TIE_GROUPS, tie_groups, untied_names
-from .plan.train_memory import ReferenceWeights, TrainShape, fixed_bytes, predict, training_table
-from .profile.cache import DEFAULT_CACHE, cache_folder
-from .profile.grid import GridPoint, default_ranks, make_grid
+from .plan.train_memory import ReferenceWeights, TrainShape, predict, training_table
+from .plan.weighted_error import weighted_plan_error
+from .profile.cache import DEFAULT_CACHE
+from .profile.grid import default_ranks, make_grid
 from .profile.objective import calibration_weights, objective_record
-from .profile.run import run_profile, save_table
+from .profile.run import profile_manifest, run_profile, save_table
 from .profile.settings import ProfileSettings
-from .report.render import write_reports
-from .schema import INT, NUM, STR, problem
+from .report.frames import budget_curve
+from .report.render import REPORT_OUTPUTS, write_reports
+from .report.run_stats import RUN_STATS
+from .timing import PhaseClock
 
 log = logging.getLogger("lqplan")
+
+# What `lqplan plan` writes into --out; a new plan replaces all of them (a --no-report plan drops the old reports)
+PLAN_OUTPUTS = ("plan.json", "profile.csv", "profile.json", RUN_STATS, "evaluate.json", *REPORT_OUTPUTS)
 
 
 @dataclass
@@ -54,51 +51,6 @@ class PlanResult:
     paths: dict = field(default_factory=dict)
     comparison: dict | None = None
     tie_cost: dict | None = None
-
-
-def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, budget_bits: int, method: dict,
-                       unplanned: int) -> Plan:
-    chosen = table.set_index(["matrix", "label"])
-    entries = []
-    for info in matrices:
-        label = solution.choice[info.name]
-        row = chosen.loc[(info.name, label)]
-        cfg = {k: row[k] for k in ("kind", "bits", "blocksize", "double_quant", "dq_bits", "dq_blocksize",
-                                   "dq_dtype", "scale_dtype", "asymmetric")}
-        cfg = {k: (v.item() if hasattr(v, "item") else v) for k, v in cfg.items()}
-        if "method" in row.index and isinstance(row["method"], str):
-            cfg["method"] = row["method"]
-        point = GridPoint.from_dict({**cfg, "rank": int(row["rank"])})
-        entries.append(PlanEntry.of(info.name, info.shape, point, row["error"]))
-    solver_info = {k: getattr(solution, k) for k in ("solver", "status", "proof", "objective", "bound", "gap",
-                                                     "seconds") if hasattr(solution, k)}
-    if solver_info.get("proof") not in (None, "", "mip"):
-        # the MIP solver did not run: name what proved the plan (dp, lp-bound, fixing), not the unused MIP solver
-        solver_info["solver"] = solver_info["proof"]
-    solver_info["mip_rel_tol"] = RTOL  # "optimal" means proven within this relative tolerance of the total error
-    return Plan.from_entries(
-        {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
-         "architecture": (source.config.get("architectures") or ["?"])[0],
-         **({"weights": source.note} if source.note else {})},
-        {"spec": budget.spec, "kind": budget.kind, "value": budget.value, "bits": budget_bits}, entries,
-        unplanned_bytes=unplanned, budget_bits=budget_bits, solver=solver_info, method=method,
-        created_by=f"lqplan {__version__}")
-
-
-def weighted_plan_error(source, plan: Plan, weights, weighted_decomposition: bool, settings: ProfileSettings,
-                        device) -> float:
-    """The weighted error (Fisher or output-aware: `weights.get(name)`) of a plan's configurations, decomposed with
-    or without the weights."""
-    infos = [m for m in discover_matrices(source) if m.name in plan.by_name()]
-    total = 0.0
-    for info, w in iter_matrices(source, infos, device=device):
-        e = plan.by_name()[info.name]
-        weighting = check_weighting(weights.get(info.name), tuple(w.shape))
-        kind = get_method(e.point.method)
-        q, a, b = kind.decompose(w, e.point.config, e.point.rank, settings.iters, settings.solver,
-                                 *((weighting, settings.rounding) if weighted_decomposition else (None, "nearest")))
-        total += Metric.of(weighting, w.device).error(w.float() - q.dequantize() - kind.dense(a, b, e.point.config))
-    return total
 
 
 @dataclass(frozen=True)
@@ -177,75 +129,6 @@ def warn_untied(matrices, tie) -> None:
         tails = " / ".join("+".join(t) for t in TIE_GROUPS[name])
         log.warning("--tie %s ties nothing in this model: no layer has two or more of %s; planned without it",
                     name, tails)
-
-
-def profile_manifest(source, settings: ProfileSettings, weights_key: str | None, cache_dir: Path,
-                     model: dict | None = None) -> dict:
-    """profile.json's header, the same for `lqplan plan` and `lqplan profile`: the model as plan.json names it,
-    the objective, the settings key and the cache folder the numbers came from."""
-    key = settings.cache_key(weights_key)
-    model = model or {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
-                      "architecture": (source.config.get("architectures") or ["?"])[0]}
-    return {"schema": "lqplan.profile/1", "model": model, "fingerprint": source.fingerprint,
-            "objective": settings.objective, "settings": key,
-            "cache": str(cache_folder(Path(cache_dir), source.fingerprint, key)),
-            "grid": [p.to_dict() for p in settings.grid], "iters": settings.iters, "solver": settings.solver.key}
-
-
-def training_budget(source, matrices, settings: ProfileSettings, budget: Budget, train: TrainShape):
-    """A bytes budget read as the fine-tune's peak GPU memory: (Budget, bits left for the planned matrices'
-    training cost, describe(bits), the fixed terms)."""
-    if budget.kind != "bytes":
-        raise UserError(f"--train-batch/--seq-len make the budget the fine-tune's GPU memory, so it must be in "
-                        f"bytes, not {budget.spec!r}; pass e.g. --budget 24GB")
-    # embeddings, norms and head are held at bf16, the training dtype on a GPU
-    unplanned_train = unplanned_bytes(source, matrices, float_bytes=2)
-    ranks = max((p.rank for p in settings.grid), default=0)
-    fixed = fixed_bytes(source.config, unplanned_train, train, ranks)
-    if fixed >= budget.value:
-        raise UserError(f"the fine-tune's memory besides the planned matrices (activations, logits, unplanned tensors "
-                        f"at bf16, workspace) is {fixed / 1e9:.2f} GB, more than the budget {budget.spec!r}; add "
-                        "--gradient-checkpointing, lower --train-batch or --seq-len, or raise the budget")
-    params = planned_params(matrices)
-    bits = budget.total_bits(params, fixed)
-    return budget, bits, lambda b: budget.format_bits(b, params, fixed), {
-        "fixed_bytes": fixed, "unplanned_train_bytes": unplanned_train}
-
-
-def seconds_since_process_start() -> float | None:
-    """Wall seconds since this process started (psutil, which accelerate requires anyway): what ran before the
-    first line of a command (interpreter start-up, imports, argument parsing). None where it cannot be read."""
-    try:
-        import psutil
-
-        return max(0.0, time.time() - psutil.Process().create_time())
-    except Exception:  # noqa: BLE001 - a timing only: never a reason to fail
-        return None
-
-
-class PhaseClock:
-    """Wall seconds of each named phase of a command, and the seconds from process start to the clock's creation,
-    for run.json: `with clock("profile"): ...`; record() gives flat keys (run.json's values are plain numbers)."""
-
-    def __init__(self):
-        self.started = time.perf_counter()
-        self.before = seconds_since_process_start()
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
-
-    def record(self) -> dict:
-        out = {f"phase_{name}_seconds": round(v, 2) for name, v in self.seconds.items()}
-        if self.before is not None:
-            out["phase_startup_seconds"] = round(self.before, 2)
-            out["seconds_from_process_start"] = round(self.before + time.perf_counter() - self.started, 2)
-        return out
 
 
 def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", settings: ProfileSettings | None = None,
@@ -367,52 +250,3 @@ def evaluate_plan(plan, *, model: str | None = None, out_dir=None, cache_dir=DEF
     out = (Path(out_dir) if out_dir is not None else path.parent) / "evaluate.json"
     write_json(out, result)
     return {**result, "path": str(out)}
-
-
-
-
-CURVE_BITS_PER_PARAM = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.127, 4.5, 5.0)
-RUN_STATS = "run.json"
-REPORT_OUTPUTS = ("allocation.csv", "report.md", "report.html", "heatmap.png", "error_budget.png")
-# What `lqplan plan` writes into --out; a new plan replaces all of them (a --no-report plan drops the old reports)
-PLAN_OUTPUTS = ("plan.json", "profile.csv", "profile.json", RUN_STATS, "evaluate.json", *REPORT_OUTPUTS)
-
-
-def budget_curve(table: pd.DataFrame, params: int, tie=()) -> pd.DataFrame | None:
-    """The reports' error-budget curve: the ILP re-solved at CURVE_BITS_PER_PARAM, with the plan's tie (None when
-    it cannot be)."""
-    budgets = [int(b * params) for b in sorted({round(b, 3) for b in CURVE_BITS_PER_PARAM})]
-    try:
-        return error_budget_curve(table, budgets, tie=tie)
-    except UserError:
-        return None
-
-
-_RUN_SPEC = {"profile_seconds?": NUM, "computed_points?": INT, "cached_points?": INT, "computed_matrices?": INT,
-             "total_seconds?": NUM, "solver_seconds?": NUM, "plan_sha256?": STR}
-
-
-def read_run_stats(folder: Path, plan_path: Path | None = None) -> dict:
-    """The run statistics `make_plan` left beside a plan (run.json), or {} when there are none readable or they
-    were measured for another plan.json than `plan_path`'s: they only decorate the report, so such a file is
-    skipped with a warning rather than refused."""
-    path = Path(folder) / RUN_STATS
-    if not path.exists():
-        return {}
-    try:
-        stats = read_json(path, "it is skipped")
-    except UserError as e:
-        log.warning("ignoring run statistics: %s", e)
-        return {}
-    found = problem(stats, _RUN_SPEC, "run.json")
-    if found is None and not all(isinstance(v, (int, float, str)) for v in stats.values()):
-        found = "run.json holds a value that is not a number or a string"
-    if found:
-        log.warning("ignoring unreadable run statistics %s: %s", path, found)
-        return {}
-    digest = stats.pop("plan_sha256", None)
-    if plan_path is not None and digest is not None and Path(plan_path).is_file() and \
-            digest != sha256_file(plan_path):
-        log.warning("ignoring run statistics %s: they were measured for another plan.json", path)
-        return {}
-    return stats

@@ -146,3 +146,16 @@ def output_folder(folder: str | os.PathLike, replaced: Iterable[str] = ()):
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def check_writable(folder, option: str) -> None:
+    """Fail before any work (and without creating anything) when `folder` could never be written."""
+    path = probe = Path(folder).expanduser()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent  # the nearest existing ancestor decides whether the folder can be created
+    if not probe.is_dir():
+        raise UserError(f"{option} {folder} cannot be created: {probe} is a file, not a folder; "
+                        f"choose another {option}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == path else f"cannot be created ({probe} is not writable)"
+        raise UserError(f"{option} {folder} {what}; choose a folder you can write to with {option}")

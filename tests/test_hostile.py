@@ -914,7 +914,8 @@ def test_c4_a_plan_that_loads_renders_its_totals(doc):
     """Whatever Plan.from_dict accepts, every reader of its fields can use (the report's totals, its proof text,
     the Fisher comparison); whatever it refuses is one line."""
     from planner.plan.document import Plan
-    from planner.report.render import _totals_md, fisher_frame
+    from planner.report.frames import fisher_frame
+    from planner.report.render import _totals_md
 
     try:
         plan = Plan.from_dict(doc)
@@ -1005,7 +1006,7 @@ def test_c4_a_fisher_source_name_instead_of_the_record_renders(env, tmp_path):
 @given(st.dictionaries(st.sampled_from(["profile_seconds", "solver_seconds", "computed_points", "total_seconds",
                                         "cached_points", "plan_sha256", "other"]), JSON, max_size=4) | JSON)
 def test_c4_run_json_of_any_shape_is_used_or_skipped(tmp_path_factory, doc):
-    from planner.api import read_run_stats
+    from planner.report.run_stats import read_run_stats
     from planner.report.render import _totals_md
 
     folder = tmp_path_factory.mktemp("run")

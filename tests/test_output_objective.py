@@ -189,7 +189,7 @@ def output_plan(llama_folder, tmp_path_factory):
 
 
 def test_an_output_plan_records_its_objective_and_minimises_the_output_error(output_plan, llama_folder):
-    from planner.api import weighted_plan_error
+    from planner.plan.weighted_error import weighted_plan_error
     from planner.plan.document import Plan
 
     res, root = output_plan

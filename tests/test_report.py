@@ -7,7 +7,8 @@ import pytest
 from planner.plan.document import Plan, PlanEntry
 from planner.plan.ilp import error_budget_curve, solve, uniform_solutions
 from planner.profile.grid import make_grid
-from planner.report.render import allocation_frame, parse_name, write_reports
+from planner.report.frames import allocation_frame, parse_name
+from planner.report.render import write_reports
 
 SHAPES = {"attention.self.query": (64, 64), "intermediate.dense": (256, 64), "output.dense": (64, 256)}
 

@@ -15,8 +15,9 @@ import pytest
 
 from planner.errors import UserError
 from planner.model import packaged
+from planner.model.known_answer import KnownAnswer
 from planner.model.packaged import KNOWN_TEXT, MARKER, PackagedModel
-from planner.model.tokenizer import KnownAnswer, bos_id, load_tokenizer, tokenizer_digest
+from planner.model.tokenizer import bos_id, load_tokenizer, tokenizer_digest
 
 
 def _bpe_and_unigram():
@@ -180,7 +181,7 @@ def test_right_ids_with_a_wrong_eos_are_refused_too(pair):
     import copy
     import dataclasses
 
-    from planner.model.tokenizer import known_answer_error
+    from planner.model.known_answer import known_answer_error
 
     right, _, known = pair
     assert known_answer_error(right, known) is None

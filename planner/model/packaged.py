@@ -5,7 +5,7 @@
   own code needs `llm` and llama-cpp-python: it is installed with --no-deps and located without importing it).
 
 The GGUF is checked against its size and sha256, its tokenizer is rebuilt by transformers and checked against the
-model's known answer (planner.model.tokenizer), then its weights are dequantized by transformers (`gguf_file=`,
+model's known answer (planner.model.known_answer), then its weights are dequantized by transformers (`gguf_file=`,
 needs the `gguf` package) to fp32 and saved once as a safetensors folder with the tokenizer in a local cache;
 every later use reads that folder, after checking that its tokenizer is the one that passed. The weights are the
 dequantized 4-bit values, not the original bf16 ones, and every report that names the model says so (`note`)."""
@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..fsio import read_json, write_text
 from .hfload import SAFE
-from .tokenizer import KnownAnswer, known_answer_error, read_tokenizer
+from .known_answer import KnownAnswer, known_answer_error, read_tokenizer
 
 MARKER = "lqplan-packaged.json"  # written last into the assembled folder: its presence means the folder is complete
 TOKENIZER_FILE = "tokenizer.json"
@@ -44,7 +44,7 @@ class PackagedModel:
     size: int             # bytes of the joined GGUF
     sha256: str
     architecture: str     # set in config.json when the GGUF conversion leaves `architectures` out
-    known: KnownAnswer    # a text and the ids the model's right tokenizer gives (planner.model.tokenizer)
+    known: KnownAnswer    # a text and the ids the model's right tokenizer gives (planner.model.known_answer)
     install: str          # the command that installs the parts and the gguf reader
     note: str
 

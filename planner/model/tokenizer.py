@@ -1,11 +1,6 @@
 """A model's tokenizer: loaded in one place (local files only, no remote code), named by a digest that every
-result depending on tokens records, and, for the packaged models, checked against a known answer.
-
-Why a known answer: a GGUF file carries its tokenizer as a vocabulary with scores and merges, and transformers
-rebuilds a tokenizer from them. transformers 5.17 rebuilds Gemma 3's as a Unigram model without merges. That
-tokenizer splits words into fragments: the first pydoc topic becomes 493 tokens instead of 250. The weights stay
-byte-identical, so nothing about them reveals it. Each packaged model therefore names a short text and the exact
-ids its right tokenizer gives (planner.model.packaged).
+result depending on tokens records, and, for the packaged models, checked against a known answer
+(planner.model.known_answer says why).
 
 The digest is sha256 over the tokenizer as the tokenizers library serialises it (tokenizer.json's content: model
 with vocabulary and merges, normalizer, pre-tokenizer, post-processor, added tokens), with the per-call truncation
@@ -17,24 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .known_answer import read_tokenizer
+from .packaged import check_folder_tokenizer
 
 SPECIAL_TOKENS = ("bos", "eos", "pad", "unk", "sep", "cls")
-
-
-@dataclass(frozen=True)
-class KnownAnswer:
-    """A text and the exact ids (no special tokens added) the model's right tokenizer splits it into; its BOS and
-    EOS ids (the tokens every sequence starts with and texts are joined by); and whether the tokenizer puts BOS
-    first by itself when asked for special tokens (the GGUF's add_bos_token: Gemma's does, SmolLM2's does not)."""
-    text: str
-    ids: tuple[int, ...]
-    bos: int | None
-    eos: int | None
-    adds_bos: bool
 
 
 def bos_id(tokenizer) -> int | None:
@@ -45,22 +29,10 @@ def bos_id(tokenizer) -> int | None:
     return getattr(tokenizer, "bos_token_id", None)
 
 
-def read_tokenizer(where, gguf_file: str | None = None):
-    """AutoTokenizer from a local folder (or a GGUF file in it), never the network, never remote code."""
-    from transformers import AutoTokenizer
-
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    from .hfload import SAFE
-
-    return AutoTokenizer.from_pretrained(str(where), **SAFE, **kwargs)
-
-
 def load_tokenizer(folder, *, required: bool = True):
     """The tokenizer of a model folder, for every stage that turns text into ids. A packaged model's folder
     (planner.model.packaged) is checked against its known answer: a wrong conversion raises UserError naming the
     fix. `required=False`: None where the folder has no loadable tokenizer (a wrong one still raises)."""
-    from .packaged import check_folder_tokenizer  # packaged imports this module
-
     try:
         tokenizer = read_tokenizer(folder)
     except Exception as e:  # transformers raises many types for a missing or broken tokenizer
@@ -70,32 +42,6 @@ def load_tokenizer(folder, *, required: bool = True):
                         "tokenizer files (tokenizer.json or the vocabulary files, and tokenizer_config.json)") from None
     check_folder_tokenizer(Path(folder), tokenizer)
     return tokenizer
-
-
-def known_answer_error(tokenizer, known: KnownAnswer) -> str | None:
-    """None when `tokenizer` gives the known answer, else what it gave instead (for the message)."""
-    ids = tuple(tokenizer(known.text, add_special_tokens=False)["input_ids"])
-    if ids != known.ids:
-        kind = _model_type(tokenizer)
-        shown = ", ".join(map(str, ids[:6])) + (", …" if len(ids) > 6 else "")
-        return (f"splits {known.text!r} into {len(ids)} tokens ({shown}) instead of the {len(known.ids)} the model "
-                f"was trained with" + (f" (it was rebuilt as a {kind} model)" if kind else ""))
-    got = (tokenizer.bos_token_id, tokenizer.eos_token_id)
-    if got != (known.bos, known.eos):
-        return f"has BOS/EOS ids {got[0]}/{got[1]} instead of the model's {known.bos}/{known.eos}"
-    special = tuple(tokenizer(known.text)["input_ids"])
-    if special != ((known.bos,) if known.adds_bos else ()) + known.ids:
-        added = [i for i in special if i not in known.ids]
-        return (f"adds special tokens {added} to a text where the model's tokenizer adds "
-                f"{[known.bos] if known.adds_bos else 'none'}")
-    return None
-
-
-def _model_type(tokenizer) -> str | None:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    return type(backend.model).__name__
 
 
 def tokenizer_digest(tokenizer) -> str:

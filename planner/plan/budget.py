@@ -1,5 +1,6 @@
 """Memory budgets: parsed from the command line (bits per parameter, "2.75bits", or bytes of the whole model,
-"6GB"), turned into bits for a model's planned matrices and checked against the grid's cheapest plan.
+"6GB"), turned into bits for a model's planned matrices and checked against the grid's cheapest plan; with a
+fine-tune's shape, a bytes budget read as its peak GPU memory (training_budget).
 
 Accepted units (optional space between number and unit):
   bits per planned parameter: bits, bit, bpw, bpp, bits/param, bits/weight (any case)
@@ -22,8 +23,10 @@ from fractions import Fraction
 from ..errors import UserError
 from ..model.discover import planned_params, unplanned_bytes
 from ..profile.grid import GridPoint
+from ..profile.settings import ProfileSettings
 from .ilp import InfeasibleBudget
 from ..model.fused import tie_groups
+from .train_memory import TrainShape, fixed_bytes
 
 BITS_UNITS = ("bits", "bit", "bpw", "bpp", "bits/param", "bits/weight")
 
@@ -195,3 +198,23 @@ def resolve_budget(source, matrices, grid, budget: "str | Budget", tie=()):
 
     check_budget_feasible(grid, matrices, budget_bits, describe, tie)
     return budget_obj, budget_bits, unplanned, describe
+
+
+def training_budget(source, matrices, settings: ProfileSettings, budget: Budget, train: TrainShape):
+    """A bytes budget read as the fine-tune's peak GPU memory: (Budget, bits left for the planned matrices'
+    training cost, describe(bits), the fixed terms)."""
+    if budget.kind != "bytes":
+        raise UserError(f"--train-batch/--seq-len make the budget the fine-tune's GPU memory, so it must be in "
+                        f"bytes, not {budget.spec!r}; pass e.g. --budget 24GB")
+    # embeddings, norms and head are held at bf16, the training dtype on a GPU
+    unplanned_train = unplanned_bytes(source, matrices, float_bytes=2)
+    ranks = max((p.rank for p in settings.grid), default=0)
+    fixed = fixed_bytes(source.config, unplanned_train, train, ranks)
+    if fixed >= budget.value:
+        raise UserError(f"the fine-tune's memory besides the planned matrices (activations, logits, unplanned tensors "
+                        f"at bf16, workspace) is {fixed / 1e9:.2f} GB, more than the budget {budget.spec!r}; add "
+                        "--gradient-checkpointing, lower --train-batch or --seq-len, or raise the budget")
+    params = planned_params(matrices)
+    bits = budget.total_bits(params, fixed)
+    return budget, bits, lambda b: budget.format_bits(b, params, fixed), {
+        "fixed_bytes": fixed, "unplanned_train_bytes": unplanned_train}

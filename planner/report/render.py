@@ -1,12 +1,11 @@
-"""Human-readable reports of a plan: report.md, a self-contained report.html, allocation.csv and PNG figures."""
+"""Human-readable reports of a plan: report.md, a self-contained report.html, allocation.csv and PNG figures,
+formatted and written from planner.report.frames' content and planner.report.figures' images."""
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,22 @@ import pandas as pd
 from ..fsio import write_bytes, write_text
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
+from .figures import curve_plot, heatmaps
+from .frames import (
+    BOUND_ROW,
+    GAP_ROW,
+    allocation_frame,
+    comparison_names,
+    fisher_frame,
+    fisher_note,
+    group_frame,
+    plan_comparison,
+    tie_frame,
+    tie_note,
+    totals_frame,
+)
 
-_INT = re.compile(r"^\d+$")
-
+REPORT_OUTPUTS = ("allocation.csv", "report.md", "report.html", "heatmap.png", "error_budget.png")
 
 HOW_TO_READ = (
     ("Totals", "bits/param counts everything the plan stores for the planned matrices (quantized codes, scales, "
@@ -42,48 +54,6 @@ HOW_TO_READ = (
     ("Error-budget curve", "the best error reachable at each budget (line) against one configuration for every matrix "
      "(points); the vertical distance at equal bits is what mixing configurations buys."),
 )
-
-
-def parse_name(name: str) -> tuple[int | None, str]:
-    """Layer index and matrix type from a dotted name: the first integer component is the layer, the components
-    after it the type ("model.layers.3.self_attn.q_proj" -> (3, "self_attn.q_proj")); no integer -> (None, name)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if _INT.match(part):
-            rest = ".".join(parts[i + 1:])
-            return int(part), rest or ".".join(parts[:i])
-    return None, name
-
-
-def allocation_frame(plan: Plan, table: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per planned matrix, in plan order."""
-    rows = []
-    for e in plan.matrices:
-        layer, mtype = parse_name(e.name)
-        m, n = e.shape
-        cfg = e.point.config
-        rows.append({"name": e.name, "layer": layer, "type": mtype, "m": m, "n": n, "label": e.point.label,
-                     "bits": cfg.bits, "blocksize": cfg.blocksize, "rank": e.point.rank, "error": e.error,
-                     "bytes": e.bytes, "bits_per_param": e.bytes * 8 / (m * n)})
-    df = pd.DataFrame(rows)
-    df["layer"] = df["layer"].astype("Int64")
-    if table is not None and "error_unweighted" in table.columns and len(df):
-        lookup = table.assign(matrix=table["matrix"].astype(str)).set_index(["matrix", "label"])["error_unweighted"]
-        keys = pd.MultiIndex.from_arrays([df["name"], df["label"]])
-        df["error_unweighted"] = lookup.reindex(keys).to_numpy()
-    return df
-
-
-def _group(df: pd.DataFrame, key: str) -> pd.DataFrame:
-    d = df.assign(params=df["m"] * df["n"])
-    if key == "layer":
-        d = d.assign(layer=d["layer"].astype(object).where(d["layer"].notna(), "(none)"))
-    g = d.groupby(key, sort=False).agg(matrices=("name", "size"), params=("params", "sum"), bytes=("bytes", "sum"),
-                                        mean_rank=("rank", "mean"), error=("error", "sum"))
-    g["bits_per_param"] = g["bytes"] * 8 / g["params"]
-    total_error = d["error"].sum()
-    g["error_share"] = g["error"] / total_error if total_error > 0 else np.nan
-    return g.reset_index()[[key, "matrices", "params", "bits_per_param", "mean_rank", "bytes", "error", "error_share"]]
 
 
 def _fmt(v) -> str:
@@ -113,178 +83,6 @@ def _html_table(df: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, imported when a figure is drawn (it takes a second to load,
-    which every CLI start would pay otherwise)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    plt = _pyplot()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _heatmaps(alloc: pd.DataFrame) -> bytes | None:
-    d = alloc.loc[alloc["layer"].notna()]
-    if d.empty:
-        return None
-    types = list(dict.fromkeys(d["type"]))
-    layers = sorted(int(x) for x in d["layer"].unique())
-    fig, axes = _pyplot().subplots(1, 2, figsize=(4 + 1.2 * len(types), 1.5 + 0.28 * len(layers)), squeeze=False)
-    for ax, col, title, fmt in ((axes[0][0], "bits_per_param", "bits/param (incl. adapters)", "{:.2f}"),
-                                (axes[0][1], "rank", "LoRA rank", "{:.0f}")):
-        grid = d.pivot_table(index="layer", columns="type", values=col, aggfunc="mean").reindex(index=layers,
-                                                                                              columns=types)
-        im = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(types)), types, rotation=45, ha="right", fontsize=8)
-        step = max(1, len(layers) // 40)
-        ax.set_yticks(range(0, len(layers), step), layers[::step], fontsize=8)
-        ax.set_xlabel("matrix type")
-        ax.set_ylabel("layer")
-        ax.set_title(title)
-        fig.colorbar(im, ax=ax, shrink=0.8)
-        if len(layers) * len(types) <= 300:
-            for (i, j), v in np.ndenumerate(grid.to_numpy(dtype=float)):
-                if not math.isnan(v):
-                    ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="white")
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _curve_plot(curve: pd.DataFrame | None, uniform: pd.DataFrame | None, plan: Plan) -> bytes | None:
-    if (curve is None or curve.empty) and (uniform is None or uniform.empty):
-        return None
-    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
-    if curve is not None and not curve.empty:
-        ok = curve.loc[curve["total_error"].notna()]
-        ax.plot(ok["bits_per_param"], ok["total_error"], "o-", color="C0", label="best plan at each budget")
-    if uniform is not None and not uniform.empty and "bits_per_param" in uniform.columns:
-        ax.scatter(uniform["bits_per_param"], uniform["total_error"], color="C1", s=14,
-                   label="one configuration everywhere")
-    t = plan.totals
-    if t.get("bits_per_param") is not None and t.get("error") is not None:
-        ax.scatter([t["bits_per_param"]], [t["error"]], marker="*", s=180, color="C3", zorder=5, label="this plan")
-    ax.set_xlabel("bits per parameter (incl. adapters)")
-    ax.set_ylabel("total error")
-    ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return _png(fig)
-
-
-GAP_ROW = "gap to LP relaxation bound (includes the integrality gap)"
-BOUND_ROW = "LP relaxation bound"
-
-
-_PROOFS = {"lp-bound": "the greedy plan meets the LP relaxation bound",
-           "fixing": "reduced-cost fixing left one candidate per matrix",
-           "mip": "the MIP solver's branch and bound",
-           "dp": "exact dynamic program over the budget after reduced-cost fixing, states pruned by LP bounds"}
-
-
-def proof_text(s: dict) -> str | None:
-    """The optimality claim in words: what proved it and within which MIP tolerance."""
-    status = s.get("status")
-    if status is None:
-        return None
-    tol = s.get("mip_rel_tol")
-    within = f" within relative MIP tolerance {float(tol):g}" if tol is not None else ""
-    if status == "optimal":
-        how = _PROOFS.get(s.get("proof") or "", s.get("proof") or "")
-        return f"proven optimal{within}" + (f" ({how})" if how else "")
-    return f"not proven optimal (status {status}); see the gap to the LP relaxation bound"
-
-
-def _totals_frame(plan: Plan) -> pd.DataFrame:
-    t, s, b = plan.totals, plan.solver, plan.budget
-    rows = [("budget", b.get("spec", "")), ("budget bits", b.get("bits")),
-            ("planned parameters", t.get("params")), ("bits/param", t.get("bits_per_param")),
-            ("bits", t.get("bits")), ("bytes", t.get("bytes")), ("model bytes", t.get("model_bytes")),
-            ("total error", t.get("error")),
-            ("tie", ", ".join(map(str, plan.method["tie"])) if plan.method.get("tie") else None),
-            ("solver", s.get("solver", s.get("name"))),
-            ("solver status", s.get("status")), ("optimality proof", proof_text(s)),
-            (BOUND_ROW, s.get("bound")), (GAP_ROW, s.get("gap")), ("solver seconds", s.get("seconds"))]
-    return pd.DataFrame([(k, v) for k, v in rows if v is not None], columns=["quantity", "value"])
-
-
-# (section title, weighted-error row, plan column, ratio column, the plan's name in the note) per objective
-_COMPARISON_NAMES = {
-    "fisher": ("Fisher weighting vs the data-free plan", "Fisher-weighted error", "Fisher plan", "Fisher / data-free",
-               "The Fisher plan minimises the Fisher-weighted error"),
-    "output": ("Output-aware objective vs the data-free plan", "output error ||D_r(W - Q - A·Bᵀ)L||²",
-               "output-aware plan", "output-aware / data-free", "The output-aware plan minimises the output error"),
-}
-
-
-def _names(comparison: dict) -> tuple:
-    return _COMPARISON_NAMES[comparison.get("objective", "fisher")]
-
-
-def plan_comparison(plan: Plan) -> dict | None:
-    """The weighted plan's comparison with the data-free plan as plan.json keeps it (Fisher or output objective)."""
-    for key in ("fisher", "output"):
-        record = plan.method.get(key)
-        if isinstance(record, dict) and record.get("comparison"):
-            return record["comparison"]
-    return None
-
-
-def fisher_frame(comparison: dict | None) -> pd.DataFrame | None:
-    """The weighted (Fisher or output-aware) plan against the data-free plan (api.fisher_comparison), one row per
-    measure."""
-    if not comparison:
-        return None
-    c = comparison
-    _, weighted, column, ratio, _ = _names(c)
-    rows = [(weighted, c.get("fisher_plan_weighted_error"), c.get("plain_plan_weighted_error")),
-            ("plain error ||W - Q - A·Bᵀ||²", c.get("fisher_plan_unweighted_error"),
-             c.get("plain_plan_unweighted_error"))]
-    df = pd.DataFrame([r for r in rows if r[1] is not None and r[2] is not None],
-                      columns=["measure", column, "data-free plan"])
-    df[ratio] = df[column] / df["data-free plan"]
-    return df
-
-
-def tie_frame(method: dict) -> pd.DataFrame | None:
-    """The tied plan against the untied optimum at the same budget (api.tie_comparison), one row per plan."""
-    c = method.get("tie_cost")
-    keys = ("tied_error", "untied_error", "tied_bits", "untied_bits")
-    if not isinstance(c, dict) or not all(isinstance(c.get(k), (int, float)) for k in keys):
-        return None
-    rows = [("tied (this plan)", c["tied_error"], c["tied_bits"], c.get("tied_bits_per_param")),
-            ("untied, same budget", c["untied_error"], c["untied_bits"], c.get("untied_bits_per_param"))]
-    df = pd.DataFrame(rows, columns=["plan", "total error", "bits", "bits/param"])
-    untied = float(c["untied_error"])
-    df["error vs untied"] = [f"{(float(c['tied_error']) - untied) / untied:+.3%}" if untied > 0 else "", ""]
-    return df
-
-
-def _tie_note(method: dict) -> str:
-    c = method["tie_cost"]
-    status = c.get("untied_status")
-    unproven = f" The untied plan is not proven optimal (status {status})." if status not in (None, "optimal") else ""
-    return (f"Tie {', '.join(map(str, method.get('tie') or []))}: {c.get('tied_matrices')} matrices in "
-            f"{c.get('groups')} fused groups share their group's configuration. Matrices configured differently in "
-            f"the untied plan: {c.get('changed_matrices')}.{unproven}")
-
-
-def _fisher_note(comparison: dict) -> str:
-    changed, total = comparison.get("changed_matrices"), comparison.get("matrices")
-    of = f" of {total}" if total is not None else ""
-    return (f"Matrices whose configuration differs between the two plans: {changed}{of}. {_names(comparison)[4]}, "
-            "so it should not be above the data-free plan's on that row.")
-
-
 def _human_bytes(n: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
@@ -295,7 +93,7 @@ def _human_bytes(n: int) -> str:
 def _totals_md(plan: Plan) -> str:
     # Exact figures (not _fmt's rounding), so the report can be checked against plan.json.
     lines = []
-    for k, v in _totals_frame(plan).itertuples(index=False):
+    for k, v in totals_frame(plan).itertuples(index=False):
         if k == "bits/param":
             v = f"{float(v):.6f}"
         elif k in ("total error", BOUND_ROW):
@@ -325,17 +123,17 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
     write_text(paths["allocation_csv"], alloc.to_csv(index=False))
 
     images: dict[str, bytes] = {}
-    heat = _heatmaps(alloc)
+    heat = heatmaps(alloc)
     if heat is not None:
         images["heatmap.png"] = heat
-    curve_png = _curve_plot(curve, uniform, plan)
+    curve_png = curve_plot(curve, uniform, plan)
     if curve_png is not None:
         images["error_budget.png"] = curve_png
     for name, data in images.items():
         paths[name.replace(".", "_")] = out / name
         write_bytes(out / name, data)
 
-    per_layer, per_type = _group(alloc, "layer"), _group(alloc, "type")
+    per_layer, per_type = group_frame(alloc, "layer"), group_frame(alloc, "type")
     extra = dict(extra or {})
     comparison = extra.pop("fisher_comparison", None) or plan_comparison(plan)
     fisher_df = fisher_frame(comparison)
@@ -361,7 +159,7 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
     if tie_df is not None:
         sections.append(("Tied groups vs the untied plan", tie_df, "tie"))
     if fisher_df is not None:
-        sections.append((_names(comparison)[0], fisher_df, "fisher"))
+        sections.append((comparison_names(comparison)[0], fisher_df, "fisher"))
     sections += [("Allocation per layer", per_layer, None), ("Allocation per matrix type", per_type, None)]
     if uni_df is not None:
         sections.append(("Uniform configurations (the same one for every matrix)", uni_df, None))
@@ -371,9 +169,9 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
     for head, df, special in sections:
         md += [f"## {head}", "", _totals_md(plan) if special == "totals" else _md_table(df), ""]
         if special == "fisher":
-            md += [_fisher_note(comparison), ""]
+            md += [fisher_note(comparison), ""]
         if special == "tie":
-            md += [_tie_note(plan.method), ""]
+            md += [tie_note(plan.method), ""]
         if special == "totals":
             for name in images:
                 md += [f"![{name}]({name})", ""]
@@ -384,11 +182,11 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
     body = [f"<h1>{html.escape(title)}</h1>"]
     for head, df, special in sections:
         body.append(f"<h2>{html.escape(head)}</h2>")
-        body.append(_html_table(_totals_frame(plan) if special == "totals" else df))
+        body.append(_html_table(totals_frame(plan) if special == "totals" else df))
         if special == "fisher":
-            body.append(f"<p>{html.escape(_fisher_note(comparison))}</p>")
+            body.append(f"<p>{html.escape(fisher_note(comparison))}</p>")
         if special == "tie":
-            body.append(f"<p>{html.escape(_tie_note(plan.method))}</p>")
+            body.append(f"<p>{html.escape(tie_note(plan.method))}</p>")
         if special == "totals":
             for name, data in images.items():
                 b64 = base64.b64encode(data).decode("ascii")

@@ -12,6 +12,7 @@ import pandas as pd
 from quant import NF4_QLORA
 
 from ..model.discover import planned_params, unplanned_bytes
+from ..plan.assemble import plan_from_solution
 from ..plan.budget import parse_budget
 from ..profile.grid import GridPoint, make_grid
 
@@ -53,8 +54,6 @@ class _Uniform:
 def uniform_plan(source, matrices, table: pd.DataFrame, point: GridPoint, method: dict, zero_init: bool = False):
     """The plan that gives every matrix `point`. zero_init: QLoRA's plain quantization with zero-product adapters
     (iters 0, the entry errors are the quantization errors)."""
-    from ..api import plan_from_solution
-
     if zero_init:
         table = table.assign(error=table["quant_error"])
         method = {**method, "iters": 0}

@@ -4,7 +4,8 @@ planner.model.packaged), and the tokenizer digest the results record."""
 from __future__ import annotations
 
 from ..model.packaged import PACKAGED, packaged_spec
-from ..model.tokenizer import known_answer_error, read_tokenizer, tokenizer_digest
+from ..model.known_answer import known_answer_error, read_tokenizer
+from ..model.tokenizer import tokenizer_digest
 
 
 def known_answer(name: str, folder) -> dict:

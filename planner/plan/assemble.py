@@ -1,0 +1,42 @@
+"""A solver's choice of one configuration per matrix, turned into the plan document with the model, budget, method
+and the solver's proof recorded."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .. import __version__
+from ..profile.grid import GridPoint
+from .document import Plan, PlanEntry
+from .ilp import RTOL
+
+
+def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, budget_bits: int, method: dict,
+                       unplanned: int) -> Plan:
+    """The plan of `solution.choice` (matrix -> configuration label) read from the profile `table`, with the
+    model, the budget, the method record and what proved the solution optimal."""
+    chosen = table.set_index(["matrix", "label"])
+    entries = []
+    for info in matrices:
+        label = solution.choice[info.name]
+        row = chosen.loc[(info.name, label)]
+        cfg = {k: row[k] for k in ("kind", "bits", "blocksize", "double_quant", "dq_bits", "dq_blocksize",
+                                   "dq_dtype", "scale_dtype", "asymmetric")}
+        cfg = {k: (v.item() if hasattr(v, "item") else v) for k, v in cfg.items()}
+        if "method" in row.index and isinstance(row["method"], str):
+            cfg["method"] = row["method"]
+        point = GridPoint.from_dict({**cfg, "rank": int(row["rank"])})
+        entries.append(PlanEntry.of(info.name, info.shape, point, row["error"]))
+    solver_info = {k: getattr(solution, k) for k in ("solver", "status", "proof", "objective", "bound", "gap",
+                                                     "seconds") if hasattr(solution, k)}
+    if solver_info.get("proof") not in (None, "", "mip"):
+        # the MIP solver did not run: name what proved the plan (dp, lp-bound, fixing), not the unused MIP solver
+        solver_info["solver"] = solver_info["proof"]
+    solver_info["mip_rel_tol"] = RTOL  # "optimal" means proven within this relative tolerance of the total error
+    return Plan.from_entries(
+        {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
+         "architecture": (source.config.get("architectures") or ["?"])[0],
+         **({"weights": source.note} if source.note else {})},
+        {"spec": budget.spec, "kind": budget.kind, "value": budget.value, "bits": budget_bits}, entries,
+        unplanned_bytes=unplanned, budget_bits=budget_bits, solver=solver_info, method=method,
+        created_by=f"lqplan {__version__}")
