@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default=None)
     p.add_argument("--objectives", default=None)
     p.add_argument("--kl-tokens", type=int, default=None)
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the report from the plans and evaluations already in --work")
     args = p.parse_args(argv)
     s = ProxySettings()
     if args.budgets:
@@ -91,6 +93,8 @@ def main(argv=None) -> int:
     def evaluate(row: dict) -> None:
         folder = work / "kl" / row["id"].replace(":", "-").replace("/", "_")
         if not (folder / calls.EVALUATE_FILE).is_file():
+            if args.report_only:
+                return
             argv_ = calls.evaluate_argv(Path(row["plan"]), study, caps, folder, cache)
             run([*argv_, "--stride", str(s.stride)], folder / "task.log")
         row.update(calls.read_evaluate(folder))
@@ -101,6 +105,8 @@ def main(argv=None) -> int:
         for b in s.budgets:
             folder = work / "plans" / f"{obj}-{b}"
             if not (folder / "plan.json").is_file():
+                if args.report_only:
+                    continue
                 run(calls.plan_argv(str(source.folder), obj, b, study, caps, folder, cache), folder / "task.log")
             tables.setdefault(obj, read_profile_csv(folder / "profile.csv"))
             plan = Plan.load(folder / "plan.json")
@@ -119,8 +125,9 @@ def main(argv=None) -> int:
     # Uniform configurations, decomposed as each objective decomposes (its plan's method names its weights).
     points = [q for q in make_grid(s.bits, s.blocks, s.ranks)
               if q.rank > 0 and all(q.applies_to(m.shape) and q.rank <= min(m.shape) for m in matrices)]
-    for obj in s.objectives:
-        method = json.loads((work / "plans" / f"{obj}-{s.budgets[0]}" / "plan.json").read_text())["method"]
+    for obj in [o for o in s.objectives if o in tables]:
+        first = next(r for r in rows if r["objective"] == obj)
+        method = json.loads(Path(first["plan"]).read_text())["method"]
         for q in points:
             path = work / "plans" / f"uniform-{obj}-{q.label.replace('/', '_')}" / "plan.json"
             if not path.is_file():
@@ -134,6 +141,7 @@ def main(argv=None) -> int:
     for row in sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: (int(r["label"].split("-")[1][1:]),
                                                                                    s.objectives.index(r["objective"]))):
         evaluate(row)
+    report(source, matrices, s, rows, token_check, command, out, name, time.time() - t0)
     print(f"proxy_study: {name} done in {time.time() - t0:.0f} s; {out}/proxy-{name}.md")
     return 0
 
@@ -191,7 +199,8 @@ def render(r: dict) -> str:
              f"(known answer: {r['tokenizer'].get('status')}); {r['planned_params']:,} planned parameters.  ",
              f"Grid NF {r['settings']['bits']} × blocks {r['settings']['blocks']} × ranks {r['settings']['ranks']}, "
              f"LoftQ iterations {r['settings']['iters']}; KL on the first {r['settings']['kl_tokens']} held-out "
-             f"pydoc tokens, BOS-first windows of 512 (stride {r['settings']['stride']}). {r['seconds']} s.", "",
+             f"pydoc tokens, BOS-first windows of 512 (stride {r['settings']['stride']}); the last invocation took "
+             f"{r['seconds']} s.", "",
              "## Spearman ρ(predicted total error, measured KL) per objective", "",
              "| objective | plans scored | ρ |", "|---|---|---|"]
     for obj, rho in r["spearman"].items():
