@@ -185,8 +185,11 @@ def gguf_parsed_once():
     """transformers opens a fresh gguf.GGUFReader for the config, the tokenizer and the weights, and each parse of
     Gemma's 262k-token vocabulary and 515k merges is ~50 s of pure Python on a CPU core: within this block every
     reader of one file is the first one (a GGUFReader is read-only; transformers imports the name at each call)."""
-    import gguf
-
+    try:
+        import gguf
+    except ImportError:  # nothing to share; the reader's own absence is reported where it is needed
+        yield
+        return
     original, readers = gguf.GGUFReader, {}
 
     def shared(path, mode="r"):
