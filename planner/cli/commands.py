@@ -7,29 +7,19 @@ from pathlib import Path
 
 from quant import SolverSettings
 
-from ..api import make_plan
+from ..api import make_plan, plan_memory, profile_model, report_plan
 from ..devices import resolve_device
 from ..errors import UserError
-from ..fsio import read_json
-from ..outputs import check_writable, output_folder
-from ..model.discover import discover_matrices, unplanned_bytes
+from ..outputs import check_writable
+from ..model.discover import discover_matrices
 from ..model.memory import memory_table
 from ..model.resolve import list_aliases, resolve_model
-from ..model.stream import check_unplanned_finite
 from ..plan.budget import parse_budget
-from ..plan.document import Plan
-from ..plan.ilp import uniform_solutions
 from ..model.fused import parse_tie
-from ..plan.train_memory import ReferenceWeights, TrainShape, predict
-from ..profile.objective import calibration_weights
+from ..plan.train_memory import TrainShape
 from ..profile.grid import DEFAULT_RANKS, default_ranks, make_grid
-from ..profile.run import profile_manifest, run_profile, save_table
 from ..profile.settings import ProfileSettings
-from ..profile.table import read_profile_csv
-from ..report.frames import budget_curve, proof_text
-from ..report.render import REPORT_OUTPUTS, write_reports
-from ..report.run_stats import read_run_stats
-from ..schema import INT, STR, list_of, problem
+from ..report.frames import proof_text
 from .model_commands import cmd_evaluate, cmd_export, cmd_train
 
 
@@ -66,6 +56,7 @@ def prepare(args) -> None:
 
         hf_logging.disable_progress_bar()  # the Fisher model's weight-loading bar: --quiet means no bars at all
     args.train_shape = train_shape(args) if args.command == "plan" else None
+    args.inputs = None  # a distributed run resolves the model and budget before its profile (cli.launch)
 
 
 def train_shape(args) -> TrainShape | None:
@@ -79,7 +70,7 @@ def train_shape(args) -> TrainShape | None:
 def cmd_plan(args) -> int:
     res = make_plan(args.model, args.budget_spec, args.settings, out_dir=args.out, ilp_solver=args.ilp_solver,
                     time_limit=args.time_limit or None, cache_dir=args.cache, device=args.device,
-                    progress=not args.quiet, reports=not args.no_report, train=args.train_shape)
+                    progress=not args.quiet, reports=not args.no_report, train=args.train_shape, inputs=args.inputs)
     t, s = res.plan.totals, res.plan.solver
     print(f"plan: {len(res.plan.matrices)} matrices, {t['bits_per_param']:.4f} bits/param "
           f"({t['bytes'] / 2**20:.2f} MiB planned, {t['model_bytes'] / 2**20:.2f} MiB model), "
@@ -116,78 +107,17 @@ def cmd_plan(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    settings = args.settings
-    source = resolve_model(args.model)
-    matrices = discover_matrices(source, include_head=settings.include_head)
-    check_unplanned_finite(source, matrices)
-    weights, wkey, _ = calibration_weights(source, matrices, settings, Path(args.cache), resolve_device(args.device),
-                                        not args.quiet)
-    table, stats = run_profile(source, matrices, settings, weights, wkey, cache_dir=Path(args.cache),
-                               device=args.device, progress=not args.quiet)
-    out = Path(args.out)
-    with output_folder(out, ("profile.csv", "profile.json")) as stage:
-        save_table(table, stage, profile_manifest(source, settings, wkey, Path(args.cache)))
-    print(f"profile: {len(table)} rows; {stats.summary()} -> {out / 'profile.csv'}")
+    table, stats, csv = profile_model(args.model, args.settings, out_dir=args.out, cache_dir=args.cache,
+                                      device=args.device, progress=not args.quiet, inputs=args.inputs)
+    print(f"profile: {len(table)} rows; {stats.summary()} -> {csv}")
     return 0
 
 
 def cmd_report(args) -> int:
-    plan = Plan.load(args.plan)
-    folder = Path(args.plan).parent
-    out = Path(args.out) if args.out else folder
-    check_writable(out, "--out")
-    csv = Path(args.profile) if args.profile else folder / "profile.csv"
-    if csv.is_dir():
-        csv = csv / "profile.csv"
-    table, digest = read_profile_csv(csv, with_digest=True)
-    _check_profile_matches(plan, table, csv.with_name("profile.json"), digest)
-    budget_bits = plan.totals.get("budget_bits", plan.budget.get("bits", plan.totals["bits"]))
-    # the phase timings were written after the first render: leaving them out renders what that render did
-    stats = {k: v for k, v in read_run_stats(folder, Path(args.plan)).items()
-             if not k.startswith("phase_") and k != "seconds_from_process_start"}
-    if "solver_seconds" in stats:  # a timing: kept out of plan.json, shown in the totals as the first render did
-        plan.solver["seconds"] = stats.pop("solver_seconds")
-    with output_folder(out, REPORT_OUTPUTS) as stage:
-        paths = write_reports(plan, table, stage, budget_curve(table, plan.totals["params"],
-                                                               plan.method.get("tie") or ()),
-                              uniform_solutions(table, budget_bits), stats)
-    for k, v in paths.items():
-        print(f"  {k}: {out / Path(v).name}")
+    check_writable(Path(args.out) if args.out else Path(args.plan).parent, "--out")
+    for k, v in report_plan(args.plan, profile=args.profile, out_dir=args.out).items():
+        print(f"  {k}: {v}")
     return 0
-
-
-_PROFILE_SPEC = {"schema?": STR, "model?": {"fingerprint?": STR}, "fingerprint?": STR, "sha256?": STR,
-                 "rows?": INT, "columns?": list_of(STR)}
-
-
-def _check_profile_matches(plan, table, manifest: Path, digest: str | None = None) -> None:
-    """The plan and the profile table must describe the same model (fingerprint in profile.json, matrix names and
-    shapes), and profile.csv must be the one profile.json was written with (its sha256)."""
-    if manifest.exists():
-        fix = "re-create the profile with `lqplan profile`"
-        man = read_json(manifest, fix)
-        found = problem(man, _PROFILE_SPEC, "profile.json")
-        if found:
-            raise UserError(f"{manifest} is malformed: {found}; {fix}")
-        model = man.get("model") or {}
-        fp = man.get("fingerprint") or model.get("fingerprint")
-        if fp and fp != plan.fingerprint:
-            raise UserError(f"the profile table {manifest.with_name('profile.csv')} is for another model (fingerprint "
-                            f"{str(fp).split(':')[-1][:12]}…) than the plan ({plan.model.get('name')!r}, "
-                            f"{plan.fingerprint.split(':')[-1][:12]}…); pass --profile with that plan's profile.csv")
-        if digest is not None and man.get("sha256") not in (None, digest):
-            raise UserError(f"{manifest.with_name('profile.csv')} is not the table {manifest.name} was written with "
-                            f"(its sha256 differs: files of two runs mixed, or edited); {fix}")
-    missing = sorted({e.name for e in plan.matrices} - set(table["matrix"]))
-    if missing:
-        raise UserError(f"the profile table lacks {len(missing)} of the plan's matrices (e.g. {missing[0]}): it is "
-                        "for another model or grid; pass --profile with that plan's profile.csv")
-    shapes = table.drop_duplicates("matrix").set_index("matrix")[["m", "n"]]
-    for e in plan.matrices:
-        m, n = (int(x) for x in shapes.loc[e.name])
-        if e.shape != (m, n):
-            raise UserError(f"plan entry {e.name} has shape {list(e.shape)} but the profile measured it as {[m, n]} "
-                            "(the plan was edited or is for another model); re-create it with `lqplan plan`")
 
 
 def cmd_grid(args) -> int:
@@ -224,15 +154,9 @@ def cmd_memory(args) -> int:
 
 def memory_of_plan(args) -> int:
     """`lqplan memory --plan P --train-batch N ...`: the fine-tune's predicted peak GPU memory, term by term."""
-    plan = Plan.load(args.plan)
-    source = resolve_model(args.model or plan.model.get("source"))
-    plan.check_model(source.fingerprint)
     shape = train_shape(args) or TrainShape(1, args.seq_len, args.gradient_checkpointing, args.optimizer,
                                             args.adapter_dtype)
-    planned = {e.name for e in plan.matrices}
-    matrices = [m for m in discover_matrices(source, include_head=True) if m.name in planned]
-    p = predict(source.config, plan.matrices, unplanned_bytes(source, matrices, float_bytes=2), shape,
-                reference=ReferenceWeights.of(source.tensors))
+    p = plan_memory(args.plan, shape, model=args.model)
     ckpt = "on" if shape.gradient_checkpointing else "off"
     print(f"predicted peak GPU memory of the fine-tune: {p['peak_bytes'] / 2**30:.2f} GiB (batch {shape.batch} x "
           f"{shape.seq_len} tokens, checkpointing {ckpt}, {shape.optimizer}, {shape.adapter_dtype} adapters), in "

@@ -10,40 +10,24 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..api import profile_on_ranks, resolve_inputs
 from ..corpus import load_calib
 from ..dist import init, shutdown, threads_per_rank, under_torchrun
 from ..errors import UserError
 from ..fsio import write_json
-from ..model.discover import discover_matrices
-from ..model.resolve import resolve_model
-from ..plan.budget import resolve_budget
-from ..profile.distributed import profile_distributed, share_fisher
 
 
 def run_cli_distributed(args, command: Callable) -> int:
-    """`lqplan plan|profile` inside a torchrun job: the profile is spread over the ranks, then rank 0 runs the
-    ordinary command, which finds every point in the cache."""
-
-    settings = args.settings
+    """`lqplan plan|profile` inside a torchrun job: the model and budget are resolved once (a bad budget fails now,
+    not after the profile), the profile is spread over the ranks, then rank 0 runs the ordinary command on the same
+    resolved inputs (args.inputs), and it finds every point in the cache."""
     ctx = init(args.device)
     try:
-        source = resolve_model(args.model)
-        matrices = discover_matrices(source, include_head=settings.include_head)
-        if args.command == "plan":  # infeasible: fail now, not after the profile
-            resolve_budget(source, matrices, settings.grid, args.budget_spec, settings.tie)
-        progress = not args.quiet
-        variants = [(None, None)]
-        if settings.calib:
-            variants = [share_fisher(ctx, source, matrices, settings, Path(args.cache), progress)[:2]]
-            if args.command == "plan":
-                variants.append((None, None))  # make_plan also solves the data-free plan for its comparison
-        summaries = []
-        for fisher, fkey in variants:
-            s = profile_distributed(ctx, source, matrices, settings if fisher is not None else settings.data_free(),
-                                    fisher, fkey, Path(args.cache), progress)
-            if s is not None:
-                summaries.append(s)
-                print(s.line(), file=sys.stderr)
+        args.inputs = _resolve(args)
+        summaries = profile_on_ranks(ctx, args.inputs, cache_dir=args.cache, progress=not args.quiet,
+                                     for_plan=args.command == "plan")
+        for s in summaries:
+            print(s.line(), file=sys.stderr)
     finally:
         shutdown()
     if ctx.info.rank != 0:
@@ -52,6 +36,13 @@ def run_cli_distributed(args, command: Callable) -> int:
                                                      "runs": [s.to_dict() for s in summaries]})
     args.device = ctx.device
     return command(args)
+
+
+def _resolve(args):
+    """The command's model, settings and (for `plan`) budget, resolved as make_plan and profile_model resolve them."""
+    plan = args.command == "plan"
+    return resolve_inputs(args.model, args.settings, args.budget_spec if plan else None,
+                          args.train_shape if plan else None)
 
 
 def strip_distributed(argv: Sequence[str]) -> list[str]:
@@ -112,10 +103,6 @@ def cli_entry(args, argv: Sequence[str], command: Callable) -> int | None:
 def _check_inputs(args) -> None:
     """What the parent can check before starting the workers (where each rank would print the error and torchrun
     add its own traceback): the model, the budget against the grid's cheapest plan, the calibration text."""
-
-    source = resolve_model(args.model)
-    matrices = discover_matrices(source, include_head=args.settings.include_head)
-    if args.command == "plan":
-        resolve_budget(source, matrices, args.settings.grid, args.budget_spec, args.settings.tie)
+    _resolve(args)
     if args.settings.calib:
         load_calib(args.settings.calib)

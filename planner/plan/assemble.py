@@ -7,14 +7,15 @@ import pandas as pd
 
 from .. import __version__
 from ..profile.grid import GridPoint
+from .budget import ResolvedBudget
 from .document import Plan, PlanEntry
 from .ilp import RTOL
 
 
-def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, budget_bits: int, method: dict,
-                       unplanned: int) -> Plan:
+def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget: ResolvedBudget,
+                       method: dict) -> Plan:
     """The plan of `solution.choice` (matrix -> configuration label) read from the profile `table`, with the
-    model, the budget, the method record and what proved the solution optimal."""
+    model, the resolved budget, the method record and what proved the solution optimal."""
     chosen = table.set_index(["matrix", "label"])
     entries = []
     for info in matrices:
@@ -29,14 +30,10 @@ def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, 
         entries.append(PlanEntry.of(info.name, info.shape, point, row["error"]))
     solver_info = {k: getattr(solution, k) for k in ("solver", "status", "proof", "objective", "bound", "gap",
                                                      "seconds") if hasattr(solution, k)}
-    if solver_info.get("proof") not in (None, "", "mip"):
-        # the MIP solver did not run: name what proved the plan (dp, lp-bound, fixing), not the unused MIP solver
-        solver_info["solver"] = solver_info["proof"]
     solver_info["mip_rel_tol"] = RTOL  # "optimal" means proven within this relative tolerance of the total error
     return Plan.from_entries(
         {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
          "architecture": (source.config.get("architectures") or ["?"])[0],
          **({"weights": source.note} if source.note else {})},
-        {"spec": budget.spec, "kind": budget.kind, "value": budget.value, "bits": budget_bits}, entries,
-        unplanned_bytes=unplanned, budget_bits=budget_bits, solver=solver_info, method=method,
-        created_by=f"lqplan {__version__}")
+        budget.record(), entries, unplanned_bytes=budget.unplanned, budget_bits=budget.bits, solver=solver_info,
+        method=method, created_by=f"lqplan {__version__}")

@@ -1,6 +1,7 @@
 """Memory budgets: parsed from the command line (bits per parameter, "2.75bits", or bytes of the whole model,
-"6GB"), turned into bits for a model's planned matrices and checked against the grid's cheapest plan; with a
-fine-tune's shape, a bytes budget read as its peak GPU memory (training_budget).
+"6GB"), then resolved once per process (resolve_budget) into a ResolvedBudget: the bits a model's planned matrices may
+cost, checked against the grid's cheapest plan; with a fine-tune's shape, a bytes budget is read as its peak GPU
+memory and the planned matrices' cost is their training cost.
 
 Accepted units (optional space between number and unit):
   bits per planned parameter: bits, bit, bpw, bpp, bits/param, bits/weight (any case)
@@ -17,16 +18,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 from ..errors import UserError
 from ..model.discover import planned_params, unplanned_bytes
 from ..profile.grid import GridPoint
-from ..profile.settings import ProfileSettings
-from .ilp import InfeasibleBudget
 from ..model.fused import tie_groups
-from .train_memory import TrainShape, fixed_bytes
+from .instance import InfeasibleBudget
+from .train_memory import TrainShape, fixed_bytes, train_cost_bits, unplanned_train_bytes
 
 BITS_UNITS = ("bits", "bit", "bpw", "bpp", "bits/param", "bits/weight")
 
@@ -133,14 +133,16 @@ def parse_budget(spec: str) -> Budget:
     raise UserError(f"budget {text!r} has unknown unit {unit!r}; use one of {known}; {_EXAMPLE}")
 
 
-def _adapter_note(grid: list[GridPoint], shapes: list[tuple[int, int]], budget_bits: int, params: int) -> str:
+def _adapter_note(grid: list[GridPoint], shapes: list[tuple[int, int]], budget_bits: int, params: int,
+                  adapter_bits: int = 16) -> str:
     """Why an infeasible budget is infeasible when adapters are the cause: what the grid's smallest rank costs on
-    this model and the largest rank that would still fit next to the cheapest quantization."""
+    this model and the largest rank that would still fit next to the cheapest quantization. adapter_bits: what one
+    adapter parameter costs (16 at rest; its training state in a fine-tune's budget)."""
     lora = [p for p in grid if p.method == "lora"]
     ranks = sorted({p.rank for p in lora})
     if not ranks or ranks[0] == 0:
         return ""
-    per_rank = sum(16 * (m + n) for m, n in shapes)  # 16-bit adapters: r·(m + n)·16 bits per matrix
+    per_rank = sum(adapter_bits * (m + n) for m, n in shapes)  # r·(m + n) adapter parameters per matrix
     configs = {p.config for p in lora}
     quant_min = sum(min(c.matrix_bits(s, 0) for c in configs) for s in shapes)
     note = (f"; rank-{ranks[0]} adapters alone cost {ranks[0] * per_rank / params:.4f} bits/param on this model "
@@ -154,18 +156,24 @@ def _adapter_note(grid: list[GridPoint], shapes: list[tuple[int, int]], budget_b
     return note + f"; lower --ranks so the smallest is at most {fit} (e.g. --ranks {example})"
 
 
-def check_budget_feasible(grid: list[GridPoint], matrices, budget_bits: int, describe, tie=()) -> int:
+def check_budget_feasible(grid: list[GridPoint], matrices, budget_bits: int, describe, tie=(),
+                          train: TrainShape | None = None) -> int:
     """Raise InfeasibleBudget before profiling when every matrix at its cheapest grid point exceeds the budget
     (storage does not depend on the profile); return that smallest plan's bits. tie: fused groups whose members
-    take one grid point (planner.plan.tie), so a group's cheapest is the cheapest point all its members take."""
+    take one grid point (planner.plan.tie), so a group's cheapest is the cheapest point all its members take.
+    train: costs are the points' training costs (train_cost_bits), as the solver counts them for a fine-tune."""
     shape_of = {m.name: tuple(int(x) for x in m.shape) for m in matrices}
     shapes = list(shape_of.values())
     groups = tie_groups(shape_of, tie) if tie else []
     tied = {n for g in groups for n in g.members}
     items = [[shape_of[n] for n in g.members] for g in groups] + [[s] for n, s in shape_of.items() if n not in tied]
+
+    def cost(p, s):
+        return p.bits(s) if train is None else train_cost_bits(p, s, train)
+
     min_bits = 0
     for item in items:
-        costs = [sum(p.bits(s) for s in item) for p in grid if all(p.applies_to(s) for s in item)]
+        costs = [sum(cost(p, s) for s in item) for p in grid if all(p.applies_to(s) for s in item)]
         if not costs:
             if len(item) == 1:
                 raise UserError(f"no grid point applies to a {item[0][0]}x{item[0][1]} matrix; widen the grid "
@@ -175,46 +183,59 @@ def check_budget_feasible(grid: list[GridPoint], matrices, budget_bits: int, des
         min_bits += min(costs)
     if budget_bits < min_bits:
         params = sum(m * n for m, n in shapes)
-        each = "every matrix at its cheapest configuration" + (", each tied group at the cheapest one all its "
-                                                              "members take" if groups else "")
-        raise InfeasibleBudget(f"the budget, {describe(budget_bits)}, is below the smallest possible plan for this "
-                               f"grid ({each}); raise it to at least "
-                               f"{describe(min_bits)}" + _adapter_note(grid, shapes, budget_bits, params),
-                               min_bits, budget_bits)
+        each = "every matrix at its cheapest configuration of the grid" + (
+            ", each tied group at the cheapest one all its members take" if groups else "")
+        adapter_bits = 16 if train is None else 8 * train.bytes_per_adapter_param
+        raise InfeasibleBudget.below(budget_bits, min_bits, describe, each,
+                                     _adapter_note(grid, shapes, budget_bits, params, adapter_bits))
     return min_bits
 
 
-def resolve_budget(source, matrices, grid, budget: "str | Budget", tie=()):
-    """The budget in bits for these matrices, checked against the grid's cheapest plan (with `tie`'s groups each
-    at one grid point) before any profiling (a typo or an infeasible budget fails in a second, not after hours).
-    Returns (Budget, bits, unplanned bytes, describe(bits) -> the bit count in the user's unit)."""
+@dataclass(frozen=True)
+class ResolvedBudget:
+    """A budget made concrete for one model's planned matrices and grid, and checked against the grid's cheapest plan
+    (resolve_budget makes it, once per process): what the solver may spend and how to word a bit count."""
+
+    budget: Budget
+    bits: int  # what the planned matrices may cost: their storage, or with `train` their training cost
+    params: int  # planned parameters
+    unplanned: int  # bytes of every unplanned tensor at its stored dtype (plan.json's unplanned_bytes)
+    fixed: int  # bytes of the budget the planned matrices cannot use: `unplanned`, or the fine-tune's fixed terms
+    min_bits: int  # the grid's smallest plan, in the same cost as `bits`
+    train: TrainShape | None = None  # set: the budget is the fine-tune's peak GPU memory
+
+    def describe(self, bits: int) -> str:
+        """A bit count of the planned matrices in the user's unit (Budget.format_bits)."""
+        return self.budget.format_bits(bits, self.params, self.fixed)
+
+    def record(self) -> dict:
+        """plan.json's budget record."""
+        b = self.budget
+        return {"spec": b.spec, "kind": b.kind, "value": b.value, "bits": self.bits}
+
+
+def resolve_budget(source, matrices, grid, budget: "str | Budget", tie=(),
+                   train: TrainShape | None = None) -> ResolvedBudget:
+    """Parse `budget` (a --budget string or a Budget), turn it into bits for these matrices and check it against the
+    grid's cheapest plan (with `tie`'s groups each at one grid point) before any profiling: a typo or an infeasible
+    budget fails in a second, not after hours. `train`: the budget, in bytes, is the fine-tune's peak GPU memory;
+    what its fixed terms (activations, logits, unplanned tensors at bf16, workspace) leave pays for the planned
+    matrices' packed storage and adapter training state."""
     budget_obj = budget if isinstance(budget, Budget) else parse_budget(budget)
+    params = planned_params(matrices)
     unplanned = unplanned_bytes(source, matrices)
-    params = planned_params(matrices)
-    budget_bits = budget_obj.total_bits(params, unplanned)
-
-    def describe(bits: int) -> str:
-        return budget_obj.format_bits(bits, params, unplanned)
-
-    check_budget_feasible(grid, matrices, budget_bits, describe, tie)
-    return budget_obj, budget_bits, unplanned, describe
-
-
-def training_budget(source, matrices, settings: ProfileSettings, budget: Budget, train: TrainShape):
-    """A bytes budget read as the fine-tune's peak GPU memory: (Budget, bits left for the planned matrices'
-    training cost, describe(bits), the fixed terms)."""
-    if budget.kind != "bytes":
-        raise UserError(f"--train-batch/--seq-len make the budget the fine-tune's GPU memory, so it must be in "
-                        f"bytes, not {budget.spec!r}; pass e.g. --budget 24GB")
-    # embeddings, norms and head are held at bf16, the training dtype on a GPU
-    unplanned_train = unplanned_bytes(source, matrices, float_bytes=2)
-    ranks = max((p.rank for p in settings.grid), default=0)
-    fixed = fixed_bytes(source.config, unplanned_train, train, ranks)
-    if fixed >= budget.value:
-        raise UserError(f"the fine-tune's memory besides the planned matrices (activations, logits, unplanned tensors "
-                        f"at bf16, workspace) is {fixed / 1e9:.2f} GB, more than the budget {budget.spec!r}; add "
-                        "--gradient-checkpointing, lower --train-batch or --seq-len, or raise the budget")
-    params = planned_params(matrices)
-    bits = budget.total_bits(params, fixed)
-    return budget, bits, lambda b: budget.format_bits(b, params, fixed), {
-        "fixed_bytes": fixed, "unplanned_train_bytes": unplanned_train}
+    fixed = unplanned
+    if train is not None:
+        if budget_obj.kind != "bytes":
+            raise UserError(f"--train-batch/--seq-len make the budget the fine-tune's GPU memory, so it must be in "
+                            f"bytes, not {budget_obj.spec!r}; pass e.g. --budget 24GB")
+        ranks = max((p.rank for p in grid), default=0)
+        fixed = fixed_bytes(source.config, unplanned_train_bytes(source, matrices), train, ranks)
+        if fixed >= budget_obj.value:
+            raise UserError(f"the fine-tune's memory besides the planned matrices (activations, logits, unplanned "
+                            f"tensors at bf16, workspace) is {fixed / 1e9:.2f} GB, more than the budget "
+                            f"{budget_obj.spec!r}; add --gradient-checkpointing, lower --train-batch or --seq-len, "
+                            "or raise the budget")
+    bits = budget_obj.total_bits(params, fixed)
+    resolved = ResolvedBudget(budget_obj, bits, params, unplanned, fixed, 0, train)
+    return replace(resolved, min_bits=check_budget_feasible(grid, matrices, bits, resolved.describe, tie, train))

@@ -79,7 +79,7 @@ class Solution:
     objective: float  # = total_error
     bound: float  # exact LP-relaxation value: no plan within the budget has a smaller total error
     gap: float  # (objective - bound) / max(|objective|, tiny); includes the integrality gap of the LP bound
-    solver: str
+    solver: str  # what found the solution: the MIP solver ("highs", "cbc"), or the proof when it did not run
     seconds: float
     budget_bits: int
     # what proved optimality: "lp-bound", "fixing" (one candidate left per matrix), "dp" (exact DP over the budget,
@@ -123,18 +123,21 @@ def _solve_exact(inst: Instance, restricted, rc: np.ndarray | None, incumbent: n
                 if mckp.dense_fits(restricted, DP_MAX_CELLS, DP_MAX_BYTES) else None)
 
 
-def solve(table: pd.DataFrame, budget_bits: int, solver: str = DEFAULT_SOLVER, threads: int = 2,
+def solve(table: pd.DataFrame, budget_bits, solver: str = DEFAULT_SOLVER, threads: int = 2,
           time_limit: float | None = DEFAULT_TIME_LIMIT, describe: Callable[[int], str] | None = None,
           fix_by_bound: bool = True, exact_dp: bool = True, tie: Sequence[str] = (),
           _instance: Instance | None = None) -> Solution:
     """Optimal configuration per matrix under `budget_bits` (see the module docstring for the method).
 
+    budget_bits: a bit count, or the planner.plan.budget.ResolvedBudget `lqplan plan` made (its bits and describe).
     describe(bits) -> str words a bit count in the user's unit for the infeasibility message (see
     planner.plan.budget.Budget.format_bits). fix_by_bound=False skips steps 3-4 and exact_dp=False step 5's DP (for
     benchmarking the MIP solvers). tie: fused groups ("qkv", "gate_up"; planner.plan.tie) whose members get one
     configuration: the knapsack is solved over each group as one item, the choice expanded to its members.
     _instance: the prepared Instance of the table (of the grouped table, with a tie), reused across budgets."""
     t0 = time.perf_counter()
+    if hasattr(budget_bits, "describe"):  # a ResolvedBudget: its bits, worded in the user's unit
+        budget_bits, describe = budget_bits.bits, describe or budget_bits.describe
     tied, groups = tied_table(table, tie)
     if groups:
         sol = _solve(tied, budget_bits, solver, threads, time_limit, describe, fix_by_bound, exact_dp, _instance,
@@ -176,10 +179,7 @@ def _solve(table: pd.DataFrame, budget_bits: int, solver: str, threads: int, tim
     inst = _instance if _instance is not None else Instance(table)
     budget_bits = int(budget_bits)
     if budget_bits < inst.min_bits:
-        say = describe or default_describe(inst.params)
-        raise InfeasibleBudget(f"the budget, {say(budget_bits)}, is below the smallest possible plan ({smallest}); "
-                               f"raise it to at least {say(inst.min_bits)}",
-                               inst.min_bits, budget_bits)
+        raise InfeasibleBudget.below(budget_bits, inst.min_bits, describe or default_describe(inst.params), smallest)
     bound, multiplier, lp_rows, k = inst.relax(budget_bits)
     rows = inst.greedy(budget_bits, lp_rows, k)
     incumbent_error = math.fsum(inst.e[rows].tolist())
@@ -215,6 +215,8 @@ def _solve(table: pd.DataFrame, budget_bits: int, solver: str, threads: int, tim
             else:
                 rows, status = solve_mip(inst, restricted, rows, solver, threads, time_limit, tol)
                 proof = "mip" if status == "optimal" else ""
+    if proof not in ("", "mip"):
+        solver = proof  # the MIP solver did not run: the solution names what found and proved it
     choice = {inst.names[i]: str(inst.label[r]) for i, r in enumerate(rows.tolist())}
     total_error = math.fsum(inst.e[rows].tolist())
     sol = Solution(choice=choice, total_bits=int(inst.s[rows].sum()), total_error=total_error, status=status,

@@ -29,6 +29,13 @@ class InfeasibleBudget(UserError):
         self.min_bits = min_bits
         self.budget_bits = budget_bits
 
+    @classmethod
+    def below(cls, budget_bits: int, min_bits: int, describe: Callable[[int], str], smallest: str,
+              note: str = "") -> "InfeasibleBudget":
+        """The one wording of an infeasible budget: both bit counts in the user's unit, what the smallest plan is."""
+        return cls(f"the budget, {describe(budget_bits)}, is below the smallest possible plan ({smallest}); raise it "
+                   f"to at least {describe(min_bits)}" + note, min_bits, budget_bits)
+
 
 class Instance:
     """The table reduced to undominated configurations, sorted deterministically, with each matrix's lower hull."""

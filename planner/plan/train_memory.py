@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import UserError
+from ..model.discover import unplanned_bytes
 from ..model.weights import FLOAT_CODES
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
@@ -199,6 +200,18 @@ def predict(config: dict, plan_entries, unplanned_train_bytes: int, shape: Train
     return {"shape": shape.to_dict(), "terms": terms, "train_peak_bytes": phases["train"],
             "apply_peak_bytes": build, "phases": phases, "peak_phase": peak_phase, "peak_bytes": phases[peak_phase],
             "adapter_params": adapter_params}
+
+
+def unplanned_train_bytes(source, matrices) -> int:
+    """Every tensor of `source` outside the planned `matrices` (embeddings, norms, head), held at bf16 while training."""
+    return unplanned_bytes(source, matrices, float_bytes=2)
+
+
+def predict_model(source, matrices, plan_entries, shape: TrainShape) -> dict:
+    """predict() for a resolved model's plan as `lqplan train` runs it: the planned `matrices` set which tensors are
+    unplanned; the full-precision reference pass is included, as train runs it by default."""
+    return predict(source.config, plan_entries, unplanned_train_bytes(source, matrices), shape,
+                   reference=ReferenceWeights.of(source.tensors))
 
 
 def train_cost_bits(point, shape, train: TrainShape) -> int:

@@ -14,11 +14,13 @@ import pandas as pd
 from ..fsio import write_bytes, write_text
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
+from ..timing import PhaseClock
 from .figures import curve_plot, heatmaps
 from .frames import (
     BOUND_ROW,
     GAP_ROW,
     allocation_frame,
+    budget_curve,
     comparison_names,
     fisher_frame,
     fisher_note,
@@ -106,6 +108,20 @@ def _totals_md(plan: Plan) -> str:
             v = f"{int(v):,}" + (f" ({_human_bytes(int(v))})" if k.endswith("bytes") else "")
         lines.append((k, str(v)))
     return _md_table(pd.DataFrame(lines, columns=["quantity", "value"]))
+
+
+def plan_reports(plan: Plan, table: pd.DataFrame, out_dir, extra: dict | None = None,
+                 clock: PhaseClock | None = None) -> dict[str, Path]:
+    """The reports of a plan and its profile table, as `lqplan plan` renders them and `lqplan report` again: the
+    error-budget curve at the plan's parameter count and tie, the uniform configurations against its budget.
+    `clock` times the "curve" and "reports" phases."""
+    clock = clock or PhaseClock()
+    budget_bits = plan.totals.get("budget_bits", plan.budget.get("bits", plan.totals["bits"]))
+    with clock("curve"):
+        curve = budget_curve(table, plan.totals["params"], plan.method.get("tie") or ())
+        uniform = uniform_solutions(table, budget_bits)
+    with clock("reports"):
+        return write_reports(plan, table, out_dir, curve, uniform, extra)
 
 
 def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.DataFrame | None = None,

@@ -13,7 +13,7 @@ from quant import NF4_QLORA
 
 from ..model.discover import planned_params, unplanned_bytes
 from ..plan.assemble import plan_from_solution
-from ..plan.budget import parse_budget
+from ..plan.budget import parse_budget, resolve_budget
 from ..profile.grid import GridPoint, make_grid
 
 
@@ -58,12 +58,10 @@ def uniform_plan(source, matrices, table: pd.DataFrame, point: GridPoint, method
         table = table.assign(error=table["quant_error"])
         method = {**method, "iters": 0}
     bits = sum(point.bits(m.shape) for m in matrices)
-    params = planned_params(matrices)
-    spec = math.ceil(bits / params * 1e4) / 1e4
-    budget = parse_budget(f"{spec}bits")
+    spec = math.ceil(bits / planned_params(matrices) * 1e4) / 1e4
+    budget = resolve_budget(source, matrices, [point], f"{spec}bits")
     return plan_from_solution(source, matrices, table, _Uniform({m.name: point.label for m in matrices}), budget,
-                              budget.total_bits(params, unplanned_bytes(source, matrices)), method,
-                              unplanned_bytes(source, matrices))
+                              method)
 
 
 def best_uniform(uniform: dict[str, dict], bits: int) -> str | None:
