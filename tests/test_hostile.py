@@ -1057,13 +1057,13 @@ def plan_and_table(env):
 @MANY
 @given(JSON | st.dictionaries(st.sampled_from(["model", "fingerprint", "sha256", "rows", "columns"]), JSON))
 def test_c4_profile_json_of_any_shape(plan_and_table, tmp_path_factory, doc):
-    from planner.cli.commands import _check_profile_matches
+    from planner.report.sources import check_profile_matches
 
     folder = tmp_path_factory.mktemp("prof")
     (folder / "profile.json").write_text(json.dumps(doc))
     plan, table = plan_and_table
     try:
-        _check_profile_matches(plan, table, folder / "profile.json", "0" * 64)
+        check_profile_matches(plan, table, folder / "profile.json", "0" * 64)
     except UserError as e:
         one_line(e)
 
