@@ -4,6 +4,8 @@ solver's record names what found the plan."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import seeded_tiny_llama
 
@@ -96,3 +98,28 @@ def test_training_plan_fits_its_budget_in_training_cost(model, tmp_path):
     assert train["fixed_bytes"] == fixed and train["batch"] == 1 and train["seq_len"] == 16
     spent = sum(train_cost_bits(e.point, e.shape, SHAPE) for e in res.plan.matrices)
     assert spent <= res.plan.budget["bits"] == (int(spec[:-1]) - fixed) * 8
+
+
+def test_each_verb_is_one_api_call_that_agrees_with_make_plan(model, tmp_path, capsys):
+    """`lqplan profile` writes the profile.csv `lqplan plan` wrote for the same settings; `lqplan memory --plan`
+    predicts the peak a training plan recorded; `lqplan report` renders the plan's report.md again."""
+    from planner import cli
+
+    folder, source, matrices = model
+    fixed = fixed_bytes(source.config, unplanned_bytes(source, matrices, float_bytes=2), SHAPE, 8)
+    spec = f"{fixed + _cheapest(matrices, lambda p, s: train_cost_bits(p, s, SHAPE)) // 8 + 4096}B"
+    flags = ["--model", str(folder), "--bits", "2,4", "--blocks", "64", "--ranks", "8", "--iters", "1",
+             "--cache", str(tmp_path / "cache"), "--device", "cpu", "--quiet"]
+    plan_dir = tmp_path / "plan"
+    assert cli.main(["plan", "--budget", spec, "--train-batch", "1", "--seq-len", "16", *flags,
+                     "--out", str(plan_dir)]) == 0
+    assert cli.main(["profile", *flags, "--out", str(tmp_path / "prof")]) == 0
+    assert (tmp_path / "prof" / "profile.csv").read_bytes() == (plan_dir / "profile.csv").read_bytes()
+    capsys.readouterr()
+    recorded = json.loads((plan_dir / "plan.json").read_text())["budget"]["train"]
+    predicted = api.plan_memory(plan_dir / "plan.json", SHAPE)
+    assert predicted["peak_bytes"] == recorded["predicted_peak_bytes"] and predicted["terms"] == recorded["terms"]
+    assert cli.main(["memory", "--plan", str(plan_dir / "plan.json"), "--train-batch", "1", "--seq-len", "16"]) == 0
+    assert f"{recorded['predicted_peak_bytes'] / 2**30:.2f} GiB" in capsys.readouterr().out
+    assert cli.main(["report", "--plan", str(plan_dir / "plan.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.md").read_text() == (plan_dir / "report.md").read_text()
