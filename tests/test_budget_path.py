@@ -81,7 +81,7 @@ def test_make_plan_resolves_the_budget_once_and_reuses_given_inputs(model, tmp_p
     first = api.make_plan(str(folder), "7bits", SETTINGS, out_dir=tmp_path / "a", **kw)
     assert len(calls) == 1
     inputs = api.resolve_inputs(str(folder), SETTINGS, "7bits")
-    again = api.make_plan(out_dir=tmp_path / "b", inputs=inputs, **kw)
+    api.make_plan(out_dir=tmp_path / "b", inputs=inputs, **kw)
     assert len(calls) == 2  # resolve_inputs' one call; make_plan reused it
     assert (tmp_path / "a" / "plan.json").read_bytes() == (tmp_path / "b" / "plan.json").read_bytes()
     # the solver's record names what found the plan (the exact DP or a bound), as the Solution does

@@ -203,7 +203,7 @@ def predict(config: dict, plan_entries, unplanned_train_bytes: int, shape: Train
 
 
 def unplanned_train_bytes(source, matrices) -> int:
-    """Every tensor of `source` outside the planned `matrices` (embeddings, norms, head), held at bf16 while training."""
+    """Every tensor of `source` outside the planned `matrices` (embeddings, norms, head), at bf16 while training."""
     return unplanned_bytes(source, matrices, float_bytes=2)
 
 
