@@ -1,11 +1,9 @@
 """What the two quality studies (bench/quality_study.py on the embedded encoder, bench/quality_decoder.py on a
-decoder) share: the reconstruction error measured on an applied model, mean and std over seeds, the claims'
+decoder) share: the reconstruction error measured on an applied model, the claims'
 verdicts and the reconstruction-error claim, the command-line overrides of a study's settings and its summary."""
 
 from __future__ import annotations
 
-import math
-import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,14 +30,6 @@ def measure_errors(model, plan: Plan, teacher, fisher) -> dict:
         dr, dc = fisher_scales((rows, cols), w.device)
         weighted += float((dr[:, None] * res * dc[None, :]).double().pow(2).sum())
     return {"total_error": total, "fisher_error": weighted}
-
-
-def mean_std(values) -> tuple[float, float]:
-    """Mean and sample std of the values that are not None; NaN, NaN when there are none (the plots skip NaN)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def row_of(rows, budget, arm):

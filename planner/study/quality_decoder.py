@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import json
 import platform
 import sys
@@ -50,7 +51,8 @@ from ..profile.run import run_profile
 from ..profile.settings import ProfileSettings
 from ..testing.models import save_tiny_decoder
 from .arms import qlora_bits as qlora_budget
-from .quality import mean_std, print_summary, with_overrides
+from .claims import mean_std
+from .quality import print_summary, with_overrides
 from .quality_decoder_jobs import Context, Settings, run_jobs, tiny_settings, worker_main
 from .quality_decoder_report import check_claims, plots, render_md
 
@@ -179,7 +181,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
                        fisher_error=runs[0]["fisher_error"], same_run_as=name if name != f"{arm.budget}-{arm.arm}"
                        else None, seeds=runs)
             for k in ("ppl_before", "ppl_after", "loss_last"):
-                row[f"{k}_mean"], row[f"{k}_std"] = mean_std(r[k] for r in runs)
+                row[f"{k}_mean"], row[f"{k}_std"] = mean_std((r[k] for r in runs), math.nan)
         rows.append(row)
     result = {"schema": SCHEMA, "command": command, "settings": asdict(settings), "environment": environment(dev),
               "model": {"name": source.name, "fingerprint": source.fingerprint, "matrices": len(matrices),

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import platform
 import sys
 import time
@@ -61,8 +62,8 @@ from ..train.apply import apply_plan, quantized_bytes, trainable_parameters
 from ..train.evaluate import sentence_embeddings
 from ..train.loop import train
 from ..train.settings import TrainSettings
-from .claims import fmt
-from .quality import mean_std, measure_errors, print_summary, with_overrides
+from .claims import fmt, mean_std
+from .quality import measure_errors, print_summary, with_overrides
 from .quality_encoder_report import merge_results, write_outputs
 
 SCHEMA = "lqplan.quality/1"
@@ -240,7 +241,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, progress: bool
                        same_run_as=first if first != f"{budget}/{arm.arm}" else None,
                        seeds=[{k: v for k, v in r.items()} for r in runs])
             for k in ("cos_before", "cos_after", "loss_last"):
-                row[f"{k}_mean"], row[f"{k}_std"] = mean_std(r[k] for r in runs)
+                row[f"{k}_mean"], row[f"{k}_std"] = mean_std((r[k] for r in runs), math.nan)
             rows.append(row)
         if i + 1 < len(settings.budgets):  # a run cut short still leaves the budgets it finished
             write_outputs(out_dir, header(), rows, uniform_best, mismatch, list(settings.budgets[:i + 1]), False)
