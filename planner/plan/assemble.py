@@ -34,9 +34,6 @@ def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget, 
         solver_info["solver"] = solver_info["proof"]
     solver_info["mip_rel_tol"] = RTOL  # "optimal" means proven within this relative tolerance of the total error
     return Plan.from_entries(
-        {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
-         "architecture": (source.config.get("architectures") or ["?"])[0],
-         **({"weights": source.note} if source.note else {})},
-        {"spec": budget.spec, "kind": budget.kind, "value": budget.value, "bits": budget_bits}, entries,
-        unplanned_bytes=unplanned, budget_bits=budget_bits, solver=solver_info, method=method,
+        source.record(), {"spec": budget.spec, "kind": budget.kind, "value": budget.value, "bits": budget_bits},
+        entries, unplanned_bytes=unplanned, budget_bits=budget_bits, solver=solver_info, method=method,
         created_by=f"lqplan {__version__}")

@@ -225,9 +225,7 @@ def profile_manifest(source, settings: ProfileSettings, weights_key: str | None,
     """profile.json's header, the same for `lqplan plan` and `lqplan profile`: the model as plan.json names it,
     the objective, the settings key and the cache folder the numbers came from."""
     key = settings.cache_key(weights_key)
-    model = model or {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
-                      "architecture": (source.config.get("architectures") or ["?"])[0]}
-    return {"schema": "lqplan.profile/1", "model": model, "fingerprint": source.fingerprint,
+    return {"schema": "lqplan.profile/1", "model": model or source.record(), "fingerprint": source.fingerprint,
             "objective": settings.objective, "settings": key,
             "cache": str(cache_folder(Path(cache_dir), source.fingerprint, key)),
             "grid": [p.to_dict() for p in settings.grid], "iters": settings.iters, "solver": settings.solver.key}
