@@ -51,8 +51,7 @@ def qlora_plan(source, matrices) -> Plan:
 
     point = GridPoint(NF4_QLORA, 16)
     entries = [PlanEntry.of(m.name, m.shape, point, error=0.0) for m in matrices]
-    model = {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint}
-    return Plan.from_entries(model, {"kind": "uniform", "label": point.label}, entries, method={"init": "qlora"})
+    return Plan.from_entries(source.record(), {"kind": "uniform", "label": point.label}, entries, method={"init": "qlora"})
 
 
 def score(model, tokenizer, texts, bf16: bool, device) -> float:

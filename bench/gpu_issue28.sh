@@ -70,17 +70,9 @@ if $PY -c "import bitsandbytes" 2>/dev/null; then
     --gradient-checkpointing --profile-steps 3 --out "$W/json/qlora.json"
 fi
 
-# The HF route on the same plan: chat records from the built-in pydoc prose (the first sentence asks, the rest of
-# the paragraph answers), as bench/hf_gpu.sh makes them.
-$PY - "$W/chat.jsonl" <<'PYEOF'
-import json, sys
-from planner.corpus import real_text_splits
-with open(sys.argv[1], "w") as f:
-    for p in real_text_splits()["train"]:
-        head, _, rest = p.partition(". ")
-        if rest:
-            f.write(json.dumps({"prompt": head + ".", "completion": rest}) + "\n")
-PYEOF
+# The HF route on the same plan, on chat records from the built-in pydoc prose (planner.corpus.chat_records), as
+# bench/hf_gpu.sh makes them.
+$PY bench/chat_records.py "$W/chat.jsonl"
 step hf 240 $PY examples/finetune_hf.py --model "$M" --plan "$P" --data "$W/chat.jsonl" --steps "$STEPS" \
   --batch-size "$BATCH" --max-len "$MAXLEN" --gradient-checkpointing --out "$W/hf-out"
 

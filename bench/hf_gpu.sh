@@ -13,16 +13,8 @@ mkdir -p "$OUT" "$W"
 source "$(dirname "$0")/gpu_steps.sh"  # run, lq, GRID
 [ -f "$M/config.json" ] || run write $PY bench/write_shaped_model.py --shape "${SHAPE:-llama2-13b}" ${LAYERS:+--layers "$LAYERS"} --out "$M" ${TOK:+--tokenizer "$TOK"}
 [ -f "$W/hf-plan/plan.json" ] || run plan lq plan --budget "${BUDGET:-2.75bits}" --model "$M" "${GRID[@]}" --out "$W/hf-plan"
-# Chat records from the built-in pydoc prose: the first sentence asks, the rest of the paragraph answers.
-$PY - "$W/chat.jsonl" <<'PYEOF'
-import json, sys
-from planner.corpus import real_text_splits
-with open(sys.argv[1], "w") as f:
-    for p in real_text_splits()["train"]:
-        head, _, rest = p.partition(". ")
-        if rest:
-            f.write(json.dumps({"prompt": head + ".", "completion": rest}) + "\n")
-PYEOF
+# Chat records from the built-in pydoc prose (planner.corpus.chat_records: the first sentence asks, the rest answers).
+$PY bench/chat_records.py "$W/chat.jsonl"
 run hf $PY examples/finetune_hf.py --model "$M" --plan "$W/hf-plan/plan.json" --data "$W/chat.jsonl" \
   --steps "${STEPS:-20}" --batch-size "${BATCH:-4}" --max-len "${MAXLEN:-512}" --gradient-checkpointing --out "$W/hf-out"
 run lqtrain lq train --plan "$W/hf-plan/plan.json" --data "$W/chat.jsonl" --steps "${STEPS:-20}" \

@@ -1,5 +1,5 @@
 """Text that ships with every CPython, split once: the pydoc prose's train / calibration / held-out
-splits, calibration sources and user text files (paragraphs split on blank lines)."""
+splits, calibration sources, user text files (paragraphs split on blank lines) and chat records made from prose."""
 
 from __future__ import annotations
 
@@ -91,3 +91,16 @@ def read_text_file(path, option: str = "--text") -> list[str]:
     (--eval-text); the error message names the option."""
     what = "training text file" if option == "--text" else "evaluation text file"
     return read_paragraphs(Path(path), what, f"pass a UTF-8 text file or leave {option} out (built-in pydoc text)")
+
+
+def chat_records(paragraphs: list[str] | None = None) -> list[dict]:
+    """Prompt/completion records from prose (default: the pydoc train split): the first sentence asks, the rest of
+    the paragraph answers; a paragraph of one sentence makes none. The HF-route benches fine-tune on these."""
+    if paragraphs is None:
+        paragraphs = real_text_splits()["train"]
+    records = []
+    for p in paragraphs:
+        head, _, rest = p.partition(". ")
+        if rest:
+            records.append({"prompt": head + ".", "completion": rest})
+    return records

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codebooks import codebook, int_codebook, nearest_code
+from .codebooks import code_table, codebook, int_codebook, lookup, nearest_code
 from .config import QuantConfig
 from .packing import pack_codes, unpack_codes
 
@@ -76,11 +76,9 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         cfg = self.config
-        table = codebook(cfg.kind, cfg.bits, cfg.asymmetric, device=self.device)
-        values = table[self.codes_unpacked().long()] * self.block_scales()[:, None]
-        if cfg.asymmetric:
-            values = values + self.zeros.float()[:, None]
-        return values.reshape(-1)[: self.numel].view(self.shape).to(dtype)
+        table = code_table(cfg.kind, cfg.bits, cfg.asymmetric, self.device, torch.float32)
+        return dequantize_codes(self.codes, table, self.block_scales(), cfg.bits, cfg.blocksize, self.shape, dtype,
+                                self.zeros if cfg.asymmetric else None)
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         return {prefix + k: v for k, v in self.tensors().items()}
@@ -89,6 +87,20 @@ class QuantizedTensor:
     def from_state_dict(cls, config: QuantConfig, shape, tensors: dict[str, torch.Tensor], prefix: str = ""):
         fields = {k: tensors[prefix + k] for k in cls.TENSOR_FIELDS if prefix + k in tensors}
         return cls(config, tuple(shape), **fields)
+
+
+def dequantize_codes(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, bits: int, blocksize: int,
+                     shape, dtype: torch.dtype, zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight of `shape` in `dtype` from packed codes: each code's value (`table`: codebooks.code_table in fp32)
+    times its block's fp32 scale, plus the block's zero-point where there is one; computed in fp32 and rounded once
+    to `dtype` (a 16-bit lookup-times-scale would round three times, as much error as 8-bit quantization itself).
+    The one eager dequantization: QuantizedTensor and QuantLoRALinear compute it, torch.compile fuses it, and the
+    Triton kernel is tested against it bit for bit."""
+    nblocks = scales.shape[0]
+    values = lookup(codes, bits, nblocks * blocksize, table).view(nblocks, blocksize) * scales[:, None]
+    if zeros is not None:
+        values = values + zeros.float()[:, None]
+    return values.reshape(-1)[: math.prod(shape)].view(*shape).to(dtype)
 
 
 def _check_input(w: torch.Tensor) -> None:

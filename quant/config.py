@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -135,6 +135,18 @@ class QuantConfig:
         if unknown:
             raise ValueError(f"unknown quantization config fields {sorted(unknown)}")
         return cls(**d)
+
+    @classmethod
+    def from_record(cls, record) -> "QuantConfig":
+        """The config held in a wider flat record, its fields beside others (a plan.json matrix entry, a profile.csv
+        row): other keys are ignored, absent fields take their defaults, numpy scalars (a pandas row's) become
+        Python values."""
+        values = {k: record[k] for k in CONFIG_FIELDS if k in record}
+        return cls(**{k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()})
+
+
+# The fields in their order: to_dict's keys, the configuration columns of plan.json entries and profile.csv.
+CONFIG_FIELDS = tuple(f.name for f in fields(QuantConfig))
 
 
 NF4_QLORA = QuantConfig(kind="nf", bits=4, blocksize=64, double_quant=True, dq_bits=8, dq_blocksize=256, dq_dtype="fp32")

@@ -41,6 +41,21 @@ def test_grid_size():
 
 
 # ---- bits per weight and storage, by hand ----------------------------------------------------------------
+def test_config_records_round_trip_every_configuration():
+    import numpy as np
+
+    for cfg in ALL_CONFIGS:
+        assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+        # a wider record (a plan entry, a pandas row of profile.csv): other keys ignored, numpy scalars made Python's
+        row = {"name": "m", "rank": 8, **{k: np.array(v)[()] for k, v in cfg.to_dict().items()}}
+        again = QuantConfig.from_record(row)
+        assert again == cfg and again.to_dict() == cfg.to_dict()
+        assert all(type(v) in (str, int, bool) for v in again.to_dict().values())
+    assert QuantConfig.from_record({"bits": 3, "rank": 4}) == QuantConfig(bits=3)  # absent fields: the defaults
+    with pytest.raises(ValueError, match="unknown"):
+        QuantConfig.from_dict({**NF4_QLORA.to_dict(), "rank": 4})
+
+
 def test_bits_per_weight_by_hand():
     assert NF4_QLORA.bits_per_weight == 4 + 8 / 64 + 32 / (64 * 256) == 4.126953125
     assert QuantConfig("nf", 4, 64, double_quant=False).bits_per_weight == 4.5  # 4 + 32/64

@@ -314,3 +314,12 @@ def test_the_example_script_fine_tunes_a_plan(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "peak" in run.stdout and (tmp_path / "out" / "adapter").is_dir()
     assert "trained 2 steps" in run.stdout and "nan" not in run.stdout.split("mean loss")[1].split(";")[0]
+
+
+def test_chat_records_split_each_paragraph_at_its_first_sentence():
+    from planner.corpus import chat_records
+
+    assert chat_records(["Why is it so. Because it is. Really.", "One sentence only."]) == [
+        {"prompt": "Why is it so.", "completion": "Because it is. Really."}]
+    records = chat_records()  # the pydoc train split the HF-route benches fine-tune on
+    assert len(records) > 100 and all(r["prompt"].endswith(".") and r["completion"] for r in records)

@@ -434,3 +434,17 @@ def test_memory_table_of_the_default_model_matches_its_weights():
     fp16 = table.loc[("fp16", 0)]
     assert fp16.planned_params == planned_params(discover_matrices(src))
     assert fp16.planned_params + fp16.other_params == sum(e.nbytes for e in stored) // 4
+
+
+def test_meta_skeleton_parameters_on_meta_buffers_as_asked(tiny_llama):
+    from planner.model.hfload import auto_config, meta_skeleton
+
+    config = auto_config(tiny_llama[0])
+    for kwargs in ({"architecture": "LlamaForCausalLM"}, {"causal": True}):
+        model = meta_skeleton(config, **kwargs)
+        assert type(model).__name__ == "LlamaForCausalLM" and all(p.is_meta for p in model.parameters())
+        assert any(not b.is_meta for b in model.buffers())  # rotary frequencies computed at init, kept real
+    shapes_only = meta_skeleton(config, meta_buffers=True)
+    assert type(shapes_only).__name__ == "LlamaModel" and all(b.is_meta for b in shapes_only.buffers())
+    with pytest.raises(UserError, match="'NoSuchForCausalLM' is not in this transformers version"):
+        meta_skeleton(config, "NoSuchForCausalLM")

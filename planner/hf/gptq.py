@@ -37,7 +37,7 @@ from .. import __version__
 from ..errors import UserError
 from ..fsio import atomic_path, write_json
 from ..model.config import read_config
-from ..model.hfload import auto_config
+from ..model.hfload import auto_config, meta_skeleton
 from ..model.weights import read_header_table
 from ..train.apply import is_linear, out_in, quant_layers, set_module
 
@@ -194,17 +194,10 @@ def _read_config(folder: Path) -> dict:
 
 
 def _skeleton(folder: Path, config_doc_arch: str | None) -> nn.Module:
-    import transformers
-    from accelerate import init_empty_weights
-
-    cls = getattr(transformers, config_doc_arch or "", None)
-    if cls is None:
-        raise UserError(f"architecture {config_doc_arch!r} is not in this transformers version; upgrade transformers")
     config = auto_config(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # a plain skeleton: load_gptq swaps the layers in itself
-    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real (overwritten from the file)
-        return cls._from_config(config)
+    return meta_skeleton(config, config_doc_arch or "")
 
 
 def load_gptq(folder, device=None) -> nn.Module:

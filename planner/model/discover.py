@@ -19,7 +19,7 @@ from typing import NamedTuple, Sequence
 
 from ..errors import UserError
 from .config import check_config, read_config
-from .hfload import auto_config, config_from_dict
+from .hfload import auto_config, config_from_dict, meta_skeleton
 from .resolve import ModelSource
 from .weights import FLOAT_CODES, ST_DTYPES
 
@@ -66,20 +66,12 @@ def load_config(where: str | os.PathLike | dict):
 
 
 def build_skeleton(hf_config):
-    """The model on the meta device (no memory, no init); None if transformers can't build it."""
-    import torch
-    import transformers
-    candidates = []
-    for arch in getattr(hf_config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None and hasattr(cls, "_from_config"):
-            candidates.append(lambda c=cls: c._from_config(hf_config))
-    candidates.append(lambda: transformers.AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False))
-    candidates.append(lambda: transformers.AutoModel.from_config(hf_config, trust_remote_code=False))
-    for make in candidates:
+    """The model on the meta device, buffers too (no memory, no init): the config's architectures in turn, then the
+    causal-LM and base auto classes; None if transformers can't build it."""
+    tries = [{"architecture": a} for a in getattr(hf_config, "architectures", None) or []]
+    for kwargs in [*tries, {"causal": True}, {"causal": False}]:
         try:
-            with torch.device("meta"):
-                return make()
+            return meta_skeleton(hf_config, meta_buffers=True, **kwargs)
         except Exception:  # noqa: BLE001 - any failure to build means "try the next class, then fall back"
             continue
     return None

@@ -57,6 +57,34 @@ def pretrained(cls, folder, **kwargs):
                         "config.json and *.safetensors weights") from None
 
 
+def meta_skeleton(config, architecture: str | None = None, causal: bool = False, meta_buffers: bool = False):
+    """The transformers model of `config` with every parameter on the meta device (no memory, no init).
+    architecture: the transformers class of that name (a UserError when this transformers version lacks it); None:
+    AutoModelForCausalLM if `causal` else AutoModel, never code from the model folder. Buffers computed at init
+    (rotary frequencies, position ids) stay real, to be kept or overwritten from the file, unless `meta_buffers`
+    (a skeleton read for its shapes only)."""
+    import transformers
+
+    if architecture is None:
+        auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        make = lambda: auto.from_config(config, trust_remote_code=False)  # noqa: E731
+    else:
+        cls = getattr(transformers, architecture, None)
+        if cls is None or not hasattr(cls, "_from_config"):
+            raise UserError(f"architecture {architecture!r} is not in this transformers version; upgrade transformers")
+        make = lambda: cls._from_config(config)  # noqa: E731
+    if meta_buffers:
+        import torch
+
+        context = torch.device("meta")  # accelerate's init_empty_weights(include_buffers=True), without importing it
+    else:
+        from accelerate import init_empty_weights
+
+        context = init_empty_weights(include_buffers=False)
+    with context:
+        return make()
+
+
 def check_tokenizer_fits(tokenizer, config, folder) -> None:
     """A tokenizer whose ids reach past the model's vocabulary would index past the embedding table. Its base
     vocabulary is compared (added special tokens, such as a multimodal model's image token, are left out)."""

@@ -59,6 +59,13 @@ class ModelSource:
     tensors: dict[str, TensorEntry] = field(default_factory=dict, repr=False)
     note: str | None = None  # what reports must say about the weights (a packaged model's provenance)
 
+    def record(self) -> dict:
+        """The model as plan.json and profile.json name it: name, folder, fingerprint, architecture (the config's
+        first; "?" when it names none) and, for a packaged model, what its weights are."""
+        return {"name": self.name, "source": str(self.folder), "fingerprint": self.fingerprint,
+                "architecture": (self.config.get("architectures") or ["?"])[0],
+                **({"weights": self.note} if self.note else {})}
+
 
 def list_aliases() -> dict[str, str]:
     """Alias -> hub id, in a stable order."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from quant import QuantConfig
+
 from .. import __version__
 from ..profile.grid import GridPoint
 from .budget import ResolvedBudget
@@ -21,19 +23,12 @@ def plan_from_solution(source, matrices, table: pd.DataFrame, solution, budget: 
     for info in matrices:
         label = solution.choice[info.name]
         row = chosen.loc[(info.name, label)]
-        cfg = {k: row[k] for k in ("kind", "bits", "blocksize", "double_quant", "dq_bits", "dq_blocksize",
-                                   "dq_dtype", "scale_dtype", "asymmetric")}
-        cfg = {k: (v.item() if hasattr(v, "item") else v) for k, v in cfg.items()}
-        if "method" in row.index and isinstance(row["method"], str):
-            cfg["method"] = row["method"]
-        point = GridPoint.from_dict({**cfg, "rank": int(row["rank"])})
+        adapter = row["method"] if "method" in row.index and isinstance(row["method"], str) else "lora"
+        point = GridPoint(QuantConfig.from_record(row), int(row["rank"]), adapter)
         entries.append(PlanEntry.of(info.name, info.shape, point, row["error"]))
     solver_info = {k: getattr(solution, k) for k in ("solver", "status", "proof", "objective", "bound", "gap",
                                                      "seconds") if hasattr(solution, k)}
     solver_info["mip_rel_tol"] = RTOL  # "optimal" means proven within this relative tolerance of the total error
     return Plan.from_entries(
-        {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
-         "architecture": (source.config.get("architectures") or ["?"])[0],
-         **({"weights": source.note} if source.note else {})},
-        budget.record(), entries, unplanned_bytes=budget.unplanned, budget_bits=budget.bits, solver=solver_info,
-        method=method, created_by=f"lqplan {__version__}")
+        source.record(), budget.record(), entries, unplanned_bytes=budget.unplanned, budget_bits=budget.bits,
+        solver=solver_info, method=method, created_by=f"lqplan {__version__}")

@@ -95,11 +95,8 @@ def build_plan(source, matrices, points: dict[str, GridPoint], arm: Arm, table, 
         point = points[arm.choice[info.name]]
         shape = tuple(int(x) for x in info.shape)
         entries.append(PlanEntry.of(info.name, shape, point, indexed.loc[(info.name, point.label), "error"]))
-    return Plan.from_entries({"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
-                              "architecture": (source.config.get("architectures") or ["?"])[0],
-                              **({"weights": source.note} if source.note else {})},
-                             {"spec": f"{arm.budget}bits", "kind": "bits", "value": arm.budget,
-                              "bits": int(arm.budget * planned_params(matrices))}, entries,
+    return Plan.from_entries(source.record(), {"spec": f"{arm.budget}bits", "kind": "bits", "value": arm.budget,
+                                               "bits": int(arm.budget * planned_params(matrices))}, entries,
                              method={"iters": iters, "solver": solver.key,
                                      "fisher": "pydoc" if arm.fisher else None, "arm": arm.arm})
 

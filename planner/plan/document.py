@@ -65,10 +65,6 @@ PLAN_FIX = "re-create it with `lqplan plan`"
 VOLATILE_SOLVER_KEYS = ("seconds",)
 
 
-_CONFIG_KEYS = ("kind", "bits", "blocksize", "double_quant", "dq_bits", "dq_blocksize", "dq_dtype", "scale_dtype",
-                "asymmetric")
-
-
 @dataclass
 class PlanEntry:
     name: str
@@ -78,8 +74,7 @@ class PlanEntry:
     bytes: int
 
     def to_dict(self) -> dict:
-        cfg = self.point.config.to_dict()
-        return {"name": self.name, "shape": list(self.shape), **{k: cfg[k] for k in _CONFIG_KEYS},
+        return {"name": self.name, "shape": list(self.shape), **self.point.config.to_dict(),
                 "rank": self.point.rank, "method": self.point.method, "error": self.error, "bytes": self.bytes}
 
     @classmethod
@@ -98,7 +93,7 @@ class PlanEntry:
         for key in _INT_KEYS:
             if key in d and not _is_int(d[key]):
                 raise ValueError(f"matrix {name!r}: {key}={d[key]!r} is not an integer")
-        cfg = QuantConfig.from_dict({k: d[k] for k in _CONFIG_KEYS if k in d})
+        cfg = QuantConfig.from_record(d)
         if not _is_int(d["rank"]) or d["rank"] < 0:
             raise ValueError(f"matrix {name!r}: rank={d['rank']!r} is not an integer >= 0")
         method = d.get("method", "lora")

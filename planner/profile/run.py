@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from quant import SolverSettings, fastgrid
+from quant.config import CONFIG_FIELDS
 from quant.engine import profile_matrix
 from quant.lowrank import matmul_precision
 
@@ -38,8 +39,7 @@ log = logging.getLogger("lqplan.profile")
 CUDA_WORKERS = 3
 
 
-TABLE_COLUMNS = ["matrix", "m", "n", "label", "kind", "bits", "blocksize", "double_quant", "dq_bits", "dq_blocksize",
-                 "dq_dtype", "scale_dtype", "asymmetric", "rank", "error", "error_unweighted", "quant_error",
+TABLE_COLUMNS = ["matrix", "m", "n", "label", *CONFIG_FIELDS, "rank", "error", "error_unweighted", "quant_error",
                  "storage_bits", "best_iter", "regressed", "method"]
 
 
@@ -194,11 +194,8 @@ def build_table(have: dict[str, dict], matrices, grid) -> pd.DataFrame:
             r = have[info.name].get(p.label)
             if r is None:
                 continue
-            cfg = p.config
-            rows.append({"matrix": info.name, "m": m, "n": n, "label": p.label, "kind": cfg.kind, "bits": cfg.bits,
-                         "blocksize": cfg.blocksize, "double_quant": cfg.double_quant, "dq_bits": cfg.dq_bits,
-                         "dq_blocksize": cfg.dq_blocksize, "dq_dtype": cfg.dq_dtype, "scale_dtype": cfg.scale_dtype,
-                         "asymmetric": cfg.asymmetric, "rank": p.rank, "error": r["error"],
+            rows.append({"matrix": info.name, "m": m, "n": n, "label": p.label, **p.config.to_dict(),
+                         "rank": p.rank, "error": r["error"],
                          "error_unweighted": r["error_unweighted"], "quant_error": r["quant_error"],
                          "storage_bits": p.bits((m, n)), "best_iter": r["best_iter"], "regressed": r["regressed"],
                          "method": p.method})
@@ -225,9 +222,7 @@ def profile_manifest(source, settings: ProfileSettings, weights_key: str | None,
     """profile.json's header, the same for `lqplan plan` and `lqplan profile`: the model as plan.json names it,
     the objective, the settings key and the cache folder the numbers came from."""
     key = settings.cache_key(weights_key)
-    model = model or {"name": source.name, "source": str(source.folder), "fingerprint": source.fingerprint,
-                      "architecture": (source.config.get("architectures") or ["?"])[0]}
-    return {"schema": "lqplan.profile/1", "model": model, "fingerprint": source.fingerprint,
+    return {"schema": "lqplan.profile/1", "model": model or source.record(), "fingerprint": source.fingerprint,
             "objective": settings.objective, "settings": key,
             "cache": str(cache_folder(Path(cache_dir), source.fingerprint, key)),
             "grid": [p.to_dict() for p in settings.grid], "iters": settings.iters, "solver": settings.solver.key}

@@ -154,8 +154,10 @@ def judge(m: dict, s) -> list[dict]:
     return [claim_a(m, s), claim_b(m, s), claim_c(m, s), claim_d(m, s), claim_e(m, s)]
 
 
-def mean_std(values) -> tuple[float | None, float | None]:
+def mean_std(values, missing=None) -> tuple:
+    """Mean and sample std (0 for one value) of the values present (None and NaN are absent); (missing, missing)
+    when none is. The quality studies pass missing=math.nan: their plots skip NaN."""
     values = [v for v in values if _ok(v)]
     if not values:
-        return None, None
+        return missing, missing
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)

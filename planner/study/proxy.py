@@ -138,7 +138,8 @@ def main(argv=None) -> int:
                          "label": q.label, "plan": str(path), "bits_per_param": plan.totals["bits_per_param"],
                          "choice": choice, "predicted": predicted_error(tables[obj], choice, False), "same_as": None})
     # the smallest blocks first across objectives, so a run cut short has every objective's coarsest comparison
-    for row in sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: (int(r["label"].split("-")[1][1:]),
+    block = {q.label: q.config.blocksize for q in points}
+    for row in sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: (block[r["label"]],
                                                                                    s.objectives.index(r["objective"]))):
         evaluate(row)
     report(source, matrices, s, rows, token_check, command, out, name, time.time() - t0)

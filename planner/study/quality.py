@@ -1,11 +1,12 @@
 """What the two quality studies (bench/quality_study.py on the embedded encoder, bench/quality_decoder.py on a
-decoder) share: the reconstruction error measured on an applied model, mean and std over seeds, the claims'
-verdicts and the reconstruction-error claim, the command-line overrides of a study's settings and its summary."""
+decoder) share: the reconstruction error measured on an applied model, the claims' verdicts and the
+reconstruction-error claim, and the command line: the common options, their overrides of a study's settings, the
+error line and the summary."""
 
 from __future__ import annotations
 
-import math
-import statistics
+import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,14 +33,6 @@ def measure_errors(model, plan: Plan, teacher, fisher) -> dict:
         dr, dc = fisher_scales((rows, cols), w.device)
         weighted += float((dr[:, None] * res * dc[None, :]).double().pow(2).sum())
     return {"total_error": total, "fisher_error": weighted}
-
-
-def mean_std(values) -> tuple[float, float]:
-    """Mean and sample std of the values that are not None; NaN, NaN when there are none (the plots skip NaN)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def row_of(rows, budget, arm):
@@ -93,3 +86,41 @@ def print_summary(result: dict, out: Path) -> None:
     for c in result["claims"]:
         print(f"{c['status']}: {c['claim']}" + (f" ({c['reason']})" if c["reason"] else ""))
     print(f"wrote {out / 'quality.md'}, results.json and plots in {result['seconds']:.0f} s")
+
+
+def study_parser(doc: str, out: str, defaults, small_flag: str, small,
+                 budgets_note: str = "") -> argparse.ArgumentParser:
+    """The options both studies take; the help names the study's `defaults` and those of its smoke run `small`
+    (--quick, --tiny)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"fine-tuning seeds per arm (default {defaults.seeds}; --{small_flag}: {small.seeds})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"fine-tuning steps per run (default {defaults.steps}; --{small_flag}: {small.steps})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW learning rate of the adapters (default {defaults.lr:g})")
+    p.add_argument("--budgets", default=None,
+                   help="comma-separated bits/param (default " + ",".join(f"{b:g}" for b in defaults.budgets) + ")"
+                   + budgets_note)
+    p.add_argument("--cache", default=".lqplan-cache", help="profile/Fisher cache folder, shared with `lqplan` "
+                   "(default .lqplan-cache)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def study_main(script: str, argv: list[str] | None, run) -> int:
+    """A study's command line around `run(command)`, which returns (result, output folder), or (None, None) when
+    there is nothing to summarise: the command as typed goes to `run` for the report, a UserError is one line on
+    stderr (exit 2), and the claims' verdicts are printed."""
+    command = f"python bench/{script}.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        result, out = run(command.strip())
+    except UserError as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print_summary(result, out)
+    return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import json
 import platform
 import sys
@@ -50,7 +51,8 @@ from ..profile.run import run_profile
 from ..profile.settings import ProfileSettings
 from ..testing.models import save_tiny_decoder
 from .arms import qlora_bits as qlora_budget
-from .quality import mean_std, print_summary, with_overrides
+from .claims import mean_std
+from .quality import study_main, study_parser, with_overrides
 from .quality_decoder_jobs import Context, Settings, run_jobs, tiny_settings, worker_main
 from .quality_decoder_report import check_claims, plots, render_md
 
@@ -179,7 +181,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
                        fisher_error=runs[0]["fisher_error"], same_run_as=name if name != f"{arm.budget}-{arm.arm}"
                        else None, seeds=runs)
             for k in ("ppl_before", "ppl_after", "loss_last"):
-                row[f"{k}_mean"], row[f"{k}_std"] = mean_std(r[k] for r in runs)
+                row[f"{k}_mean"], row[f"{k}_std"] = mean_std((r[k] for r in runs), math.nan)
         rows.append(row)
     result = {"schema": SCHEMA, "command": command, "settings": asdict(settings), "environment": environment(dev),
               "model": {"name": source.name, "fingerprint": source.fingerprint, "matrices": len(matrices),
@@ -197,34 +199,27 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, parallel: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = study_parser(__doc__, "reports/quality-decoder", Settings(), "tiny", tiny_settings(""),
+                     budgets_note="; QLoRA's own bits are always added")
     p.add_argument("--model", default=None, help="alias or folder of a causal LM (default smollm2-135m)")
-    p.add_argument("--out", default="reports/quality-decoder", help="output folder (default reports/quality-decoder)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per arm (default 3; --tiny: 1)")
     p.add_argument("--key-seeds", type=int, default=None, metavar="N",
                    help="seeds for QLoRA and both plans at QLoRA's bits and 2.75 when more than --seeds")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default 200; --tiny: 2)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate of the adapters (default 2e-4)")
-    p.add_argument("--budgets", default=None, help="comma-separated bits/param (default 2.5,2.75,3.0,3.5,4.127; "
-                   "QLoRA's own bits are always added)")
     p.add_argument("--parallel", type=int, default=1, metavar="N", help="jobs at a time, each a subprocess (default 1)")
-    p.add_argument("--cache", default=".lqplan-cache", help="profile/Fisher cache folder (default .lqplan-cache)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random decoder (about a minute)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--collect", action="store_true",
                    help="run no job: write the report from the finished jobs in <out>/runs (same settings as the run "
                         "that made them, any device); --device is then where the fp perplexity is computed")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one job, run by --parallel's subprocesses
     args = p.parse_args(argv)
-    try:
+
+    def run(command: str):
         if args.quiet or args.worker:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # the weight-loading bars of every model load
         if args.worker:
-            return worker_main(Path(args.worker))
+            worker_main(Path(args.worker))
+            return None, None
         out, cache = Path(args.out), Path(args.cache)
         if args.tiny:
             # 256 wide, so rank-4 adapters fit 2.75 bits; no `architectures`, as a GGUF conversion leaves it
@@ -240,14 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.parallel < 1:
             raise UserError(f"--parallel {args.parallel} must be >= 1")
         settings = replace(settings, device=args.device)
-        command = "python bench/quality_decoder.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        result = run_study(settings, out, cache, args.parallel, progress=not args.quiet, command=command.strip(),
-                           collect=args.collect)
-    except UserError as e:
-        print(f"quality_decoder: error: {e}", file=sys.stderr)
-        return 2
-    print_summary(result, out)
-    return 0
+        return run_study(settings, out, cache, args.parallel, progress=not args.quiet, command=command,
+                         collect=args.collect), out
+
+    return study_main("quality_decoder", argv, run)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ Writes <out>/quality.md, results.json, error_vs_bits.png and cosine_vs_bits.png,
 
 from __future__ import annotations
 
-import argparse
 import copy
+import math
 import platform
 import sys
 import time
@@ -46,7 +46,6 @@ from quant import NF4_QLORA, SolverSettings
 
 from ..corpus import load_calib, real_text_splits
 from ..devices import resolve_device
-from ..errors import UserError
 from ..model.discover import discover_matrices, planned_params
 from ..model.resolve import resolve_model
 from ..model.tokenizer import load_tokenizer, tokenizer_digest
@@ -61,8 +60,8 @@ from ..train.apply import apply_plan, quantized_bytes, trainable_parameters
 from ..train.evaluate import sentence_embeddings
 from ..train.loop import train
 from ..train.settings import TrainSettings
-from .claims import fmt
-from .quality import mean_std, measure_errors, print_summary, with_overrides
+from .claims import fmt, mean_std
+from .quality import measure_errors, study_main, study_parser, with_overrides
 from .quality_encoder_report import merge_results, write_outputs
 
 SCHEMA = "lqplan.quality/1"
@@ -240,7 +239,7 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, progress: bool
                        same_run_as=first if first != f"{budget}/{arm.arm}" else None,
                        seeds=[{k: v for k, v in r.items()} for r in runs])
             for k in ("cos_before", "cos_after", "loss_last"):
-                row[f"{k}_mean"], row[f"{k}_std"] = mean_std(r[k] for r in runs)
+                row[f"{k}_mean"], row[f"{k}_std"] = mean_std((r[k] for r in runs), math.nan)
             rows.append(row)
         if i + 1 < len(settings.budgets):  # a run cut short still leaves the budgets it finished
             write_outputs(out_dir, header(), rows, uniform_best, mismatch, list(settings.budgets[:i + 1]), False)
@@ -250,29 +249,19 @@ def run_study(settings: Settings, out_dir: Path, cache_dir: Path, progress: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="reports/quality", help="output folder (default reports/quality)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds (default 3; --quick: 1)")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default 200; --quick: 2)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate of the adapters (default 1e-3)")
+    p = study_parser(__doc__, "reports/quality", Settings(), "quick", quick_settings())
     p.add_argument("--ranks", default=None, help="adapter ranks of both grids (default 2,4,8,16; 0 lets the ILP "
                    "drop adapters)")
-    p.add_argument("--budgets", default=None, help="comma-separated bits/param (default 2.25,2.5,2.75,3.0,3.5,4.127)")
-    p.add_argument("--cache", default=".lqplan-cache", help="profile/Fisher cache folder, shared with `lqplan` "
-                   "(default .lqplan-cache)")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 budgets, 1 seed, first layer, tiny grid, 2 steps")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--errors-only", action="store_true", help="no fine-tuning: reconstruction and Fisher-weighted "
                    "errors and the cosine at initialisation, for every arm and budget (claim 1 only; ~15 min on 2 "
                    "CPU cores)")
     p.add_argument("--merge", nargs="+", metavar="DIR", help="merge finished runs (their --out folders, e.g. one "
                    "budget per process run in parallel) into --out; computes nothing")
     args = p.parse_args(argv)
-    settings = quick_settings() if args.quick else Settings()
-    try:
-        settings = with_overrides(settings, args)
+
+    def run(command: str):
+        settings = with_overrides(quick_settings() if args.quick else Settings(), args)
         if args.ranks:
             settings = replace(settings, lora_ranks=args.ranks,
                                qalora_ranks=",".join(r for r in args.ranks.split(",") if r.strip() not in ("", "0")))
@@ -280,17 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.errors_only:
             settings = replace(settings, finetune=False, seeds=1)
         out = Path(args.out)
-        cache = Path(args.cache)
-        command = "python bench/quality_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
         if args.merge:
-            result = merge_results([Path(d) for d in args.merge], out, command.strip())
-        else:
-            result = run_study(settings, out, cache, progress=not args.quiet, command=command.strip())
-    except UserError as e:
-        print(f"quality_study: error: {e}", file=sys.stderr)
-        return 2
-    print_summary(result, out)
-    return 0
+            return merge_results([Path(d) for d in args.merge], out, command), out
+        return run_study(settings, out, Path(args.cache), progress=not args.quiet, command=command), out
+
+    return study_main("quality_study", argv, run)
 
 
 if __name__ == "__main__":

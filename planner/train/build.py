@@ -1,6 +1,6 @@
 """Models built straight from the safetensors shards, never from a full-precision copy in memory.
 
-build_student(): the quantized student. Its skeleton is made without memory (accelerate's init_empty_weights);
+build_student(): the quantized student. Its skeleton is made without memory (model.hfload.meta_skeleton);
 each planned matrix is read from its shard, decomposed and packed on the device one at a time (the device holds
 the packed model plus one matrix in fp32 and the decomposition's workspace; the host one tensor), and every other
 tensor (embeddings, norms, head, biases) is loaded once, at its training dtype, onto the device."""
@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
@@ -19,6 +18,7 @@ from quant.layers import set_backend
 
 from ..errors import UserError
 from ..model.discover import MatrixInfo, discover_matrices, same_module
+from ..model.hfload import meta_skeleton
 from ..model.resolve import ModelSource
 from ..model.stream import load_matrix
 from ..plan.document import Plan
@@ -37,10 +37,7 @@ def checkpoint_key(name: str, keys) -> str | None:
 def skeleton(config, causal: bool) -> nn.Module:
     """The model of `config` with every parameter on the meta device (no memory); buffers computed at init (rotary
     frequencies, position ids) stay real."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config, trust_remote_code=False)
+    model = meta_skeleton(config, causal=causal)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied head is then the input embeddings' tensor: nothing to load for it
     return model.eval()

@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..fsio import atomic_path, write_json, write_text
 from ..model.config import read_config
 from ..model.digests import file_digests
-from ..model.hfload import auto_config
+from ..model.hfload import auto_config, meta_skeleton
 from ..model.weights import read_header_table
 from ..plan.document import Plan
 from ..outputs import output_folder
@@ -118,17 +118,8 @@ def save_quantized(model: nn.Module, plan: Plan, out_dir) -> Path:
 
 
 def _skeleton(folder: Path, architecture: str) -> nn.Module:
-    import transformers
-    from accelerate import init_empty_weights
-
-    cls = getattr(transformers, architecture, None)
-    if cls is None or not hasattr(cls, "_from_config"):
-        raise UserError(f"architecture {architecture!r} is not in this transformers version; upgrade transformers")
     read_config(folder, RESAVE)
-    config = auto_config(folder)
-    # Parameters on the meta device (no memory, no init); buffers are real and overwritten from the file.
-    with init_empty_weights(include_buffers=False):
-        return cls._from_config(config)
+    return meta_skeleton(auto_config(folder), architecture)  # buffers real, overwritten from the file
 
 
 def load_quantized(folder, device=None) -> tuple[nn.Module, Plan]:
