@@ -3,7 +3,8 @@
 # PAIRS times each (so drift hits both alike), each from its own tree, then prints per variant the ratio NEW/BASE of
 # the median step time, the per-pair ratios' median and range, and (on CUDA) the GPU kernel time ratio.
 #   bench/ab_step.sh BASE_DIR NEW_DIR OUT_DIR [PAIRS] [bench_step.py options...]
-# e.g. on one H100 (about 2.5 minutes): bench/ab_step.sh ../base . /tmp/ab 3 --backends triton --repeats 5
+# e.g. on one H100 (estimated 2-3 minutes, dominated by start-up and building): bench/ab_step.sh ../base . /tmp/ab 3 \
+#   --backends triton --repeats 5
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 BASE_DIR NEW_DIR OUT_DIR [PAIRS] [bench_step.py options...]" >&2
