@@ -1,4 +1,5 @@
-"""QuantLoRALinear: a frozen blockwise-quantized weight plus trainable LoRA adapters (PEFT naming).
+"""PackedLinear, a frozen blockwise-quantized weight, and QuantLoRALinear, one plus trainable LoRA adapters (PEFT
+naming) computed in one fused function.
 
 The quantized storage lives in registered buffers holding raw bytes (uint8), so `.to(device)` and `state_dict()`
 carry it, while `.to(dtype)` / `.half()` cannot touch it (module casts only change floating tensors). The weight
@@ -104,59 +105,48 @@ def _dequant_codes(codes, table, scales, bits, blocksize, out_features, in_featu
         return _dequant_codes_eager(codes, table, scales, bits, blocksize, out_features, in_features, dtype)
 
 
-class QuantLoRALinear(nn.Module):
-    """y = x·dequant(Q)ᵀ + bias + scaling · lora_B(lora_A(dropout(x))).
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes in: x's, or autocast's where it is on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
-    Built from a QuantizedTensor and a decomposition W ≈ Q + A·Bᵀ (A: out x r, B: in x r): lora_B = A / scaling,
-    lora_A = Bᵀ, so scaling · lora_B · lora_A equals A·Bᵀ (exactly when scaling is a power of two, e.g. the
-    default alpha = rank). `a=None` gives QLoRA's initialisation: lora_A Kaiming-uniform as PEFT, lora_B zero.
-    Only lora_A / lora_B are parameters (trainable); Q and bias are frozen buffers. rank 0: no adapter.
-    backend: which dequant implementation runs (dequant_backend's choice; set_backend sets it model-wide)."""
 
-    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, a: torch.Tensor | None = None,
-                 b: torch.Tensor | None = None, rank: int | None = None, alpha: float | None = None,
-                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32, backend: str = "auto"):
+class PackedRef:
+    """What quantized-linear conventions (PEFT, GPTQ's QuantLinear) read as a layer's `qweight`: the device, dtype
+    and shape of its packed codes. It reads the live q_codes buffer, so it follows .to(device) instead of pinning the
+    codes of the old device in memory; it is not a tensor, so model code that casts activations to a layer's weight
+    dtype (T5's) leaves them alone instead of casting them to uint8."""
+
+    def __init__(self, layer: PackedLinear):
+        self.layer = layer
+
+    device = property(lambda self: self.layer.q_codes.device)
+    dtype = property(lambda self: self.layer.q_codes.dtype)
+    shape = property(lambda self: self.layer.q_codes.shape)
+
+
+class PackedLinear(nn.Module):
+    """y = x·dequant(Q)ᵀ + bias: a frozen blockwise-quantized weight, no adapter (what PEFT wraps as `base_layer`).
+
+    Q and bias are buffers; Q is dequantized in the compute dtype in forward and again in backward (only x is kept).
+    backend: which dequant implementation runs (dequant_backend's choice; set_backend sets it model-wide).
+    lqplan_init: (lora_A (r, in), lora_B (out, r), scaling) an adapter put on this layer starts from (LoftQ factors),
+    or None; a plain attribute, never in the state dict."""
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, backend: str = "auto"):
         super().__init__()
         self.backend = check_backend(backend)
         if not isinstance(q, QuantizedTensor) or len(q.shape) != 2:
-            raise ValueError("QuantLoRALinear needs a 2-D QuantizedTensor (out, in); quantize the weight matrix first")
-        if (a is None) != (b is None):
-            raise ValueError("pass both LoRA factors a (out x r) and b (in x r), or neither for a zero-init adapter")
+            raise ValueError(f"{type(self).__name__} needs a 2-D QuantizedTensor (out, in); quantize the weight "
+                             "matrix first")
         self.config = q.config
         self.out_features, self.in_features = q.shape
-        if a is not None:
-            rank = a.shape[1]
-            if a.shape != (self.out_features, rank) or b.shape != (self.in_features, rank):
-                raise ValueError(f"LoRA factors have shapes {tuple(a.shape)}, {tuple(b.shape)}; a {q.shape} weight "
-                                 f"needs ({self.out_features}, r) and ({self.in_features}, r)")
-        rank = int(rank or 0)
-        if rank < 0 or rank > min(q.shape):
-            raise ValueError(f"rank={rank} is invalid for a {q.shape[0]}x{q.shape[1]} matrix")
-        self.rank = rank
-        self.alpha = float(rank if alpha is None else alpha)
-        self.scaling = self.alpha / rank if rank else 0.0
-        self.dropout_p = float(dropout)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
+        self.lqplan_init: tuple[torch.Tensor, torch.Tensor, float] | None = None
         for field in QuantizedTensor.TENSOR_FIELDS:
             value = getattr(q, field)
             self.register_buffer(BUFFER_PREFIX + field, None if value is None else _as_bytes(value))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-        if rank:
-            device = q.device
-            if a is None:
-                lora_a = torch.empty(rank, self.in_features, device=device, dtype=adapter_dtype)
-                nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # PEFT's default for lora_A
-                lora_b = torch.zeros(self.out_features, rank, device=device, dtype=adapter_dtype)
-            else:
-                lora_a = b.T.to(device=device, dtype=adapter_dtype)
-                lora_b = (a.float() / self.scaling).to(device=device, dtype=adapter_dtype)
-            self.lora_A = nn.Parameter(lora_a.contiguous())
-            self.lora_B = nn.Parameter(lora_b.contiguous())
-        else:
-            self.lora_A = None
-            self.lora_B = None
 
     # ---- storage ---------------------------------------------------------------------------------------------
     def _field(self, field: str) -> torch.Tensor | None:
@@ -179,16 +169,16 @@ class QuantLoRALinear(nn.Module):
                    if getattr(self, BUFFER_PREFIX + f) is not None)
 
     @property
-    def adapter_nbytes16(self) -> int:
-        """Adapter bytes at the plan's 16-bit accounting, whatever dtype they are trained in."""
-        return ADAPTER_BITS // 8 * self.rank * (self.in_features + self.out_features)
+    def qweight(self) -> PackedRef:
+        return PackedRef(self)
 
-    @property
-    def adapter_nbytes(self) -> int:
-        """Adapter bytes as actually held (fp32 while training by default)."""
-        if not self.rank:
-            return 0
-        return sum(p.numel() * p.element_size() for p in (self.lora_A, self.lora_B))
+    def packed(self) -> PackedLinear:
+        """This layer's frozen part alone: a PackedLinear holding the same buffers (packed storage, bias and any
+        other, persistent or not: the same tensors, no copy), with the same backend."""
+        base = PackedLinear(self.quantized(), backend=self.backend)
+        for name, t in self._buffers.items():
+            base.register_buffer(name, t, persistent=name not in self._non_persistent_buffers_set)
+        return base
 
     # ---- math ------------------------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -229,6 +219,72 @@ class QuantLoRALinear(nn.Module):
                 "scale_table": flat_codebook("int", self.config.dq_bits, self.q_codes.device),
                 "scale_scales": self._field("scale_scales"), "scale_offset": self._field("scale_offset")}
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        return _QuantLoRAFunction.apply(x.to(dtype), None, None, None, self, dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, quant={self.config.label}, "
+                f"bias={self.bias is not None}")
+
+
+class QuantLoRALinear(PackedLinear):
+    """y = x·dequant(Q)ᵀ + bias + scaling · lora_B(lora_A(dropout(x))): a PackedLinear plus a LoRA adapter, computed
+    in one fused autograd function.
+
+    Built from a QuantizedTensor and a decomposition W ≈ Q + A·Bᵀ (A: out x r, B: in x r): lora_B = A / scaling,
+    lora_A = Bᵀ, so scaling · lora_B · lora_A equals A·Bᵀ (exactly when scaling is a power of two, e.g. the
+    default alpha = rank). `a=None` gives QLoRA's initialisation: lora_A Kaiming-uniform as PEFT, lora_B zero.
+    Only lora_A / lora_B are parameters (trainable); Q and bias are frozen buffers. rank 0: no adapter.
+    backend: which dequant implementation runs (dequant_backend's choice; set_backend sets it model-wide)."""
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, a: torch.Tensor | None = None,
+                 b: torch.Tensor | None = None, rank: int | None = None, alpha: float | None = None,
+                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32, backend: str = "auto"):
+        super().__init__(q, bias, backend)
+        if (a is None) != (b is None):
+            raise ValueError("pass both LoRA factors a (out x r) and b (in x r), or neither for a zero-init adapter")
+        if a is not None:
+            rank = a.shape[1]
+            if a.shape != (self.out_features, rank) or b.shape != (self.in_features, rank):
+                raise ValueError(f"LoRA factors have shapes {tuple(a.shape)}, {tuple(b.shape)}; a {q.shape} weight "
+                                 f"needs ({self.out_features}, r) and ({self.in_features}, r)")
+        rank = int(rank or 0)
+        if rank < 0 or rank > min(q.shape):
+            raise ValueError(f"rank={rank} is invalid for a {q.shape[0]}x{q.shape[1]} matrix")
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scaling = self.alpha / rank if rank else 0.0
+        self.dropout_p = float(dropout)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        if rank:
+            device = q.device
+            if a is None:
+                lora_a = torch.empty(rank, self.in_features, device=device, dtype=adapter_dtype)
+                nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # PEFT's default for lora_A
+                lora_b = torch.zeros(self.out_features, rank, device=device, dtype=adapter_dtype)
+            else:
+                lora_a = b.T.to(device=device, dtype=adapter_dtype)
+                lora_b = (a.float() / self.scaling).to(device=device, dtype=adapter_dtype)
+            self.lora_A = nn.Parameter(lora_a.contiguous())
+            self.lora_B = nn.Parameter(lora_b.contiguous())
+        else:
+            self.lora_A = None
+            self.lora_B = None
+
+    @property
+    def adapter_nbytes16(self) -> int:
+        """Adapter bytes at the plan's 16-bit accounting, whatever dtype they are trained in."""
+        return ADAPTER_BITS // 8 * self.rank * (self.in_features + self.out_features)
+
+    @property
+    def adapter_nbytes(self) -> int:
+        """Adapter bytes as actually held (fp32 while training by default)."""
+        if not self.rank:
+            return 0
+        return sum(p.numel() * p.element_size() for p in (self.lora_A, self.lora_B))
+
     def lora_delta(self) -> torch.Tensor:
         """scaling · lora_B · lora_A in fp32 (zeros for rank 0)."""
         if not self.rank:
@@ -250,9 +306,7 @@ class QuantLoRALinear(nn.Module):
         return type(self).adapter_input is QuantLoRALinear.adapter_input and not (self.dropout_p and self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = _compute_dtype(x)
         x = x.to(dtype)
         adapter_x = None if not self.rank or self._adapter_reads_x() else self.adapter_input(x).to(dtype)
         return _QuantLoRAFunction.apply(x, adapter_x, self.lora_A, self.lora_B, self, dtype)
@@ -262,10 +316,15 @@ class QuantLoRALinear(nn.Module):
                 f"rank={self.rank}, scaling={self.scaling:g}, bias={self.bias is not None}")
 
 
+def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
+    """Module name -> packed layer (PackedLinear: with an adapter or without) of `model`, the model itself included."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
 def set_backend(model: nn.Module, name: str) -> int:
     """Set the dequant backend of every quantized layer in `model` (the model itself included); returns how many."""
     check_backend(name)
-    found = [m for m in model.modules() if isinstance(m, QuantLoRALinear)]
+    found = packed_layers(model).values()
     for layer in found:
         layer.backend = name
     return len(found)
@@ -276,7 +335,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class _QuantLoRAFunction(torch.autograd.Function):
-    """y = x·Wᵀ + bias + s·(xa·lora_Aᵀ)·lora_Bᵀ with W dequantized in forward and again in backward (only x and the
+    """y = x·Wᵀ + bias + s·(xa·lora_Aᵀ)·lora_Bᵀ (the adapter term only where lora_a is given) with W dequantized in forward and again in backward (only x and the
     rank-r product xa·lora_Aᵀ are saved, not W). The adapter's output is accumulated into the base GEMM's output
     (addmm, beta = 1) and its input gradient into the base input gradient, and s is applied to rank-r tensors: no
     full-size elementwise pass (scale, add) per layer (unfused, they cost 6-9% of a 13B-shaped training step on an
@@ -284,10 +343,11 @@ class _QuantLoRAFunction(torch.autograd.Function):
     xa is None when the adapter reads x itself."""
 
     @staticmethod
-    def forward(ctx, x, xa, lora_a, lora_b, layer: QuantLoRALinear, dtype: torch.dtype):
+    def forward(ctx, x, xa, lora_a, lora_b, layer: PackedLinear, dtype: torch.dtype):
         bias = None if layer.bias is None else layer.bias.to(dtype)
         out = F.linear(x, layer.dequantize(dtype), bias)
         ctx.layer, ctx.dtype = layer, dtype
+        ctx.has_adapter = lora_a is not None
         if lora_a is None:
             return out
         a, b = lora_a.to(dtype), lora_b.to(dtype)
@@ -306,7 +366,7 @@ class _QuantLoRAFunction(torch.autograd.Function):
         grad_x = grad_xa = grad_a = grad_b = None
         if need_x:
             grad_x = g @ layer.dequantize(dtype)
-        if layer.rank:
+        if ctx.has_adapter:
             adapter_in, h, a, b = ctx.saved_tensors
             grad_h = g @ b
             if layer.scaling != 1:

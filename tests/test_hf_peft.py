@@ -27,7 +27,7 @@ from planner.profile.grid import GridPoint
 from planner.train.apply import apply_plan, explicit_plan
 from planner.train.export import export_peft, load_quantized, save_quantized
 from quant import QALoRALinear, QuantConfig
-from quant.layers import QuantLoRALinear
+from quant.layers import PackedLinear, QuantLoRALinear
 
 CONFIGS = [(2, 16), (3, 32), (4, 64), (8, 128)]
 
@@ -103,7 +103,7 @@ def test_step0_equals_apply_plan_and_stays_packed(applied, peft_minilm, batch):
         wrapper = inner.get_submodule(e.name)
         assert isinstance(wrapper, LqplanLoraLinear) and wrapper.r["default"] == e.point.rank
         base = wrapper.get_base_layer()
-        assert type(base) is QuantLoRALinear and base.rank == 0 and not hasattr(base, "lqplan_init")
+        assert type(base) is PackedLinear and base.lqplan_init is None
         assert wrapper.scaling["default"] == model.get_submodule(e.name).scaling
     # the same packed storage, the same fp32 adapter values: not a byte more than apply_plan's model
     assert held_bytes(peft_minilm) == held_bytes(model)
@@ -119,7 +119,8 @@ def test_plain_get_peft_model_with_the_config_starts_the_same(applied, peft_mini
     model, plan = applied
     base = split_adapters(copy.deepcopy(model))
     plain = get_peft_model(base, lqplan_lora_config(base, plan)).eval()
-    assert not any(hasattr(m, "lqplan_init") for m in plain.modules())  # copied into the adapters, then dropped
+    assert all(m.lqplan_init is None for m in plain.modules()
+               if isinstance(m, PackedLinear))  # copied into the adapters, then dropped
     with torch.no_grad():
         assert torch.equal(plain(**batch).last_hidden_state, peft_minilm(**batch).last_hidden_state)
 
@@ -131,7 +132,8 @@ def test_split_adapters_shares_the_packed_buffers(applied):
     holder.layer = layer
     split_adapters(holder)
     base = holder.layer
-    assert base is not layer and base.rank == 0
+    assert type(base) is PackedLinear and base.state_dict().keys() == {
+        k for k in layer.state_dict() if not k.startswith("lora_")}
     assert base.q_codes.data_ptr() == layer.q_codes.data_ptr() and base.bias is layer.bias
     a, b, scaling = base.lqplan_init
     assert torch.equal(a, layer.lora_A) and torch.equal(b, layer.lora_B) and scaling == layer.scaling
@@ -181,7 +183,7 @@ def test_adapter_roundtrip_and_packed_export(applied, batch, tmp_path):
     packed_size = (base_dir / "model.safetensors").stat().st_size
     assert packed_size < (dense_dir / "model.safetensors").stat().st_size - 0.7 * fp32
     loaded = load_lqplan_adapter(load_quantized(base_dir)[0], adapter_dir).eval()
-    assert all(type(loaded.base_model.model.get_submodule(e.name).get_base_layer()) is QuantLoRALinear
+    assert all(type(loaded.base_model.model.get_submodule(e.name).get_base_layer()) is PackedLinear
                for e in plan.matrices)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).last_hidden_state, exported(**batch).last_hidden_state,

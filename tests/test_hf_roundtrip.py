@@ -16,6 +16,7 @@ from planner.hf.peft import get_lqplan_peft_model, load_lqplan_adapter, lqplan_l
 from planner.profile.grid import GridPoint
 from planner.train.apply import apply_plan, explicit_plan, quant_layers
 from quant import QuantConfig
+from quant.layers import PackedLinear
 
 POINTS = [GridPoint(QuantConfig(bits=4, blocksize=64), 8), GridPoint(QuantConfig(bits=3, blocksize=32), 4),
           GridPoint(QuantConfig(bits=2, blocksize=16), 4)]
@@ -43,7 +44,8 @@ def test_quantizer_then_peft_equals_apply_plan_and_round_trips(folder_and_plan, 
     with torch.no_grad():
         got = peft_model(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # step 0: the planned model, LoftQ-initialised
-    assert all(type(m).__name__ == "QuantLoRALinear" and m.rank == 0 for m in quant_layers(peft_model).values())
+    bases = [w.get_base_layer() for w in lqplan_wrappers(peft_model).values()]
+    assert len(bases) == len(plan.matrices) and all(type(m) is PackedLinear for m in bases)
 
     # one training step moves only the adapters; then both halves are saved the standard ways
     peft_model.train()

@@ -9,7 +9,7 @@ import torch
 
 from quant import QuantConfig
 from quant.blockwise import quantize
-from quant.layers import QuantLoRALinear
+from quant.layers import PackedLinear, QuantLoRALinear, set_backend
 from quant.qalora import QALoRALinear
 
 GEN = torch.Generator().manual_seed(11)
@@ -99,3 +99,37 @@ def test_dropout_gives_the_adapter_its_own_input_and_gradient():
     (x2 @ w.T + layer.scaling * ((x2 * mask) @ layer.lora_A.T) @ layer.lora_B.T).sum().backward()
     torch.testing.assert_close(gx, x2.grad, rtol=1e-10, atol=1e-10)
     assert not torch.equal(gx, torch.ones(6, 1, dtype=torch.float64) * w.sum(0))  # the adapter term is there
+
+
+@pytest.mark.parametrize("kind", ["lora", "qalora"])
+def test_packed_part_shares_storage_and_computes_the_frozen_base(kind):
+    """layer.packed() is the frozen half alone: the same buffer tensors (state-dict keys less lora_*), and its
+    forward and input gradient equal the layer's with the adapter zeroed, bit for bit."""
+    layer = make(kind)
+    base = layer.packed()
+    assert type(base) is PackedLinear and base.backend == layer.backend and base.lqplan_init is None
+    assert list(base.state_dict()) == [k for k in layer.state_dict() if not k.startswith("lora_")]
+    assert all(t is getattr(layer, n) for n, t in base.named_buffers())
+    assert torch.equal(base.dequantize(torch.float64), layer.dequantize(torch.float64))
+    x = torch.randn(2, 5, 64, generator=GEN, dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_B.zero_()
+    outs, grads = [], []
+    for module in (layer, base):
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append(xi.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert not base(x).requires_grad  # no parameter: a constant input gives a constant output
+
+
+def test_packed_linear_qweight_follows_the_codes():
+    layer = PackedLinear(quantize(W, QuantConfig("nf", 4, 16)))
+    ref = layer.qweight
+    assert not isinstance(ref, torch.Tensor)  # model code casting activations to weight.dtype must not see uint8
+    assert (ref.device, ref.dtype, ref.shape) == (layer.q_codes.device, torch.uint8, layer.q_codes.shape)
+    layer.to("meta")
+    assert ref.device.type == "meta"  # reads the live buffer, not the one it was made with
+    assert set_backend(torch.nn.Sequential(layer, make("lora")), "eager") == 2

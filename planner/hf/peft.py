@@ -1,11 +1,12 @@
 """PEFT LoRA over the lqplan-quantized base: adapters are standard PEFT LoRA (save_pretrained / from_pretrained,
 multiple adapters, dropout, disable_adapters, merge) while every planned matrix stays packed.
 
-The base is a model whose planned layers are rank-0 QuantLoRALinear ("lqplan base layers"), each optionally
-carrying `lqplan_init = (lora_A, lora_B, scaling)`, its LoftQ factors. A model quantized through transformers
-(LqplanConfig) has that form; split_adapters() makes it from apply_plan's output. LqplanLoraLinear is the PEFT
-layer for such a base: its forward is the base layer's own (packed weight, dequantized on the fly in forward and
-again in backward) plus PEFT's LoRA branch. It is registered through LoraConfig._register_custom_module, PEFT's
+The base is a model whose planned layers are packed layers without an adapter ("lqplan base layers": PackedLinear,
+or a rank-0 QuantLoRALinear, which computes the same), each optionally carrying `lqplan_init = (lora_A, lora_B,
+scaling)`, its LoftQ factors. A model quantized through transformers (LqplanConfig) has that form; split_adapters()
+makes it from apply_plan's output, putting each layer's PackedLinear (its packed buffers, shared) in its place.
+LqplanLoraLinear is the PEFT layer for such a base: PEFT's `base_layer` is the packed layer, whose forward is its
+own (packed weight, dequantized on the fly in forward and again in backward), plus PEFT's LoRA branch. It is registered through LoraConfig._register_custom_module, PEFT's
 public hook for layer types it does not know, so every config used with an lqplan base must be registered:
 lqplan_lora_config, get_lqplan_peft_model and load_lqplan_adapter do it.
 
@@ -24,43 +25,29 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from quant.layers import QuantLoRALinear
+from quant.layers import PackedLinear, QuantLoRALinear, packed_layers
 from quant.methods import method_of
 
 from ..errors import UserError
 from ..model.discover import same_module
 from ..plan.document import Plan
 from ..train.apply import is_linear, set_module
-from ..train.export import frozen_base
 from .config import LqplanConfig
 
 INITS = ("loftq", "qlora")
 
 
-def check_lora_method(name: str, layer: QuantLoRALinear) -> None:
+def check_lora_method(name: str, layer: PackedLinear) -> None:
     """QA-LoRA's pooled adapter is not a PEFT LoRA: refuse it with the way out."""
-    if method_of(layer).name != "lora":
+    if isinstance(layer, QuantLoRALinear) and method_of(layer).name != "lora":
         raise UserError(f"{name} is a QA-LoRA layer, whose group-pooled adapter PEFT's LoRA cannot express; "
                         "train it with lqplan's own loop (planner.train) or re-plan with --method lora")
 
 
-class PackedRef:
-    """What PEFT reads as an lqplan base layer's `qweight`. PEFT places a new adapter on the device of the base's
-    qweight / weight, else of its first parameter, and a rank-0 lqplan layer holds buffers only. This reads the
-    live q_codes buffer, so it follows .to(device) instead of pinning the codes of the old device in memory
-    (PEFT's AQLM backend assigns the tensor itself)."""
-
-    def __init__(self, layer: QuantLoRALinear):
-        self.layer = layer
-
-    device = property(lambda self: self.layer.q_codes.device)
-    dtype = property(lambda self: self.layer.q_codes.dtype)
-    shape = property(lambda self: self.layer.q_codes.shape)
-
-
 class LqplanLoraLinear(PeftLoraLinear):
-    """PEFT LoRA on an lqplan base layer (rank-0 QuantLoRALinear): y = base(x) + Σ scaling·B·A·dropout(x) over the
-    active adapters. The forward, adapters, dropout, disabling and mixed-adapter batches are PEFT's Linear's.
+    """PEFT LoRA on an lqplan base layer (a PackedLinear without adapter): y = base(x) + Σ scaling·B·A·dropout(x) over the
+    active adapters. The forward, adapters, dropout, disabling and mixed-adapter batches are PEFT's Linear's. PEFT
+places a new adapter on the device of the base's `weight`, else `qweight`: PackedLinear.qweight (a PackedRef).
 
     A new adapter starts at the base layer's LoftQ factors when its config was registered with loftq=True
     (lqplan_lora_config's default), else PEFT's way. merge() cannot keep the base packed (folding B·A into 2-4-bit
@@ -75,14 +62,13 @@ class LqplanLoraLinear(PeftLoraLinear):
             raise UserError("an lqplan layer takes one PEFT LoRA wrapper, not a stack of PEFT tuners; unload the "
                             "other tuner first")
         check_lora_method(kwargs.get("target_name") or type(packed).__name__, packed)
-        if packed.rank:
+        if isinstance(packed, QuantLoRALinear) and packed.rank:
             raise UserError(f"{kwargs.get('target_name', 'a layer')} already has an lqplan adapter (rank "
                             f"{packed.rank}); call planner.hf.peft.split_adapters(model) first, or use "
                             "get_lqplan_peft_model, which does")
         if config.lora_bias or config.fan_in_fan_out:
             raise UserError("lqplan layers take LoRA without lora_bias and with fan_in_fan_out=False; drop those "
                             "LoraConfig options")
-        packed.qweight = PackedRef(packed)
         self.merge_dtype = getattr(config, "lqplan_dtype", None)
         self._packed = ()  # the packed base while merged: a tuple, so it is not a submodule in the state dict
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
@@ -105,9 +91,9 @@ class LqplanLoraLinear(PeftLoraLinear):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, **kwargs) -> None:
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         if getattr(config, "lqplan_loftq", False) and self.init_from_lqplan(adapter_name):
-            del self.packed_base().lqplan_init  # the adapter holds the factors now: no second copy kept
+            self.packed_base().lqplan_init = None  # the adapter holds the factors now: no second copy kept
 
-    def packed_base(self) -> QuantLoRALinear:
+    def packed_base(self) -> PackedLinear:
         """The packed lqplan layer under this adapter, merged or not."""
         return self._packed[0] if self._packed else self.get_base_layer()
 
@@ -115,7 +101,7 @@ class LqplanLoraLinear(PeftLoraLinear):
     def init_from_lqplan(self, adapter_name: str) -> bool:
         """Start `adapter_name` at the base layer's LoftQ factors (then Q + adapter ≈ W, as in apply_plan's model),
         rescaling B when PEFT's scaling differs from theirs; returns False when the base carries none."""
-        init = getattr(self.packed_base(), "lqplan_init", None)
+        init = self.packed_base().lqplan_init
         if init is None or adapter_name not in self.lora_A:
             return False
         a, b, scaling = init
@@ -192,17 +178,18 @@ def register(config: LoraConfig, *, loftq: bool = False, dtype: torch.dtype | No
     """`config` with LqplanLoraLinear registered for lqplan base layers (PEFT reads the mapping when it injects).
     loftq: new adapters start at their base layer's LoftQ factors (where it has them). dtype: the merged layers'.
     Both are plain attributes of the config object, like PEFT's own mapping: adapter_config.json does not get them."""
-    config._register_custom_module({QuantLoRALinear: LqplanLoraLinear})
+    config._register_custom_module({PackedLinear: LqplanLoraLinear})
     config.lqplan_loftq, config.lqplan_dtype = bool(loftq), dtype
     return config
 
 
-def base_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
-    """Module name -> lqplan base layer of `model` (a PeftModel's included, merged ones too); QA-LoRA refused."""
+def base_layers(model: nn.Module) -> dict[str, PackedLinear]:
+    """Module name -> packed layer of `model` (a PeftModel's base layers included, merged ones too; apply_plan's
+    layers with their adapters, which split_adapters separates); QA-LoRA refused."""
     wrappers = lqplan_wrappers(model)
     wrapped = {id(w.get_base_layer()) for w in wrappers.values()}
     found = {n: w.packed_base() for n, w in wrappers.items()}
-    found.update({n: m for n, m in model.named_modules() if isinstance(m, QuantLoRALinear) and id(m) not in wrapped})
+    found.update({n: m for n, m in packed_layers(model).items() if id(m) not in wrapped})
     if not found:
         raise UserError("the model has no lqplan-quantized layers; quantize it with apply_plan or "
                         "from_pretrained(..., quantization_config=LqplanConfig(plan)) first")
@@ -212,12 +199,16 @@ def base_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
 
 
 def split_adapters(model: nn.Module) -> nn.Module:
-    """Replace each QuantLoRALinear with an adapter (apply_plan's, load_quantized's) by its rank-0 base layer, which
-    shares the packed buffers and bias (no copy) and carries the adapter as lqplan_init (in place; returned)."""
+    """Replace each QuantLoRALinear (apply_plan's, load_quantized's, LqplanConfig's rank-0 ones) by its PackedLinear,
+    which shares the packed buffers and bias (no copy) and carries the adapter, if any, as lqplan_init (else the
+    layer's own lqplan_init); in place, returned."""
     for name, layer in base_layers(model).items():
-        if layer.rank:
-            base = frozen_base(layer)
-            base.lqplan_init = (layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling)
+        if isinstance(layer, QuantLoRALinear):
+            base = layer.packed()
+            if layer.rank:
+                base.lqplan_init = (layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling)
+            else:
+                base.lqplan_init = layer.lqplan_init
             set_module(model, name, base)
     return model
 
@@ -266,14 +257,15 @@ def lqplan_lora_config(model: nn.Module, plan: Plan | None = None, *, init: str 
     from_plan = plan_ranks(plan, list(layers), kept_dense(model)) if plan is not None else {}
     ranks, alphas = {}, {}
     for name, layer in layers.items():
-        init_factors = getattr(layer, "lqplan_init", None)
+        init_factors = layer.lqplan_init
+        adapter_rank = layer.rank if isinstance(layer, QuantLoRALinear) else 0
         if plan is not None:
             rank = from_plan.get(name)
         else:
-            rank = init_factors[0].shape[0] if init_factors else layer.rank
+            rank = init_factors[0].shape[0] if init_factors else adapter_rank
         if rank:
             ranks[name] = int(rank)
-            scaling = init_factors[2] if init_factors else layer.scaling or 1.0
+            scaling = init_factors[2] if init_factors else (layer.scaling if adapter_rank else 1.0)
             alphas[name] = float(scaling * rank)
     if plan is not None and not ranks:
         raise UserError("every plan entry has rank 0 (no adapter); re-plan with a budget that leaves adapters")
@@ -322,7 +314,7 @@ def load_lqplan_adapter(model: nn.Module, adapter_dir, adapter_name: str = "defa
                         "(a pickled .bin can run code): re-save it with safe_serialization=True")
     split_adapters(model)
     for layer in base_layers(model).values():
-        layer.__dict__.pop("lqplan_init", None)  # the loaded adapter replaces the LoftQ factors
+        layer.lqplan_init = None  # the loaded adapter replaces the LoftQ factors
     config = register(LoraConfig.from_pretrained(str(adapter_dir)), dtype=float_dtype(model))
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable,
                                      config=config, **kw)

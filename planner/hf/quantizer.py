@@ -34,7 +34,7 @@ from transformers.quantizers import auto as hf_auto
 
 from quant.blockwise import QuantizedTensor
 from quant.config import SCALE_DTYPE_BYTES, QuantConfig, packed_nbytes
-from quant.layers import BUFFER_PREFIX, QuantLoRALinear, set_backend
+from quant.layers import BUFFER_PREFIX, QuantLoRALinear, packed_layers, set_backend
 from quant.methods import get_method
 from quant.qalora import QALoRALinear
 
@@ -46,7 +46,6 @@ from ..profile.grid import GridPoint
 from ..train.apply import (
     LayerRecipe,
     check_fingerprint,
-    quant_layers,
     resolve_names,
     set_module,
 )
@@ -272,7 +271,7 @@ class LqplanHfQuantizer(HfQuantizer):
         """model.dequantize(): every quantized layer back to an nn.Linear holding dequant(Q) in `dtype`."""
         if isinstance(dtype, str):  # config.dtype may be stored by name
             dtype = getattr(torch, dtype)
-        for name, layer in quant_layers(model).items():
+        for name, layer in packed_layers(model).items():
             weight = layer.dequantize(dtype or torch.float32)
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                device=weight.device, dtype=weight.dtype)

@@ -23,7 +23,7 @@ from torch import nn
 
 from quant import QuantConfig
 from quant.blockwise import QuantizedTensor
-from quant.layers import BUFFER_PREFIX, QuantLoRALinear
+from quant.layers import BUFFER_PREFIX, PackedLinear, QuantLoRALinear, packed_layers
 from quant.methods import get_method, method_of
 from quant.qalora import QALoRALinear
 
@@ -90,20 +90,29 @@ def _config_json(model: nn.Module, dtype: torch.dtype | None = None) -> str:
     return config.to_json_string()
 
 
+def _layer_manifest(layer: PackedLinear) -> dict:
+    """How load_quantized rebuilds the layer. A PackedLinear without adapter (a PEFT base layer) is written as what
+    it computes: a rank-0 LoRA layer."""
+    adapted = isinstance(layer, QuantLoRALinear)
+    rank = layer.rank if adapted else 0
+    return {"config": layer.config.to_dict(), "shape": [layer.out_features, layer.in_features],
+            "method": method_of(layer).name if adapted else "lora", "rank": rank,
+            "alpha": layer.alpha if adapted else 0.0, "dropout": layer.dropout_p if adapted else 0.0,
+            "bias": layer.bias is not None,
+            "adapter_dtype": None if not rank else str(layer.lora_A.dtype).removeprefix("torch.")}
+
+
 def save_quantized(model: nn.Module, plan: Plan, out_dir) -> Path:
     """Write the quantized model (packed storage, adapters, everything else) to `out_dir`; returns the folder."""
-    layers = _check_layers(model)
+    layers = packed_layers(model)
+    if not layers:
+        _check_layers(model)
     out = Path(out_dir)
     tensors, aliases = _all_tensors(model)
     manifest = {
         "schema": SCHEMA, "created_by": f"lqplan {__version__}", "architecture": type(model).__name__,
         "weights": WEIGHTS, "aliases": aliases,
-        "layers": {name: {"config": layer.config.to_dict(), "shape": [layer.out_features, layer.in_features],
-                          "method": method_of(layer).name, "rank": layer.rank, "alpha": layer.alpha,
-                          "dropout": layer.dropout_p,
-                          "bias": layer.bias is not None,
-                          "adapter_dtype": None if not layer.rank else str(layer.lora_A.dtype).removeprefix("torch.")}
-                   for name, layer in layers.items()},
+        "layers": {name: _layer_manifest(layer) for name, layer in layers.items()},
     }
     # written aside and swapped in whole: a killed save leaves the previous folder, never new weights beside
     # another plan; the manifest holds every part's digest, so load_quantized refuses a folder mixed any other way
@@ -240,19 +249,12 @@ def _plain_lora_a(layer: QuantLoRALinear) -> torch.Tensor:
     return a
 
 
-def frozen_base(layer: QuantLoRALinear) -> QuantLoRALinear:
-    """The layer without its adapter: a rank-0 QuantLoRALinear on the same packed buffers and bias (views, no
-    copy). A QA-LoRA layer's base is one too: without an adapter the two compute the same."""
-    base = QuantLoRALinear(layer.quantized(), None, rank=0, backend=layer.backend)
-    base.bias = layer.bias
-    return base
-
-
 def _save_packed_base(model: nn.Module, layers: dict, plan: Plan, folder: Path) -> None:
-    """save_quantized of the model with every quantized layer swapped for its frozen_base for the duration."""
+    """save_quantized of the model with every quantized layer swapped for its packed part for the duration (saved as
+    a rank-0 LoRA layer, a QA-LoRA one too: without an adapter the two compute the same)."""
     try:
         for name, layer in layers.items():
-            set_module(model, name, frozen_base(layer))
+            set_module(model, name, layer.packed())
         save_quantized(model, plan, folder)
     finally:
         for name, layer in layers.items():
