@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import triton_dequant
-from .blockwise import TORCH_DTYPES, QuantizedTensor, decode_double_quant
+from .blockwise import TORCH_DTYPES, QuantizedTensor, decode_double_quant, dequantize_codes
 from .codebooks import code_table, flat_codebook, lookup
 from .config import ADAPTER_BITS, QuantConfig
 
@@ -42,13 +42,8 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def _dequant_codes_eager(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, bits: int, blocksize: int,
                          out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """codes -> values · block scale -> (out, in) in `dtype`. Computed in fp32 as QuantizedTensor.dequantize
-    (bit for bit) and rounded once to `dtype`: a 16-bit lookup-times-scale would round three times, as much error
-    as 8-bit quantization itself. One multiply and one cast only, so a fused kernel gives the same bits."""
-    numel = out_features * in_features
-    nblocks = scales.shape[0]
-    values = lookup(codes, bits, nblocks * blocksize, table).view(nblocks, blocksize) * scales[:, None]
-    return values.reshape(-1)[:numel].view(out_features, in_features).to(dtype)
+    """blockwise.dequantize_codes as the function torch.compile copies per (bits, blocksize, dtype)."""
+    return dequantize_codes(codes, table, scales, bits, blocksize, (out_features, in_features), dtype)
 
 
 _COMPILED = {}
@@ -201,9 +196,8 @@ class PackedLinear(nn.Module):
         else:
             scales = self._field("scales").float()
         if cfg.asymmetric:
-            values = lookup(self.q_codes, cfg.bits, nblocks * cfg.blocksize, table).view(nblocks, cfg.blocksize)
-            values = values * scales[:, None] + self._field("zeros").float()[:, None]
-            return values.reshape(-1)[:numel].view(self.out_features, self.in_features).to(dtype)
+            return dequantize_codes(self.q_codes, table, scales, cfg.bits, cfg.blocksize,
+                                    (self.out_features, self.in_features), dtype, self._field("zeros"))
         if backend == "compile":
             return _dequant_codes(self.q_codes, table, scales, cfg.bits, cfg.blocksize, self.out_features,
                                   self.in_features, dtype)
