@@ -124,7 +124,7 @@ def test_rejects_bad_input(minilm_weights):
         profile_grid(torch.full((4, 4), float("nan")), [(nf(4, 16), 1)], 1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_matches_cpu(minilm_weights):
     w = minilm_weights[UP]
     points = [(nf(b, 64), r) for b in (2, 4) for r in (16, 64)]
