@@ -579,7 +579,7 @@ def test_profile_table_has_qalora_rows_with_exact_costs(minilm_path, tmp_path):
         assert row["storage_bits"] == point.bits((384, 384))
     row = table.iloc[-1]
     w = AutoModel.from_pretrained(minilm_path).get_submodule(infos[0].name).weight.detach()
-    d = qalora_decompose(w, qalora_config(2, 64), 4, 1, SolverSettings(method="exact"))
+    d = qalora_decompose(w, qalora_config(2, 64), 4, 1, solver=SolverSettings(method="exact"))
     assert row["error"] == pytest.approx(d.error, rel=1e-6) and row["storage_bits"] == 8 * 49_200
     again, stats2 = run_profile(source, infos, ProfileSettings(grid, 2, SolverSettings(method="exact")),
                                 cache_dir=tmp_path, device="cpu", progress=False)
