@@ -151,7 +151,7 @@ def solve(table: pd.DataFrame, budget_bits: int, solver: str = DEFAULT_SOLVER, t
         slack = budget_slack(table, sol)
     if slack and describe is not None:
         log.warning("the budget, %s, does not bind: every matrix already has its least-error profiled configuration, "
-                    "together %s (%.0f%% of the budget); a larger budget changes nothing: profile larger "
+                    "together %s (%.2g%% of the budget); a larger budget changes nothing: profile larger "
                     "configurations (--bits, --ranks) to use it, or lower the budget", describe(budget_bits),
                     describe(sol.total_bits), 100 * sol.total_bits / budget_bits)
     sol.seconds = time.perf_counter() - t0
