@@ -11,7 +11,7 @@ from ..api import make_plan
 from ..devices import resolve_device
 from ..errors import UserError
 from ..fsio import read_json
-from ..outputs import check_writable, output_folder
+from ..outputs import check_writable, output_folder, refuse_another_plan
 from ..model.discover import discover_matrices, unplanned_bytes
 from ..model.memory import memory_table
 from ..model.resolve import list_aliases, resolve_model
@@ -66,6 +66,9 @@ def prepare(args) -> None:
 
         hf_logging.disable_progress_bar()  # the Fisher model's weight-loading bar: --quiet means no bars at all
     args.train_shape = train_shape(args) if args.command == "plan" else None
+    if args.command == "plan" and not args.force:
+        refuse_another_plan(args.out, budget=args.budget_spec.spec, fingerprint=resolve_model(args.model).fingerprint,
+                            method=args.settings.method_record(), data_aware=args.settings.calib is not None)
 
 
 def train_shape(args) -> TrainShape | None:
