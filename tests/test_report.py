@@ -159,9 +159,10 @@ def test_curve_title_says_where_plans_start_to_fit():
 
     table = small_table()
     _, params = make_plan(table, 5.0)
-    curve = error_budget_curve(table, [int(b * params) for b in (1.0, 2.5, 4.0, 5.0)])
+    curve = error_budget_curve(table, [int(b * params) for b in (1.0, 2.5, 5.0, 6.0)])
     assert curve["total_error"].isna().iloc[0] and curve["total_error"].notna().iloc[-1]
     start = curve.loc[curve["total_error"].notna(), "budget_bits_per_param"].min()
     title = curve_title(curve)
-    assert title.startswith("least total error at each budget") and f"no plan fits below {start:.3g}" in title
+    assert title.startswith("least total error at each budget") and f"{start:.3g}–6 bits/param" in title
+    assert "no plan fits its smaller budgets: 1, 2.5 bits/param" in title, title
     assert "no plan fits" not in curve_title(curve.loc[curve["total_error"].notna()])

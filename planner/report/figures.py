@@ -80,8 +80,8 @@ def heatmaps(alloc: pd.DataFrame) -> bytes | None:
 
 
 def curve_title(curve: pd.DataFrame | None) -> str:
-    """The error-budget figure's title: what the line is and where it starts (below its first budget no plan fits
-    the profiled configurations)."""
+    """The error-budget figure's title: what the line is, the budgets it spans and those of its budgets (below
+    the first it spans) that no plan fits."""
     title = "least total error at each budget"
     if curve is None or curve.empty:
         return title
@@ -90,8 +90,10 @@ def curve_title(curve: pd.DataFrame | None) -> str:
         return f"{title}: no budget from {curve['budget_bits_per_param'].min():.3g} to " \
                f"{curve['budget_bits_per_param'].max():.3g} bits/param fits"
     start = f"{fits.min():.3g}–{fits.max():.3g} bits/param"
-    if len(fits) < len(curve) and (curve["budget_bits_per_param"] < fits.min()).any():
-        return f"{title}, {start}\n(no plan fits below {fits.min():.3g} bits/param)"
+    below = sorted(b for b in curve["budget_bits_per_param"] if b < fits.min())
+    if below:
+        names = ", ".join(f"{b:.3g}" for b in below)
+        return f"{title}, {start}\n(no plan fits its smaller budgets: {names} bits/param)"
     return f"{title}, {start}"
 
 

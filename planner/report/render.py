@@ -56,8 +56,8 @@ HOW_TO_READ = (
      "(rows) and matrix type (columns): brighter cells are where the budget went. A second panel shows the LoRA "
      "rank where the plan gives matrices different ranks; otherwise the title names the one rank."),
     ("Error-budget curve", "the best error reachable at each budget (line) against one configuration for every matrix "
-     "(points); the vertical distance at equal bits is what mixing configurations buys. The line starts at the "
-     "smallest budget that some plan fits (the title says where) and ends at 5 bits/param."),
+     "(points); the vertical distance at equal bits is what mixing configurations buys. The line spans the "
+     "budgets from 2.25 to 5 bits/param that some plan fits; the title names those too small for any plan."),
 )
 
 
