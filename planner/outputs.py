@@ -12,7 +12,7 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .errors import UserError
 from .fsio import (
@@ -176,11 +176,13 @@ def _field(doc, *keys):
     return doc
 
 
-def refuse_another_plan(folder, *, budget: str, fingerprint: str, method: dict, data_aware: bool) -> None:
+def refuse_another_plan(folder, *, budget: str, fingerprint: Callable[[], str], method: dict,
+                        data_aware: bool) -> None:
     """`lqplan plan` into a folder that holds a plan.json made for another request (another budget, model weights,
     grid or objective) is refused, so that following commands in order never picks up whichever plan ran last;
     --force replaces it, and rerunning the same request (to resume or refresh it) is always allowed. A plan.json
-    that cannot be read as a plan (no budget and model records) is not one to protect: it is replaced."""
+    that cannot be read as a plan (no budget and model records) is not one to protect: it is replaced.
+    `fingerprint()` gives the requested model's; it is only called when the rest of the request matches."""
     path = Path(folder) / "plan.json"
     if not path.is_file():
         return
@@ -192,11 +194,12 @@ def refuse_another_plan(folder, *, budget: str, fingerprint: str, method: dict, 
         return
     recorded = _field(old, "method") or {}
     same = {"budget": _field(old, "budget", "spec") == budget,
-            "model": _field(old, "model", "fingerprint") == fingerprint,
             "grid or solver": isinstance(recorded, dict) and ("tie" in recorded) == ("tie" in method)
                               and all(recorded.get(k) == v for k, v in method.items()),
             "objective": (_field(old, "method", "fisher") is not None) == data_aware}
     differs = [what for what, ok in same.items() if not ok]
+    if not differs and _field(old, "model", "fingerprint") != fingerprint():
+        differs = ["model"]
     if differs:
         raise UserError(f"{path} holds another plan (budget {_field(old, 'budget', 'spec')}; this run differs in its "
                         f"{', '.join(differs)}); pass --force to replace it, or choose another folder with --out")

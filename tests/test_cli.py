@@ -54,3 +54,21 @@ def test_plan_keeps_another_runs_plan_unless_forced(tmp_path, capsys):
     assert "grid or solver" in capsys.readouterr().err
     assert main([*base, "--budget", "6.5bits", "--force"]) == 0
     assert json.loads((out / "plan.json").read_text())["budget"]["spec"] == "6.5bits"
+
+
+def test_another_model_is_another_plan(tmp_path):
+    """The model is compared by its weights' fingerprint, only when budget, grid and objective match."""
+    from planner.errors import UserError
+    from planner.outputs import refuse_another_plan
+
+    doc = {"budget": {"spec": "3bits"}, "model": {"fingerprint": "sha256:aa"},
+           "method": {"iters": 1, "grid": ["g"], "fisher": None}}
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    ask = dict(budget="3bits", method={"iters": 1, "grid": ["g"]}, data_aware=False)
+    refuse_another_plan(tmp_path, fingerprint=lambda: "sha256:aa", **ask)
+    with pytest.raises(UserError, match="differs in its model"):
+        refuse_another_plan(tmp_path, fingerprint=lambda: "sha256:bb", **ask)
+    with pytest.raises(UserError, match="differs in its objective"):
+        refuse_another_plan(tmp_path, fingerprint=lambda: 1 / 0, **{**ask, "data_aware": True})
+    (tmp_path / "plan.json").write_text('{"previous": "plan"}')  # not a plan: nothing to protect
+    refuse_another_plan(tmp_path, fingerprint=lambda: 1 / 0, **ask)

@@ -67,8 +67,9 @@ def prepare(args) -> None:
         hf_logging.disable_progress_bar()  # the Fisher model's weight-loading bar: --quiet means no bars at all
     args.train_shape = train_shape(args) if args.command == "plan" else None
     if args.command == "plan" and not args.force:
-        refuse_another_plan(args.out, budget=args.budget_spec.spec, fingerprint=resolve_model(args.model).fingerprint,
-                            method=args.settings.method_record(), data_aware=args.settings.calib is not None)
+        refuse_another_plan(args.out, budget=args.budget_spec.spec, method=args.settings.method_record(),
+                            fingerprint=lambda: resolve_model(args.model).fingerprint,
+                            data_aware=args.settings.calib is not None)
 
 
 def train_shape(args) -> TrainShape | None:
