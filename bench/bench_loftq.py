@@ -118,7 +118,7 @@ def main(argv=None):
             _, secs = timed(lambda: ours(grid, iters), device)
             row["ours_grid_point_s"] = secs / len(grid)
             if not args.no_exact:
-                d, secs = timed(lambda: decompose(w, NF4_PEFT, args.rank, iters, None, exact), device)
+                d, secs = timed(lambda: decompose(w, NF4_PEFT, args.rank, iters, solver=exact), device)
                 row["exact_s"], row["exact_err"] = secs, d.error
             if not why_no_peft:
                 from peft.utils.loftq_utils import loftq_init

@@ -1,4 +1,4 @@
-"""The decoder study on one GPU (issue 27): lqplan's plans per objective against QLoRA and uniform LoftQ at equal
+"""The decoder study on one GPU: lqplan's plans per objective against QLoRA and uniform LoftQ at equal
 bits on real decoders, KL before and perplexity after the same fine-tune, claims (a)-(e) with their numbers.
 
     python bench/gpu_study.py --device cuda --model smollm2-135m --model gemma3-270m --out reports/quality-decoder/gpu

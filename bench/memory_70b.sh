@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 70B extrapolation of issue 17 on one GPU (figures and commands: reports/memory.md): a Llama-2-70B-shaped model
+# The 70B extrapolation on one GPU (figures and commands: reports/memory.md): a Llama-2-70B-shaped model
 # (8192/28672, 64 heads, 8 KV heads) written with 20 of its 80 layers, a 10-layer view of the same shards, the
 # 2.75-bit fine-tune at batch 1 x 2048 with checkpointing measured on both; per-layer figures come from the
 # difference and are extrapolated to 80 layers in reports/memory.md.

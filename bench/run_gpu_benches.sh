@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All GPU benchmarks of issue 5 in one go (~6-8 min on one H100): the GPU tests of the engine and the dequant kernels,
+# All GPU benchmarks in one go (~6-8 min on one H100): the GPU tests of the engine and the dequant kernels,
 # LoftQ per matrix vs PEFT, the whole grid on a 13B-shaped model (GRID_LAYERS, default 2, extrapolated to 40), the
 # training step (Triton / torch.compile dequant) vs bitsandbytes NF4 + LoRA.
 # Outputs (JSON + logs) go to $OUT, else reports/bench-raw/. bitsandbytes must be importable for the PEFT/bnb columns.

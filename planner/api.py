@@ -225,9 +225,7 @@ def make_plan(model: str | None = None, budget: "str | Budget" = "2.75bits", set
         paths["plan"] = out / "plan.json"
 
         if reports:
-            extra = {"profile_seconds": round(stats.seconds, 2), "computed_points": stats.computed_points,
-                     "cached_points": stats.cached_points, "computed_matrices": len(stats.computed_matrices),
-                     "total_seconds": round(time.perf_counter() - t0, 2)}
+            extra = {**stats.record(), "total_seconds": round(time.perf_counter() - t0, 2)}
             # timings stay out of plan.json (same inputs, same bytes); `lqplan report` shows them again from here,
             # and only beside the plan they were measured for
             seconds = {"solver_seconds": plan.solver["seconds"]} if "seconds" in plan.solver else {}

@@ -29,7 +29,7 @@ from .results import Decomposition
 ROUNDINGS = ("nearest", "gptq")
 
 
-def decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 5, fisher=None,
+def decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 5, *, fisher=None,
               solver: SolverSettings | None = None, rounding: str = "nearest") -> Decomposition:
     """LoftQ / LQ-LoRA decomposition of one matrix.
 

@@ -57,14 +57,14 @@ def profile_matrix(w: torch.Tensor, points: list[tuple], iters: int, fisher=None
             continue
         if method != "lora":
             raise ValueError(f"point method {method!r} is not supported; use 'lora' or 'qalora'")
-        d = decompose(w, config, rank, iters, fisher, solver, rounding)
+        d = decompose(w, config, rank, iters, fisher=fisher, solver=solver, rounding=rounding)
         if config not in plain_cache:
             if rank == 0 or iters == 0:
                 plain_cache[config] = d.errors[0]
             elif rounding == "nearest":
                 plain_cache[config] = plain_error(w, config, metric)
             else:
-                plain_cache[config] = decompose(w, config, 0, 0, fisher, solver, rounding).error
+                plain_cache[config] = decompose(w, config, 0, 0, fisher=fisher, solver=solver, rounding=rounding).error
         if metric.plain:
             unweighted = d.error
         else:

@@ -36,22 +36,22 @@ class AdapterMethod:
     matrix_bits: Callable[[QuantConfig, tuple[int, int], int], int]  # exact storage + 16-bit adapters
     applies_to: Callable[[QuantConfig, tuple[int, int], int], bool]
     adapter_params: Callable[[QuantConfig, tuple[int, int], int], int]
-    # (w, config, rank, iters, solver, fisher[, rounding]) -> (Q, a, b) with W ≈ Q + dense(a, b)
+    # (w, config, rank, iters, *, fisher, solver[, rounding]), as quant.decompose -> (Q, a, b) with W ≈ Q + dense(a, b)
     decompose: Callable[..., tuple[QuantizedTensor, torch.Tensor, torch.Tensor]]
     dense: Callable[[torch.Tensor, torch.Tensor, QuantConfig], torch.Tensor]
     # Fisher-weighted factors are badly scaled for training; rescaling them keeps the product (see balance_factors)
     balance_weighted: bool
 
 
-def _lora_decompose(w, config, rank, iters, solver: SolverSettings, fisher, rounding: str = "nearest"):
-    d = decompose(w, config, rank, iters, fisher, solver, rounding)
+def _lora_decompose(w, config, rank, iters, *, fisher, solver: SolverSettings, rounding: str = "nearest"):
+    d = decompose(w, config, rank, iters, fisher=fisher, solver=solver, rounding=rounding)
     return d.q, d.a, d.b
 
 
-def _qalora_decompose(w, config, rank, iters, solver: SolverSettings, fisher, rounding: str = "nearest"):
+def _qalora_decompose(w, config, rank, iters, *, fisher, solver: SolverSettings, rounding: str = "nearest"):
     if rounding != "nearest":
         raise ValueError("QA-LoRA layers round to nearest; error-compensating rounding is for LoRA points")
-    d = qalora_decompose(w, config, rank, useful_steps(iters), solver, fisher)
+    d = qalora_decompose(w, config, rank, useful_steps(iters), fisher=fisher, solver=solver)
     return d.q, d.a, d.b
 
 

@@ -157,8 +157,8 @@ def adapter_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, group_size: int, 
 
 
 # ---- decomposition ------------------------------------------------------------------------------------------
-def qalora_decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 1,
-                     solver: SolverSettings | None = None, fisher=None) -> QALoRADecomposition:
+def qalora_decompose(w: torch.Tensor, config: QuantConfig, rank: int, iters: int = 1, *, fisher=None,
+                     solver: SolverSettings | None = None) -> QALoRADecomposition:
     """LoftQ-style initialisation for QA-LoRA: Q ← q(W − L), L ← best rank-r group-constant fit of W − Q.
 
     iters=0 or rank=0: plain quantization with a zero adapter. The adapter is returned unscaled
@@ -217,7 +217,7 @@ def qalora_point_errors(w: torch.Tensor, config: QuantConfig, rank: int, iters: 
     L = lora_B·lora_A·E/g the dense equivalent of the pooled adapter; error_unweighted: the plain squared error
     of the same iterate; quant_error: (weighted) error of q(W) with no adapter. The iterate is useful_steps(iters)
     steps in, the one apply_plan rebuilds."""
-    dec = qalora_decompose(w, config, rank, useful_steps(iters), solver, fisher)
+    dec = qalora_decompose(w, config, rank, useful_steps(iters), fisher=fisher, solver=solver)
     w = w.float()
     recon = dec.q.dequantize() + adapter_weight(dec.lora_a, dec.lora_b, config.blocksize)
     unweighted = float((w - recon).double().pow(2).sum())
@@ -294,7 +294,7 @@ class QALoRALinear(QuantLoRALinear):
             check_rank(rank, check_group_shape(w.shape, config.blocksize), config.blocksize)
             return cls(quantize(w.float(), config), bias, rank=rank, alpha=alpha, dropout=dropout,
                        adapter_dtype=adapter_dtype)
-        dec = qalora_decompose(w, config, rank, iters, solver, fisher)
+        dec = qalora_decompose(w, config, rank, iters, fisher=fisher, solver=solver)
         return cls(dec.q, bias, dec.a, dec.b, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
 
     # ---- math ------------------------------------------------------------------------------------------------

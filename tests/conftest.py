@@ -24,6 +24,16 @@ os.environ.setdefault("LQPLAN_DEVICE", "cpu")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need CUDA: skipped, with the reason shown, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a `python -m planner` child: this checkout first on PYTHONPATH, whatever else was there
     kept (a machine may provide dependencies through PYTHONPATH), one thread unless told otherwise."""

@@ -283,7 +283,7 @@ def test_qalora_hook_builds_group_pooled_layers(minilm_path, batch):
     assert torch.isfinite(model(**batch).last_hidden_state).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_apply_on_gpu_keeps_packed_storage_on_the_device(minilm_path, batch):
     model = AutoModel.from_pretrained(minilm_path)
     plan = explicit_plan(model, mixed_point, model_path=minilm_path, names=encoder_names(model), iters=1)
@@ -295,7 +295,7 @@ def test_apply_on_gpu_keeps_packed_storage_on_the_device(minilm_path, batch):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_compiled_cuda_dequant_is_bit_identical_to_eager(bits, monkeypatch):
     from quant import layers
@@ -579,7 +579,7 @@ def test_profile_table_has_qalora_rows_with_exact_costs(minilm_path, tmp_path):
         assert row["storage_bits"] == point.bits((384, 384))
     row = table.iloc[-1]
     w = AutoModel.from_pretrained(minilm_path).get_submodule(infos[0].name).weight.detach()
-    d = qalora_decompose(w, qalora_config(2, 64), 4, 1, SolverSettings(method="exact"))
+    d = qalora_decompose(w, qalora_config(2, 64), 4, 1, solver=SolverSettings(method="exact"))
     assert row["error"] == pytest.approx(d.error, rel=1e-6) and row["storage_bits"] == 8 * 49_200
     again, stats2 = run_profile(source, infos, ProfileSettings(grid, 2, SolverSettings(method="exact")),
                                 cache_dir=tmp_path, device="cpu", progress=False)

@@ -326,7 +326,7 @@ def test_nf4_matches_reference_on_real_matrices(minilm_weights, name):
     assert torch.equal(quantize_dequantize(w, cfg), _reference_nf4_b64(w))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("cfg", [QuantConfig("nf", 4, 64, double_quant=False), NF4_QLORA,
                                  QuantConfig("nf", 3, 32, True, 8, 256, "bf16"),
                                  QuantConfig("int", 2, 16, double_quant=False, asymmetric=True)],

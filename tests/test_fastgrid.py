@@ -47,7 +47,7 @@ def test_errors_within_one_percent_of_exact_loftq(minilm_weights, name):
     points = [(nf(b, blk), r) for b, blk in configs for r in (16, 64)]
     got = profile_grid(w, points, iters=5)
     for (config, rank), r in zip(points, got):
-        exact = decompose(w, config, rank, 5, None, EXACT)
+        exact = decompose(w, config, rank, 5, solver=EXACT)
         ratio = r.error / exact.error
         assert 0.97 < ratio <= 1.01, f"{config.label} r{rank}: {ratio:.4f} x exact LoftQ"
         assert r.error_unweighted == r.error and 1 <= r.best_iter <= 5
@@ -58,7 +58,7 @@ def test_weighted_errors_within_one_percent_of_exact(minilm_weights):
     fisher = fisher_for(w)
     points = [(nf(2, 64), 16), (nf(4, 64), 64)]
     for (config, rank), r in zip(points, profile_grid(w, points, 5, fisher)):
-        exact = decompose(w, config, rank, 5, fisher, EXACT)
+        exact = decompose(w, config, rank, 5, fisher=fisher, solver=EXACT)
         assert 0.97 < r.error / exact.error <= 1.01
         # The unweighted error of the weighted optimum: same iterate, so close to the exact solver's.
         ex_unw = float((w - exact.q.dequantize() - exact.a @ exact.b.T).double().pow(2).sum())
@@ -124,7 +124,7 @@ def test_rejects_bad_input(minilm_weights):
         profile_grid(torch.full((4, 4), float("nan")), [(nf(4, 16), 1)], 1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_matches_cpu(minilm_weights):
     w = minilm_weights[UP]
     points = [(nf(b, 64), r) for b in (2, 4) for r in (16, 64)]

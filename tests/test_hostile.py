@@ -318,7 +318,7 @@ def test_units_a_failed_plan_leaves_the_previous_folder_whole(fails_at, env, tmp
     assert _plan_in(out, env, tmp_path) == 0
     before = _snapshot(out)
     _fail_writing(monkeypatch, fails_at)
-    assert _plan_in(out, env, tmp_path, "--budget", "6bits") == 2
+    assert _plan_in(out, env, tmp_path, "--budget", "6bits", "--force") == 2
     monkeypatch.undo()
     assert _snapshot(out) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
@@ -378,7 +378,7 @@ def test_units_sigterm_is_handled_like_ctrl_c(env, tmp_path, capsys, monkeypatch
         return paths
     monkeypatch.setattr(api, "save_table", killed)
     capsys.readouterr()
-    assert _plan_in(out, env, tmp_path, "--budget", "6bits", "--no-report") == 143
+    assert _plan_in(out, env, tmp_path, "--budget", "6bits", "--no-report", "--force") == 143
     err = capsys.readouterr().err
     assert err.startswith("lqplan: terminated;") and len(err.splitlines()) == 1, err
     assert _snapshot(out) == before
@@ -395,7 +395,7 @@ def test_units_a_killed_run_leaves_the_previous_folder_and_the_next_run_removes_
               "def killed(*a, **k):\n    real(*a, **k)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
               "api.save_table = killed\nsys.exit(cli.main(sys.argv[1:]))\n")
     argv = ["plan", "--budget", "6bits", "--model", str(env["tiny"]), *GRID, "--quiet", "--no-report", "--out",
-            str(out), "--cache", str(env["cache"])]
+            str(out), "--cache", str(env["cache"]), "--force"]
     proc = subprocess.run([sys.executable, "-c", script, *argv], env=subprocess_env(), capture_output=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr

@@ -332,3 +332,24 @@ def test_mip_optimality_is_relative_to_the_total_error_not_the_shifted_objective
     mip = solve(table, budget, solver=solver, exact_dp=False, fix_by_bound=False, time_limit=None)
     assert mip.status == "optimal" and mip.proof == "mip"
     assert mip.total_error == pytest.approx(solve(table, budget).total_error, rel=RTOL)
+
+
+def test_a_budget_that_does_not_bind_is_said_once(caplog):
+    """A budget above what every matrix's least-error configuration needs plans them all there: the user is told
+    (only for a budget of theirs, i.e. with `describe`), and a budget that binds says nothing."""
+    from planner.plan.ilp import budget_slack
+
+    table = minilm_like_table(layers=2)
+    params = params_of(table)
+    words = lambda bits: f"{bits / params:.4f}bits"  # noqa: E731
+    most = int(table.loc[table.groupby("matrix")["error"].idxmin(), "storage_bits"].sum())
+    with caplog.at_level("WARNING", logger="lqplan"):
+        big = solve(table, 4 * most, describe=words)
+    assert budget_slack(table, big) == 4 * most - big.total_bits > 0 and big.total_bits <= most
+    (record,) = [r for r in caplog.records if "does not bind" in r.getMessage()]
+    assert words(4 * most) in record.getMessage() and "25% of the budget" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lqplan"):
+        tight = solve(table, most // 2, describe=words)
+        solve(table, 4 * most)  # no describe: the curve's and baselines' solves stay silent
+    assert budget_slack(table, tight) == 0 and not caplog.records

@@ -413,18 +413,27 @@ def test_memory_table_from_llama2_13b_config_only(tmp_path, monkeypatch):
     planned = 40 * sum(m * n for m, n in shapes)
     fp16 = table.loc[("fp16", 0)]
     assert fp16.planned_params == planned and fp16.other_params == total_params - planned
-    assert fp16.total_GB == pytest.approx(2 * total_params / 1e9, rel=1e-12)
-    assert abs(fp16.total_GB - 26.0) / 26.0 < 0.02
+    assert fp16.total_GiB == pytest.approx(2 * total_params / 2**30, rel=1e-12)
+    assert abs(fp16.total_GiB * 2**30 / 1e9 - 26.0) / 26.0 < 0.02
 
     nf4 = QuantConfig()  # NF4, block 64, double quant 8-bit/256: QLoRA's 4.127 bits
-    for rank in (0, 64):
+    for rank in (0, 16, 32, 64):
         row = table.loc[(nf4.label, rank)]
         bits = 40 * sum(nf4.matrix_bits(s, rank) for s in shapes)
-        assert row.total_GB == pytest.approx(bits / 8e9 + 2 * (total_params - planned) / 1e9, rel=1e-12)
+        assert row.total_GiB == pytest.approx((bits / 8 + 2 * (total_params - planned)) / 2**30, rel=1e-12)
     assert table.loc[(nf4.label, 0)].bits_per_param == pytest.approx(4.127, abs=1e-3)
-    assert table.loc[(nf4.label, 0)].total_GB == pytest.approx(7.2, abs=0.1)  # 12.69e9*4.127/8 + 0.33e9*2
-    assert list(table.index) == [("fp16", 0)] + [(QuantConfig(bits=b).label, r) for b in (4, 3, 2) for r in (0, 64)]
-    assert table.loc[("nf2-b64-dq8/256", 0)].total_GB < table.loc[(nf4.label, 0)].total_GB < fp16.total_GB
+    assert table.loc[(nf4.label, 0)].total_GiB == pytest.approx(7.2e9 / 2**30, abs=0.1)  # 12.69e9*4.127/8 + 0.33e9*2
+    # the ranks `lqplan plan` profiles for a 5120-wide model (16,32,64), each with and without an adapter
+    assert list(table.index) == [("fp16", 0)] + [(QuantConfig(bits=b).label, r) for b in (4, 3, 2)
+                                                 for r in (0, 16, 32, 64)]
+    assert table.loc[("nf2-b64-dq8/256", 0)].total_GiB < table.loc[(nf4.label, 0)].total_GiB < fp16.total_GiB
+
+
+def test_memory_table_uses_the_ranks_plan_profiles_for_the_model():
+    """The embedded MiniLM (384 wide) is profiled at ranks 8,16,32: its memory table shows those, not rank 64."""
+    table = memory_table(None)
+    assert sorted(set(table["rank"])) == [0, 8, 16, 32]
+    assert sorted(set(memory_table(None, ranks=[64])["rank"])) == [0, 64]
 
 
 def test_memory_table_of_the_default_model_matches_its_weights():

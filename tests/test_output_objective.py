@@ -229,7 +229,7 @@ def test_apply_initialises_the_output_plan_from_its_calibrated_decomposition(out
     for e in plan.matrices[:4]:
         layer = model.get_submodule(e.name)
         w = weights.get(e.name)
-        d = decompose(fp[e.name], e.point.config, e.point.rank, 2, w, solver)
+        d = decompose(fp[e.name], e.point.config, e.point.rank, 2, fisher=w, solver=solver)
         got = layer.merged_weight().float()
         assert torch.allclose(got, d.q.dequantize() + d.a @ d.b.T, atol=1e-5)
         metric = Metric.of(w, "cpu")

@@ -81,7 +81,7 @@ def test_pack_rejects_bad_inputs():
         unpack_codes(torch.zeros(8, dtype=torch.uint8), 6, 8)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_cpu_cuda_agree(bits):
     codes = torch.randint(0, 2**bits, (8 * 513,), dtype=torch.uint8)

@@ -201,11 +201,11 @@ def test_decompose_beats_plain_quantization_in_one_step(minilm_weights, name, bi
     g = 64
     cfg = int_config(bits, g)
     rank = min(8, max_rank(w.shape, g))
-    plain = qalora_decompose(w, cfg, rank, 0, EXACT).error
+    plain = qalora_decompose(w, cfg, rank, 0, solver=EXACT).error
     assert plain == pytest.approx(float((w - quantize_dequantize(w, cfg)).double().pow(2).sum()), rel=1e-9)
-    one = qalora_decompose(w, cfg, rank, 1, EXACT)
+    one = qalora_decompose(w, cfg, rank, 1, solver=EXACT)
     assert one.error < plain * (1 - 1e-3)  # measured 0.3–4 % lower on MiniLM
-    dec = qalora_decompose(w, cfg, rank, 3, EXACT)
+    dec = qalora_decompose(w, cfg, rank, 3, solver=EXACT)
     # Closed form of step 1: ‖R‖² − g·Σ_{k≤r} σ_k(R̄)² with R = W − q(W).
     residual = (w - quantize_dequantize(w, cfg)).double()
     sigma = torch.linalg.svdvals(group_means(residual, g))
@@ -241,8 +241,8 @@ def test_zero_rank_or_zero_iters_is_plain_quantization(minilm_weights):
 def test_randomized_solver_matches_exact(minilm_weights):
     w = minilm_weights[UP]
     cfg = int_config(3, 32)
-    exact = qalora_decompose(w, cfg, 8, 1, EXACT).error
-    assert qalora_decompose(w, cfg, 8, 1, SolverSettings()).error == pytest.approx(exact, rel=1e-6)
+    exact = qalora_decompose(w, cfg, 8, 1, solver=EXACT).error
+    assert qalora_decompose(w, cfg, 8, 1, solver=SolverSettings()).error == pytest.approx(exact, rel=1e-6)
 
 
 def test_group_constant_lowrank_is_optimal_against_brute_force():
@@ -352,8 +352,8 @@ def test_fisher_weighted_decomposition_lowers_the_weighted_error(minilm_weights)
     cfg = int_config(3, 64)
     gen = torch.Generator().manual_seed(0)
     fisher = (torch.rand(w.shape[0], generator=gen) ** 4, torch.rand(w.shape[1], generator=gen) ** 4)
-    weighted = qalora_decompose(w, cfg, 8, 1, EXACT, fisher)
-    plain = qalora_decompose(w, cfg, 8, 1, EXACT)
+    weighted = qalora_decompose(w, cfg, 8, 1, fisher=fisher, solver=EXACT)
+    plain = qalora_decompose(w, cfg, 8, 1, solver=EXACT)
     dr, dc = fisher[0].sqrt(), fisher[1].sqrt()
 
     def werr(d):
@@ -362,10 +362,10 @@ def test_fisher_weighted_decomposition_lowers_the_weighted_error(minilm_weights)
 
     assert weighted.error == pytest.approx(werr(weighted), rel=1e-5)
     assert werr(weighted) < werr(plain) * (1 - 1e-3)
-    same = qalora_decompose(w, cfg, 8, 1, EXACT, (torch.ones(w.shape[0]), torch.ones(w.shape[1])))
+    same = qalora_decompose(w, cfg, 8, 1, fisher=(torch.ones(w.shape[0]), torch.ones(w.shape[1])), solver=EXACT)
     assert same.error == pytest.approx(plain.error, rel=1e-6)
     with pytest.raises(ValueError, match="fisher weights have shapes"):
-        qalora_decompose(w, cfg, 8, 1, EXACT, (fisher[1], fisher[0]))
+        qalora_decompose(w, cfg, 8, 1, fisher=(fisher[1], fisher[0]), solver=EXACT)
 
 
 # ---- the profiler's numbers ------------------------------------------------------------------------------------
@@ -382,7 +382,7 @@ def test_profile_matrix_dispatches_qalora_points(minilm_weights, weighted):
     got = profile_matrix(w, [(cfg, 4, "qalora"), (cfg, 0, "qalora"), (cfg, 4)], iters=5, fisher=fisher,
                          solver=EXACT)
     # Independent reference: Q and the pooled adapter, expanded to the dense weight A·(B pooled → n columns).
-    dec = qalora_decompose(w, cfg, 4, 1, EXACT, fisher)
+    dec = qalora_decompose(w, cfg, 4, 1, fisher=fisher, solver=EXACT)
     dense = dec.lora_b @ expand_groups(dec.lora_a, 64) / 64
     res = w - dec.q.dequantize() - dense
     plain = w - quantize_dequantize(w, cfg)
@@ -394,7 +394,7 @@ def test_profile_matrix_dispatches_qalora_points(minilm_weights, weighted):
     # The LoRA point with the same quantizer: a full-width adapter, the ordinary decomposition.
     from quant import decompose
 
-    assert got[2].error == pytest.approx(decompose(w, cfg, 4, 5, fisher, EXACT).error, rel=1e-9)
+    assert got[2].error == pytest.approx(decompose(w, cfg, 4, 5, fisher=fisher, solver=EXACT).error, rel=1e-9)
     with pytest.raises(ValueError, match="method"):
         profile_matrix(w, [(cfg, 4, "gptq")], iters=1)
 
@@ -416,10 +416,26 @@ def test_balance_factors_keeps_the_product_bit_for_bit():
 def test_fisher_weighted_qalora_factors_are_balanced(minilm_weights):
     w = minilm_weights[QUERY]
     fisher = (torch.rand(w.shape[0]) * 1e-8 + 1e-9, torch.rand(w.shape[1]) + 0.1)  # LQ-LoRA's raw row scale
-    dec = qalora_decompose(w, int_config(3, 32), 4, 1, EXACT, fisher)
+    dec = qalora_decompose(w, int_config(3, 32), 4, 1, fisher=fisher, solver=EXACT)
     ratio = dec.lora_a.norm(dim=1) / dec.lora_b.norm(dim=0)
     assert ((ratio > 0.25) & (ratio < 4)).all()  # balanced up to the power of two and the g^(1/4) split
     # Without balancing lora_B would be ~1e4 times lora_A; balanced, both are as large as the unweighted factors.
-    plain = qalora_decompose(w, int_config(3, 32), 4, 1, EXACT)
+    plain = qalora_decompose(w, int_config(3, 32), 4, 1, solver=EXACT)
     for got, ref in ((dec.lora_a, plain.lora_a), (dec.lora_b, plain.lora_b)):
         assert 0.1 < float(got.norm() / ref.norm()) < 10
+
+
+def test_both_decompositions_take_their_settings_in_one_order_by_keyword():
+    import inspect
+
+    from quant.decompose import decompose
+    from quant.methods import METHODS
+
+    def shape(f):
+        return [(p.name, p.kind) for p in inspect.signature(f).parameters.values()]
+
+    lora, qalora = shape(decompose), shape(qalora_decompose)
+    assert qalora == [p for p in lora if p[0] != "rounding"], (lora, qalora)
+    keyword = {n for n, kind in lora if kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keyword == {"fisher", "solver", "rounding"}
+    assert shape(METHODS["lora"].decompose) == shape(METHODS["qalora"].decompose)

@@ -112,3 +112,57 @@ def test_write_reports_minimal_inputs(tmp_path):
     assert len(allocation_frame(plan)) == len(plan.matrices)
     paths = write_reports(plan, table, tmp_path)  # the uniform comparison is derived from the table
     assert "Uniform configurations" in paths["report_md"].read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("proof, within", [("dp", False), ("fixing", False), ("lp-bound", True), ("mip", True)])
+def test_proof_names_the_tolerance_only_where_the_proof_uses_it(proof, within):
+    from planner.report.frames import proof_text
+
+    text = proof_text({"status": "optimal", "proof": proof, "mip_rel_tol": 1e-6})
+    assert text.startswith("proven optimal") and ("within relative MIP tolerance 1e-06" in text) == within, text
+
+
+def test_run_section_in_words_keeps_what_the_cache_cost_to_compute(tmp_path):
+    from planner.report.render import RUN_LABELS, run_frame
+
+    rerun = {"model": "m", "profile_seconds": 0.06, "computed_points": 0, "cached_points": 1728,
+             "computed_matrices": 0, "cached_profile_seconds": 520.85, "total_seconds": 0.72}
+    items = dict(run_frame(rerun).itertuples(index=False))
+    assert not set(rerun) - {"model"} & set(items), items  # no raw key left
+    assert items[RUN_LABELS["cached_profile_seconds"]] == "520.85"
+    first = {**rerun, "computed_points": 1728, "cached_points": 0, "cached_profile_seconds": 0.0}
+    assert RUN_LABELS["cached_profile_seconds"] not in dict(run_frame(first).itertuples(index=False))
+
+    table = small_table(layers=1)
+    plan, _ = make_plan(table, 6.0)
+    md = write_reports(plan, table, tmp_path, extra=rerun)["report_md"].read_text(encoding="utf-8")
+    assert f"| {RUN_LABELS['cached_profile_seconds']} | 520.85 |" in md and "profile_seconds" not in md
+    assert re.search(r"\| bytes \| [\d,]+ \([\d.]+ (KiB|MiB)\) \|", md) and " MB)" not in md and " kB)" not in md
+
+
+def test_heatmap_shows_the_rank_panel_only_when_ranks_differ():
+    from planner.report.figures import _cell_label, heatmap_panels
+
+    table = small_table()
+    plan, _ = make_plan(table, 5.0)
+    alloc = allocation_frame(plan, table)
+    one = alloc.assign(rank=8)
+    assert [c for c, _ in heatmap_panels(one)] == ["bits_per_param"]
+    assert "LoRA rank 8 on every matrix" in heatmap_panels(one)[0][1]
+    two = alloc.assign(rank=[8, 16] * (len(alloc) // 2) + [8] * (len(alloc) % 2))
+    assert [c for c, _ in heatmap_panels(two)] == ["bits_per_param", "rank"]
+    assert _cell_label("nf3-b128-dq8/256-r8") == "nf3-b128"
+
+
+def test_curve_title_says_where_plans_start_to_fit():
+    from planner.report.figures import curve_title
+
+    table = small_table()
+    _, params = make_plan(table, 5.0)
+    curve = error_budget_curve(table, [int(b * params) for b in (1.0, 2.5, 5.0, 6.0)])
+    assert curve["total_error"].isna().iloc[0] and curve["total_error"].notna().iloc[-1]
+    start = curve.loc[curve["total_error"].notna(), "budget_bits_per_param"].min()
+    title = curve_title(curve)
+    assert title.startswith("least total error at each budget") and f"{start:.3g}–6 bits/param" in title
+    assert "no plan fits its smaller budgets: 1, 2.5 bits/param" in title, title
+    assert "no plan fits" not in curve_title(curve.loc[curve["total_error"].notna()])

@@ -145,7 +145,6 @@ def test_sharded_llama_profiles_near_one_matrix_and_plans_every_projection(llama
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_workers_on_their_streams_give_the_single_worker_numbers(llama_folder, tmp_path):
     """Matrices decomposed by several threads, each on its own CUDA stream (the GPU default), give the numbers of
     one at a time exactly: every matrix's kernels and batch sizes are the same, only their interleaving differs."""

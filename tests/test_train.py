@@ -225,7 +225,7 @@ def test_gradient_accumulation_averages_micro_batches(tiny_llama, tok, splits):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_bf16_training_step_on_gpu(tiny_llama, tok, splits):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     plan = explicit_plan(model, GridPoint(QuantConfig(bits=4, blocksize=64), 8), model_path=tiny_llama, iters=1)

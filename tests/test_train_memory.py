@@ -197,3 +197,28 @@ def test_default_train_run_stays_inside_its_printed_prediction(tok, tmp_path):
     predicted = result["predicted_memory"]
     assert peak <= 1.02 * (predicted["peak_bytes"] - CUDA_WORKSPACE)
     assert predicted["peak_phase"] == "reference"
+
+
+def test_an_encoder_is_predicted_without_logits():
+    """An encoder (the embedded MiniLM) is distilled on its hidden states: no vocabulary-sized logits are held, only
+    the teacher's fp32 states, the difference the loss saves (measured here) and its gradient."""
+    from planner.model.resolve import resolve_model
+    from planner.train.losses import distill_loss
+
+    config = resolve_model(None).config
+    arch = Architecture.from_config(config)
+    assert not arch.causal and arch.vocab == config["vocab_size"]
+    tokens, h = 2 * 64, arch.hidden
+    assert head_bytes(arch, tokens) == tokens * 3 * 4 * h
+    assert head_bytes(Architecture(**{**arch.__dict__, "causal": True}), tokens) > 90 * head_bytes(arch, tokens)
+
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    student = torch.randn(2, 64, h, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        distill_loss(student * 1, torch.randn(2, 64, h), torch.ones(2, 64, dtype=torch.long))
+    assert 4 * h * tokens <= sum(seen.values()) <= 1.05 * 4 * h * tokens  # the saved fp32 difference (+ pooled rows)

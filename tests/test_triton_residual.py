@@ -11,11 +11,9 @@ HAVE_TRITON = triton_dequant.triton_module() is not None
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (CPU torch wheel)")
 
 
-@pytest.fixture(params=["interpret", "cuda"])
+@pytest.fixture(params=["interpret", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request, monkeypatch):
     if request.param == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("needs CUDA")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         return torch.device("cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

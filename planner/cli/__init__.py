@@ -13,7 +13,7 @@ import threading
 
 from ..errors import UserError
 
-# Filled by _load() on the first main() (a test may have set one already: it is kept).
+# Filled by _load_parser() and _load_verbs() on the first main() (a test may have set one already: it is kept).
 COMMANDS = prepare = cli_entry = build_parser = None
 
 
@@ -25,12 +25,22 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def _load() -> None:
-    from . import commands, launch, parser
+def _load_parser() -> None:
+    from . import parser
+
+    global build_parser
+    if build_parser is None:
+        build_parser = parser.build_parser
+
+
+def _load_verbs() -> None:
+    """The verbs' modules, and torch with them: only once the arguments parsed (`--help` and usage errors are
+    answered without them)."""
+    from . import commands, launch
 
     g = globals()
     for name, value in (("COMMANDS", commands.COMMANDS), ("prepare", commands.prepare),
-                        ("cli_entry", launch.cli_entry), ("build_parser", parser.build_parser)):
+                        ("cli_entry", launch.cli_entry)):
         if g[name] is None:
             g[name] = value
 
@@ -40,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     command = None
     try:
-        _load()
-        parser = build_parser()
-        args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+        _load_parser()
+        args = build_parser().parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+        _load_verbs()
         command = args.command
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
         if args.command in ("plan", "profile"):

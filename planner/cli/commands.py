@@ -10,7 +10,7 @@ from quant import SolverSettings
 from ..api import make_plan, plan_memory, profile_model, report_plan
 from ..devices import resolve_device
 from ..errors import UserError
-from ..outputs import check_writable
+from ..outputs import check_writable, refuse_another_plan
 from ..model.discover import discover_matrices
 from ..model.memory import memory_table
 from ..model.resolve import list_aliases, resolve_model
@@ -57,6 +57,10 @@ def prepare(args) -> None:
         hf_logging.disable_progress_bar()  # the Fisher model's weight-loading bar: --quiet means no bars at all
     args.train_shape = train_shape(args) if args.command == "plan" else None
     args.inputs = None  # a distributed run resolves the model and budget before its profile (cli.launch)
+    if args.command == "plan" and not args.force:
+        refuse_another_plan(args.out, budget=args.budget_spec.spec, method=args.settings.method_record(),
+                            fingerprint=lambda: resolve_model(args.model).fingerprint,
+                            data_aware=args.settings.calib is not None)
 
 
 def train_shape(args) -> TrainShape | None:

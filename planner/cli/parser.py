@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the ILP may branch to prove optimality; then the best plan found is kept, marked "
                    "'feasible' with its gap (default 60; 0 = no limit)")
     p.add_argument("--no-report", action="store_true", help="write plan.json only")
+    p.add_argument("--force", action="store_true",
+                   help="replace a plan.json in --out made for another budget, model, grid or objective (without "
+                   "it such a plan is kept and the run refused; rerunning the same request always replaces it)")
     p.add_argument("--tie", default=None, metavar="GROUPS",
                    help="fused groups whose members get one configuration, for serving engines that fuse them "
                    "(vLLM): qkv (q/k/v projections of a layer), gate_up (gate/up projections), or qkv,gate_up; "

@@ -9,6 +9,7 @@ from ..fsio import user_path
 from .config import read_config
 from .discover import MIN_MATRIX_SIDE, build_skeleton, load_config, skeleton_linears
 from .packaged import PACKAGED, packaged_folder
+from .ranks import default_ranks
 from .resolve import (
     ALIASES,
     EMBEDDED_ALIAS,
@@ -46,16 +47,17 @@ def _config_source(model) -> tuple[object, str]:
     return load_config(find_in_cache(hub_id, config_only=True)), text
 
 
-def memory_table(model, bits: Sequence[int] = (4, 3, 2), rank: int = 64, include_head: bool = False,
-                 configs: Sequence[tuple] | None = None):
+def memory_table(model, bits: Sequence[int] = (4, 3, 2), ranks: Sequence[int] | None = None,
+                 include_head: bool = False, configs: Sequence[tuple] | None = None):
     """Dry-run memory estimate from config.json alone (a folder with only config.json, a config.json path, a
     config dict, a ModelSource or any --model spec): a pandas DataFrame, one row per configuration.
 
     Rows: "fp16" (every parameter 16-bit), then per NF bit width in `bits` the QLoRA-style double-quantized
-    config (block 64, 8-bit scales in blocks of 256) without adapters and with rank-`rank` 16-bit adapters.
+    config (block 64, 8-bit scales in blocks of 256) without adapters and with 16-bit adapters of each rank in
+    `ranks` (default: the ranks `lqplan plan` profiles for this model, planner.model.ranks.default_ranks).
     `configs` replaces those with explicit (QuantConfig, rank) pairs. Unplanned parameters (embeddings, norms,
     biases, head) count as 16-bit. Columns: config, rank, planned_params, other_params, bits_per_param (planned
-    matrices incl. adapters), planned_GB, other_GB, total_GB (GB = 1e9 bytes)."""
+    matrices incl. adapters), planned_GiB, other_GiB, total_GiB (binary units, as every size lqplan prints)."""
     import pandas as pd
 
     from quant.config import QuantConfig
@@ -70,12 +72,12 @@ def memory_table(model, bits: Sequence[int] = (4, 3, 2), rank: int = 64, include
     total = sum(p.numel() for p in model_obj.parameters())  # parameters() yields tied weights once
     planned = sum(m * n for m, n in shapes)
     other = total - planned
+    if ranks is None:
+        ranks = [int(r) for r in default_ranks(min(s) for s in shapes).split(",")]
     if configs is None:
         configs = [("fp16", 0)]
         for b in bits:
-            configs.append((QuantConfig(bits=b), 0))
-            if rank:
-                configs.append((QuantConfig(bits=b), rank))
+            configs += [(QuantConfig(bits=b), r) for r in (0, *(r for r in ranks if r))]
     rows = []
     for cfg, r in configs:
         if cfg == "fp16":
@@ -87,8 +89,8 @@ def memory_table(model, bits: Sequence[int] = (4, 3, 2), rank: int = 64, include
         rows.append({
             "config": label, "rank": r, "planned_params": planned, "other_params": other,
             "bits_per_param": planned_bits / planned if planned else float("nan"),
-            "planned_GB": planned_bits / 8e9, "other_GB": 2 * other / 1e9,
-            "total_GB": planned_bits / 8e9 + 2 * other / 1e9,
+            "planned_GiB": planned_bits / 8 / 2**30, "other_GiB": 2 * other / 2**30,
+            "total_GiB": (planned_bits / 8 + 2 * other) / 2**30,
         })
     table = pd.DataFrame(rows)
     table.attrs["model"] = name

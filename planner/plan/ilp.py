@@ -27,6 +27,7 @@ costs and errors are its members' sums, and the choice is expanded back to the m
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from .instance import (
 from .mip import DEFAULT_SOLVER, SOLVERS, solve_mip
 from ..model.fused import TieGroup, parse_tie, tie_groups
 from .tie import expand_choice, group_table
+
+log = logging.getLogger("lqplan")
 
 # Seconds the MIP may branch before the best plan found so far is returned with status "feasible" and its gap to
 # the LP bound: knapsacks over near-identical matrices (a model whose layers look alike) can branch for many
@@ -134,7 +137,8 @@ def solve(table: pd.DataFrame, budget_bits, solver: str = DEFAULT_SOLVER, thread
     planner.plan.budget.Budget.format_bits). fix_by_bound=False skips steps 3-4 and exact_dp=False step 5's DP (for
     benchmarking the MIP solvers). tie: fused groups ("qkv", "gate_up"; planner.plan.tie) whose members get one
     configuration: the knapsack is solved over each group as one item, the choice expanded to its members.
-    _instance: the prepared Instance of the table (of the grouped table, with a tie), reused across budgets."""
+    _instance: the prepared Instance of the table (of the grouped table, with a tie), reused across budgets.
+    With `describe` (a user's budget), a budget that does not bind is said in a warning (budget_slack)."""
     t0 = time.perf_counter()
     if hasattr(budget_bits, "describe"):  # a ResolvedBudget: its bits, worded in the user's unit
         budget_bits, describe = budget_bits.bits, describe or budget_bits.describe
@@ -143,11 +147,27 @@ def solve(table: pd.DataFrame, budget_bits, solver: str = DEFAULT_SOLVER, thread
         sol = _solve(tied, budget_bits, solver, threads, time_limit, describe, fix_by_bound, exact_dp, _instance,
                      smallest="every matrix at its cheapest configuration, each tied group at the cheapest one all "
                               "its members take")
+        slack = budget_slack(tied, sol)
         sol = expand_solution(table, sol, groups)
     else:
         sol = _solve(table, budget_bits, solver, threads, time_limit, describe, fix_by_bound, exact_dp, _instance)
+        slack = budget_slack(table, sol)
+    if slack and describe is not None:
+        log.warning("the budget, %s, does not bind: every matrix already has its least-error profiled configuration, "
+                    "together %s (%.2g%% of the budget); a larger budget changes nothing: profile larger "
+                    "configurations (--bits, --ranks) to use it, or lower the budget", describe(budget_bits),
+                    describe(sol.total_bits), 100 * sol.total_bits / budget_bits)
     sol.seconds = time.perf_counter() - t0
     return sol
+
+
+def budget_slack(table: pd.DataFrame, sol: Solution) -> int:
+    """Bits of the budget the plan leaves unused although no matrix can lower its error any more (each has its
+    least-error row of `table`): the budget does not bind. 0 when it binds."""
+    least = math.fsum(table.groupby("matrix", sort=False)["error"].min().tolist())
+    if sol.total_error > least + RTOL * max(abs(least), 1e-300):
+        return 0
+    return max(sol.budget_bits - sol.total_bits, 0)
 
 
 def tied_table(table: pd.DataFrame, tie: Sequence[str]) -> tuple[pd.DataFrame, list[TieGroup]]:

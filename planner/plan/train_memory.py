@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import UserError
-from ..model.discover import unplanned_bytes
+from ..model.discover import is_causal_lm, unplanned_bytes
 from ..model.weights import FLOAT_CODES
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
@@ -76,6 +76,7 @@ class Architecture:
     heads: int
     kv_dim: int
     vocab: int
+    causal: bool = True  # False: an encoder, distilled and scored on its hidden states (no logits, no LM head)
 
     @classmethod
     def from_config(cls, config: dict) -> "Architecture":
@@ -83,7 +84,7 @@ class Architecture:
             h, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
             kv_heads = int(config.get("num_key_value_heads") or heads)
             return cls(h, int(config["intermediate_size"]), int(config["num_hidden_layers"]), heads,
-                       h // heads * kv_heads, int(config["vocab_size"]))
+                       h // heads * kv_heads, int(config["vocab_size"]), is_causal_lm(config))
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             raise UserError("config.json lacks a decoder's sizes (hidden_size, intermediate_size, num_hidden_layers, "
                             "num_attention_heads, vocab_size): the training-memory model covers decoder LMs") from None
@@ -124,7 +125,7 @@ def reference_peak_bytes(arch: "Architecture", weights: ReferenceWeights, seq_le
     projection and their product, 3·4i); the head (the fp32 logits, 4V per token, beside the final norm's output
     during the projection or one window's log-softmax after it)."""
     n = EVAL_WINDOWS * seq_len
-    h, i, v = arch.hidden, arch.intermediate, arch.vocab
+    h, i, v = arch.hidden, arch.intermediate, arch.vocab if arch.causal else 0  # an encoder has no logits
     work = max(2 * weights.largest, 4 * n * (3 * h + 3 * i), 4 * n * v + 4 * max(n * h, seq_len * v))
     return weights.outside + weights.block + work + CUDA_WORKSPACE
 
@@ -135,7 +136,7 @@ def eval_work_bytes(arch: "Architecture", seq_len: int, largest: int) -> int:
     activation, up projection and product, 3·2i; the largest matrix dequantized, 2 bytes a value) or the head's (the
     16-bit logits, 2V per token, beside the final norm's output or one window's fp32 copy and log-softmax, 8V)."""
     n = EVAL_WINDOWS * seq_len
-    h, i, v = arch.hidden, arch.intermediate, arch.vocab
+    h, i, v = arch.hidden, arch.intermediate, arch.vocab if arch.causal else 0  # an encoder has no logits
     return max(2 * n * (3 * h + 3 * i) + 2 * largest, 2 * n * v + max(2 * n * h, 8 * seq_len * v))
 
 
@@ -148,7 +149,11 @@ def layer_activation_bytes(arch: Architecture, tokens: int, ranks: list[int]) ->
 
 def head_bytes(arch: Architecture, tokens: int) -> int:
     """The final norm's saved fp32 input, the logits (bf16 and the fp32 log-softmax the loss saves), the labels,
-    and the loss backward's two fp32 logit-sized gradients, all alive at the start of backward."""
+    and the loss backward's two fp32 logit-sized gradients, all alive at the start of backward. An encoder has no
+    logits: its distillation loss (planner.train.losses.distill_loss) holds the teacher's fp32 hidden states, the
+    fp32 difference it saves and that difference's gradient, 3·4h per token."""
+    if not arch.causal:
+        return tokens * 3 * 4 * arch.hidden
     return tokens * ((4 * arch.hidden + 4) + (2 + 4) * arch.vocab + 8 + 2 * 4 * arch.vocab)
 
 

@@ -22,7 +22,8 @@ def weighted_plan_error(source, plan: Plan, weights, weighted_decomposition: boo
         e = plan.by_name()[info.name]
         weighting = check_weighting(weights.get(info.name), tuple(w.shape))
         kind = get_method(e.point.method)
-        q, a, b = kind.decompose(w, e.point.config, e.point.rank, settings.iters, settings.solver,
-                                 *((weighting, settings.rounding) if weighted_decomposition else (None, "nearest")))
+        fisher, rounding = (weighting, settings.rounding) if weighted_decomposition else (None, "nearest")
+        q, a, b = kind.decompose(w, e.point.config, e.point.rank, settings.iters, fisher=fisher,
+                                 solver=settings.solver, rounding=rounding)
         total += Metric.of(weighting, w.device).error(w.float() - q.dequantize() - kind.dense(a, b, e.point.config))
     return total

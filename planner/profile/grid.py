@@ -14,16 +14,10 @@ from quant.methods import METHODS as ADAPTER_METHODS
 from quant.methods import get_method
 
 from ..errors import UserError
+from ..model.ranks import DEFAULT_RANKS, default_ranks  # noqa: F401 (the grid's defaults; default_ranks re-exported)
 
 DEFAULT_BITS = (2, 3, 4, 8)
 DEFAULT_BLOCKS = (16, 32, 64, 128)
-DEFAULT_RANKS = (16, 32, 64)  # `lqplan grid` without a model or --shape, and make_grid()'s default
-# Default ranks for a model (default_ranks): r, 2r, 4r with r the largest power of two <= w / RANK_WIDTH_RATIO, w the
-# median of the planned matrices' smaller sides, r within RANK_BASE_RANGE. A rank-r adapter on a w x w matrix
-# costs 16·r·2w / w² = 32r/w bits per weight, so the smallest default rank costs at most 2/3 bit per weight and the
-# cheapest plan fits 2.75 bits: MiniLM (w 384) -> 8,16,32; Gemma 3 270M (w 640) -> 8,16,32; 4096+ -> 16,32,64.
-RANK_WIDTH_RATIO = 48
-RANK_BASE_RANGE = (4, 16)
 METHODS = tuple(ADAPTER_METHODS)
 GRID_METHODS = ("lora", "qalora", "both")
 DEFAULT_GROUPS = (32, 64, 128)  # QA-LoRA group sizes g
@@ -94,19 +88,6 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     if not values:
         raise UserError(f"--{what} is empty; give at least one value, e.g. --{what} 4")
     return values
-
-
-def default_ranks(widths) -> str:
-    """The default --ranks for matrices whose smaller sides are `widths` (see RANK_WIDTH_RATIO), e.g. "8,16,32"."""
-    widths = sorted(int(w) for w in widths)
-    if not widths:
-        return ",".join(map(str, DEFAULT_RANKS))
-    median = widths[len(widths) // 2]
-    lo, hi = RANK_BASE_RANGE
-    base = lo
-    while base * 2 <= min(hi, median / RANK_WIDTH_RATIO):
-        base *= 2
-    return ",".join(str(base * k) for k in (1, 2, 4))
 
 
 def make_grid(bits="2,3,4,8", blocks="16,32,64,128", ranks="16,32,64", kind: str = "nf",

@@ -51,6 +51,7 @@ class ProfileStats:
     computed_matrices: list[str] = field(default_factory=list)
     seconds: float = 0.0
     compute_seconds: float = 0.0
+    cached_seconds: float = 0.0  # what the points read from the cache took to compute, as the cache recorded it
 
     @property
     def cached_points(self) -> int:
@@ -58,9 +59,16 @@ class ProfileStats:
 
     def summary(self) -> str:
         """One line for logs and the CLI: what was computed and what came from the cache."""
+        earlier = f"; the cached ones took {self.cached_seconds:.1f} s to compute" if self.cached_points else ""
         return (f"{self.computed_points} of {self.points} (matrix, config) points computed on "
                 f"{len(self.computed_matrices)} of {self.matrices} matrices, {self.cached_points} from cache "
-                f"({self.seconds:.1f} s)")
+                f"({self.seconds:.1f} s{earlier})")
+
+    def record(self) -> dict:
+        """The profile's part of run.json and of the report's Run section."""
+        return {"profile_seconds": round(self.seconds, 2), "computed_points": self.computed_points,
+                "cached_points": self.cached_points, "computed_matrices": len(self.computed_matrices),
+                "cached_profile_seconds": round(self.cached_seconds, 2)}
 
 
 def profile_one(name: str, shape, w: torch.Tensor, missing: list[GridPoint], iters: int, solver: SolverSettings,
@@ -108,6 +116,9 @@ def run_profile(source, matrices, settings: ProfileSettings, fisher: dict | None
                                 f"({min(info.shape)}); lower --ranks")
         if missing:
             todo.append((info, missing))
+        labels = {p.label for p in grid if p.applies_to(info.shape)} - {p.label for p in missing}
+        stats.cached_seconds += sum(float(have[info.name][label].get("seconds", 0.0)) for label in labels
+                                    if label in have[info.name])
 
     bar = None
     if progress and todo:

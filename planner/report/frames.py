@@ -72,12 +72,15 @@ _PROOFS = {"lp-bound": "the greedy plan meets the LP relaxation bound",
 
 
 def proof_text(s: dict) -> str | None:
-    """The optimality claim in words: what proved it and within which MIP tolerance."""
+    """The optimality claim in words: what proved it and, where the proof allows a relative tolerance (the greedy
+    plan meeting the LP bound, the MIP solver's search), which; reduced-cost fixing and the dynamic program are
+    exact over the candidates the fixing kept, which include every plan within the tolerance."""
     status = s.get("status")
     if status is None:
         return None
     tol = s.get("mip_rel_tol")
-    within = f" within relative MIP tolerance {float(tol):g}" if tol is not None else ""
+    exact = s.get("proof") in ("fixing", "dp")
+    within = f" within relative MIP tolerance {float(tol):g}" if tol is not None and not exact else ""
     if status == "optimal":
         how = _PROOFS.get(s.get("proof") or "", s.get("proof") or "")
         return f"proven optimal{within}" + (f" ({how})" if how else "")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..fsio import write_bytes, write_text
+from ..fsio import size_text, write_bytes, write_text
 from ..plan.document import Plan
 from ..plan.ilp import uniform_solutions
 from ..timing import PhaseClock
@@ -38,9 +38,10 @@ HOW_TO_READ = (
      "second-level scales and the 16-bit LoRA adapters) divided by their parameter count; bytes is the same in bytes."),
     ("Error", "the sum over matrices of the (Fisher-weighted if calibration was used) squared Frobenius error "
      "||W - Q - A·Bᵀ||², so large matrices weigh more; compare errors between plans of the same model only."),
-    ("Optimality", "solver status 'optimal' means proven optimal: no plan within the budget has a total error "
-     "smaller by more than the MIP tolerance (relative 1e-6); the proof line says what proved it (the LP bound "
-     "itself, reduced-cost fixing, or the MIP solver's search). 'feasible' means a time limit stopped the search."),
+    ("Optimality", "solver status 'optimal' means proven optimal: no plan within the budget has a smaller total "
+     "error; the proof line says what proved it: reduced-cost fixing and the exact dynamic program are exact, the LP "
+     "bound itself and the MIP solver's search hold within a relative tolerance (1e-6), which the line then names. "
+     "'feasible' means a time limit stopped the search."),
     ("LP bound and gap", "the LP relaxation bound is the exact optimum of the problem with fractional choices "
      "allowed: no plan can have a smaller total error. The gap to it, (error - bound) / error, includes the "
      "integrality gap (whole configurations cannot fill the budget exactly), so a proven-optimal plan usually has "
@@ -51,10 +52,14 @@ HOW_TO_READ = (
      "serving engines that fuse them require; the plan is the best tied plan, compared with the best untied plan "
      "at the same budget: the relative error increase is what the tie costs. The curve and the uniform "
      "configurations are tied plans too (one configuration everywhere satisfies every tie)."),
-    ("Heatmaps", "each matrix's bits/param (incl. adapters) and LoRA rank by layer (rows) and matrix type (columns): "
-     "brighter cells are where the budget went."),
+    ("Sizes", "bytes are also given in binary units: 1 KiB = 1024 bytes, 1 MiB = 1024² bytes, 1 GiB = 1024³ bytes "
+     "(as everywhere lqplan prints a size)."),
+    ("Heatmaps", "each matrix's bits/param (incl. adapters), with its configuration (code and block size), by layer "
+     "(rows) and matrix type (columns): brighter cells are where the budget went. A second panel shows the LoRA "
+     "rank where the plan gives matrices different ranks; otherwise the title names the one rank."),
     ("Error-budget curve", "the best error reachable at each budget (line) against one configuration for every matrix "
-     "(points); the vertical distance at equal bits is what mixing configurations buys."),
+     "(points); the vertical distance at equal bits is what mixing configurations buys. The line spans the "
+     "budgets from 2.25 to 5 bits/param that some plan fits; the title names those too small for any plan."),
 )
 
 
@@ -85,11 +90,20 @@ def _html_table(df: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _human_bytes(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3f} {unit}"
-    return f"{n} B"
+# The Run section's rows in words; a key not listed here is shown as it is.
+RUN_LABELS = {"profile_seconds": "profiling time this run (s)",
+              "computed_points": "(matrix, configuration) points computed this run",
+              "cached_points": "points read from the profile cache",
+              "cached_profile_seconds": "computing time of the cached points when they were profiled (s)",
+              "computed_matrices": "matrices profiled this run",
+              "total_seconds": "profile to reports, this run (s)"}
+
+
+def run_frame(run: dict) -> pd.DataFrame:
+    """The Run section: each item in words (RUN_LABELS); a cache-time row only where points came from the cache."""
+    rows = [(RUN_LABELS.get(k, k), str(v)) for k, v in run.items()
+            if not (k == "cached_profile_seconds" and not run.get("cached_points"))]
+    return pd.DataFrame(rows, columns=["item", "value"])
 
 
 def _totals_md(plan: Plan) -> str:
@@ -105,7 +119,7 @@ def _totals_md(plan: Plan) -> str:
         elif k == "solver seconds":
             v = f"{float(v):.3f}"
         elif isinstance(v, (int, np.integer)):
-            v = f"{int(v):,}" + (f" ({_human_bytes(int(v))})" if k.endswith("bytes") else "")
+            v = f"{int(v):,}" + (f" ({size_text(int(v))})" if k.endswith("bytes") else "")
         lines.append((k, str(v)))
     return _md_table(pd.DataFrame(lines, columns=["quantity", "value"]))
 
@@ -157,7 +171,7 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
                                                    else {}), "matrices": len(plan.matrices), **extra}
     if table is not None and len(table):
         run["configurations profiled per matrix"] = int(table.groupby("matrix").size().max())
-    run_df = pd.DataFrame([(k, str(v)) for k, v in run.items()], columns=["item", "value"])
+    run_df = run_frame(run)
     uni_df = None
     if uniform is not None and not uniform.empty:
         cols = [c for c in ("label", "bits_per_param", "total_bits", "total_error", "fits") if c in uniform.columns]
@@ -168,7 +182,7 @@ def write_reports(plan: Plan, table: pd.DataFrame | None, out_dir, curve: pd.Dat
             run["best uniform configuration within the budget"] = (
                 f"{best['label']} (error {best['total_error']:.6g}, "
                 f"{best['total_error'] / plan.totals['error']:.3f}x this plan's)")
-            run_df = pd.DataFrame([(k, str(v)) for k, v in run.items()], columns=["item", "value"])
+            run_df = run_frame(run)
 
     sections = [("Totals", None, "totals"), ("Run", run_df, None)]
     tie_df = tie_frame(plan.method)

@@ -15,6 +15,7 @@ log = logging.getLogger("lqplan")
 RUN_STATS = "run.json"
 
 _RUN_SPEC = {"profile_seconds?": NUM, "computed_points?": INT, "cached_points?": INT, "computed_matrices?": INT,
+             "cached_profile_seconds?": NUM,
              "total_seconds?": NUM, "solver_seconds?": NUM, "plan_sha256?": STR}
 
 

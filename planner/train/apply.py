@@ -198,7 +198,7 @@ def build_layer(entry, method: str, w: torch.Tensor, bias, init: str, iters: int
         if zero_init:
             return kind.layer(quantize(w, config), bias, rank=rank, alpha=alpha, dropout=dropout,
                               adapter_dtype=adapter_dtype)
-        q, a, b = kind.decompose(w, config, rank, iters, solver, weights, rounding)
+        q, a, b = kind.decompose(w, config, rank, iters, fisher=weights, solver=solver, rounding=rounding)
         if weights is not None and kind.balance_weighted:
             a, b = balance_factors(a, b)  # the product is kept exactly
         return kind.layer(q, bias, a, b, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
