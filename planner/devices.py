@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from quant.layers import DEQUANT_BACKENDS
+from quant.backends import DEQUANT_BACKENDS
 
 from .errors import UserError
 

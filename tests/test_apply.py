@@ -298,18 +298,18 @@ def test_apply_on_gpu_keeps_packed_storage_on_the_device(minilm_path, batch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_compiled_cuda_dequant_is_bit_identical_to_eager(bits, monkeypatch):
-    from quant import layers
+    from quant import backends
     w = torch.randn(640, 1000, generator=torch.Generator().manual_seed(bits)).cuda()  # 640000: not a block multiple
     layer = QuantLoRALinear(quantize(w, QuantConfig("nf", bits, 64)))
     for dtype in (torch.bfloat16, torch.float32):
         layer.backend = "compile"
-        assert layers.dequant_backend(w.device, layer.config, layer.backend) == "compile"
+        assert backends.dequant_backend(w.device, layer.config, layer.backend) == "compile"
         fused = layer.dequantize(dtype)
         layer.backend = "eager"
         eager = layer.dequantize(dtype)
         assert torch.equal(fused, eager)
         assert torch.equal(eager.float(), layer.quantized().dequantize().to(dtype).float())
-    assert not layers._COMPILED.get("failed"), "torch.compile fell back to eager on this GPU"
+    assert not backends._COMPILED.get("failed"), "torch.compile fell back to eager on this GPU"
 
 
 # ---- QA-LoRA points: grid, plan document, executor ---------------------------------------------------------------

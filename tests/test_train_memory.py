@@ -129,6 +129,7 @@ def allocator_peak(fn):
     allocation and free torch's CPU allocator reports to the profiler while fn runs. The garbage collector is off
     meanwhile, so memory that only a collection would free counts as held, as it would on a GPU between collections."""
     enabled = gc.isenabled()
+    gc.collect()  # garbage of earlier tests freed inside fn would count against fn's own allocations
     gc.disable()
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
