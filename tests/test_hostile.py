@@ -178,7 +178,7 @@ def test_security_pickles_are_never_loaded(env, tmp_path, capsys, no_prompt):
     assert not marker.exists()
     only = model_copy(env, tmp_path, name="only-bin", mutate=lambda f: (f / "model.safetensors").unlink())
     shutil.copy(folder / "pytorch_model.bin", only / "pytorch_model.bin")
-    line = run_cli(plan_argv(only, tmp_path), capsys)
+    line = run_cli(plan_argv(only, tmp_path, "--force"), capsys)  # the same --out holds the calibrated plan
     assert "has no *.safetensors weights" in line and "never loads pickled weights" in line
     assert not marker.exists()
 
