@@ -147,12 +147,12 @@ def solve(table: pd.DataFrame, budget_bits, solver: str = DEFAULT_SOLVER, thread
         sol = _solve(tied, budget_bits, solver, threads, time_limit, describe, fix_by_bound, exact_dp, _instance,
                      smallest="every matrix at its cheapest configuration, each tied group at the cheapest one all "
                               "its members take")
-        slack = budget_slack(tied, sol)
+        slack = budget_slack(tied, sol) if describe is not None else 0
         sol = expand_solution(table, sol, groups)
     else:
         sol = _solve(table, budget_bits, solver, threads, time_limit, describe, fix_by_bound, exact_dp, _instance)
-        slack = budget_slack(table, sol)
-    if slack and describe is not None:
+        slack = budget_slack(table, sol) if describe is not None else 0
+    if slack:
         log.warning("the budget, %s, does not bind: every matrix already has its least-error profiled configuration, "
                     "together %s (%.2g%% of the budget); a larger budget changes nothing: profile larger "
                     "configurations (--bits, --ranks) to use it, or lower the budget", describe(budget_bits),
