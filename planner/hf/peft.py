@@ -6,9 +6,10 @@ or a rank-0 QuantLoRALinear, which computes the same), each optionally carrying 
 scaling)`, its LoftQ factors. A model quantized through transformers (LqplanConfig) has that form; split_adapters()
 makes it from apply_plan's output, putting each layer's PackedLinear (its packed buffers, shared) in its place.
 LqplanLoraLinear is the PEFT layer for such a base: PEFT's `base_layer` is the packed layer, whose forward is its
-own (packed weight, dequantized on the fly in forward and again in backward), plus PEFT's LoRA branch. It is registered through LoraConfig._register_custom_module, PEFT's
-public hook for layer types it does not know, so every config used with an lqplan base must be registered:
-lqplan_lora_config, get_lqplan_peft_model and load_lqplan_adapter do it.
+own (packed weight, dequantized on the fly in forward and again in backward), plus PEFT's LoRA branch. It is
+registered through LoraConfig._register_custom_module, PEFT's public hook for layer types it does not know, so
+every config used with an lqplan base must be registered: lqplan_lora_config, get_lqplan_peft_model and
+load_lqplan_adapter do it.
 
 QA-LoRA layers are refused: their adapter reads the group-pooled input, which PEFT's LoRA cannot express.
 """
@@ -45,9 +46,10 @@ def check_lora_method(name: str, layer: PackedLinear) -> None:
 
 
 class LqplanLoraLinear(PeftLoraLinear):
-    """PEFT LoRA on an lqplan base layer (a PackedLinear without adapter): y = base(x) + Σ scaling·B·A·dropout(x) over the
-    active adapters. The forward, adapters, dropout, disabling and mixed-adapter batches are PEFT's Linear's. PEFT
-places a new adapter on the device of the base's `weight`, else `qweight`: PackedLinear.qweight (a PackedRef).
+    """PEFT LoRA on an lqplan base layer (a PackedLinear without adapter): y = base(x) + Σ scaling·B·A·dropout(x)
+    over the active adapters. The forward, adapters, dropout, disabling and mixed-adapter batches are PEFT's
+    Linear's. PEFT places a new adapter on the device of the base's `weight`, else `qweight`: PackedLinear.qweight
+    (a PackedRef).
 
     A new adapter starts at the base layer's LoftQ factors when its config was registered with loftq=True
     (lqplan_lora_config's default), else PEFT's way. merge() cannot keep the base packed (folding B·A into 2-4-bit
