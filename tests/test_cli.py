@@ -59,16 +59,36 @@ def test_plan_keeps_another_runs_plan_unless_forced(tmp_path, capsys):
 def test_another_model_is_another_plan(tmp_path):
     """The model is compared by its weights' fingerprint, only when budget, grid and objective match."""
     from planner.errors import UserError
-    from planner.outputs import refuse_another_plan
+    from planner.cli.overwrite import refuse_another_plan
 
     doc = {"budget": {"spec": "3bits"}, "model": {"fingerprint": "sha256:aa"},
            "method": {"iters": 1, "grid": ["g"], "fisher": None}}
     (tmp_path / "plan.json").write_text(json.dumps(doc))
-    ask = dict(budget="3bits", method={"iters": 1, "grid": ["g"]}, data_aware=False)
+    ask = dict(budget="3bits", method={"iters": 1, "grid": ["g"]}, objective="data-free")
     refuse_another_plan(tmp_path, fingerprint=lambda: "sha256:aa", **ask)
     with pytest.raises(UserError, match="differs in its model"):
         refuse_another_plan(tmp_path, fingerprint=lambda: "sha256:bb", **ask)
     with pytest.raises(UserError, match="differs in its objective"):
-        refuse_another_plan(tmp_path, fingerprint=lambda: 1 / 0, **{**ask, "data_aware": True})
+        refuse_another_plan(tmp_path, fingerprint=lambda: 1 / 0, **{**ask, "objective": "fisher"})
     (tmp_path / "plan.json").write_text('{"previous": "plan"}')  # not a plan: nothing to protect
     refuse_another_plan(tmp_path, fingerprint=lambda: 1 / 0, **ask)
+
+
+def test_the_output_objective_is_its_own_request(tmp_path):
+    """An output-aware plan records fisher = None beside objective = "output": rerunning that request is allowed, and
+    asking for the Fisher objective (or data-free) instead is another plan."""
+    from planner.cli.overwrite import refuse_another_plan
+    from planner.errors import UserError
+
+    output = {"iters": 1, "grid": ["g"], "fisher": None, "objective": "output", "output": {"source": "pydoc"}}
+    doc = {"budget": {"spec": "3bits"}, "model": {"fingerprint": "sha256:aa"}, "method": output}
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    ask = dict(budget="3bits", method={"iters": 1, "grid": ["g"]}, fingerprint=lambda: "sha256:aa")
+    refuse_another_plan(tmp_path, objective="output", **ask)
+    for other in ("fisher", "data-free"):
+        with pytest.raises(UserError, match="differs in its objective"):
+            refuse_another_plan(tmp_path, objective=other, **ask)
+    doc["method"] = {"iters": 1, "grid": ["g"], "fisher": {"source": "pydoc"}}
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="differs in its objective"):
+        refuse_another_plan(tmp_path, objective="output", **ask)

@@ -10,7 +10,7 @@ from quant import SolverSettings
 from ..api import make_plan, plan_memory, profile_model, report_plan
 from ..devices import resolve_device
 from ..errors import UserError
-from ..outputs import check_writable, refuse_another_plan
+from ..outputs import check_writable
 from ..model.discover import discover_matrices
 from ..model.memory import memory_table
 from ..model.resolve import list_aliases, resolve_model
@@ -21,6 +21,7 @@ from ..profile.grid import DEFAULT_RANKS, default_ranks, make_grid
 from ..profile.settings import ProfileSettings
 from ..report.frames import proof_text
 from .model_commands import cmd_evaluate, cmd_export, cmd_train
+from .overwrite import refuse_another_plan
 
 
 def grid_from_args(args, ranks: str | None = None):
@@ -60,7 +61,7 @@ def prepare(args) -> None:
     if args.command == "plan" and not args.force:
         refuse_another_plan(args.out, budget=args.budget_spec.spec, method=args.settings.method_record(),
                             fingerprint=lambda: resolve_model(args.model).fingerprint,
-                            data_aware=args.settings.calib is not None)
+                            objective=args.settings.objective)
 
 
 def train_shape(args) -> TrainShape | None:
