@@ -133,13 +133,14 @@ def test_default_ranks_follow_the_median_matrix_width(widths, ranks):
     assert default_ranks(widths) == ranks
 
 
-def test_plan_without_ranks_uses_the_models_default_and_explicit_ranks_are_kept():
+def test_plan_without_ranks_uses_the_models_default_and_explicit_ranks_are_kept(tmp_path):
     from planner.cli import commands
     from planner.cli.parser import build_parser
 
     seen = []
     for extra in ([], ["--ranks", "16,32,64"], ["--ranks", "4"]):
-        args = build_parser().parse_args(["plan", "--budget", "2.75bits", *extra])
+        # its own --out: prepare() checks the folder's plan.json, and the working directory may hold a user's
+        args = build_parser().parse_args(["plan", "--budget", "2.75bits", "--out", str(tmp_path / "out"), *extra])
         commands.prepare(args)  # parses and checks only: nothing is written
         seen.append(sorted({p.rank for p in args.settings.grid}))
     assert seen == [[8, 16, 32], [16, 32, 64], [4]]
